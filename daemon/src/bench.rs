@@ -1,0 +1,175 @@
+//! `mechwatch bench ...`: measurements that print ratios against a baseline taken in the same
+//! run, because shared machines are noisy. Never used as test assertions.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use probes::{GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Hooked vs plain batched forward, early-exit capture, generation, peak RSS.
+    Forward(ForwardArgs),
+}
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    #[arg(long, default_value = "default")]
+    model: String,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Timed repetitions of each variant (interleaved).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Forward(a) => forward(a),
+    }
+}
+
+/// Text we wrote ourselves, tiled into fixed-length token windows.
+const BENCH_TEXT: &str = "The audit daemon watches a directory of model checkpoints. When a new \
+file settles, it hashes every byte, loads the weights, and reads the residual stream at the layers \
+named in each policy. A sparse autoencoder turns those activations into features a reviewer can \
+name, and a steering check measures how far one direction moves the model's behaviour. Every \
+result is written to a signed log, so that an auditor can later confirm what was checked, on \
+which prompts, and why the verdict came out the way it did. Ops teams want the service quiet and \
+predictable; release engineers want a clear exit code; reviewers want evidence they can follow.";
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn time<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(Duration, T)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((t.elapsed(), v))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
+    let (load, model) = time(|| crate::cmd::load_model(&a.model))?;
+    let c = model.config().clone();
+    let mut stream = Vec::new();
+    while stream.len() < a.batch * a.tokens {
+        stream.extend(model.codec.encode(BENCH_TEXT)?);
+    }
+    let prompts: Vec<Vec<u32>> = stream
+        .chunks(a.tokens)
+        .take(a.batch)
+        .map(<[u32]>::to_vec)
+        .collect();
+    let n_tokens = (a.batch * a.tokens) as f64;
+    let mid = c.n_layers / 2;
+    let hook = HookPoint::ResidPost(mid);
+    let plain = Hooks::new();
+    let hooked = Hooks::new().capture(hook);
+    println!(
+        "model {} ({} layers, d_model {}), load {:.2}s, batch {}x{} tokens, {} threads",
+        model.path.display(),
+        c.n_layers,
+        c.d_model,
+        load.as_secs_f64(),
+        a.batch,
+        a.tokens,
+        rayon_threads()
+    );
+    let fwd = |h: &Hooks, u: Unembed| -> anyhow::Result<()> {
+        model.transformer.forward(&prompts, Padding::Left, h, u)?;
+        Ok(())
+    };
+    fwd(&plain, Unembed::All)?; // warm-up
+    let (mut t_plain, mut t_hooked, mut t_early) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.reps {
+        t_plain.push(time(|| fwd(&plain, Unembed::All))?.0);
+        t_hooked.push(time(|| fwd(&hooked, Unembed::All))?.0);
+        t_early.push(time(|| fwd(&hooked, Unembed::None))?.0);
+    }
+    let (p, h, e) = (median(t_plain), median(t_hooked), median(t_early));
+    let tps = |d: Duration| n_tokens / d.as_secs_f64();
+    println!(
+        "plain forward (logits at every position):   {:>8.0} tok/s",
+        tps(p)
+    );
+    println!(
+        "hooked forward (capture {hook}):   {:>8.0} tok/s   overhead {:+.1}% vs plain",
+        tps(h),
+        (h.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
+    );
+    println!(
+        "capture {hook} only, early exit: {:>8.0} tok/s   {:.2}x plain",
+        tps(e),
+        p.as_secs_f64() / e.as_secs_f64()
+    );
+
+    let prompt = model.encode_prompt("Write a short note about checkpoints.", true)?;
+    let opts = GenerateOptions {
+        max_tokens: a.gen_tokens,
+        stop_tokens: vec![],
+        ..Default::default()
+    };
+    let steer = candle_core::Tensor::ones(
+        c.d_model,
+        candle_core::DType::F32,
+        model.transformer.device(),
+    )?;
+    let steering = Hooks::new().add(
+        hook,
+        Positions::All,
+        (steer / (c.d_model as f64).sqrt())?,
+        4.0,
+    );
+    let gen = |h: &Hooks| -> anyhow::Result<usize> {
+        Ok(probes::generate(&model.transformer, std::slice::from_ref(&prompt), h, &opts)?[0].len())
+    };
+    gen(&plain)?; // warm-up (builds the Q8_0 decode weights)
+    let (g_plain, n_plain) = time(|| gen(&plain))?;
+    let (g_steer, n_steer) = time(|| gen(&steering))?;
+    println!(
+        "generation, no hooks:             {:>8.1} tok/s",
+        n_plain as f64 / g_plain.as_secs_f64()
+    );
+    println!(
+        "generation, steering at {hook}: {:>8.1} tok/s   {:.2}x no hooks",
+        n_steer as f64 / g_steer.as_secs_f64(),
+        (n_steer as f64 / g_steer.as_secs_f64()) / (n_plain as f64 / g_plain.as_secs_f64())
+    );
+    let f32_mb = model_params(&c) as f64 * 4.0 / 1e6;
+    if let Some(rss) = peak_rss_mb() {
+        println!(
+            "peak RSS {:.0} MB; f32 weights {:.0} MB; budget 1.5x + 200 MB = {:.0} MB",
+            rss * 1.048576,
+            f32_mb,
+            1.5 * f32_mb + 200.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn model_params(c: &probes::ModelConfig) -> usize {
+    let d = c.d_model;
+    let attn = d * c.n_heads * c.head_dim * 2 + d * c.n_kv_heads * c.head_dim * 2;
+    let mlp = 3 * d * c.d_mlp;
+    let embed = c.vocab_size * d * if c.tie_embeddings { 1 } else { 2 };
+    c.n_layers * (attn + mlp + 2 * d) + embed + d
+}
+
+fn rayon_threads() -> String {
+    std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
+    })
+}

@@ -1,0 +1,13 @@
+//! Subcommands.
+
+pub mod capture;
+pub mod generate;
+pub mod model;
+
+use anyhow::Context;
+use probes::{LoadOptions, Model};
+
+/// Load `spec` (a GGUF file, an HF directory, or `default`).
+pub fn load_model(spec: &str) -> anyhow::Result<Model> {
+    Model::load(spec, &LoadOptions::default()).with_context(|| format!("loading model `{spec}`"))
+}

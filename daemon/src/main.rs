@@ -1,0 +1,59 @@
+//! `mechwatch`: the command-line front end. Thin glue over `probes` (and, later, `policies`
+//! and `audit-log`); each subcommand lives in its own module under `cmd/`.
+
+mod bench;
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mechwatch",
+    version,
+    about = "Safety-audit compliance daemon built on mechanistic interpretability"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect, fetch and convert models.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCmd),
+    /// Generate text, optionally with steering vectors applied.
+    Generate(cmd::generate::GenerateArgs),
+    /// Capture activations at hook points for a file of prompts.
+    Capture(cmd::capture::CaptureArgs),
+    /// Run benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Model(c) => cmd::model::run(c),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Capture(a) => cmd::capture::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // "Could not check" is exit 2, never 0 or 1.
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Generation with a KV cache: greedy or seeded sampling, stop tokens, and the same hooks
+//! (steering, ablation, replacement) active on the prompt and on every generated token.
+
+use candle_core::{DType, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{CandleContext, RunError};
+use crate::hooks::Hooks;
+use crate::transformer::Transformer;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampling {
+    Greedy,
+    /// Temperature and nucleus sampling from a seeded generator: the same seed gives the
+    /// same tokens.
+    Sample {
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation of a row ends after it emits one of these (which is kept in its output).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 32,
+            sampling: Sampling::Greedy,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Generate continuations for a batch of prompts (left-padded together). Returns the new
+/// tokens of each prompt.
+pub fn generate(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    hooks: &Hooks,
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>, RunError> {
+    let mut out = vec![Vec::new(); prompts.len()];
+    if opts.max_tokens == 0 {
+        return Ok(out);
+    }
+    let mut rngs: Vec<rand::rngs::StdRng> = (0..prompts.len())
+        .map(|r| match opts.sampling {
+            Sampling::Sample { seed, .. } => {
+                rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(r as u64))
+            }
+            Sampling::Greedy => rand::rngs::StdRng::seed_from_u64(0),
+        })
+        .collect();
+    let mut cache = None;
+    let mut logits = model
+        .prefill(prompts, hooks, &mut cache)?
+        .logits
+        .ok_or_else(|| RunError::Batch("prefill produced no logits".into()))?;
+    let mut finished = vec![false; prompts.len()];
+    for step in 0..opts.max_tokens {
+        let rows: Vec<Vec<f32>> = logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_vec2())
+            .run_ctx("reading logits")?;
+        let mut next = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            if row.iter().any(|v| v.is_nan()) {
+                return Err(RunError::Intervention {
+                    hook: "logits".into(),
+                    detail: format!("NaN logits for prompt {r} at generated token {step}"),
+                });
+            }
+            let tok = if finished[r] {
+                // Finished rows keep decoding a harmless token; their output is frozen.
+                *out[r].last().unwrap_or(&0)
+            } else {
+                let t = choose(row, &opts.sampling, &mut rngs[r]);
+                out[r].push(t);
+                if opts.stop_tokens.contains(&t) {
+                    finished[r] = true;
+                }
+                t
+            };
+            next.push(tok);
+        }
+        if finished.iter().all(|f| *f) || step + 1 == opts.max_tokens {
+            break;
+        }
+        logits = model.decode_step(&next, hooks, &mut cache)?;
+    }
+    Ok(out)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn choose(row: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
+    let (temperature, top_p) = match *sampling {
+        Sampling::Greedy => return argmax(row),
+        Sampling::Sample {
+            temperature, top_p, ..
+        } => (temperature, top_p),
+    };
+    if temperature <= 0.0 {
+        return argmax(row);
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, ((v as f64 - max) / temperature).exp()))
+        .collect();
+    // Stable order: by probability, then by token id, so ties never depend on sort internals.
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= top_p {
+            cut = i + 1;
+            break;
+        }
+    }
+    let probs = &probs[..cut];
+    let mass: f64 = probs.iter().map(|p| p.1).sum();
+    let mut x = rng.gen::<f64>() * mass;
+    for p in probs {
+        x -= p.1;
+        if x <= 0.0 {
+            return p.0;
+        }
+    }
+    probs[probs.len() - 1].0
+}
+
+/// Greedy next-token ids from `[batch, vocab]` logits.
+pub fn greedy_tokens(logits: &Tensor) -> Result<Vec<u32>, RunError> {
+    let rows: Vec<Vec<f32>> = logits.to_vec2().run_ctx("reading logits")?;
+    Ok(rows.iter().map(|r| argmax(r)).collect())
+}

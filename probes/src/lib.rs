@@ -1,0 +1,23 @@
+//! The mechwatch model runtime: real checkpoints (HF safetensors directories and GGUF files)
+//! run with TransformerLens-named hook points at which activations are captured or changed
+//! (steering, directional ablation, replacement), plus generation with a KV cache.
+
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod hooks;
+pub mod model;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod transformer;
+mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::{LoadError, RunError};
+pub use generate::{generate, GenerateOptions, Sampling};
+pub use hooks::{Edit, HookPoint, Hooks, Intervention, Positions};
+pub use model::{convert_gguf, LoadOptions, Model, ModelInfo};
+pub use transformer::{BatchLayout, ForwardOutput, Padding, Transformer, Unembed};

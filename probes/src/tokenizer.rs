@@ -1,0 +1,235 @@
+//! Tokenizers (the `tokenizers` crate, from `tokenizer.json` or GGUF metadata) and chat
+//! templates rendered with a real Jinja engine (minijinja).
+
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+use crate::error::{LoadError, RunError};
+use crate::gguf::GgufFile;
+
+/// A tokenizer with the model's chat template and special tokens.
+pub struct TextCodec {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+impl TextCodec {
+    /// Load `tokenizer.json` and `tokenizer_config.json` from an HF directory.
+    pub fn from_hf_dir(
+        dir: &Path,
+        read: &mut dyn FnMut(&str) -> Result<Option<Vec<u8>>, LoadError>,
+    ) -> Result<Self, LoadError> {
+        let path = dir.join("tokenizer.json");
+        let bytes = read("tokenizer.json")?.ok_or_else(|| LoadError::Tokenizer {
+            path: path.clone(),
+            detail: "tokenizer.json is missing".into(),
+        })?;
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| LoadError::Tokenizer {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut codec = Self {
+            tokenizer,
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+        };
+        if let Some(cfg) = read("tokenizer_config.json")? {
+            let cfg_path = dir.join("tokenizer_config.json");
+            let v: serde_json::Value =
+                serde_json::from_slice(&cfg).map_err(|e| LoadError::Tokenizer {
+                    path: cfg_path,
+                    detail: e.to_string(),
+                })?;
+            let token = |k: &str| match &v[k] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                _ => None,
+            };
+            codec.chat_template = v["chat_template"].as_str().map(str::to_string);
+            codec.bos_token = token("bos_token");
+            codec.eos_token = token("eos_token");
+        }
+        Ok(codec)
+    }
+
+    /// Build a byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, LoadError> {
+        let err = |detail: String| LoadError::Tokenizer {
+            path: g.path.clone(),
+            detail,
+        };
+        let model = g
+            .meta_str("tokenizer.ggml.model")
+            .map_err(|_| err("GGUF has no tokenizer.ggml.model".into()))?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>, LoadError> {
+            g.meta(key)
+                .map_err(|_| err(format!("GGUF has no {key}")))?
+                .as_array()
+                .ok_or_else(|| err(format!("{key} is not an array")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| err(format!("{key} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let types: Vec<u64> = match g
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| err(format!("building BPE: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre = g
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("gpt2");
+        let pre: PreTokenizerWrapper = if pre == "smollm" {
+            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        } else {
+            byte_level.into()
+        };
+        tokenizer.with_pre_tokenizer(Some(pre));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control tokens (type 3) such as <|im_start|> must match as single tokens.
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, &t)| t == 3)
+            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(|e| err(format!("adding special tokens: {e}")))?;
+        let id_str = |key: &str| {
+            g.metadata
+                .get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|i| tokens.get(i as usize).cloned())
+        };
+        Ok(Self {
+            tokenizer,
+            chat_template: g
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            bos_token: id_str("tokenizer.ggml.bos_token_id"),
+            eos_token: id_str("tokenizer.ggml.eos_token_id"),
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, RunError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| RunError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, RunError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| RunError::Tokenizer(e.to_string()))
+    }
+
+    /// The text of one token id, special tokens included.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .decode(&[id], false)
+            .unwrap_or_else(|_| format!("<{id}>"))
+    }
+
+    /// Render `messages` through the chat template, with the generation prompt appended.
+    pub fn apply_chat_template(&self, messages: &[Message]) -> Result<String, RunError> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| RunError::Tokenizer("the model has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| RunError::Tokenizer(format!("chat template: {e}")))?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => self.bos_token.clone().unwrap_or_default(),
+                    eos_token => self.eos_token.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| RunError::Tokenizer(format!("chat template: {e}")))
+    }
+
+    /// Token id of a special token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+}

@@ -1,0 +1,695 @@
+//! The hooked transformer: one forward pass for Llama-family, Qwen2 and GPT-2 blocks, with
+//! TransformerLens hook points at which activations are captured or rewritten.
+//!
+//! Weights are f32 in HF layout (`[out, in]`). Batched prompt passes use real f32 matmuls;
+//! single-row decode steps may use a Q8_0 copy of the weights (built on first use), because a
+//! matrix-vector product is memory bound and Q8_0 reads a quarter of the bytes.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{CandleContext, RunError};
+use crate::hooks::{Edit, HookPoint, Hooks, Positions};
+
+/// Decode steps with at most this many rows use the Q8_0 weights when enabled.
+const QUANTIZED_DECODE_MAX_ROWS: usize = 4;
+
+/// A linear layer `y = x W^T + b`.
+pub struct Linear {
+    /// `[out, in]`
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
+    q8: OnceLock<Option<QMatMul>>,
+}
+
+impl Linear {
+    pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Self {
+        Self {
+            w,
+            b,
+            q8: OnceLock::new(),
+        }
+    }
+
+    fn quantized(&self) -> Option<&QMatMul> {
+        self.q8
+            .get_or_init(|| {
+                let (_, d_in) = self.w.dims2().ok()?;
+                if d_in % GgmlDType::Q8_0.block_size() != 0 {
+                    return None;
+                }
+                let q = QTensor::quantize(&self.w, GgmlDType::Q8_0).ok()?;
+                QMatMul::from_qtensor(q).ok()
+            })
+            .as_ref()
+    }
+
+    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`.
+    fn forward(&self, x: &Tensor, quantized_decode: bool) -> candle_core::Result<Tensor> {
+        let (b, t, d_in) = x.dims3()?;
+        let q = if quantized_decode && b * t <= QUANTIZED_DECODE_MAX_ROWS {
+            self.quantized()
+        } else {
+            None
+        };
+        let y = match q {
+            Some(q) => q.forward(x)?,
+            None => {
+                let out = self.w.dim(0)?;
+                x.reshape((b * t, d_in))?
+                    .matmul(&self.w.t()?)?
+                    .reshape((b, t, out))?
+            }
+        };
+        match &self.b {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm (Llama, Qwen2) or LayerNorm (GPT-2).
+pub struct Norm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) eps: f32,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.bias {
+            Some(b) => candle_nn::ops::layer_norm(x, &self.weight, b, self.eps),
+            None => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
+        }
+    }
+}
+
+pub enum Mlp {
+    /// `down(silu(gate(x)) * up(x))`
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// `proj(gelu_tanh(fc(x)))`
+    Gelu { fc: Linear, proj: Linear },
+}
+
+pub struct Block {
+    pub(crate) ln1: Norm,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ln2: Norm,
+    pub(crate) mlp: Mlp,
+}
+
+/// The model's weights and configuration.
+pub struct Transformer {
+    pub config: ModelConfig,
+    pub(crate) embed: Tensor,
+    /// GPT-2's learned positions `[max_positions, d_model]`.
+    pub(crate) pos_embed: Option<Tensor>,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_final: Norm,
+    pub(crate) unembed: Linear,
+    pub(crate) device: Device,
+    /// Use Q8_0 weights for single-row decode steps.
+    pub quantized_decode: bool,
+}
+
+/// Where padding goes when prompts of different lengths share a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Padding {
+    #[default]
+    Left,
+    Right,
+}
+
+/// Which logits to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unembed {
+    /// `[batch, pos, vocab]`
+    All,
+    /// `[batch, vocab]` at each prompt's last real token.
+    Last,
+    /// No logits: the pass stops after the deepest hook it needs.
+    None,
+}
+
+/// How prompts sit in the padded batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub seq_len: usize,
+    pub padding: Padding,
+    /// Real tokens per prompt.
+    pub lengths: Vec<usize>,
+}
+
+impl BatchLayout {
+    pub fn new(lengths: Vec<usize>, padding: Padding) -> Self {
+        let seq_len = lengths.iter().copied().max().unwrap_or(0);
+        Self {
+            seq_len,
+            padding,
+            lengths,
+        }
+    }
+
+    /// Padded index of prompt `row`'s first real token.
+    pub fn offset(&self, row: usize) -> usize {
+        match self.padding {
+            Padding::Left => self.seq_len - self.lengths[row],
+            Padding::Right => 0,
+        }
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    pub logits: Option<Tensor>,
+    /// Captured activations by hook (after any intervention at that hook).
+    pub captures: BTreeMap<HookPoint, Tensor>,
+    pub layout: BatchLayout,
+}
+
+/// Keys and values of past positions, per layer, `[batch, kv_heads, pos, head_dim]`.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per row, whether each cached key position is a real token.
+    key_real: Vec<Vec<bool>>,
+    /// Per row, real tokens seen so far.
+    totals: Vec<usize>,
+}
+
+/// Per-pass positional bookkeeping.
+struct PassCtx {
+    /// `[batch, pos, head_dim/2]` each, for RoPE.
+    rope: Option<(Tensor, Tensor)>,
+    /// `[batch, pos]` u32 absolute positions, for learned embeddings.
+    pos_ids: Tensor,
+    /// `[batch, 1, pos, keys]` additive mask.
+    mask: Tensor,
+    /// Per row and padded position, the real-token index (None for padding).
+    abs: Vec<Vec<Option<usize>>>,
+    /// Per row, real tokens including this pass.
+    totals: Vec<usize>,
+}
+
+impl Transformer {
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Check hook names against this model and vectors against the hook widths.
+    fn validate(&self, hooks: &Hooks) -> Result<(), RunError> {
+        let n = self.config.n_layers;
+        let d = self.config.d_model;
+        for h in hooks
+            .capture
+            .iter()
+            .chain(hooks.interventions.iter().map(|i| &i.hook))
+        {
+            if h.layer().is_some_and(|l| l >= n) {
+                return Err(RunError::UnknownHook {
+                    name: h.to_string(),
+                    valid: HookPoint::parse("?", n).unwrap_err().to_string(),
+                });
+            }
+        }
+        for i in &hooks.interventions {
+            let vector = match &i.edit {
+                Edit::Add { vector, .. } => vector,
+                Edit::Ablate { direction } => direction,
+                Edit::Replace(_) => continue,
+            };
+            if !i.hook.is_residual_width() {
+                return Err(RunError::Intervention {
+                    hook: i.hook.to_string(),
+                    detail: "only a replacement can act on an attention pattern".into(),
+                });
+            }
+            if vector.dims() != [d] {
+                return Err(RunError::InterventionShape {
+                    hook: i.hook.to_string(),
+                    expected: d,
+                    actual: vector.elem_count(),
+                });
+            }
+            let values: Vec<f32> = vector
+                .to_dtype(DType::F32)
+                .and_then(|v| v.to_vec1())
+                .run_ctx("reading intervention vector")?;
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(RunError::Intervention {
+                    hook: i.hook.to_string(),
+                    detail: "vector holds NaN or Inf".into(),
+                });
+            }
+            if matches!(i.edit, Edit::Ablate { .. }) && values.iter().all(|v| *v == 0.0) {
+                return Err(RunError::Intervention {
+                    hook: i.hook.to_string(),
+                    detail: "ablation direction is zero".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One batched forward pass over `prompts` (token ids), with `hooks` active.
+    pub fn forward(
+        &self,
+        prompts: &[Vec<u32>],
+        padding: Padding,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(RunError::Batch(
+                "every prompt needs at least one token".into(),
+            ));
+        }
+        self.validate(hooks)?;
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), padding);
+        self.check_lengths(&layout.lengths)?;
+        let mut cache = None;
+        self.run(prompts, &layout, hooks, unembed, &mut cache)
+    }
+
+    fn check_lengths(&self, lengths: &[usize]) -> Result<(), RunError> {
+        if let Some(&max) = lengths.iter().max() {
+            if self.pos_embed.is_some() && max > self.config.max_positions {
+                return Err(RunError::Batch(format!(
+                    "a prompt of {max} tokens exceeds the model's {} positions",
+                    self.config.max_positions
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Start a generation: prefill `prompts` (left-padded) into a fresh cache.
+    pub(crate) fn prefill(
+        &self,
+        prompts: &[Vec<u32>],
+        hooks: &Hooks,
+        cache: &mut Option<KvCache>,
+    ) -> Result<ForwardOutput, RunError> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(RunError::Batch(
+                "every prompt needs at least one token".into(),
+            ));
+        }
+        self.validate(hooks)?;
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Left);
+        self.check_lengths(&layout.lengths)?;
+        *cache = Some(KvCache::default());
+        self.run(prompts, &layout, hooks, Unembed::Last, cache)
+    }
+
+    /// One decode step: append one token per row to a prefilled cache.
+    pub(crate) fn decode_step(
+        &self,
+        tokens: &[u32],
+        hooks: &Hooks,
+        cache: &mut Option<KvCache>,
+    ) -> Result<Tensor, RunError> {
+        let prompts: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
+        let layout = BatchLayout::new(vec![1; tokens.len()], Padding::Left);
+        if let Some(c) = cache.as_ref() {
+            let lengths: Vec<usize> = c.totals.iter().map(|t| t + 1).collect();
+            self.check_lengths(&lengths)?;
+        }
+        let out = self.run(&prompts, &layout, hooks, Unembed::Last, cache)?;
+        out.logits
+            .ok_or_else(|| RunError::Batch("decode produced no logits".into()))
+    }
+
+    fn pass_ctx(
+        &self,
+        layout: &BatchLayout,
+        cache: &mut Option<KvCache>,
+    ) -> Result<PassCtx, RunError> {
+        let b = layout.lengths.len();
+        let t = layout.seq_len;
+        let (past_real, past_totals) = match cache.as_ref() {
+            Some(c) if !c.key_real.is_empty() => (c.key_real.clone(), c.totals.clone()),
+            _ => (vec![Vec::new(); b], vec![0; b]),
+        };
+        let past = past_real[0].len();
+        let keys = past + t;
+        let mut abs = vec![vec![None; t]; b];
+        let mut pos = vec![0u32; b * t];
+        let mut mask = vec![f32::NEG_INFINITY; b * t * keys];
+        let mut totals = Vec::with_capacity(b);
+        for r in 0..b {
+            let off = layout.offset(r);
+            let mut key_real = past_real[r].clone();
+            for j in 0..t {
+                let real = j >= off && j < off + layout.lengths[r];
+                if real {
+                    let a = past_totals[r] + j - off;
+                    abs[r][j] = Some(a);
+                    pos[r * t + j] = a as u32;
+                }
+                key_real.push(real);
+            }
+            for j in 0..t {
+                let row = &mut mask[(r * t + j) * keys..(r * t + j + 1) * keys];
+                for (k, m) in row.iter_mut().enumerate().take(past + j + 1) {
+                    if key_real[k] || k == past + j {
+                        *m = 0.0;
+                    }
+                }
+            }
+            totals.push(past_totals[r] + layout.lengths[r]);
+            if let Some(c) = cache.as_mut() {
+                if c.key_real.len() < b {
+                    c.key_real.resize(b, Vec::new());
+                    c.totals.resize(b, 0);
+                }
+                c.key_real[r] = key_real;
+                c.totals[r] = totals[r];
+            }
+        }
+        let dev = &self.device;
+        let pos_ids = Tensor::from_vec(pos.clone(), (b, t), dev).run_ctx("positions")?;
+        let mask = Tensor::from_vec(mask, (b, 1, t, keys), dev).run_ctx("attention mask")?;
+        let rope = if self.config.architecture == Architecture::Gpt2 {
+            None
+        } else {
+            let half = self.config.head_dim / 2;
+            let inv: Vec<f64> = (0..half)
+                .map(|i| {
+                    1.0 / self
+                        .config
+                        .rope_theta
+                        .powf(2.0 * i as f64 / self.config.head_dim as f64)
+                })
+                .collect();
+            let mut cos = Vec::with_capacity(b * t * half);
+            let mut sin = Vec::with_capacity(b * t * half);
+            for p in &pos {
+                for f in &inv {
+                    let angle = (*p as f64) * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+            let cos = Tensor::from_vec(cos, (b, t, half), dev).run_ctx("rope")?;
+            let sin = Tensor::from_vec(sin, (b, t, half), dev).run_ctx("rope")?;
+            Some((cos, sin))
+        };
+        Ok(PassCtx {
+            rope,
+            pos_ids,
+            mask,
+            abs,
+            totals,
+        })
+    }
+
+    fn run(
+        &self,
+        prompts: &[Vec<u32>],
+        layout: &BatchLayout,
+        hooks: &Hooks,
+        unembed: Unembed,
+        cache: &mut Option<KvCache>,
+    ) -> Result<ForwardOutput, RunError> {
+        let b = prompts.len();
+        let t = layout.seq_len;
+        let pad = self.config.bos_token_id.unwrap_or(0);
+        let mut ids = vec![pad; b * t];
+        for (r, p) in prompts.iter().enumerate() {
+            let off = layout.offset(r);
+            ids[r * t + off..r * t + off + p.len()].copy_from_slice(p);
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(RunError::Batch(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &self.device).run_ctx("token ids")?;
+        let ctx = self.pass_ctx(layout, cache)?;
+        let stop = match unembed {
+            Unembed::None => match hooks.deepest() {
+                Some(h) => h.order(),
+                None => (0, 0),
+            },
+            _ => (usize::MAX, usize::MAX),
+        };
+        let mut pass = Pass {
+            hooks,
+            ctx: &ctx,
+            captures: BTreeMap::new(),
+        };
+        let decode = self.quantized_decode
+            && cache
+                .as_ref()
+                .is_some_and(|c| c.layers.iter().any(Option::is_some));
+        let done = |pass: Pass, logits| ForwardOutput {
+            logits,
+            captures: pass.captures,
+            layout: layout.clone(),
+        };
+
+        let mut x = embed(&self.embed, &ids).run_ctx("embedding")?; // [b, t, d]
+        x = pass.hook(HookPoint::Embed, x)?;
+        if HookPoint::Embed.order() >= stop {
+            return Ok(done(pass, None));
+        }
+        if let Some(pe) = &self.pos_embed {
+            let p = embed(pe, &ctx.pos_ids).run_ctx("position embedding")?;
+            x = (x + p).run_ctx("position embedding")?;
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = pass.hook(HookPoint::ResidPre(l), x)?;
+            if HookPoint::ResidPre(l).order() >= stop {
+                return Ok(done(pass, None));
+            }
+            let h = block.ln1.forward(&x).run_ctx("ln1")?;
+            let layer_cache = cache.as_mut().map(|c| {
+                if c.layers.len() < self.blocks.len() {
+                    c.layers.resize(self.blocks.len(), None);
+                }
+                &mut c.layers[l]
+            });
+            let attn = self.attention(block, l, &h, &mut pass, layer_cache, decode)?;
+            if HookPoint::AttnPattern(l).order() >= stop {
+                return Ok(done(pass, None));
+            }
+            let attn = pass.hook(HookPoint::AttnOut(l), attn)?;
+            if HookPoint::AttnOut(l).order() >= stop {
+                return Ok(done(pass, None));
+            }
+            x = (x + attn).run_ctx("residual add")?;
+            x = pass.hook(HookPoint::ResidMid(l), x)?;
+            if HookPoint::ResidMid(l).order() >= stop {
+                return Ok(done(pass, None));
+            }
+            let h = block.ln2.forward(&x).run_ctx("ln2")?;
+            let m = mlp(&block.mlp, &h, decode).run_ctx("mlp")?;
+            let m = pass.hook(HookPoint::MlpOut(l), m)?;
+            if HookPoint::MlpOut(l).order() >= stop {
+                return Ok(done(pass, None));
+            }
+            x = (x + m).run_ctx("residual add")?;
+            x = pass.hook(HookPoint::ResidPost(l), x)?;
+            if HookPoint::ResidPost(l).order() >= stop {
+                return Ok(done(pass, None));
+            }
+        }
+        let x = self.ln_final.forward(&x).run_ctx("ln_final")?;
+        let x = pass.hook(HookPoint::LnFinal, x)?;
+        let logits = match unembed {
+            Unembed::None => None,
+            Unembed::All => Some(self.unembed.forward(&x, decode).run_ctx("unembed")?),
+            Unembed::Last => {
+                let idx: Vec<u32> = (0..b)
+                    .map(|r| (r * t + layout.offset(r) + layout.lengths[r] - 1) as u32)
+                    .collect();
+                let idx = Tensor::from_vec(idx, b, &self.device).run_ctx("last index")?;
+                let last = x
+                    .reshape((b * t, self.config.d_model))
+                    .and_then(|x| x.index_select(&idx, 0))
+                    .and_then(|x| x.unsqueeze(1))
+                    .run_ctx("last position")?;
+                let l = self.unembed.forward(&last, decode).run_ctx("unembed")?;
+                Some(l.squeeze(1).run_ctx("unembed")?)
+            }
+        };
+        Ok(done(pass, logits))
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        pass: &mut Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        decode: bool,
+    ) -> Result<Tensor, RunError> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3().run_ctx("attention input")?;
+        let hd = c.head_dim;
+        let split = |lin: &Linear, heads: usize| -> candle_core::Result<Tensor> {
+            lin.forward(x, decode)?
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let mut q = split(&block.q, c.n_heads).run_ctx("query projection")?;
+        let mut k = split(&block.k, c.n_kv_heads).run_ctx("key projection")?;
+        let mut v = split(&block.v, c.n_kv_heads).run_ctx("value projection")?;
+        if let Some((cos, sin)) = &pass.ctx.rope {
+            q = candle_nn::rotary_emb::rope(&q, cos, sin).run_ctx("rope")?;
+            k = candle_nn::rotary_emb::rope(&k, cos, sin).run_ctx("rope")?;
+        }
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2).run_ctx("kv cache")?;
+                v = Tensor::cat(&[pv, &v], 2).run_ctx("kv cache")?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let keys = k.dim(2).run_ctx("keys")?;
+        let groups = c.n_heads / c.n_kv_heads;
+        // Grouped-query attention without copying k and v: fold each group's heads into rows.
+        let qg = q
+            .reshape((b, c.n_kv_heads, groups * t, hd))
+            .run_ctx("grouped query")?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = qg
+            .matmul(&k.t().run_ctx("keys")?)
+            .and_then(|s| s * scale)
+            .and_then(|s| s.reshape((b, c.n_heads, t, keys)))
+            .and_then(|s| s.broadcast_add(&pass.ctx.mask))
+            .run_ctx("attention scores")?; // [b, h, t, keys]
+        let pattern = candle_nn::ops::softmax_last_dim(&scores).run_ctx("softmax")?;
+        let pattern = pass.hook(HookPoint::AttnPattern(layer), pattern)?;
+        let out = pattern
+            .reshape((b, c.n_kv_heads, groups * t, keys))
+            .and_then(|p| p.matmul(&v))
+            .and_then(|o| o.reshape((b, c.n_heads, t, hd)))
+            .and_then(|o| o.transpose(1, 2))
+            .and_then(|o| o.reshape((b, t, c.n_heads * hd)))
+            .run_ctx("attention output")?;
+        block.o.forward(&out, decode).run_ctx("output projection")
+    }
+}
+
+/// Rows of `table` `[n, d]` for `ids` `[b, t]` -> `[b, t, d]`.
+fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let d = table.dim(1)?;
+    table
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, d))
+}
+
+fn mlp(mlp: &Mlp, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
+    match mlp {
+        Mlp::Gated { gate, up, down } => {
+            let g = candle_nn::ops::silu(&gate.forward(x, decode)?)?;
+            down.forward(&(g * up.forward(x, decode)?)?, decode)
+        }
+        Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(x, decode)?.gelu()?, decode),
+    }
+}
+
+/// The hook state of one pass.
+struct Pass<'a> {
+    hooks: &'a Hooks,
+    ctx: &'a PassCtx,
+    captures: BTreeMap<HookPoint, Tensor>,
+}
+
+impl Pass<'_> {
+    /// Apply the interventions registered at `point`, then capture if asked. Untouched hooks
+    /// return `x` itself, so a pass with no hooks is bit-identical to a plain forward.
+    fn hook(&mut self, point: HookPoint, mut x: Tensor) -> Result<Tensor, RunError> {
+        if !self.hooks.touches(point) {
+            return Ok(x);
+        }
+        let name = point.to_string();
+        for i in self.hooks.interventions.iter().filter(|i| i.hook == point) {
+            let mask = self.position_mask(&i.positions, point)?;
+            x = apply_edit(&x, &i.edit, &mask).map_err(|source| RunError::Candle {
+                context: format!("intervention at `{name}`"),
+                source,
+            })?;
+        }
+        if self.hooks.capture.contains(&point) {
+            self.captures.insert(point, x.clone());
+        }
+        Ok(x)
+    }
+
+    /// `[batch, pos, 1]` (or `[batch, 1, pos, 1]` for attention patterns) of 0/1.
+    fn position_mask(&self, positions: &Positions, point: HookPoint) -> Result<Tensor, RunError> {
+        let b = self.ctx.abs.len();
+        let t = self.ctx.abs.first().map_or(0, Vec::len);
+        let mut m = vec![0u8; b * t];
+        for (r, row) in self.ctx.abs.iter().enumerate() {
+            let total = self.ctx.totals[r] as i64;
+            for (j, a) in row.iter().enumerate() {
+                let Some(a) = a.map(|a| a as i64) else {
+                    continue;
+                };
+                let hit = match positions {
+                    Positions::All => true,
+                    Positions::Last => a == total - 1,
+                    Positions::Indices(ix) => {
+                        ix.iter()
+                            .any(|&i| if i < 0 { a == total + i } else { a == i })
+                    }
+                };
+                m[r * t + j] = u8::from(hit);
+            }
+        }
+        let shape: &[usize] = if point.is_residual_width() {
+            &[b, t, 1]
+        } else {
+            &[b, 1, t, 1]
+        };
+        Tensor::from_vec(m, shape, self.ctx.mask.device()).run_ctx("position mask")
+    }
+}
+
+fn apply_edit(x: &Tensor, edit: &Edit, mask: &Tensor) -> candle_core::Result<Tensor> {
+    match edit {
+        Edit::Add { vector, coeff } => {
+            let delta = (vector.to_dtype(x.dtype())? * f64::from(*coeff))?;
+            let m = mask.to_dtype(x.dtype())?;
+            x.broadcast_add(&m.broadcast_mul(&delta)?)
+        }
+        Edit::Ablate { direction } => {
+            let d = direction.to_dtype(x.dtype())?;
+            let d = (&d / d.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
+            let proj = x.broadcast_mul(&d)?.sum_keepdim(D::Minus1)?; // [b, t, 1]
+            let proj = (proj * mask.to_dtype(x.dtype())?)?;
+            x - proj.broadcast_mul(&d)?
+        }
+        Edit::Replace(f) => {
+            let y = f(x)?;
+            if y.dims() != x.dims() {
+                candle_core::bail!(
+                    "replacement changed the shape from {:?} to {:?}",
+                    x.dims(),
+                    y.dims()
+                );
+            }
+            mask.broadcast_as(x.shape())?.where_cond(&y, x)
+        }
+    }
+}

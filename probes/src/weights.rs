@@ -1,0 +1,388 @@
+//! Materialising a [`Transformer`] from checkpoint tensors.
+//!
+//! Every source (HF safetensors shards, GGUF) answers the same question, "give me the HF-named
+//! tensor as f32", so there is one loader per architecture and one shape check.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::LoadError;
+use crate::gguf::GgufFile;
+use crate::safetensors::SafetensorsFile;
+use crate::transformer::{Block, Linear, Mlp, Norm, Transformer};
+
+/// Refuse tensors holding NaN or Inf.
+pub(crate) fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<(), LoadError> {
+    let candle_err = |source| LoadError::Candle {
+        path: path.to_path_buf(),
+        context: format!("checking tensor `{name}`"),
+        source,
+    };
+    let flat = t
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .map_err(candle_err)?;
+    let count = flat
+        .to_vec1::<f32>()
+        .map_err(candle_err)?
+        .iter()
+        .filter(|v| !v.is_finite())
+        .count();
+    if count > 0 {
+        return Err(LoadError::NonFinite {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            count,
+        });
+    }
+    Ok(())
+}
+
+/// A source of HF-named f32 tensors.
+pub(crate) trait TensorSource {
+    /// The file that holds `name`, for error messages.
+    fn path_of(&self, name: &str) -> PathBuf;
+    fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError>;
+    /// The architecture's own tensors resolve to these names.
+    fn has(&self, name: &str) -> bool;
+}
+
+/// Safetensors shards of an HF directory.
+pub(crate) struct SafetensorsShards {
+    pub dir: PathBuf,
+    pub files: Vec<SafetensorsFile>,
+    /// tensor name -> index into `files`
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsShards {
+    pub fn new(dir: PathBuf, files: Vec<SafetensorsFile>) -> Result<Self, LoadError> {
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for t in &f.tensors {
+                if let Some(prev) = index.insert(t.name.clone(), i) {
+                    return Err(LoadError::Tensor {
+                        path: f.path.clone(),
+                        tensor: t.name.clone(),
+                        detail: format!("also defined in {}", files[prev].path.display()),
+                    });
+                }
+            }
+        }
+        Ok(Self { dir, files, index })
+    }
+}
+
+impl TensorSource for SafetensorsShards {
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.index
+            .get(name)
+            .map_or_else(|| self.dir.clone(), |&i| self.files[i].path.clone())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+    fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let f = &self.files[i];
+        let info = f.get(name).expect("indexed");
+        f.load_f32(info, &Device::Cpu).map(Some)
+    }
+}
+
+/// A GGUF file seen through HF tensor names, with the q/k RoPE permutation undone.
+pub(crate) struct GgufSource<'a> {
+    pub file: &'a GgufFile,
+    pub config: &'a ModelConfig,
+}
+
+impl GgufSource<'_> {
+    fn gguf_name(name: &str) -> Option<(String, Option<bool>)> {
+        let direct = match name {
+            "model.embed_tokens.weight" => Some("token_embd.weight"),
+            "model.norm.weight" => Some("output_norm.weight"),
+            "lm_head.weight" => Some("output.weight"),
+            _ => None,
+        };
+        if let Some(d) = direct {
+            return Some((d.to_string(), None));
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, tail) = rest.split_once('.')?;
+        let (gg, permute) = match tail {
+            "input_layernorm.weight" => ("attn_norm.weight", None),
+            "post_attention_layernorm.weight" => ("ffn_norm.weight", None),
+            "self_attn.q_proj.weight" => ("attn_q.weight", Some(true)),
+            "self_attn.k_proj.weight" => ("attn_k.weight", Some(false)),
+            "self_attn.v_proj.weight" => ("attn_v.weight", None),
+            "self_attn.o_proj.weight" => ("attn_output.weight", None),
+            "mlp.gate_proj.weight" => ("ffn_gate.weight", None),
+            "mlp.up_proj.weight" => ("ffn_up.weight", None),
+            "mlp.down_proj.weight" => ("ffn_down.weight", None),
+            _ => return None,
+        };
+        Some((format!("blk.{layer}.{gg}"), permute))
+    }
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn path_of(&self, _name: &str) -> PathBuf {
+        self.file.path.clone()
+    }
+    fn has(&self, name: &str) -> bool {
+        Self::gguf_name(name).is_some_and(|(g, _)| self.file.get(&g).is_some())
+    }
+    fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
+        let Some((gg, permute)) = Self::gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.get(&gg) else {
+            return Ok(None);
+        };
+        let t = self.file.load_f32(info)?;
+        let Some(is_q) = permute else {
+            return Ok(Some(t));
+        };
+        // GGUF stores q/k rows interleaved for its RoPE; go back to the HF (half-split) layout.
+        let heads = if is_q {
+            self.config.n_heads
+        } else {
+            self.config.n_kv_heads
+        };
+        let candle_err = |source| LoadError::Candle {
+            path: self.file.path.clone(),
+            context: format!("un-permuting `{gg}`"),
+            source,
+        };
+        let (out, d_in) = t.dims2().map_err(candle_err)?;
+        if out % (heads * 2) != 0 {
+            return Err(LoadError::Shape {
+                path: self.file.path.clone(),
+                tensor: gg,
+                expected: vec![heads * self.config.head_dim, self.config.d_model],
+                actual: vec![out, d_in],
+            });
+        }
+        let hd = out / heads;
+        t.reshape((heads, hd / 2, 2, d_in))
+            .and_then(|t| t.transpose(1, 2))
+            .and_then(|t| t.reshape((out, d_in)))
+            .and_then(|t| t.contiguous())
+            .map(Some)
+            .map_err(candle_err)
+    }
+}
+
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+    cfg: &'a ModelConfig,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        let t = self
+            .src
+            .load(name)?
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.src.path_of(name),
+                tensor: name.to_string(),
+            })?;
+        if t.dims() != shape {
+            return Err(LoadError::Shape {
+                path: self.src.path_of(name),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                actual: t.dims().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        d_in: usize,
+        bias: bool,
+    ) -> Result<Linear, LoadError> {
+        let w = self.get(&format!("{prefix}.weight"), &[out, d_in])?;
+        let b = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    }
+
+    fn rms(&self, name: &str) -> Result<Norm, LoadError> {
+        Ok(Norm {
+            weight: self.get(name, &[self.cfg.d_model])?,
+            bias: None,
+            eps: self.cfg.norm_eps as f32,
+        })
+    }
+
+    fn layer_norm(&self, prefix: &str) -> Result<Norm, LoadError> {
+        let d = self.cfg.d_model;
+        Ok(Norm {
+            weight: self.get(&format!("{prefix}.weight"), &[d])?,
+            bias: Some(self.get(&format!("{prefix}.bias"), &[d])?),
+            eps: self.cfg.norm_eps as f32,
+        })
+    }
+
+    fn llama(&self) -> Result<Transformer, LoadError> {
+        let c = self.cfg;
+        let d = c.d_model;
+        let qkv_bias = c.architecture == Architecture::Qwen2;
+        let embed = self.get("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = format!("model.layers.{l}");
+            let q_out = c.n_heads * c.head_dim;
+            let kv_out = c.n_kv_heads * c.head_dim;
+            blocks.push(Block {
+                ln1: self.rms(&format!("{p}.input_layernorm.weight"))?,
+                q: self.linear(&format!("{p}.self_attn.q_proj"), q_out, d, qkv_bias)?,
+                k: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, qkv_bias)?,
+                v: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, qkv_bias)?,
+                o: self.linear(&format!("{p}.self_attn.o_proj"), d, q_out, false)?,
+                ln2: self.rms(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp::Gated {
+                    gate: self.linear(&format!("{p}.mlp.gate_proj"), c.d_mlp, d, false)?,
+                    up: self.linear(&format!("{p}.mlp.up_proj"), c.d_mlp, d, false)?,
+                    down: self.linear(&format!("{p}.mlp.down_proj"), d, c.d_mlp, false)?,
+                },
+            });
+        }
+        let unembed = if c.tie_embeddings && !self.src.has("lm_head.weight") {
+            Linear::new(embed.clone(), None)
+        } else {
+            self.linear("lm_head", c.vocab_size, d, false)?
+        };
+        Ok(Transformer {
+            config: c.clone(),
+            embed,
+            pos_embed: None,
+            blocks,
+            ln_final: self.rms("model.norm.weight")?,
+            unembed,
+            device: Device::Cpu,
+            quantized_decode: false,
+        })
+    }
+
+    /// GPT-2 Conv1D weight `[in, out]` as a Linear weight `[out, in]`.
+    fn conv1d(&self, prefix: &str, d_in: usize, out: usize) -> Result<Linear, LoadError> {
+        let w = self.get(&format!("{prefix}.weight"), &[d_in, out])?;
+        let b = self.get(&format!("{prefix}.bias"), &[out])?;
+        let w = w
+            .t()
+            .and_then(|w| w.contiguous())
+            .map_err(|source| LoadError::Candle {
+                path: self.src.path_of(prefix),
+                context: format!("transposing `{prefix}.weight`"),
+                source,
+            })?;
+        Ok(Linear::new(w, Some(b)))
+    }
+
+    fn gpt2(&self) -> Result<Transformer, LoadError> {
+        let c = self.cfg;
+        let d = c.d_model;
+        // Checkpoints come with and without the `transformer.` prefix.
+        let root = if self.src.has("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let embed = self.get(&format!("{root}wte.weight"), &[c.vocab_size, d])?;
+        let pos = self.get(&format!("{root}wpe.weight"), &[c.max_positions, d])?;
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = format!("{root}h.{l}");
+            let c_attn = self.conv1d(&format!("{p}.attn.c_attn"), d, 3 * d)?;
+            let split = |i: usize| -> Result<Linear, LoadError> {
+                let candle_err = |source| LoadError::Candle {
+                    path: self.src.path_of(&p),
+                    context: format!("splitting `{p}.attn.c_attn`"),
+                    source,
+                };
+                let w = c_attn
+                    .w
+                    .narrow(0, i * d, d)
+                    .and_then(|w| w.contiguous())
+                    .map_err(candle_err)?;
+                let b = c_attn
+                    .b
+                    .as_ref()
+                    .expect("conv1d has a bias")
+                    .narrow(0, i * d, d)
+                    .and_then(|b| b.contiguous())
+                    .map_err(candle_err)?;
+                Ok(Linear::new(w, Some(b)))
+            };
+            blocks.push(Block {
+                ln1: self.layer_norm(&format!("{p}.ln_1"))?,
+                q: split(0)?,
+                k: split(1)?,
+                v: split(2)?,
+                o: self.conv1d(&format!("{p}.attn.c_proj"), d, d)?,
+                ln2: self.layer_norm(&format!("{p}.ln_2"))?,
+                mlp: Mlp::Gelu {
+                    fc: self.conv1d(&format!("{p}.mlp.c_fc"), d, c.d_mlp)?,
+                    proj: self.conv1d(&format!("{p}.mlp.c_proj"), c.d_mlp, d)?,
+                },
+            });
+        }
+        Ok(Transformer {
+            config: c.clone(),
+            unembed: Linear::new(embed.clone(), None),
+            embed,
+            pos_embed: Some(pos),
+            blocks,
+            ln_final: self.layer_norm(&format!("{root}ln_f"))?,
+            device: Device::Cpu,
+            quantized_decode: false,
+        })
+    }
+}
+
+/// Build the transformer for `cfg` from `src`.
+pub(crate) fn build(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<Transformer, LoadError> {
+    let loader = Loader { src, cfg };
+    match cfg.architecture {
+        Architecture::Llama | Architecture::Qwen2 => loader.llama(),
+        Architecture::Gpt2 => loader.gpt2(),
+    }
+}
+
+/// The HF tensor names of a Llama-family model, in a stable order (used by `model convert`).
+pub(crate) fn llama_tensor_names(cfg: &ModelConfig) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string()];
+    for l in 0..cfg.n_layers {
+        for t in [
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ] {
+            names.push(format!("model.layers.{l}.{t}"));
+        }
+    }
+    names.push("model.norm.weight".into());
+    if !cfg.tie_embeddings {
+        names.push("lm_head.weight".into());
+    }
+    names
+}
