@@ -172,14 +172,15 @@ impl Model {
                     })?;
                 let mut shards = BTreeMap::new();
                 for (tensor, file) in map {
-                    let file = file.as_str().filter(|f| is_plain_file_name(f)).ok_or_else(
-                        || LoadError::Header {
-                            path: index_path.clone(),
-                            detail: format!(
+                    let file =
+                        file.as_str()
+                            .filter(|f| is_plain_file_name(f))
+                            .ok_or_else(|| LoadError::Header {
+                                path: index_path.clone(),
+                                detail: format!(
                                 "tensor `{tensor}` maps to {file}, not a file in this directory"
                             ),
-                        },
-                    )?;
+                            })?;
                     shards
                         .entry(file.to_string())
                         .or_insert_with(Vec::new)
