@@ -69,7 +69,7 @@ pub enum LoadError {
         path: PathBuf,
         context: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -103,7 +103,7 @@ pub enum RunError {
     Candle {
         context: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -114,9 +114,9 @@ pub(crate) trait CandleContext<T> {
 
 impl<T> CandleContext<T> for candle_core::Result<T> {
     fn run_ctx(self, context: &str) -> Result<T, RunError> {
-        self.map_err(|source| RunError::Candle {
+        self.map_err(|source: candle_core::Error| RunError::Candle {
             context: context.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 }

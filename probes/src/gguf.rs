@@ -389,10 +389,10 @@ impl GgufFile {
             info.shape(),
             &Device::Cpu,
         )
-        .map_err(|source| LoadError::Candle {
+        .map_err(|source: candle_core::Error| LoadError::Candle {
             path: self.path.clone(),
             context: format!("tensor `{}`", info.name),
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -401,10 +401,10 @@ impl GgufFile {
         let t = self
             .qtensor(info)?
             .dequantize(&Device::Cpu)
-            .map_err(|source| LoadError::Candle {
+            .map_err(|source: candle_core::Error| LoadError::Candle {
                 path: self.path.clone(),
                 context: format!("dequantizing tensor `{}`", info.name),
-                source,
+                source: Box::new(source),
             })?;
         crate::weights::check_finite(&self.path, &info.name, &t)?;
         Ok(t)

@@ -73,10 +73,10 @@ impl SafetensorsFile {
     /// Materialise one tensor as f32 on `device`, refusing NaN and Inf.
     pub fn load_f32(&self, info: &TensorInfo, device: &Device) -> Result<Tensor, LoadError> {
         let raw = &self.bytes[self.data_start + info.begin..self.data_start + info.end];
-        let candle_err = |source| LoadError::Candle {
+        let candle_err = |source: candle_core::Error| LoadError::Candle {
             path: self.path.clone(),
             context: format!("tensor `{}`", info.name),
-            source,
+            source: Box::new(source),
         };
         let tensor = Tensor::from_raw_buffer(raw, info.dtype, &info.shape, &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
@@ -280,10 +280,10 @@ pub fn write(
     let mut offset = 0usize;
     let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let candle_err = |source| LoadError::Candle {
+        let candle_err = |source: candle_core::Error| LoadError::Candle {
             path: path.to_path_buf(),
             context: format!("tensor `{name}`"),
-            source,
+            source: Box::new(source),
         };
         let flat = t.flatten_all().map_err(candle_err)?;
         let (dtype, bytes): (&str, Vec<u8>) = match t.dtype() {
@@ -313,7 +313,7 @@ pub fn write(
         blobs.push(bytes);
     }
     let mut json = serde_json::to_vec(&header).expect("header serialises");
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let tmp = path.with_extension("safetensors.partial");

@@ -13,6 +13,9 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 use crate::error::{LoadError, RunError};
 use crate::gguf::GgufFile;
 
+/// Reads a file of the checkpoint directory by name (`None` when absent), recording its digest.
+pub type FileReader<'a> = dyn FnMut(&str) -> Result<Option<Vec<u8>>, LoadError> + 'a;
+
 /// A tokenizer with the model's chat template and special tokens.
 pub struct TextCodec {
     pub tokenizer: Tokenizer,
@@ -41,7 +44,7 @@ impl TextCodec {
     /// Load `tokenizer.json` and `tokenizer_config.json` from an HF directory.
     pub fn from_hf_dir(
         dir: &Path,
-        read: &mut dyn FnMut(&str) -> Result<Option<Vec<u8>>, LoadError>,
+        read: &mut FileReader<'_>,
     ) -> Result<Self, LoadError> {
         let path = dir.join("tokenizer.json");
         let bytes = read("tokenizer.json")?.ok_or_else(|| LoadError::Tokenizer {

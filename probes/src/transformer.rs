@@ -89,21 +89,16 @@ impl Norm {
 }
 
 pub enum Mlp {
-    /// `down(silu(gate(x)) * up(x))`
-    Gated {
-        gate: Linear,
-        up: Linear,
-        down: Linear,
-    },
+    /// `down(silu(gate(x)) * up(x))`, with gate and up fused into one `[2 * d_mlp, d]` matmul.
+    Gated { gate_up: Linear, down: Linear },
     /// `proj(gelu_tanh(fc(x)))`
     Gelu { fc: Linear, proj: Linear },
 }
 
 pub struct Block {
     pub(crate) ln1: Norm,
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
+    /// q, k and v fused: `[(n_heads + 2 * n_kv_heads) * head_dim, d_model]`.
+    pub(crate) qkv: Linear,
     pub(crate) o: Linear,
     pub(crate) ln2: Norm,
     pub(crate) mlp: Mlp,
@@ -542,15 +537,16 @@ impl Transformer {
         let c = &self.config;
         let (b, t, _) = x.dims3().run_ctx("attention input")?;
         let hd = c.head_dim;
-        let split = |lin: &Linear, heads: usize| -> candle_core::Result<Tensor> {
-            lin.forward(x, decode)?
+        let qkv = block.qkv.forward(x, decode).run_ctx("qkv projection")?;
+        let split = |start: usize, heads: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, start * hd, heads * hd)?
                 .reshape((b, t, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let mut q = split(&block.q, c.n_heads).run_ctx("query projection")?;
-        let mut k = split(&block.k, c.n_kv_heads).run_ctx("key projection")?;
-        let mut v = split(&block.v, c.n_kv_heads).run_ctx("value projection")?;
+        let mut q = split(0, c.n_heads).run_ctx("query projection")?;
+        let mut k = split(c.n_heads, c.n_kv_heads).run_ctx("key projection")?;
+        let mut v = split(c.n_heads + c.n_kv_heads, c.n_kv_heads).run_ctx("value projection")?;
         if let Some((cos, sin)) = &pass.ctx.rope {
             q = candle_nn::rotary_emb::rope(&q, cos, sin).run_ctx("rope")?;
             k = candle_nn::rotary_emb::rope(&k, cos, sin).run_ctx("rope")?;
@@ -599,9 +595,11 @@ fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
 
 fn mlp(mlp: &Mlp, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
     match mlp {
-        Mlp::Gated { gate, up, down } => {
-            let g = candle_nn::ops::silu(&gate.forward(x, decode)?)?;
-            down.forward(&(g * up.forward(x, decode)?)?, decode)
+        Mlp::Gated { gate_up, down } => {
+            let h = gate_up.forward(x, decode)?;
+            let half = h.dim(2)? / 2;
+            let g = candle_nn::ops::silu(&h.narrow(2, 0, half)?)?;
+            down.forward(&(g * h.narrow(2, half, half)?)?, decode)
         }
         Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(x, decode)?.gelu()?, decode),
     }
@@ -624,9 +622,9 @@ impl Pass<'_> {
         let name = point.to_string();
         for i in self.hooks.interventions.iter().filter(|i| i.hook == point) {
             let mask = self.position_mask(&i.positions, point)?;
-            x = apply_edit(&x, &i.edit, &mask).map_err(|source| RunError::Candle {
+            x = apply_edit(&x, &i.edit, &mask).map_err(|source: candle_core::Error| RunError::Candle {
                 context: format!("intervention at `{name}`"),
-                source,
+                source: Box::new(source),
             })?;
         }
         if self.hooks.capture.contains(&point) {

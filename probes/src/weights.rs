@@ -16,10 +16,10 @@ use crate::transformer::{Block, Linear, Mlp, Norm, Transformer};
 
 /// Refuse tensors holding NaN or Inf.
 pub(crate) fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<(), LoadError> {
-    let candle_err = |source| LoadError::Candle {
+    let candle_err = |source: candle_core::Error| LoadError::Candle {
         path: path.to_path_buf(),
         context: format!("checking tensor `{name}`"),
-        source,
+        source: Box::new(source),
     };
     let flat = t
         .to_dtype(candle_core::DType::F32)
@@ -154,10 +154,10 @@ impl TensorSource for GgufSource<'_> {
         } else {
             self.config.n_kv_heads
         };
-        let candle_err = |source| LoadError::Candle {
+        let candle_err = |source: candle_core::Error| LoadError::Candle {
             path: self.file.path.clone(),
             context: format!("un-permuting `{gg}`"),
-            source,
+            source: Box::new(source),
         };
         let (out, d_in) = t.dims2().map_err(candle_err)?;
         if out % (heads * 2) != 0 {
@@ -219,6 +219,24 @@ impl Loader<'_> {
         Ok(Linear::new(w, b))
     }
 
+    /// Stack linear layers that read the same input into one, so one matmul does their work.
+    fn fuse(&self, prefix: &str, parts: &[Linear]) -> Result<Linear, LoadError> {
+        let candle_err = |source: candle_core::Error| LoadError::Candle {
+            path: self.src.path_of(prefix),
+            context: format!("fusing the projections of `{prefix}`"),
+            source: Box::new(source),
+        };
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+        let w = Tensor::cat(&ws, 0).map_err(candle_err)?;
+        let b = if parts.iter().all(|l| l.b.is_some()) {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.b.as_ref()).collect();
+            Some(Tensor::cat(&bs, 0).map_err(candle_err)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    }
+
     fn rms(&self, name: &str) -> Result<Norm, LoadError> {
         Ok(Norm {
             weight: self.get(name, &[self.cfg.d_model])?,
@@ -246,16 +264,22 @@ impl Loader<'_> {
             let p = format!("model.layers.{l}");
             let q_out = c.n_heads * c.head_dim;
             let kv_out = c.n_kv_heads * c.head_dim;
+            let qkv = [
+                self.linear(&format!("{p}.self_attn.q_proj"), q_out, d, qkv_bias)?,
+                self.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, qkv_bias)?,
+                self.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, qkv_bias)?,
+            ];
+            let gate_up = [
+                self.linear(&format!("{p}.mlp.gate_proj"), c.d_mlp, d, false)?,
+                self.linear(&format!("{p}.mlp.up_proj"), c.d_mlp, d, false)?,
+            ];
             blocks.push(Block {
                 ln1: self.rms(&format!("{p}.input_layernorm.weight"))?,
-                q: self.linear(&format!("{p}.self_attn.q_proj"), q_out, d, qkv_bias)?,
-                k: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, qkv_bias)?,
-                v: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, qkv_bias)?,
+                qkv: self.fuse(&format!("{p}.self_attn"), &qkv)?,
                 o: self.linear(&format!("{p}.self_attn.o_proj"), d, q_out, false)?,
                 ln2: self.rms(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp::Gated {
-                    gate: self.linear(&format!("{p}.mlp.gate_proj"), c.d_mlp, d, false)?,
-                    up: self.linear(&format!("{p}.mlp.up_proj"), c.d_mlp, d, false)?,
+                    gate_up: self.fuse(&format!("{p}.mlp"), &gate_up)?,
                     down: self.linear(&format!("{p}.mlp.down_proj"), d, c.d_mlp, false)?,
                 },
             });
@@ -284,10 +308,10 @@ impl Loader<'_> {
         let w = w
             .t()
             .and_then(|w| w.contiguous())
-            .map_err(|source| LoadError::Candle {
+            .map_err(|source: candle_core::Error| LoadError::Candle {
                 path: self.src.path_of(prefix),
                 context: format!("transposing `{prefix}.weight`"),
-                source,
+                source: Box::new(source),
             })?;
         Ok(Linear::new(w, Some(b)))
     }
@@ -306,32 +330,9 @@ impl Loader<'_> {
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let p = format!("{root}h.{l}");
-            let c_attn = self.conv1d(&format!("{p}.attn.c_attn"), d, 3 * d)?;
-            let split = |i: usize| -> Result<Linear, LoadError> {
-                let candle_err = |source| LoadError::Candle {
-                    path: self.src.path_of(&p),
-                    context: format!("splitting `{p}.attn.c_attn`"),
-                    source,
-                };
-                let w = c_attn
-                    .w
-                    .narrow(0, i * d, d)
-                    .and_then(|w| w.contiguous())
-                    .map_err(candle_err)?;
-                let b = c_attn
-                    .b
-                    .as_ref()
-                    .expect("conv1d has a bias")
-                    .narrow(0, i * d, d)
-                    .and_then(|b| b.contiguous())
-                    .map_err(candle_err)?;
-                Ok(Linear::new(w, Some(b)))
-            };
             blocks.push(Block {
                 ln1: self.layer_norm(&format!("{p}.ln_1"))?,
-                q: split(0)?,
-                k: split(1)?,
-                v: split(2)?,
+                qkv: self.conv1d(&format!("{p}.attn.c_attn"), d, 3 * d)?,
                 o: self.conv1d(&format!("{p}.attn.c_proj"), d, d)?,
                 ln2: self.layer_norm(&format!("{p}.ln_2"))?,
                 mlp: Mlp::Gelu {

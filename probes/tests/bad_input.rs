@@ -205,7 +205,7 @@ fn sharded_checkpoints_load_through_the_index_and_lying_indexes_fail() {
     let run = |m: &Model| {
         m.transformer
             .forward(
-                &[p.clone()],
+                std::slice::from_ref(&p),
                 probes::Padding::Left,
                 &probes::Hooks::new(),
                 probes::Unembed::Last,

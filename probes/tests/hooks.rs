@@ -76,7 +76,7 @@ fn padded_batches_equal_one_prompt_at_a_time() {
             for (r, p) in b.iter().enumerate() {
                 let single = m
                     .transformer
-                    .forward(&[p.clone()], padding, &hooks, Unembed::All)
+                    .forward(std::slice::from_ref(p), padding, &hooks, Unembed::All)
                     .unwrap();
                 let off = out.layout.offset(r);
                 let got = logits.i(r).unwrap().narrow(0, off, p.len()).unwrap();
