@@ -296,6 +296,9 @@ impl GgufFile {
             if !names.insert(name.clone()) {
                 return Err(terr("duplicate tensor name".into()));
             }
+            if dims.contains(&0) {
+                return Err(terr(format!("dims {dims:?} hold a zero")));
+            }
             let elems = dims
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -306,7 +309,12 @@ impl GgufFile {
                     dtype.block_size()
                 )));
             }
-            let size = (elems / dtype.block_size()) * dtype.type_size();
+            let size = (elems / dtype.block_size())
+                .checked_mul(dtype.type_size())
+                .ok_or_else(|| terr(format!("dims {dims:?} overflow")))?;
+            if !offset.is_multiple_of(alignment as u64) {
+                return Err(terr(format!("offset {offset} is not aligned to {alignment} bytes")));
+            }
             let begin = usize::try_from(offset)
                 .ok()
                 .and_then(|o| o.checked_add(data_start))
@@ -383,9 +391,19 @@ impl GgufFile {
 
     /// The tensor as a candle quantized tensor (row-major shape).
     pub fn qtensor(&self, info: &GgufTensorInfo) -> Result<QTensor, LoadError> {
+        let raw = &self.bytes[info.begin..info.end];
+        // candle reinterprets the bytes as blocks; offsets are aligned within the file, and
+        // the buffer itself comes from the allocator, which aligns to at least 16 bytes.
+        if raw.as_ptr().align_offset(8) != 0 {
+            return Err(LoadError::Tensor {
+                path: self.path.clone(),
+                tensor: info.name.clone(),
+                detail: "tensor data is not 8-byte aligned in memory".into(),
+            });
+        }
         qtensor_from_ggml(
             info.dtype,
-            &self.bytes[info.begin..info.end],
+            raw,
             info.shape(),
             &Device::Cpu,
         )
@@ -438,6 +456,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("claims length"), "{e}");
+    }
+
+    fn one_tensor(dims: &[u64], ty: u32, offset: u64) -> Vec<u8> {
+        let mut b = header(1, 0);
+        b.extend(1u64.to_le_bytes());
+        b.push(b'w');
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        b.resize(b.len().div_ceil(32) * 32 + 4096, 0);
+        b
+    }
+
+    /// Found by the fuzzer: candle multiplies dims in the other order and overflowed.
+    #[test]
+    fn regression_zero_dim_with_huge_dims() {
+        let b = one_tensor(&[0, u64::MAX / 2, 3], 0, 0);
+        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        assert!(e.contains("zero"), "{e}");
+    }
+
+    /// Found by the fuzzer: block data at a misaligned offset was reinterpreted in place.
+    #[test]
+    fn regression_misaligned_tensor_offset() {
+        let b = one_tensor(&[32], 3, 3);
+        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        assert!(e.contains("aligned"), "{e}");
+        let ok = GgufFile::parse(Path::new("m.gguf"), one_tensor(&[32], 3, 32)).unwrap();
+        assert_eq!(ok.load_f32(&ok.tensors[0]).unwrap().dims(), [32]);
     }
 
     #[test]
