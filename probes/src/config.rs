@@ -233,13 +233,17 @@ impl ModelConfig {
             path: path.to_path_buf(),
             detail,
         };
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err(err(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim == 0 || (self.architecture != Architecture::Gpt2 && !self.head_dim.is_multiple_of(2))
+        if self.head_dim == 0
+            || (self.architecture != Architecture::Gpt2 && !self.head_dim.is_multiple_of(2))
         {
             return Err(err(format!(
                 "head_dim {} must be even and non-zero",

@@ -313,7 +313,9 @@ impl GgufFile {
                 .checked_mul(dtype.type_size())
                 .ok_or_else(|| terr(format!("dims {dims:?} overflow")))?;
             if !offset.is_multiple_of(alignment as u64) {
-                return Err(terr(format!("offset {offset} is not aligned to {alignment} bytes")));
+                return Err(terr(format!(
+                    "offset {offset} is not aligned to {alignment} bytes"
+                )));
             }
             let begin = usize::try_from(offset)
                 .ok()
@@ -401,29 +403,24 @@ impl GgufFile {
                 detail: "tensor data is not 8-byte aligned in memory".into(),
             });
         }
-        qtensor_from_ggml(
-            info.dtype,
-            raw,
-            info.shape(),
-            &Device::Cpu,
+        qtensor_from_ggml(info.dtype, raw, info.shape(), &Device::Cpu).map_err(
+            |source: candle_core::Error| LoadError::Candle {
+                path: self.path.clone(),
+                context: format!("tensor `{}`", info.name),
+                source: Box::new(source),
+            },
         )
-        .map_err(|source: candle_core::Error| LoadError::Candle {
-            path: self.path.clone(),
-            context: format!("tensor `{}`", info.name),
-            source: Box::new(source),
-        })
     }
 
     /// The tensor dequantized to f32, refusing NaN and Inf.
     pub fn load_f32(&self, info: &GgufTensorInfo) -> Result<Tensor, LoadError> {
-        let t = self
-            .qtensor(info)?
-            .dequantize(&Device::Cpu)
-            .map_err(|source: candle_core::Error| LoadError::Candle {
+        let t = self.qtensor(info)?.dequantize(&Device::Cpu).map_err(
+            |source: candle_core::Error| LoadError::Candle {
                 path: self.path.clone(),
                 context: format!("dequantizing tensor `{}`", info.name),
                 source: Box::new(source),
-            })?;
+            },
+        )?;
         crate::weights::check_finite(&self.path, &info.name, &t)?;
         Ok(t)
     }
@@ -476,7 +473,9 @@ mod tests {
     #[test]
     fn regression_zero_dim_with_huge_dims() {
         let b = one_tensor(&[0, u64::MAX / 2, 3], 0, 0);
-        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("zero"), "{e}");
     }
 
@@ -484,7 +483,9 @@ mod tests {
     #[test]
     fn regression_misaligned_tensor_offset() {
         let b = one_tensor(&[32], 3, 3);
-        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("aligned"), "{e}");
         let ok = GgufFile::parse(Path::new("m.gguf"), one_tensor(&[32], 3, 32)).unwrap();
         assert_eq!(ok.load_f32(&ok.tensors[0]).unwrap().dims(), [32]);

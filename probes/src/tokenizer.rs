@@ -42,10 +42,7 @@ impl Message {
 
 impl TextCodec {
     /// Load `tokenizer.json` and `tokenizer_config.json` from an HF directory.
-    pub fn from_hf_dir(
-        dir: &Path,
-        read: &mut FileReader<'_>,
-    ) -> Result<Self, LoadError> {
+    pub fn from_hf_dir(dir: &Path, read: &mut FileReader<'_>) -> Result<Self, LoadError> {
         let path = dir.join("tokenizer.json");
         let bytes = read("tokenizer.json")?.ok_or_else(|| LoadError::Tokenizer {
             path: path.clone(),

@@ -622,9 +622,11 @@ impl Pass<'_> {
         let name = point.to_string();
         for i in self.hooks.interventions.iter().filter(|i| i.hook == point) {
             let mask = self.position_mask(&i.positions, point)?;
-            x = apply_edit(&x, &i.edit, &mask).map_err(|source: candle_core::Error| RunError::Candle {
-                context: format!("intervention at `{name}`"),
-                source: Box::new(source),
+            x = apply_edit(&x, &i.edit, &mask).map_err(|source: candle_core::Error| {
+                RunError::Candle {
+                    context: format!("intervention at `{name}`"),
+                    source: Box::new(source),
+                }
             })?;
         }
         if self.hooks.capture.contains(&point) {
