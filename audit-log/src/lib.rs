@@ -1,1 +1,24 @@
-//! placeholder
+//! The mechwatch audit log: Ed25519-signed in-toto statements in SQLite, linked into a hash
+//! chain, covered by an RFC 6962 Merkle tree with C2SP signed-note checkpoints, exportable as
+//! DSSE envelopes that standard tools verify.
+//!
+//! What this does not protect against, plainly: an attacker with root on the host who holds
+//! the signing key can rewrite or drop every record written since the newest checkpoint that
+//! was exported off the host, and can write new, validly signed records. Exported checkpoints
+//! make truncation and rewriting of everything they cover detectable; nothing here makes the
+//! unexported tail trustworthy against the key holder.
+
+pub mod checkpoint;
+pub mod dsse;
+pub mod error;
+pub mod keys;
+pub mod merkle;
+pub mod record;
+pub mod store;
+pub mod verify;
+
+pub use error::LogError;
+pub use keys::Signer;
+pub use record::{FileDigest, InputDigest, ModelSubject, RecordBody, Statement};
+pub use store::{AuditLog, CheckpointPolicy, Receipt, StoredRecord};
+pub use verify::{verify_log, Failure, Reason, Report};

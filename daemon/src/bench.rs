@@ -24,7 +24,8 @@ pub struct ForwardArgs {
     /// Timed repetitions of each variant (interleaved).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Tokens per generation (timed including the chat prompt's prefill).
+    #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
 }
 

@@ -1,0 +1,352 @@
+//! Whole-log verification: signatures (batched), sequence without gaps, hash links, key
+//! rotations, stored checkpoints, and consistency with an exported (off-host) checkpoint.
+//! Signatures are checked before any record is parsed.
+
+use std::fmt;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::dsse::{pae, IN_TOTO_PAYLOAD_TYPE};
+use crate::error::LogError;
+use crate::keys::key_id;
+use crate::merkle::{self, Hash};
+use crate::record::*;
+use crate::store::{self, StoredRecord, NOTE_KEY_NAME};
+
+/// Why verification failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    BadSignature,
+    BrokenLink,
+    Gap { expected: u64 },
+    UnknownKey { key_id: String },
+    InconsistentWithCheckpoint(String),
+    Malformed(String),
+    Database(String),
+}
+
+/// The first problem found, with the `seq` it concerns where there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub seq: Option<u64>,
+    pub reason: Reason,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = self.seq {
+            write!(f, "seq {s}: ")?;
+        }
+        match &self.reason {
+            Reason::BadSignature => write!(f, "bad signature"),
+            Reason::BrokenLink => write!(
+                f,
+                "broken link: prev does not match the previous record's hash"
+            ),
+            Reason::Gap { expected } => write!(f, "gap: expected seq {expected}"),
+            Reason::UnknownKey { key_id } => write!(f, "unknown key {key_id}"),
+            Reason::InconsistentWithCheckpoint(d) => write!(f, "inconsistent with checkpoint: {d}"),
+            Reason::Malformed(d) => write!(f, "malformed record: {d}"),
+            Reason::Database(d) => write!(f, "database: {d}"),
+        }
+    }
+}
+
+/// What a successful verification covered.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub log_id: String,
+    pub records: u64,
+    pub root: Hash,
+    pub stored_checkpoints: usize,
+    pub external_checkpoint: Option<u64>,
+    /// Key ids in the order they signed.
+    pub keys: Vec<String>,
+}
+
+fn fail(seq: Option<u64>, reason: Reason) -> Failure {
+    Failure { seq, reason }
+}
+
+fn db(e: LogError) -> Failure {
+    fail(None, Reason::Database(e.to_string()))
+}
+
+const BATCH: usize = 512;
+
+/// Verify the whole log in `conn` against the trusted initial public key, and optionally an
+/// exported checkpoint (signed note) kept off the host.
+pub fn verify_log(
+    conn: &Connection,
+    trusted: &VerifyingKey,
+    external: Option<&str>,
+) -> Result<Report, Failure> {
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| fail(None, Reason::Database(e.to_string())))?;
+    if check != "ok" {
+        return Err(fail(
+            None,
+            Reason::Database(format!("SQLite integrity check: {check}")),
+        ));
+    }
+    let log_id = store::log_id(conn).map_err(db)?;
+    let mut keys: Vec<(String, VerifyingKey)> = vec![(key_id(trusted), *trusted)];
+    let mut current = 0usize; // index into keys
+    let mut leaves: Vec<Hash> = Vec::new();
+    // Key index current after n records, for checkpoints: (from_size, key index).
+    let mut key_from: Vec<(u64, usize)> = vec![(0, 0)];
+    let mut prev = GENESIS_PREV.to_string();
+    let mut expected = 0u64;
+    loop {
+        let rows = store::read_records(conn, expected, u64::MAX)
+            .map_err(db)
+            .map(|r| r.into_iter().take(BATCH).collect::<Vec<_>>())?;
+        if rows.is_empty() {
+            break;
+        }
+        // Batch-verify the longest prefix signed by keys already known; rotations inside
+        // the batch make later rows wait for the next round.
+        let mut msgs = Vec::with_capacity(rows.len());
+        let mut sigs = Vec::with_capacity(rows.len());
+        let mut vks = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some((_, k)) = keys.iter().find(|(id, _)| *id == r.key_id) else {
+                break;
+            };
+            let Ok(sig) = <[u8; 64]>::try_from(r.sig.as_slice()) else {
+                break;
+            };
+            msgs.push(pae(IN_TOTO_PAYLOAD_TYPE, &r.bytes));
+            sigs.push(Signature::from_bytes(&sig));
+            vks.push(*k);
+        }
+        let n_ok = msgs.len();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        let batch_ok = n_ok > 0 && ed25519_dalek::verify_batch(&refs, &sigs, &vks).is_ok();
+        for (i, r) in rows.iter().enumerate() {
+            if r.seq != expected {
+                return Err(fail(Some(r.seq), Reason::Gap { expected }));
+            }
+            if r.key_id != keys[current].0 {
+                let reason = if keys.iter().any(|(id, _)| *id == r.key_id) {
+                    Reason::BadSignature
+                } else {
+                    Reason::UnknownKey {
+                        key_id: r.key_id.clone(),
+                    }
+                };
+                return Err(fail(Some(r.seq), reason));
+            }
+            let verified = if i < n_ok {
+                batch_ok || vks[i].verify_strict(&msgs[i], &sigs[i]).is_ok()
+            } else {
+                let sig = <[u8; 64]>::try_from(r.sig.as_slice()).map(|b| Signature::from_bytes(&b));
+                sig.is_ok_and(|s| {
+                    keys[current]
+                        .1
+                        .verify_strict(&pae(IN_TOTO_PAYLOAD_TYPE, &r.bytes), &s)
+                        .is_ok()
+                })
+            };
+            if !verified {
+                return Err(fail(Some(r.seq), Reason::BadSignature));
+            }
+            // Only now is the record parsed.
+            let st: Statement = serde_json::from_slice(&r.bytes)
+                .map_err(|e| fail(Some(r.seq), Reason::Malformed(e.to_string())))?;
+            check_statement(&st, r, &log_id, &keys[current].0)?;
+            if st.predicate.log.prev != prev {
+                return Err(fail(Some(r.seq), Reason::BrokenLink));
+            }
+            if let RecordBody::KeyRotation {
+                new_key_id,
+                new_public_key,
+                new_key_signature,
+            } = &st.predicate.record
+            {
+                let new_key = rotation_key(
+                    &log_id,
+                    r.seq,
+                    &keys[current].0,
+                    new_key_id,
+                    new_public_key,
+                    new_key_signature,
+                )
+                .ok_or_else(|| fail(Some(r.seq), Reason::BadSignature))?;
+                keys.push((new_key_id.clone(), new_key));
+                current = keys.len() - 1;
+                key_from.push((r.seq + 1, current));
+            }
+            prev = hex::encode(Sha256::digest(&r.bytes));
+            leaves.push(r.leaf());
+            expected += 1;
+            if i + 1 >= n_ok && i + 1 < rows.len() {
+                break; // re-batch after a rotation or an unknown key
+            }
+        }
+    }
+    let size = leaves.len() as u64;
+    let key_at = |s: u64| {
+        key_from
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= s)
+            .map_or(0, |(_, k)| *k)
+    };
+
+    let stored = store::read_checkpoints(conn).map_err(db)?;
+    for (cp_size, note) in &stored {
+        let key = &keys[key_at(*cp_size)].1;
+        let cp = Checkpoint::verify(note, NOTE_KEY_NAME, key).map_err(|_| {
+            fail(
+                None,
+                Reason::InconsistentWithCheckpoint(format!(
+                    "stored checkpoint of size {cp_size} has a bad signature"
+                )),
+            )
+        })?;
+        check_checkpoint(
+            &cp,
+            &log_id,
+            &leaves,
+            &format!("stored checkpoint of size {cp_size}"),
+        )?;
+    }
+    let external_checkpoint = match external {
+        None => None,
+        Some(note) => {
+            let cp = keys
+                .iter()
+                .find_map(|(_, k)| Checkpoint::verify(note, NOTE_KEY_NAME, k).ok())
+                .ok_or_else(|| fail(None, Reason::InconsistentWithCheckpoint("the exported checkpoint's signature does not verify with any key of this log".into())))?;
+            check_checkpoint(&cp, &log_id, &leaves, "exported checkpoint")?;
+            Some(cp.size)
+        }
+    };
+    Ok(Report {
+        log_id,
+        records: size,
+        root: merkle::root(&leaves),
+        stored_checkpoints: stored.len(),
+        external_checkpoint,
+        keys: keys.into_iter().map(|(id, _)| id).collect(),
+    })
+}
+
+fn check_statement(
+    st: &Statement,
+    r: &StoredRecord,
+    log_id: &str,
+    current_key: &str,
+) -> Result<(), Failure> {
+    let bad = |d: String| Err(fail(Some(r.seq), Reason::Malformed(d)));
+    if st.statement_type != STATEMENT_TYPE || st.predicate_type != PREDICATE_TYPE {
+        return bad("not a mechwatch in-toto statement".into());
+    }
+    if st.predicate.version != RECORD_VERSION {
+        return bad(format!("record version {}", st.predicate.version));
+    }
+    if st.predicate.log.id != log_id {
+        return bad(format!(
+            "belongs to log {}, not {log_id}",
+            st.predicate.log.id
+        ));
+    }
+    if st.predicate.log.seq != r.seq {
+        return Err(fail(
+            Some(r.seq),
+            Reason::Gap {
+                expected: st.predicate.log.seq,
+            },
+        ));
+    }
+    if st.predicate.key_id != current_key {
+        return bad(format!(
+            "names key {} but is signed by {current_key}",
+            st.predicate.key_id
+        ));
+    }
+    if st.subject != vec![st.predicate.record.subject()] {
+        return bad("subject does not match the record".into());
+    }
+    Ok(())
+}
+
+fn rotation_key(
+    log_id: &str,
+    seq: u64,
+    old: &str,
+    new_id: &str,
+    public_hex: &str,
+    sig_hex: &str,
+) -> Option<VerifyingKey> {
+    let raw: [u8; 32] = hex::decode(public_hex).ok()?.try_into().ok()?;
+    let key = VerifyingKey::from_bytes(&raw).ok()?;
+    if key_id(&key) != new_id {
+        return None;
+    }
+    let sig: [u8; 64] = hex::decode(sig_hex).ok()?.try_into().ok()?;
+    key.verify_strict(
+        &rotation_message(log_id, seq, old, public_hex),
+        &Signature::from_bytes(&sig),
+    )
+    .ok()?;
+    Some(key)
+}
+
+/// The checkpoint must describe a prefix of this log: same origin, size within the log, and
+/// a root that the RFC 6962 consistency proof from that prefix to the whole log confirms.
+fn check_checkpoint(
+    cp: &Checkpoint,
+    log_id: &str,
+    leaves: &[Hash],
+    what: &str,
+) -> Result<(), Failure> {
+    let incons = |d: String| Err(fail(None, Reason::InconsistentWithCheckpoint(d)));
+    if cp.origin != store::origin(log_id) {
+        return incons(format!("{what} is for {}, not this log", cp.origin));
+    }
+    let m = cp.size as usize;
+    if m > leaves.len() {
+        return incons(format!(
+            "{what} covers {m} records but the log holds {}: records were removed (truncation or rollback)",
+            leaves.len()
+        ));
+    }
+    let proof = merkle::consistency_proof(m, leaves);
+    let new_root = merkle::root(leaves);
+    let ok = if m == 0 {
+        cp.root == merkle::empty_root()
+    } else {
+        merkle::verify_consistency(m, leaves.len(), &cp.root, &new_root, &proof)
+    };
+    if !ok {
+        return incons(format!(
+            "{what} of size {m}: the first {m} records were rewritten"
+        ));
+    }
+    Ok(())
+}
+
+/// Inclusion proof for record `seq` against the root of the whole log.
+pub fn inclusion(conn: &Connection, seq: u64) -> Result<(Hash, Vec<Hash>, Hash, u64), LogError> {
+    let n = store::record_count(conn)?;
+    let leaves: Vec<Hash> = store::read_records(conn, 0, n)?
+        .iter()
+        .map(StoredRecord::leaf)
+        .collect();
+    let i = seq as usize;
+    if i >= leaves.len() {
+        return Err(LogError::Format(format!("no record with seq {seq}")));
+    }
+    Ok((
+        leaves[i],
+        merkle::inclusion_proof(i, &leaves),
+        merkle::root(&leaves),
+        n,
+    ))
+}
