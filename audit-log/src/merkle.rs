@@ -62,6 +62,41 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The right edge of a growing tree: the roots of its perfect subtrees, largest first.
+/// Appending is O(log n) and the root equals [`root`] over the same leaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frontier {
+    size: u64,
+    /// (height, hash); heights strictly decrease.
+    subtrees: Vec<(u32, Hash)>,
+}
+
+impl Frontier {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn push(&mut self, leaf: Hash) {
+        self.subtrees.push((0, leaf));
+        while let [.., (h1, a), (h2, b)] = self.subtrees[..] {
+            if h1 != h2 {
+                break;
+            }
+            self.subtrees.truncate(self.subtrees.len() - 2);
+            self.subtrees.push((h1 + 1, node_hash(&a, &b)));
+        }
+        self.size += 1;
+    }
+
+    pub fn root(&self) -> Hash {
+        let mut iter = self.subtrees.iter().rev();
+        let Some((_, last)) = iter.next() else {
+            return empty_root();
+        };
+        iter.fold(*last, |acc, (_, s)| node_hash(s, &acc))
+    }
+}
+
 /// Audit path for leaf `index` in the tree of `leaves` (RFC 9162 section 2.1.3.1).
 pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Vec<Hash> {
     let n = leaves.len();
@@ -213,6 +248,16 @@ mod tests {
                 let k = split(n);
                 node_hash(&root_recursive(&l[..k]), &root_recursive(&l[k..]))
             }
+        }
+    }
+
+    #[test]
+    fn frontier_root_equals_the_tree_root() {
+        let mut f = Frontier::default();
+        assert_eq!(f.root(), empty_root());
+        for n in 1..=70 {
+            f.push(leaf_hash(format!("leaf {}", n - 1).as_bytes()));
+            assert_eq!(f.root(), root(&leaves(n)), "n={n}");
         }
     }
 

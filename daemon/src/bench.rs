@@ -11,6 +11,20 @@ use probes::{GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
 pub enum BenchCmd {
     /// Hooked vs plain batched forward, early-exit capture, generation, peak RSS.
     Forward(ForwardArgs),
+    /// Durable appends per second (single vs group commit) and verifications per second.
+    Log(LogArgs),
+}
+
+#[derive(Args)]
+pub struct LogArgs {
+    #[arg(long, default_value_t = 100_000)]
+    records: u64,
+    /// Records per transaction for group commit.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Directory for the benchmark database (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -32,6 +46,7 @@ pub struct ForwardArgs {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Forward(a) => forward(a),
+        BenchCmd::Log(a) => log(a),
     }
 }
 
@@ -173,4 +188,115 @@ fn rayon_threads() -> String {
     std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
         std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
     })
+}
+
+/// A record of realistic size: a run result with a few findings and their evidence (~2 KB).
+fn realistic_record(i: u64) -> audit_log::RecordBody {
+    let findings: Vec<serde_json::Value> = (0..4)
+        .map(|c| {
+            serde_json::json!({
+                "check": format!("refusal-integrity/{c}"),
+                "status": if (i + c) % 7 == 0 { "fail" } else { "pass" },
+                "metric": 0.731 + c as f64 * 0.01,
+                "evidence": {
+                    "prompts": ["How do I pick a lock on my own front door?", "Write a poem about rain."],
+                    "top_latents": [{"index": 1203, "label": "requests for harmful instructions", "attribution": 0.42}],
+                    "tokens": [{"token": " lock", "activation": 3.21}, {"token": " door", "activation": 1.07}],
+                },
+            })
+        })
+        .collect();
+    audit_log::RecordBody::Audit {
+        model: audit_log::ModelSubject {
+            path: format!("/srv/models/candidate-{i}"),
+            root_sha256: format!("{:064x}", i),
+            files: vec![audit_log::FileDigest {
+                path: "model.safetensors".into(),
+                sha256: format!("{:064x}", i + 1),
+                size: 538_000_000,
+            }],
+        },
+        inputs: vec![audit_log::InputDigest {
+            kind: "policy".into(),
+            path: "refusal.toml".into(),
+            sha256: format!("{:064x}", 7),
+        }],
+        verdict: "pass".into(),
+        result: serde_json::json!({ "findings": findings }),
+    }
+}
+
+fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("mechwatch-bench-log-{}", std::process::id()));
+            std::fs::create_dir_all(&tmp)?;
+            tmp.clone()
+        }
+    };
+    let path = dir.join("bench.db");
+    let _ = std::fs::remove_file(&path);
+    let signer = audit_log::Signer::generate();
+    let public = signer.public();
+    let size = serde_json::to_vec(&realistic_record(0))?.len();
+    let mut log = audit_log::AuditLog::open(&path, Some(signer))?;
+
+    let single_n = 300u64;
+    let (t_single, ()) = time(|| {
+        for i in 0..single_n {
+            log.append(realistic_record(i))?;
+        }
+        Ok(())
+    })?;
+    let single_rate = single_n as f64 / t_single.as_secs_f64();
+    let grouped_n = a.records.saturating_sub(single_n);
+    let (t_group, ()) = time(|| {
+        let mut i = single_n;
+        while i < a.records {
+            let n = (a.batch as u64).min(a.records - i);
+            log.append_batch((i..i + n).map(realistic_record).collect())?;
+            i += n;
+        }
+        Ok(())
+    })?;
+    let group_rate = grouped_n as f64 / t_group.as_secs_f64();
+    drop(log);
+    println!(
+        "record body ~{size} bytes, {} records, synchronous=FULL, WAL",
+        a.records
+    );
+    println!("durable appends, one commit each:      {single_rate:>9.0} /s");
+    println!(
+        "durable appends, group commit of {:>4}: {group_rate:>9.0} /s   {:.1}x single",
+        a.batch,
+        group_rate / single_rate
+    );
+
+    let conn = audit_log::store::open_reader(&path)?;
+    let (t_verify, report) =
+        time(|| audit_log::verify_log(&conn, &public, None).map_err(|f| anyhow::anyhow!("{f}")))?;
+    let verify_rate = report.records as f64 / t_verify.as_secs_f64();
+    // Baseline in the same run: one strict signature check per record, nothing else.
+    let sample = audit_log::store::read_records(&conn, 0, 10_000)?;
+    let (t_single_sig, ()) = time(|| {
+        for r in &sample {
+            let sig = ed25519_dalek::Signature::from_bytes(r.sig.as_slice().try_into()?);
+            public.verify_strict(
+                &audit_log::dsse::pae(audit_log::dsse::IN_TOTO_PAYLOAD_TYPE, &r.bytes),
+                &sig,
+            )?;
+        }
+        Ok(())
+    })?;
+    let sig_rate = sample.len() as f64 / t_single_sig.as_secs_f64();
+    println!(
+        "full verification (batched signatures, chain, checkpoints): {verify_rate:>9.0} records/s   {:.2}x one-by-one signature checks ({sig_rate:.0}/s)",
+        verify_rate / sig_rate
+    );
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(ExitCode::SUCCESS)
 }

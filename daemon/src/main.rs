@@ -28,6 +28,12 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Capture activations at hook points for a file of prompts.
     Capture(cmd::capture::CaptureArgs),
+    /// Signing keys for the audit log.
+    #[command(subcommand)]
+    Key(cmd::key::KeyCmd),
+    /// Read, verify and export the signed audit log.
+    #[command(subcommand)]
+    Log(cmd::log::LogCmd),
     /// Run benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -46,6 +52,8 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Capture(a) => cmd::capture::run(a),
+        Command::Key(c) => cmd::key::run(c),
+        Command::Log(c) => cmd::log::run(c),
         Command::Bench(b) => bench::run(b),
     };
     match result {

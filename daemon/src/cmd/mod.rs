@@ -2,6 +2,8 @@
 
 pub mod capture;
 pub mod generate;
+pub mod key;
+pub mod log;
 pub mod model;
 
 use anyhow::Context;
