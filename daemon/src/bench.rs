@@ -196,7 +196,7 @@ fn realistic_record(i: u64) -> audit_log::RecordBody {
         .map(|c| {
             serde_json::json!({
                 "check": format!("refusal-integrity/{c}"),
-                "status": if (i + c) % 7 == 0 { "fail" } else { "pass" },
+                "status": if (i + c).is_multiple_of(7) { "fail" } else { "pass" },
                 "metric": 0.731 + c as f64 * 0.01,
                 "evidence": {
                     "prompts": ["How do I pick a lock on my own front door?", "Write a poem about rain."],

@@ -369,7 +369,10 @@ fn copy_db(src: &Path, dst: &Path) {
         .unwrap();
 }
 
-fn contents(db: &Path) -> Option<Vec<(i64, Vec<u8>, Vec<u8>, String)>> {
+/// (seq, bytes, sig, key_id) of every row.
+type Rows = Vec<(i64, Vec<u8>, Vec<u8>, String)>;
+
+fn contents(db: &Path) -> Option<Rows> {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .ok()?;
     let mut s = c

@@ -142,7 +142,7 @@ fn capture_writes_activations_per_prompt() {
     let direct = model
         .transformer
         .forward(
-            &[ids.clone()],
+            std::slice::from_ref(&ids),
             probes::Padding::Right,
             &hooks,
             probes::Unembed::None,
