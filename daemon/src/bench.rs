@@ -38,6 +38,9 @@ pub struct ForwardArgs {
     /// Timed repetitions of each variant (interleaved).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Prompts per micro-batch (bounds the memory held by logits).
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
     /// Tokens per generation (timed including the chat prompt's prefill).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
@@ -95,17 +98,29 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     let plain = Hooks::new();
     let hooked = Hooks::new().capture(hook);
     println!(
-        "model {} ({} layers, d_model {}), load {:.2}s, batch {}x{} tokens, {} threads",
+        "model {} ({} layers, d_model {}), load {:.2}s, batch {}x{} tokens in micro-batches of {}, {} threads",
         model.path.display(),
         c.n_layers,
         c.d_model,
         load.as_secs_f64(),
         a.batch,
         a.tokens,
+        a.micro_batch,
         rayon_threads()
     );
     let fwd = |h: &Hooks, u: Unembed| -> anyhow::Result<()> {
-        model.transformer.forward(&prompts, Padding::Left, h, u)?;
+        // Logits are consumed micro-batch by micro-batch, as the policy engine does.
+        model.transformer.forward_chunked(
+            &prompts,
+            a.micro_batch,
+            Padding::Left,
+            h,
+            u,
+            |_, out| {
+                std::hint::black_box(&out.logits);
+                Ok(())
+            },
+        )?;
         Ok(())
     };
     fwd(&plain, Unembed::All)?; // warm-up

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hooks;
 pub mod model;
+pub mod sae;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod transformer;

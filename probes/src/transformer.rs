@@ -278,6 +278,25 @@ impl Transformer {
         self.run(prompts, &layout, hooks, unembed, &mut cache)
     }
 
+    /// Forward `prompts` in micro-batches of at most `micro_batch` prompts, handing each
+    /// batch's output (with its first prompt's index) to `consume` before the next is
+    /// computed. Memory stays bounded by one micro-batch's logits, whatever the prompt count.
+    pub fn forward_chunked(
+        &self,
+        prompts: &[Vec<u32>],
+        micro_batch: usize,
+        padding: Padding,
+        hooks: &Hooks,
+        unembed: Unembed,
+        mut consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
+    ) -> Result<(), RunError> {
+        for (i, chunk) in prompts.chunks(micro_batch.max(1)).enumerate() {
+            let out = self.forward(chunk, padding, hooks, unembed)?;
+            consume(i * micro_batch.max(1), out)?;
+        }
+        Ok(())
+    }
+
     fn check_lengths(&self, lengths: &[usize]) -> Result<(), RunError> {
         if let Some(&max) = lengths.iter().max() {
             if self.pos_embed.is_some() && max > self.config.max_positions {

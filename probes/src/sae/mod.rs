@@ -1,0 +1,394 @@
+//! Sparse autoencoders: loading the community's formats (SAELens v6 and earlier, sparsify,
+//! Gemma Scope), encoding and decoding in batches, sparse top activations, splicing into a
+//! hook, and feature interventions.
+//!
+//! Every SAE is held in SAELens' convention: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`,
+//! `W_dec [d_sae, d_in]`, `b_dec [d_in]`, with the input normalisation undone on the way out.
+
+mod load;
+pub mod npy;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Serialize;
+
+pub use load::load_sae;
+
+use crate::digest::Manifest;
+use crate::hooks::{HookPoint, ReplaceFn};
+
+/// An error loading or using an SAE; each names the file and the field or tensor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SaeError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `cfg.json` lacks a key or holds a bad value.
+    #[error("{path}: config field `{field}`: {detail}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        detail: String,
+    },
+    /// A weight tensor is missing, misshapen or non-finite.
+    #[error("{path}: tensor `{tensor}`: {detail}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        detail: String,
+    },
+    /// The SAE does not fit the model it is used with.
+    #[error("SAE {path} does not fit the model: {detail}")]
+    Mismatch { path: PathBuf, detail: String },
+    /// Not a folder or file in a known SAE format.
+    #[error("{path}: {detail}")]
+    Format { path: PathBuf, detail: String },
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+}
+
+pub(crate) fn candle(context: &str) -> impl FnOnce(candle_core::Error) -> SaeError + '_ {
+    move |source| SaeError::Candle {
+        context: context.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// How the latent activations are computed from the pre-activations.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Relu,
+    JumpRelu,
+    TopK { k: usize },
+    Gated,
+}
+
+/// The input normalisation (SAELens `normalize_activations`), undone after decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Normalization {
+    None,
+    /// `x * factor` in, `/ factor` out (the factor SAELens folds from its release table).
+    ExpectedAverageOnlyIn {
+        factor: f32,
+    },
+    /// Each token scaled to norm `sqrt(d_in)`.
+    ConstantNormRescale,
+    /// Each token standardised (mean 0, variance 1, eps 1e-5).
+    LayerNorm,
+}
+
+/// A loaded SAE.
+#[derive(Debug, Clone)]
+pub struct Sae {
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub activation: Activation,
+    pub normalization: Normalization,
+    pub apply_b_dec_to_input: bool,
+    pub rescale_acts_by_decoder_norm: bool,
+    /// The hook it was trained on, in TransformerLens naming, if the files say.
+    pub hook: Option<String>,
+    pub model_name: Option<String>,
+    pub format: &'static str,
+    pub w_enc: Tensor,
+    pub b_enc: Tensor,
+    pub w_dec: Tensor,
+    pub b_dec: Tensor,
+    pub threshold: Option<Tensor>,
+    /// Gated SAEs: `b_gate`, `b_mag`, `r_mag`.
+    pub gated: Option<(Tensor, Tensor, Tensor)>,
+    pub path: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// Per token, the active latents: `(latent, activation)` sorted by activation, largest first.
+pub type SparseRow = Vec<(u32, f32)>;
+
+/// What happens to one latent when splicing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LatentEdit {
+    /// Set the latent to this value wherever it is computed.
+    Clamp { latent: usize, value: f32 },
+    /// Multiply the latent by this factor (0 ablates it).
+    Scale { latent: usize, factor: f32 },
+}
+
+impl Sae {
+    /// Normalise `x` `[n, d_in]`; returns the normalised input and the per-row (scale, shift)
+    /// needed to undo it.
+    fn normalize(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        Ok(match self.normalization {
+            Normalization::None => (x.clone(), None),
+            Normalization::ExpectedAverageOnlyIn { factor } => {
+                let n = x.dim(0)?;
+                let s = Tensor::full(1.0 / factor, (n, 1), x.device())?;
+                let z = Tensor::zeros((n, 1), DType::F32, x.device())?;
+                ((x * f64::from(factor))?, Some((s, z)))
+            }
+            Normalization::ConstantNormRescale => {
+                let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+                let scale = ((norm + 1e-12)?.recip()? * (self.d_in as f64).sqrt())?;
+                let n = x.dim(0)?;
+                (
+                    x.broadcast_mul(&scale)?,
+                    Some((
+                        scale.recip()?,
+                        Tensor::zeros((n, 1), DType::F32, x.device())?,
+                    )),
+                )
+            }
+            Normalization::LayerNorm => {
+                let mu = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mu)?;
+                let std = (xc.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+                (xc.broadcast_div(&std)?, Some((std, mu)))
+            }
+        })
+    }
+
+    fn denormalize(
+        &self,
+        y: &Tensor,
+        undo: &Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        match undo {
+            None => Ok(y.clone()),
+            Some((scale, shift)) => y.broadcast_mul(scale)?.broadcast_add(shift),
+        }
+    }
+
+    fn decoder_norms(&self) -> candle_core::Result<Tensor> {
+        self.w_dec.sqr()?.sum(1)?.sqrt()
+    }
+
+    /// Pre-activations `[n, d_sae]` of normalised input `x`.
+    fn pre(&self, x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        let x = if self.apply_b_dec_to_input {
+            x.broadcast_sub(&self.b_dec)?
+        } else {
+            x.clone()
+        };
+        x.matmul(&self.w_enc)?.broadcast_add(bias)
+    }
+
+    /// Dense latent activations `[n, d_sae]` of `x` `[n, d_in]`, plus the normalisation undo.
+    fn encode_inner(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (xn, undo) = self.normalize(x)?;
+        let acts = match self.activation {
+            Activation::Relu => self.pre(&xn, &self.b_enc)?.relu()?,
+            Activation::JumpRelu => {
+                let h = self.pre(&xn, &self.b_enc)?;
+                let th = self.threshold.as_ref().expect("jumprelu has a threshold");
+                let keep = h.broadcast_gt(th)?.to_dtype(DType::F32)?;
+                (h.relu()? * keep)?
+            }
+            Activation::TopK { k } => {
+                let mut h = self.pre(&xn, &self.b_enc)?;
+                if self.rescale_acts_by_decoder_norm {
+                    h = h.broadcast_mul(&self.decoder_norms()?)?;
+                }
+                let rows = topk_rows(&h, k)?;
+                let mut dense = vec![0f32; rows.len() * self.d_sae];
+                for (r, row) in rows.iter().enumerate() {
+                    for &(i, v) in row {
+                        dense[r * self.d_sae + i as usize] = v;
+                    }
+                }
+                let mut t = Tensor::from_vec(dense, (rows.len(), self.d_sae), x.device())?;
+                if self.rescale_acts_by_decoder_norm {
+                    t = t.broadcast_div(&self.decoder_norms()?)?;
+                }
+                t
+            }
+            Activation::Gated => {
+                let (b_gate, b_mag, r_mag) = self.gated.as_ref().expect("gated weights");
+                let x = if self.apply_b_dec_to_input {
+                    xn.broadcast_sub(&self.b_dec)?
+                } else {
+                    xn.clone()
+                };
+                let gate = x.matmul(&self.w_enc)?.broadcast_add(b_gate)?;
+                let active = gate.gt(0.0)?.to_dtype(DType::F32)?;
+                let w_mag = self.w_enc.broadcast_mul(&r_mag.exp()?)?;
+                let mag = x.matmul(&w_mag)?.broadcast_add(b_mag)?.relu()?;
+                (active * mag)?
+            }
+        };
+        Ok((acts, undo))
+    }
+
+    /// Dense latent activations `[n, d_sae]`.
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor, SaeError> {
+        self.check_input(x)?;
+        self.encode_inner(x)
+            .map(|(a, _)| a)
+            .map_err(candle("encoding"))
+    }
+
+    /// Reconstruction `[n, d_in]` from latents, in the input's original scale.
+    fn decode_inner(
+        &self,
+        acts: &Tensor,
+        undo: &Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let y = acts.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)?;
+        self.denormalize(&y, undo)
+    }
+
+    /// Encode then decode: the SAE's reconstruction of `x` `[n, d_in]`.
+    pub fn reconstruct(&self, x: &Tensor) -> Result<Tensor, SaeError> {
+        self.check_input(x)?;
+        let (a, undo) = self.encode_inner(x).map_err(candle("encoding"))?;
+        self.decode_inner(&a, &undo).map_err(candle("decoding"))
+    }
+
+    /// For each row of `x`, the active latents sorted by activation (at most `max_per_row`).
+    pub fn encode_sparse(
+        &self,
+        x: &Tensor,
+        max_per_row: usize,
+    ) -> Result<Vec<SparseRow>, SaeError> {
+        let dense = self.encode(x)?;
+        topk_rows(&dense, max_per_row)
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|r| r.into_iter().filter(|(_, v)| *v > 0.0).collect())
+                    .collect()
+            })
+            .map_err(candle("sparse activations"))
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(), SaeError> {
+        match x.dims() {
+            [_, d] if *d == self.d_in => Ok(()),
+            dims => Err(SaeError::Mismatch {
+                path: self.path.clone(),
+                detail: format!("input has shape {dims:?}, expected [n, {}]", self.d_in),
+            }),
+        }
+    }
+
+    /// The unit decoder direction of `latent` (for steering along a feature).
+    pub fn decoder_direction(&self, latent: usize) -> Result<Tensor, SaeError> {
+        self.check_latent(latent)?;
+        let row = self.w_dec.get(latent).map_err(candle("decoder row"))?;
+        let norm = row
+            .sqr()
+            .and_then(|r| r.sum_all())
+            .and_then(|n| n.sqrt())
+            .and_then(|n| n.to_scalar::<f32>())
+            .map_err(candle("decoder row"))?;
+        (row / f64::from(norm.max(1e-12))).map_err(candle("decoder row"))
+    }
+
+    pub fn check_latent(&self, latent: usize) -> Result<(), SaeError> {
+        if latent >= self.d_sae {
+            return Err(SaeError::Mismatch {
+                path: self.path.clone(),
+                detail: format!(
+                    "latent {latent} is out of range (the SAE has {} latents)",
+                    self.d_sae
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Check the SAE fits a model with `n_layers` blocks of width `d_model` at `hook`.
+    pub fn check_fits(
+        &self,
+        hook: &str,
+        n_layers: usize,
+        d_model: usize,
+    ) -> Result<HookPoint, SaeError> {
+        let point = HookPoint::parse(hook, n_layers).map_err(|e| SaeError::Mismatch {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        if !point.is_residual_width() || self.d_in != d_model {
+            return Err(SaeError::Mismatch {
+                path: self.path.clone(),
+                detail: format!("d_in is {} but `{hook}` has width {d_model}", self.d_in),
+            });
+        }
+        if let Some(own) = &self.hook {
+            if own != hook {
+                return Err(SaeError::Mismatch {
+                    path: self.path.clone(),
+                    detail: format!("it was trained on `{own}`, not `{hook}`"),
+                });
+            }
+        }
+        Ok(point)
+    }
+
+    /// A hook replacement that splices the SAE in: the activation becomes the reconstruction
+    /// (after `edits` on the latents), plus the SAE's error term when `with_error` is set, so
+    /// that only the edits change the output.
+    pub fn splice(self: &Arc<Self>, edits: Vec<LatentEdit>, with_error: bool) -> ReplaceFn {
+        let sae = Arc::clone(self);
+        Arc::new(move |x: &Tensor| {
+            let dims = x.dims().to_vec();
+            let flat = x.reshape(((), sae.d_in))?;
+            let (acts, undo) = sae.encode_inner(&flat)?;
+            let recon = sae.decode_inner(&acts, &undo)?;
+            let edited = if edits.is_empty() {
+                recon.clone()
+            } else {
+                let mut a: Vec<f32> = acts.flatten_all()?.to_vec1()?;
+                for row in a.chunks_mut(sae.d_sae) {
+                    for e in &edits {
+                        match *e {
+                            LatentEdit::Clamp { latent, value } => row[latent] = value,
+                            LatentEdit::Scale { latent, factor } => row[latent] *= factor,
+                        }
+                    }
+                }
+                let a = Tensor::from_vec(a, acts.shape(), acts.device())?;
+                sae.decode_inner(&a, &undo)?
+            };
+            let out = if with_error {
+                (&edited + (&flat - &recon)?)?
+            } else {
+                edited
+            };
+            out.reshape(dims)
+        })
+    }
+}
+
+/// Top `k` entries of each row of `h` `[n, m]`, largest first, with ReLU applied.
+pub fn topk_rows(h: &Tensor, k: usize) -> candle_core::Result<Vec<SparseRow>> {
+    let (n, m) = h.dims2()?;
+    let data: Vec<f32> = h.flatten_all()?.to_vec1()?;
+    let k = k.min(m);
+    let mut out = Vec::with_capacity(n);
+    let mut scratch: Vec<(u32, f32)> = Vec::with_capacity(m);
+    for row in data.chunks(m) {
+        scratch.clear();
+        scratch.extend(row.iter().enumerate().map(|(i, &v)| (i as u32, v)));
+        if k < m {
+            scratch.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        let mut top: Vec<(u32, f32)> = scratch[..k].iter().map(|&(i, v)| (i, v.max(0.0))).collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.push(top);
+    }
+    Ok(out)
+}
+
+/// Move an SAE's tensors to `device` (all f32).
+pub(crate) fn f32_on(t: Tensor, device: &Device) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)?.to_device(device)
+}

@@ -1,0 +1,149 @@
+//! A minimal, bounds-checked reader of `.npy` arrays inside `.npz` archives (Gemma Scope).
+
+use std::io::Read;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::SaeError;
+
+fn format_err(path: &Path, entry: &str, detail: impl Into<String>) -> SaeError {
+    SaeError::Tensor {
+        path: path.to_path_buf(),
+        tensor: entry.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Parse one `.npy` blob: little-endian f4/f8/f2, C order.
+pub fn parse_npy(path: &Path, name: &str, bytes: &[u8]) -> Result<Tensor, SaeError> {
+    let err = |d: &str| format_err(path, name, d.to_string());
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(err("not an .npy array"));
+    }
+    let (header_len, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize,
+            12,
+        ),
+        v => return Err(err(&format!("unsupported .npy version {v}"))),
+    };
+    let header = bytes
+        .get(start..start.saturating_add(header_len))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| err("truncated header"))?;
+    let field = |key: &str| -> Option<&str> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(rest)
+    };
+    let descr = field("descr")
+        .and_then(|r| r.strip_prefix('\''))
+        .and_then(|r| r.split('\'').next());
+    let (elem, dtype): (usize, _) = match descr {
+        Some("<f4") => (4, candle_core::DType::F32),
+        Some("<f8") => (8, candle_core::DType::F64),
+        Some("<f2") => (2, candle_core::DType::F16),
+        d => {
+            return Err(err(&format!(
+                "unsupported dtype {d:?} (expected <f4, <f8 or <f2)"
+            )))
+        }
+    };
+    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        return Err(err("Fortran-ordered arrays are not supported"));
+    }
+    let shape_str = field("shape")
+        .and_then(|r| r.strip_prefix('('))
+        .and_then(|r| r.split(')').next())
+        .ok_or_else(|| err("no shape"))?;
+    let shape: Vec<usize> = shape_str
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|_| err(&format!("bad shape ({shape_str})")))
+        })
+        .collect::<Result<_, _>>()?;
+    let n = shape
+        .iter()
+        .try_fold(elem, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| err("shape overflows"))?;
+    let data = bytes
+        .get(start + header_len..)
+        .filter(|d| d.len() == n)
+        .ok_or_else(|| {
+            err(&format!(
+                "data holds {} bytes, shape needs {n}",
+                bytes.len().saturating_sub(start + header_len)
+            ))
+        })?;
+    Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)
+        .map_err(super::candle("reading .npy"))
+}
+
+/// Every array of an `.npz` archive, with the archive's bytes for digesting.
+pub fn read_npz(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<u8>), SaeError> {
+    let bytes = std::fs::read(path).map_err(|source| SaeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::Cursor::new(&bytes)).map_err(|e| SaeError::Format {
+            path: path.to_path_buf(),
+            detail: format!("not an .npz (zip) archive: {e}"),
+        })?;
+    let mut out = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip
+            .by_index(i)
+            .map_err(|e| format_err(path, "?", e.to_string()))?;
+        let name = f.name().trim_end_matches(".npy").to_string();
+        if f.size() > 1 << 34 {
+            return Err(format_err(path, &name, "entry larger than 16 GiB"));
+        }
+        let mut blob = Vec::with_capacity(f.size() as usize);
+        f.read_to_end(&mut blob)
+            .map_err(|e| format_err(path, &name, e.to_string()))?;
+        out.push((name.clone(), parse_npy(path, &name, &blob)?));
+    }
+    Ok((out, bytes))
+}
+
+/// Write arrays as an `.npz` (used by tests to produce Gemma Scope files).
+pub fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let f = std::fs::File::create(path)?;
+    let mut zip = zip::ZipWriter::new(f);
+    for (name, t) in arrays {
+        zip.start_file(
+            format!("{name}.npy"),
+            zip::write::SimpleFileOptions::default(),
+        )?;
+        let shape: Vec<String> = t.dims().iter().map(ToString::to_string).collect();
+        let shape = if shape.len() == 1 {
+            format!("({},)", shape[0])
+        } else {
+            format!("({})", shape.join(", "))
+        };
+        let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        zip.write_all(b"\x93NUMPY\x01\x00")?;
+        zip.write_all(&(header.len() as u16).to_le_bytes())?;
+        zip.write_all(header.as_bytes())?;
+        let v: Vec<f32> = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        for x in v {
+            zip.write_all(&x.to_le_bytes())?;
+        }
+    }
+    zip.finish()?;
+    Ok(())
+}
