@@ -28,6 +28,9 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Capture activations at hook points for a file of prompts.
     Capture(cmd::capture::CaptureArgs),
+    /// Sparse autoencoders: train and evaluate.
+    #[command(subcommand)]
+    Sae(cmd::sae::SaeCmd),
     /// Signing keys for the audit log.
     #[command(subcommand)]
     Key(cmd::key::KeyCmd),
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Capture(a) => cmd::capture::run(a),
+        Command::Sae(c) => cmd::sae::run(c),
         Command::Key(c) => cmd::key::run(c),
         Command::Log(c) => cmd::log::run(c),
         Command::Bench(b) => bench::run(b),

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod key;
 pub mod log;
 pub mod model;
+pub mod sae;
 
 use anyhow::Context;
 use probes::{LoadOptions, Model};

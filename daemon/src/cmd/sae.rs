@@ -1,0 +1,229 @@
+//! `mechwatch sae train | eval`: sparse autoencoders on the model's residual stream.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use probes::sae::train::{train, Progress, TrainConfig};
+
+#[derive(Subcommand)]
+pub enum SaeCmd {
+    /// Train a TopK SAE (AuxK, unit-norm decoder) on activations streamed from the model;
+    /// saves SAELens v6 files; resumes from OUT/checkpoint.* if present.
+    Train(TrainArgs),
+    /// L0, FVU / explained variance, dead latents, CE loss recovered and KL on held-out text.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// An SAE folder (SAELens, sparsify) or Gemma Scope params.npz.
+    #[arg(long)]
+    sae: PathBuf,
+    /// The hook to splice at (default: the one the SAE names).
+    #[arg(long)]
+    hook: Option<String>,
+    #[arg(long, required = true, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    /// Evaluation tokens (whole windows).
+    #[arg(long, default_value_t = 8192)]
+    tokens: u64,
+    #[arg(long, default_value_t = 64)]
+    context: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "default")]
+    model: String,
+    #[arg(long)]
+    hook: String,
+    /// Plain-text files (documents separated by blank lines) or JSONL (`text` or `prompt`).
+    #[arg(long, required = true, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    #[arg(long)]
+    latents: usize,
+    #[arg(long)]
+    k: usize,
+    #[arg(long)]
+    tokens: u64,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    context: usize,
+    #[arg(long, default_value_t = 32)]
+    windows_per_step: usize,
+    #[arg(long, default_value_t = 4e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Read corpus documents: JSONL lines (`text`, `prompt`, or a bare string), or plain text
+/// split into documents at blank lines.
+pub fn read_corpus(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut docs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading corpus {}", f.display()))?;
+        if f.extension().is_some_and(|e| e == "jsonl") {
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: invalid JSON", f.display(), i + 1))?;
+                let doc = v
+                    .as_str()
+                    .or_else(|| v["text"].as_str())
+                    .or_else(|| v["prompt"].as_str());
+                docs.push(
+                    doc.with_context(|| format!("{}:{}: no `text` field", f.display(), i + 1))?
+                        .to_string(),
+                );
+            }
+        } else {
+            docs.extend(
+                text.split("\n\n")
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_string),
+            );
+        }
+    }
+    if docs.is_empty() {
+        bail!(
+            "the corpus ({}) is empty",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(docs)
+}
+
+fn bar(p: &Progress) {
+    let frac = p.tokens as f64 / p.total_tokens.max(1) as f64;
+    let filled = (frac * 30.0) as usize;
+    eprint!(
+        "\r[{}{}] {:5.1}% {}/{} tokens  {:.0} tok/s  FVU {:.3}  L0 {:.1}  dead {}  ETA {}   ",
+        "#".repeat(filled),
+        ".".repeat(30 - filled.min(30)),
+        frac * 100.0,
+        p.tokens,
+        p.total_tokens,
+        p.tokens_per_sec,
+        p.fvu,
+        p.l0,
+        p.dead,
+        eta(p.eta_secs)
+    );
+    let _ = std::io::stderr().flush();
+}
+
+fn eta(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
+pub fn train_config(a: &TrainArgs) -> TrainConfig {
+    TrainConfig {
+        hook: a.hook.clone(),
+        latents: a.latents,
+        k: a.k,
+        tokens: a.tokens,
+        context: a.context,
+        windows_per_step: a.windows_per_step,
+        lr: a.lr,
+        seed: a.seed,
+        dead_after_tokens: (a.tokens / 10).clamp(10_000, 1_000_000),
+        checkpoint_every_steps: 20,
+    }
+}
+
+pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SaeCmd::Eval(a) => {
+            let model = super::load_model(&a.model)?;
+            let sae = std::sync::Arc::new(probes::sae::load_sae(&a.sae)?);
+            let hook_name = a
+                .hook
+                .clone()
+                .or_else(|| sae.hook.clone())
+                .context("the SAE names no hook; pass --hook")?;
+            let c = model.config();
+            let hook = sae.check_fits(&hook_name, c.n_layers, c.d_model)?;
+            let docs = read_corpus(&a.corpus)?;
+            let wins = probes::sae::train::windows(&model, &docs, a.context, a.seed)?;
+            let n = (a.tokens as usize).div_ceil(a.context).min(wins.len());
+            let r = probes::sae::eval::evaluate(&model, &sae, hook, &wins[..n], 8)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "SAE {} at {} on {} tokens",
+                    a.sae.display(),
+                    r.hook,
+                    r.tokens
+                );
+                println!("L0                  {:.1}", r.l0);
+                println!(
+                    "FVU                 {:.3}  (explained variance {:.3})",
+                    r.fvu, r.explained_variance
+                );
+                println!("dead latents        {} of {}", r.dead_latents, r.d_sae);
+                println!(
+                    "CE clean / SAE / 0  {:.3} / {:.3} / {:.3}",
+                    r.ce_clean, r.ce_sae, r.ce_zero_ablation
+                );
+                println!("CE loss recovered   {:.3}", r.ce_loss_recovered);
+                println!("KL (clean || SAE)   {:.4}", r.kl_sae);
+            }
+        }
+        SaeCmd::Train(a) => {
+            let model = super::load_model(&a.model)?;
+            let docs = read_corpus(&a.corpus)?;
+            let cfg = train_config(&a);
+            let last = train(&model, &docs, &cfg, &a.out, bar)
+                .with_context(|| format!("training an SAE into {}", a.out.display()))?;
+            eprintln!();
+            write_training_record(&a.out, &cfg, &a.corpus, &last)?;
+            println!(
+                "trained {} latents (k={}) at {} on {} tokens: FVU {:.3}, L0 {:.1}, dead {}; saved to {}",
+                cfg.latents, cfg.k, cfg.hook, last.tokens, last.fvu, last.l0, last.dead, a.out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_training_record(
+    out: &Path,
+    cfg: &TrainConfig,
+    corpus: &[PathBuf],
+    last: &Progress,
+) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    for c in corpus {
+        let bytes = std::fs::read(c)?;
+        files.push(serde_json::json!({"path": c.display().to_string(), "sha256": probes::digest::sha256_hex(&bytes)}));
+    }
+    let rec = serde_json::json!({
+        "config": cfg,
+        "corpus": files,
+        "final": {"step": last.step, "tokens": last.tokens, "fvu": last.fvu, "l0": last.l0, "dead": last.dead},
+    });
+    std::fs::write(out.join("training.json"), serde_json::to_vec_pretty(&rec)?)?;
+    Ok(())
+}

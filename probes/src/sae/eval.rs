@@ -1,0 +1,168 @@
+//! SAE evaluation on held-out text: L0, explained variance / FVU, dead latents, and the cost
+//! of splicing the SAE in: CE loss recovered `(CE_zero - CE_sae) / (CE_zero - CE_clean)` and
+//! the KL divergence from the clean next-token distribution.
+//!
+//! The first token of each window is left untouched and unscored (its residual norm is
+//! atypical, and training skips it too).
+
+use std::sync::Arc;
+
+use candle_core::{Tensor, D};
+use serde::Serialize;
+
+use super::{candle, Sae, SaeError};
+use crate::hooks::{HookPoint, Hooks, Positions};
+use crate::model::Model;
+use crate::transformer::{Padding, Unembed};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub hook: String,
+    pub tokens: u64,
+    pub l0: f64,
+    pub fvu: f64,
+    pub explained_variance: f64,
+    pub dead_latents: usize,
+    pub d_sae: usize,
+    pub ce_clean: f64,
+    pub ce_sae: f64,
+    pub ce_zero_ablation: f64,
+    pub ce_loss_recovered: f64,
+    pub kl_sae: f64,
+}
+
+fn run_err(e: crate::error::RunError) -> SaeError {
+    SaeError::Format {
+        path: "<model>".into(),
+        detail: e.to_string(),
+    }
+}
+
+/// Per-token next-token CE `[b, t-1]` and log-probs `[b, t-1, vocab]` from logits `[b, t, v]`.
+fn next_token_ce(logits: &Tensor, windows: &[Vec<u32>]) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, t, _) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let targets: Vec<u32> = windows
+        .iter()
+        .flat_map(|w| w[1..].iter().copied())
+        .collect();
+    let targets = Tensor::from_vec(targets, (b, t - 1, 1), logits.device())?;
+    let ce = logp.gather(&targets, 2)?.squeeze(2)?.neg()?;
+    Ok((ce, logp))
+}
+
+pub fn evaluate(
+    model: &Model,
+    sae: &Arc<Sae>,
+    hook: HookPoint,
+    windows: &[Vec<u32>],
+    micro_batch: usize,
+) -> Result<EvalReport, SaeError> {
+    let t = windows.first().map_or(0, Vec::len);
+    let later: Vec<i64> = (1..t as i64).collect();
+    let capture = Hooks::new().capture(hook);
+    let spliced = Hooks::new().replace(
+        hook,
+        Positions::Indices(later.clone()),
+        sae.splice(vec![], false),
+    );
+    let zeroed = Hooks::new().replace(
+        hook,
+        Positions::Indices(later),
+        Arc::new(|x: &Tensor| x.zeros_like()),
+    );
+    let (mut tokens, mut l0_sum, mut sse) = (0u64, 0f64, 0f64);
+    let (mut sum_x, mut sum_sq) = (vec![0f64; sae.d_in], 0f64);
+    let mut fired = vec![false; sae.d_sae];
+    let (mut ce_clean, mut ce_sae, mut ce_zero, mut kl) = (0f64, 0f64, 0f64, 0f64);
+    for chunk in windows.chunks(micro_batch.max(1)) {
+        let clean = model
+            .transformer
+            .forward(chunk, Padding::Right, &capture, Unembed::All)
+            .map_err(run_err)?;
+        let act = &clean.captures[&hook];
+        let x = act
+            .narrow(1, 1, t - 1)
+            .and_then(|a| a.reshape(((), sae.d_in)))
+            .map_err(candle("activations"))?;
+        let acts = sae.encode(&x)?;
+        let recon = sae.reconstruct(&x)?;
+        let a: Vec<f32> = acts
+            .flatten_all()
+            .and_then(|a| a.to_vec1())
+            .map_err(candle("latents"))?;
+        for row in a.chunks(sae.d_sae) {
+            for (j, v) in row.iter().enumerate() {
+                if *v > 0.0 {
+                    l0_sum += 1.0;
+                    fired[j] = true;
+                }
+            }
+        }
+        sse += f64::from(
+            (&recon - &x)
+                .and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>())
+                .map_err(candle("fvu"))?,
+        );
+        let xv: Vec<f32> = x
+            .flatten_all()
+            .and_then(|a| a.to_vec1())
+            .map_err(candle("fvu"))?;
+        for row in xv.chunks(sae.d_in) {
+            for (i, v) in row.iter().enumerate() {
+                sum_x[i] += f64::from(*v);
+                sum_sq += f64::from(v * v);
+            }
+        }
+        tokens += (xv.len() / sae.d_in) as u64;
+
+        let (ce_c, logp_c) =
+            next_token_ce(clean.logits.as_ref().expect("logits"), chunk).map_err(candle("ce"))?;
+        let s_out = model
+            .transformer
+            .forward(chunk, Padding::Right, &spliced, Unembed::All)
+            .map_err(run_err)?;
+        let (ce_s, logp_s) =
+            next_token_ce(s_out.logits.as_ref().expect("logits"), chunk).map_err(candle("ce"))?;
+        let z_out = model
+            .transformer
+            .forward(chunk, Padding::Right, &zeroed, Unembed::All)
+            .map_err(run_err)?;
+        let (ce_z, _) =
+            next_token_ce(z_out.logits.as_ref().expect("logits"), chunk).map_err(candle("ce"))?;
+        // Score predictions made after the first token only (positions 1..t-1 predict 2..t).
+        let tail = |c: &Tensor| -> Result<f64, SaeError> {
+            c.narrow(1, 1, t - 2)
+                .and_then(|c| c.sum_all()?.to_scalar::<f32>())
+                .map(f64::from)
+                .map_err(candle("ce"))
+        };
+        ce_clean += tail(&ce_c)?;
+        ce_sae += tail(&ce_s)?;
+        ce_zero += tail(&ce_z)?;
+        let p_c = logp_c.exp().map_err(candle("kl"))?;
+        let kl_tok = (p_c * (&logp_c - &logp_s).map_err(candle("kl"))?)
+            .and_then(|k| k.sum(D::Minus1))
+            .map_err(candle("kl"))?;
+        kl += tail(&kl_tok)?;
+    }
+    let n = tokens as f64;
+    let total_var = sum_sq - sum_x.iter().map(|s| s * s).sum::<f64>() / n;
+    let fvu = sse / total_var.max(1e-12);
+    let scored = (windows.len() * (t.saturating_sub(2))) as f64;
+    let (ce_clean, ce_sae, ce_zero) = (ce_clean / scored, ce_sae / scored, ce_zero / scored);
+    Ok(EvalReport {
+        hook: hook.to_string(),
+        tokens,
+        l0: l0_sum / n,
+        fvu,
+        explained_variance: 1.0 - fvu,
+        dead_latents: fired.iter().filter(|f| !**f).count(),
+        d_sae: sae.d_sae,
+        ce_clean,
+        ce_sae,
+        ce_zero_ablation: ce_zero,
+        ce_loss_recovered: (ce_zero - ce_sae) / (ce_zero - ce_clean),
+        kl_sae: kl / scored,
+    })
+}

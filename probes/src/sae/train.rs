@@ -1,0 +1,667 @@
+//! TopK SAE training (Gao et al. 2024) on activations streamed from the model.
+//!
+//! Loss: normalised MSE plus AuxK on dead latents (`k_aux = d_in / 2`, coefficient 1/32);
+//! decoder rows kept at unit norm (the parallel gradient component removed, rows renormalised
+//! after each step); `b_dec` initialised at the data mean; `W_enc` initialised as `W_decᵀ`.
+//! Inputs are scaled by one constant so their mean norm is `sqrt(d_in)`; the constant is folded
+//! into the saved weights, so the SAELens file needs no normalisation.
+//!
+//! The backward pass is written out by hand: everything but the encoder matmul is sparse in
+//! the `k` active latents, so a step costs little next to the model's forward pass.
+//! Training is seeded and deterministic, and resumes from its last checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::{candle, SaeError};
+use crate::hooks::{HookPoint, Hooks};
+use crate::model::Model;
+use crate::transformer::{Padding, Unembed};
+
+/// Settings of one training run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub hook: String,
+    pub latents: usize,
+    pub k: usize,
+    /// Training tokens (the corpus repeats if it is shorter).
+    pub tokens: u64,
+    /// Tokens per window; the first token of each window is skipped (its norm is atypical).
+    pub context: usize,
+    /// Windows per forward pass; one SAE step per forward pass.
+    pub windows_per_step: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// A latent that has not fired for this many tokens is dead (and gets the AuxK loss).
+    pub dead_after_tokens: u64,
+    pub checkpoint_every_steps: u64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self, d_in: usize) -> Result<(), SaeError> {
+        let bad = |field: &str, detail: String| SaeError::Config {
+            path: PathBuf::from("<train>"),
+            field: field.into(),
+            detail,
+        };
+        if self.k == 0 || self.k > self.latents {
+            return Err(bad(
+                "k",
+                format!(
+                    "k = {} must be between 1 and the {} latents",
+                    self.k, self.latents
+                ),
+            ));
+        }
+        if self.latents < d_in / 2 {
+            return Err(bad(
+                "latents",
+                format!("{} latents is too few for d_in = {d_in}", self.latents),
+            ));
+        }
+        if self.context < 2 || self.windows_per_step == 0 || self.tokens == 0 {
+            return Err(bad(
+                "tokens",
+                "context >= 2, windows per step >= 1 and tokens >= 1 are needed".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a run, passed to the caller after every step.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub step: u64,
+    pub tokens: u64,
+    pub total_tokens: u64,
+    pub fvu: f32,
+    pub l0: f32,
+    pub dead: usize,
+    pub tokens_per_sec: f64,
+    pub eta_secs: f64,
+}
+
+/// The trainer's state: parameters in scaled space, Adam moments and counters.
+struct State {
+    d: usize,
+    n: usize,
+    /// Encoder rows `[n][d]` (SAELens' W_enc transposed).
+    w_enc: Vec<f32>,
+    b_enc: Vec<f32>,
+    /// Decoder rows `[n][d]`, unit norm.
+    w_dec: Vec<f32>,
+    b_dec: Vec<f32>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    step: u64,
+    tokens: u64,
+    /// Tokens since each latent last fired.
+    since_fired: Vec<u64>,
+    scale: f32,
+}
+
+const ADAM_B1: f32 = 0.9;
+const ADAM_B2: f32 = 0.999;
+const ADAM_EPS: f32 = 1e-8;
+const AUX_COEFF: f32 = 1.0 / 32.0;
+
+impl State {
+    fn new(d: usize, n: usize, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut w_dec: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        for row in w_dec.chunks_mut(d) {
+            normalize(row);
+        }
+        let w_enc = w_dec.clone();
+        let sizes = [n * d, n, n * d, d];
+        Self {
+            d,
+            n,
+            w_enc,
+            b_enc: vec![0.0; n],
+            w_dec,
+            b_dec: vec![0.0; d],
+            m: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            v: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            step: 0,
+            tokens: 0,
+            since_fired: vec![0; n],
+            scale: 0.0,
+        }
+    }
+}
+
+fn normalize(row: &mut [f32]) {
+    let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    row.iter_mut().for_each(|v| *v /= norm);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+/// Top `k` of `(index, value)` by value, ties by index.
+fn top(
+    values: impl Iterator<Item = (u32, f32)>,
+    k: usize,
+    scratch: &mut Vec<(u32, f32)>,
+) -> Vec<(u32, f32)> {
+    scratch.clear();
+    scratch.extend(values);
+    let k = k.min(scratch.len());
+    if k == 0 {
+        return vec![];
+    }
+    if k < scratch.len() {
+        scratch.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+    scratch[..k]
+        .iter()
+        .filter(|(_, v)| *v > 0.0)
+        .copied()
+        .collect()
+}
+
+/// One optimisation step on `x` (`[b][d]`, scaled). Returns (FVU, L0).
+fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f32), SaeError> {
+    let (d, n) = (s.d, s.n);
+    let b = x.len() / d;
+    let xc: Vec<f32> = x
+        .chunks(d)
+        .flat_map(|r| r.iter().zip(&s.b_dec).map(|(a, c)| a - c))
+        .collect();
+    // Dense encoder pre-activations: [b, n] = xc [b, d] @ w_encᵀ.
+    let pre = {
+        let xt = Tensor::from_slice(&xc, (b, d), &Device::Cpu).map_err(candle("encoder"))?;
+        let wt = Tensor::from_slice(&s.w_enc, (n, d), &Device::Cpu).map_err(candle("encoder"))?;
+        let bt = Tensor::from_slice(&s.b_enc, n, &Device::Cpu).map_err(candle("encoder"))?;
+        xt.matmul(&wt.t().map_err(candle("encoder"))?)
+            .and_then(|p| p.broadcast_add(&bt))
+            .and_then(|p| p.flatten_all())
+            .and_then(|p| p.to_vec1::<f32>())
+            .map_err(candle("encoder"))?
+    };
+    let dead: Vec<bool> = s
+        .since_fired
+        .iter()
+        .map(|&t| t > cfg.dead_after_tokens)
+        .collect();
+    let any_dead = dead.iter().any(|d| *d);
+    let k_aux = d / 2;
+    let mean: Vec<f32> = (0..d)
+        .map(|i| x.chunks(d).map(|r| r[i]).sum::<f32>() / b as f32)
+        .collect();
+    let denom: f32 = x
+        .chunks(d)
+        .map(|r| {
+            r.iter()
+                .zip(&mean)
+                .map(|(a, m)| (a - m) * (a - m))
+                .sum::<f32>()
+        })
+        .sum::<f32>()
+        .max(1e-12);
+
+    let mut g_w_enc = vec![0.0f32; n * d];
+    let mut g_b_enc = vec![0.0f32; n];
+    let mut g_w_dec = vec![0.0f32; n * d];
+    let mut g_b_dec = vec![0.0f32; d];
+    let mut sse = 0.0f32;
+    let mut active_total = 0usize;
+    let mut fired = vec![false; n];
+    let mut scratch = Vec::with_capacity(n);
+    let mut aux_rows = Vec::new();
+    let mut recon = vec![0.0f32; d];
+    for r in 0..b {
+        let p = &pre[r * n..(r + 1) * n];
+        let xr = &x[r * d..(r + 1) * d];
+        let act = top(
+            p.iter().enumerate().map(|(i, &v)| (i as u32, v)),
+            cfg.k,
+            &mut scratch,
+        );
+        active_total += act.len();
+        recon.copy_from_slice(&s.b_dec);
+        for &(j, a) in &act {
+            fired[j as usize] = true;
+            axpy(
+                &mut recon,
+                a,
+                &s.w_dec[j as usize * d..(j as usize + 1) * d],
+            );
+        }
+        // g = dL/d recon for the normalised MSE.
+        let g: Vec<f32> = recon
+            .iter()
+            .zip(xr)
+            .map(|(y, t)| 2.0 * (y - t) / denom)
+            .collect();
+        sse += recon
+            .iter()
+            .zip(xr)
+            .map(|(y, t)| (y - t) * (y - t))
+            .sum::<f32>();
+        axpy(&mut g_b_dec, 1.0, &g);
+        let xcr = &xc[r * d..(r + 1) * d];
+        for &(j, a) in &act {
+            let j = j as usize;
+            let row = j * d..(j + 1) * d;
+            let da = dot(&g, &s.w_dec[row.clone()]);
+            axpy(&mut g_w_dec[row.clone()], a, &g);
+            axpy(&mut g_w_enc[row.clone()], da, xcr);
+            g_b_enc[j] += da;
+            axpy(&mut g_b_dec, -da, &s.w_enc[row]);
+        }
+        if any_dead {
+            let resid: Vec<f32> = xr.iter().zip(&recon).map(|(t, y)| t - y).collect();
+            let aux = top(
+                p.iter()
+                    .enumerate()
+                    .filter(|(i, _)| dead[*i])
+                    .map(|(i, &v)| (i as u32, v)),
+                k_aux,
+                &mut scratch,
+            );
+            aux_rows.push((r, resid, aux));
+        }
+    }
+    // AuxK: dead latents reconstruct the residual the live ones left.
+    if !aux_rows.is_empty() {
+        let rmean: Vec<f32> = (0..d)
+            .map(|i| aux_rows.iter().map(|(_, res, _)| res[i]).sum::<f32>() / aux_rows.len() as f32)
+            .collect();
+        let aux_denom: f32 = aux_rows
+            .iter()
+            .map(|(_, res, _)| {
+                res.iter()
+                    .zip(&rmean)
+                    .map(|(a, m)| (a - m) * (a - m))
+                    .sum::<f32>()
+            })
+            .sum::<f32>()
+            .max(1e-12);
+        for (r, resid, aux) in &aux_rows {
+            let mut e = vec![0.0f32; d];
+            for &(j, a) in aux {
+                axpy(&mut e, a, &s.w_dec[j as usize * d..(j as usize + 1) * d]);
+            }
+            let g: Vec<f32> = e
+                .iter()
+                .zip(resid)
+                .map(|(y, t)| AUX_COEFF * 2.0 * (y - t) / aux_denom)
+                .collect();
+            let xcr = &xc[r * d..(r + 1) * d];
+            for &(j, a) in aux {
+                let j = j as usize;
+                let row = j * d..(j + 1) * d;
+                let da = dot(&g, &s.w_dec[row.clone()]);
+                axpy(&mut g_w_dec[row.clone()], a, &g);
+                axpy(&mut g_w_enc[row.clone()], da, xcr);
+                g_b_enc[j] += da;
+                axpy(&mut g_b_dec, -da, &s.w_enc[row]);
+            }
+        }
+    }
+    // Keep decoder rows on the unit sphere: drop the radial gradient component.
+    for j in 0..n {
+        let row = j * d..(j + 1) * d;
+        let radial = dot(&g_w_dec[row.clone()], &s.w_dec[row.clone()]);
+        if radial != 0.0 {
+            let w = s.w_dec[row.clone()].to_vec();
+            axpy(&mut g_w_dec[row], -radial, &w);
+        }
+    }
+    s.step += 1;
+    let t = s.step as i32;
+    let (c1, c2) = (1.0 - ADAM_B1.powi(t), 1.0 - ADAM_B2.powi(t));
+    let params: [(&mut Vec<f32>, &Vec<f32>); 4] = [
+        (&mut s.w_enc, &g_w_enc),
+        (&mut s.b_enc, &g_b_enc),
+        (&mut s.w_dec, &g_w_dec),
+        (&mut s.b_dec, &g_b_dec),
+    ];
+    for (i, (p, g)) in params.into_iter().enumerate() {
+        let (m, v) = (&mut s.m[i], &mut s.v[i]);
+        for q in 0..p.len() {
+            m[q] = ADAM_B1 * m[q] + (1.0 - ADAM_B1) * g[q];
+            v[q] = ADAM_B2 * v[q] + (1.0 - ADAM_B2) * g[q] * g[q];
+            p[q] -= lr * (m[q] / c1) / ((v[q] / c2).sqrt() + ADAM_EPS);
+        }
+    }
+    for row in s.w_dec.chunks_mut(d) {
+        normalize(row);
+    }
+    for (j, f) in fired.iter().enumerate() {
+        s.since_fired[j] = if *f { 0 } else { s.since_fired[j] + b as u64 };
+    }
+    s.tokens += b as u64;
+    Ok((sse / denom, active_total as f32 / b as f32))
+}
+
+/// Token windows of `context` tokens cut from the corpus documents, in a seeded order.
+pub fn windows(
+    model: &Model,
+    docs: &[String],
+    context: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, SaeError> {
+    let mut out = Vec::new();
+    for d in docs {
+        let ids = model.codec.encode(d).map_err(|e| SaeError::Format {
+            path: PathBuf::from("<corpus>"),
+            detail: e.to_string(),
+        })?;
+        out.extend(
+            ids.chunks(context)
+                .filter(|c| c.len() == context)
+                .map(<[u32]>::to_vec),
+        );
+    }
+    if out.is_empty() {
+        return Err(SaeError::Format {
+            path: PathBuf::from("<corpus>"),
+            detail: format!("the corpus has no window of {context} tokens (is it empty?)"),
+        });
+    }
+    out.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    Ok(out)
+}
+
+/// Activations at `hook` for a batch of windows, first token of each dropped: `[b * (t-1)][d]`.
+pub fn activations(
+    model: &Model,
+    hook: HookPoint,
+    windows: &[Vec<u32>],
+) -> Result<Vec<f32>, SaeError> {
+    let hooks = Hooks::new().capture(hook);
+    let out = model
+        .transformer
+        .forward(windows, Padding::Right, &hooks, Unembed::None)
+        .map_err(|e| SaeError::Format {
+            path: PathBuf::from("<model>"),
+            detail: e.to_string(),
+        })?;
+    let act = &out.captures[&hook];
+    let t = act.dim(1).map_err(candle("activations"))?;
+    act.narrow(1, 1, t - 1)
+        .and_then(|a| a.flatten_all())
+        .and_then(|a| a.to_vec1::<f32>())
+        .map_err(candle("activations"))
+}
+
+fn ckpt_paths(out: &Path) -> (PathBuf, PathBuf) {
+    (
+        out.join("checkpoint.safetensors"),
+        out.join("checkpoint.json"),
+    )
+}
+
+fn save_checkpoint(out: &Path, s: &State, cfg: &TrainConfig) -> Result<(), SaeError> {
+    let (st, js) = ckpt_paths(out);
+    let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).map_err(candle("checkpoint"));
+    let mut tensors = vec![
+        ("w_enc".to_string(), t(&s.w_enc)?),
+        ("b_enc".to_string(), t(&s.b_enc)?),
+        ("w_dec".to_string(), t(&s.w_dec)?),
+        ("b_dec".to_string(), t(&s.b_dec)?),
+    ];
+    for i in 0..4 {
+        tensors.push((format!("m{i}"), t(&s.m[i])?));
+        tensors.push((format!("v{i}"), t(&s.v[i])?));
+    }
+    let since: Vec<f32> = s.since_fired.iter().map(|&x| x as f32).collect();
+    tensors.push(("since_fired".into(), t(&since)?));
+    crate::safetensors::write(&st, &tensors, &BTreeMap::new()).map_err(|e| SaeError::Format {
+        path: st.clone(),
+        detail: e.to_string(),
+    })?;
+    let meta =
+        serde_json::json!({"config": cfg, "step": s.step, "tokens": s.tokens, "scale": s.scale});
+    let tmp = js.with_extension("json.partial");
+    std::fs::write(&tmp, meta.to_string())
+        .and_then(|()| std::fs::rename(&tmp, &js))
+        .map_err(|source| SaeError::Io { path: js, source })
+}
+
+fn load_checkpoint(out: &Path, cfg: &TrainConfig, d: usize) -> Result<Option<State>, SaeError> {
+    let (st, js) = ckpt_paths(out);
+    if !js.exists() || !st.exists() {
+        return Ok(None);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&js).map_err(|source| SaeError::Io {
+            path: js.clone(),
+            source,
+        })?)
+        .map_err(|e| SaeError::Format {
+            path: js.clone(),
+            detail: e.to_string(),
+        })?;
+    let saved: TrainConfig =
+        serde_json::from_value(meta["config"].clone()).map_err(|e| SaeError::Format {
+            path: js.clone(),
+            detail: e.to_string(),
+        })?;
+    if saved != *cfg {
+        return Err(SaeError::Format {
+            path: js,
+            detail: "a checkpoint of a run with different settings is here; use another --out or delete it".into(),
+        });
+    }
+    let f = crate::safetensors::SafetensorsFile::read(&st).map_err(|e| SaeError::Format {
+        path: st.clone(),
+        detail: e.to_string(),
+    })?;
+    let get = |name: &str| -> Result<Vec<f32>, SaeError> {
+        let info = f.get(name).ok_or_else(|| SaeError::Tensor {
+            path: st.clone(),
+            tensor: name.into(),
+            detail: "missing".into(),
+        })?;
+        f.load_f32(info, &Device::Cpu)
+            .map_err(|e| SaeError::Tensor {
+                path: st.clone(),
+                tensor: name.into(),
+                detail: e.to_string(),
+            })?
+            .to_vec1()
+            .map_err(candle("checkpoint"))
+    };
+    let mut s = State::new(d, cfg.latents, cfg.seed);
+    s.w_enc = get("w_enc")?;
+    s.b_enc = get("b_enc")?;
+    s.w_dec = get("w_dec")?;
+    s.b_dec = get("b_dec")?;
+    for i in 0..4 {
+        s.m[i] = get(&format!("m{i}"))?;
+        s.v[i] = get(&format!("v{i}"))?;
+    }
+    s.since_fired = get("since_fired")?.iter().map(|&x| x as u64).collect();
+    s.step = meta["step"].as_u64().unwrap_or(0);
+    s.tokens = meta["tokens"].as_u64().unwrap_or(0);
+    s.scale = meta["scale"].as_f64().unwrap_or(1.0) as f32;
+    Ok(Some(s))
+}
+
+/// Save the trained SAE in SAELens v6 format (scaling folded into the weights).
+fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Result<(), SaeError> {
+    let (d, n, f) = (s.d, s.n, s.scale);
+    // Scaled space: x_s = f x. Folded: W_enc' = f W_enc, b_dec' = b_dec / f, W_dec' = W_dec / f.
+    let w_enc = Tensor::from_vec(
+        s.w_enc.iter().map(|v| v * f).collect::<Vec<_>>(),
+        (n, d),
+        &Device::Cpu,
+    )
+    .and_then(|t| t.t()?.contiguous())
+    .map_err(candle("saving"))?;
+    let w_dec = Tensor::from_vec(
+        s.w_dec.iter().map(|v| v / f).collect::<Vec<_>>(),
+        (n, d),
+        &Device::Cpu,
+    )
+    .map_err(candle("saving"))?;
+    let b_dec = Tensor::from_vec(
+        s.b_dec.iter().map(|v| v / f).collect::<Vec<_>>(),
+        d,
+        &Device::Cpu,
+    )
+    .map_err(candle("saving"))?;
+    let b_enc = Tensor::from_slice(&s.b_enc, n, &Device::Cpu).map_err(candle("saving"))?;
+    let path = out.join("sae_weights.safetensors");
+    let tensors = vec![
+        ("W_enc".to_string(), w_enc),
+        ("b_enc".to_string(), b_enc),
+        ("W_dec".to_string(), w_dec),
+        ("b_dec".to_string(), b_dec),
+    ];
+    crate::safetensors::write(&path, &tensors, &BTreeMap::new()).map_err(|e| SaeError::Format {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    let cfg_json = serde_json::json!({
+        "architecture": "topk",
+        "d_in": d,
+        "d_sae": n,
+        "k": cfg.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": true,
+        "normalize_activations": "none",
+        "rescale_acts_by_decoder_norm": false,
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": model.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "model_digest": model.manifest.root(),
+            "hook_name": cfg.hook,
+            "hook_head_index": null,
+            "context_size": cfg.context,
+            "prepend_bos": false,
+            "dataset_path": "local corpus (see training.json)",
+            "sae_lens_training_version": null,
+            "activation_scale_folded": f,
+        }
+    });
+    let p = out.join("cfg.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&cfg_json).expect("json"))
+        .map_err(|source| SaeError::Io { path: p, source })
+}
+
+/// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`.
+pub fn train(
+    model: &Model,
+    docs: &[String],
+    cfg: &TrainConfig,
+    out: &Path,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Progress, SaeError> {
+    let c = model.config();
+    let hook = HookPoint::parse(&cfg.hook, c.n_layers).map_err(|e| SaeError::Mismatch {
+        path: out.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    if !hook.is_residual_width() {
+        return Err(SaeError::Mismatch {
+            path: out.to_path_buf(),
+            detail: format!("`{}` is not a residual-width hook", cfg.hook),
+        });
+    }
+    let d = c.d_model;
+    cfg.validate(d)?;
+    std::fs::create_dir_all(out).map_err(|source| SaeError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let wins = windows(model, docs, cfg.context, cfg.seed)?;
+    let per_step = cfg.windows_per_step;
+    let mut state = match load_checkpoint(out, cfg, d)? {
+        Some(s) => {
+            tracing::info!(
+                step = s.step,
+                tokens = s.tokens,
+                "resuming SAE training from checkpoint"
+            );
+            s
+        }
+        None => {
+            let mut s = State::new(d, cfg.latents, cfg.seed);
+            // Scale and b_dec from the first batch: mean norm -> sqrt(d), b_dec = data mean.
+            let first: Vec<Vec<u32>> = (0..per_step)
+                .map(|i| wins[i % wins.len()].clone())
+                .collect();
+            let x = activations(model, hook, &first)?;
+            let rows = x.len() / d;
+            let mean_norm = x
+                .chunks(d)
+                .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt())
+                .sum::<f32>()
+                / rows as f32;
+            s.scale = (d as f32).sqrt() / mean_norm.max(1e-12);
+            for i in 0..d {
+                s.b_dec[i] = x.chunks(d).map(|r| r[i]).sum::<f32>() / rows as f32 * s.scale;
+            }
+            s
+        }
+    };
+    let start = Instant::now();
+    let start_tokens = state.tokens;
+    let tokens_per_step = (per_step * (cfg.context - 1)) as u64;
+    let total_steps = cfg.tokens.div_ceil(tokens_per_step);
+    let mut last = Progress {
+        step: state.step,
+        tokens: state.tokens,
+        total_tokens: cfg.tokens,
+        fvu: f32::NAN,
+        l0: 0.0,
+        dead: 0,
+        tokens_per_sec: 0.0,
+        eta_secs: 0.0,
+    };
+    while state.step < total_steps {
+        let i0 = (state.step as usize * per_step) % wins.len();
+        let batch: Vec<Vec<u32>> = (0..per_step)
+            .map(|i| wins[(i0 + i) % wins.len()].clone())
+            .collect();
+        let mut x = activations(model, hook, &batch)?;
+        x.iter_mut().for_each(|v| *v *= state.scale);
+        // Linear decay over the last fifth of training.
+        let frac = state.step as f64 / total_steps as f64;
+        let lr = if frac > 0.8 {
+            cfg.lr * (1.0 - frac) / 0.2
+        } else {
+            cfg.lr
+        };
+        let (fvu, l0) = step(&mut state, &x, cfg, lr as f32)?;
+        let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+        let rate = (state.tokens - start_tokens) as f64 / elapsed;
+        last = Progress {
+            step: state.step,
+            tokens: state.tokens,
+            total_tokens: total_steps * tokens_per_step,
+            fvu,
+            l0,
+            dead: state
+                .since_fired
+                .iter()
+                .filter(|&&t| t > cfg.dead_after_tokens)
+                .count(),
+            tokens_per_sec: rate,
+            eta_secs: (total_steps - state.step) as f64 * tokens_per_step as f64 / rate.max(1e-9),
+        };
+        progress(&last);
+        if state.step % cfg.checkpoint_every_steps == 0 || state.step == total_steps {
+            save_checkpoint(out, &state, cfg)?;
+        }
+    }
+    save_saelens(out, &state, cfg, model)?;
+    Ok(last)
+}
