@@ -113,7 +113,7 @@ pub fn read_corpus(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     Ok(docs)
 }
 
-fn bar(p: &Progress) {
+fn bar(p: &Progress) -> std::ops::ControlFlow<()> {
     let frac = p.tokens as f64 / p.total_tokens.max(1) as f64;
     let filled = (frac * 30.0) as usize;
     eprint!(
@@ -130,6 +130,7 @@ fn bar(p: &Progress) {
         eta(p.eta_secs)
     );
     let _ = std::io::stderr().flush();
+    std::ops::ControlFlow::Continue(())
 }
 
 fn eta(s: f64) -> String {

@@ -51,6 +51,9 @@ pub enum SaeError {
     /// Not a folder or file in a known SAE format.
     #[error("{path}: {detail}")]
     Format { path: PathBuf, detail: String },
+    /// Training stopped on request; a checkpoint was written and the run can resume.
+    #[error("interrupted at step {step}; the checkpoint resumes it")]
+    Interrupted { step: u64 },
     #[error("{context}: {source}")]
     Candle {
         context: String,

@@ -562,7 +562,7 @@ pub fn train(
     docs: &[String],
     cfg: &TrainConfig,
     out: &Path,
-    mut progress: impl FnMut(&Progress),
+    mut progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
 ) -> Result<Progress, SaeError> {
     let c = model.config();
     let hook = HookPoint::parse(&cfg.hook, c.n_layers).map_err(|e| SaeError::Mismatch {
@@ -657,9 +657,12 @@ pub fn train(
             tokens_per_sec: rate,
             eta_secs: (total_steps - state.step) as f64 * tokens_per_step as f64 / rate.max(1e-9),
         };
-        progress(&last);
-        if state.step % cfg.checkpoint_every_steps == 0 || state.step == total_steps {
+        let stop = progress(&last).is_break();
+        if stop || state.step % cfg.checkpoint_every_steps == 0 || state.step == total_steps {
             save_checkpoint(out, &state, cfg)?;
+        }
+        if stop {
+            return Err(SaeError::Interrupted { step: state.step });
         }
     }
     save_saelens(out, &state, cfg, model)?;

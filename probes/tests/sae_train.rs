@@ -1,0 +1,166 @@
+//! SAE training on a tiny model: it learns, it is deterministic, it resumes to the same
+//! weights, its SAELens output loads and evaluates, and bad settings are refused.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use probes::sae::train::{train, windows, TrainConfig};
+
+fn corpus() -> Vec<String> {
+    let mut r = Rand::new(17);
+    (0..40)
+        .map(|_| {
+            r.tokens(70)
+                .iter()
+                .map(|t| format!("w{t}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+fn config(tokens: u64) -> TrainConfig {
+    TrainConfig {
+        hook: "blocks.1.hook_resid_post".into(),
+        latents: 256,
+        k: 8,
+        tokens,
+        context: 16,
+        windows_per_step: 8,
+        lr: 4e-3,
+        seed: 3,
+        dead_after_tokens: 2_000,
+        checkpoint_every_steps: 5,
+    }
+}
+
+fn weights(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::read(dir.join("sae_weights.safetensors")).unwrap()
+}
+
+#[test]
+fn training_learns_saves_saelens_and_evaluates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = load(&llama_dir(tmp.path(), "LlamaForCausalLM", 31));
+    let out = tmp.path().join("sae");
+    let mut fvus = Vec::new();
+    let last = train(&m, &corpus(), &config(6_000), &out, |p| {
+        fvus.push(p.fvu);
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(
+        fvus[0] > last.fvu * 1.5,
+        "FVU went from {} to {}",
+        fvus[0],
+        last.fvu
+    );
+    assert!((last.l0 - 8.0).abs() < 1e-6);
+    let sae = Arc::new(probes::sae::load_sae(&out).unwrap());
+    assert_eq!(
+        (sae.d_in, sae.d_sae, sae.hook.as_deref()),
+        (D, 256, Some("blocks.1.hook_resid_post"))
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "topk");
+    assert_eq!(cfg["k"], 8);
+    let hook = sae
+        .check_fits("blocks.1.hook_resid_post", LAYERS, D)
+        .unwrap();
+    let wins = windows(&m, &corpus(), 16, 99).unwrap();
+    let r = probes::sae::eval::evaluate(&m, &sae, hook, &wins[..16], 4).unwrap();
+    // The saved (scale-folded) SAE reconstructs as well as training reported.
+    assert!(
+        (r.fvu - f64::from(last.fvu)).abs() < 0.25,
+        "eval FVU {} vs training {}",
+        r.fvu,
+        last.fvu
+    );
+    assert!(r.l0 <= 8.0 + 1e-9);
+    assert!(r.ce_loss_recovered.is_finite() && r.kl_sae >= 0.0);
+    assert!(r.ce_zero_ablation.is_finite() && r.ce_clean.is_finite());
+}
+
+#[test]
+fn training_is_deterministic_and_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = load(&llama_dir(tmp.path(), "LlamaForCausalLM", 32));
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let go = |_: &probes::sae::train::Progress| std::ops::ControlFlow::Continue(());
+    train(&m, &corpus(), &config(2_400), &a, go).unwrap();
+    train(&m, &corpus(), &config(2_400), &b, go).unwrap();
+    assert_eq!(weights(&a), weights(&b), "same seed, different weights");
+
+    // Interrupt at step 7 (a checkpoint is written), then resume to the end.
+    let c = tmp.path().join("c");
+    let e = train(&m, &corpus(), &config(2_400), &c, |p| {
+        if p.step == 7 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("interrupted at step 7"), "{e}");
+    assert!(!c.join("sae_weights.safetensors").exists());
+    let mut first_step = None;
+    train(&m, &corpus(), &config(2_400), &c, |p| {
+        first_step.get_or_insert(p.step);
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(first_step, Some(8), "did not resume from the checkpoint");
+    assert_eq!(
+        weights(&a),
+        weights(&c),
+        "resumed run differs from an uninterrupted one"
+    );
+
+    // A different configuration refuses the old checkpoint.
+    let other = TrainConfig {
+        k: 4,
+        ..config(2_400)
+    };
+    let e = train(&m, &corpus(), &other, &c, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("different settings"), "{e}");
+}
+
+#[test]
+fn bad_training_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = load(&llama_dir(tmp.path(), "LlamaForCausalLM", 33));
+    let go = |_: &probes::sae::train::Progress| std::ops::ControlFlow::Continue(());
+    let e = train(&m, &[], &config(100), &tmp.path().join("x"), go).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    let e = train(
+        &m,
+        &corpus(),
+        &TrainConfig {
+            k: 300,
+            ..config(100)
+        },
+        &tmp.path().join("y"),
+        go,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`k`"), "{e}");
+    let e = train(
+        &m,
+        &corpus(),
+        &TrainConfig {
+            hook: "blocks.9.hook_resid_post".into(),
+            ..config(100)
+        },
+        &tmp.path().join("z"),
+        go,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown hook"), "{e}");
+}
