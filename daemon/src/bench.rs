@@ -11,8 +11,29 @@ use probes::{GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
 pub enum BenchCmd {
     /// Hooked vs plain batched forward, early-exit capture, generation, peak RSS.
     Forward(ForwardArgs),
+    /// SAE encode throughput against a dense matmul, and training against the forward alone.
+    Sae(SaeBenchArgs),
     /// Durable appends per second (single vs group commit) and verifications per second.
     Log(LogArgs),
+}
+
+#[derive(Args)]
+pub struct SaeBenchArgs {
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Latents per d_model (16 gives 9216 for the default model).
+    #[arg(long, default_value_t = 16)]
+    expansion: usize,
+    #[arg(long, default_value_t = 32)]
+    k: usize,
+    /// Tokens encoded per repetition.
+    #[arg(long, default_value_t = 16384)]
+    tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Training tokens for the training-throughput measurement.
+    #[arg(long, default_value_t = 12096)]
+    train_tokens: u64,
 }
 
 #[derive(Args)]
@@ -50,6 +71,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Forward(a) => forward(a),
         BenchCmd::Log(a) => log(a),
+        BenchCmd::Sae(a) => sae(a),
     }
 }
 
@@ -313,5 +335,121 @@ fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
+    use candle_core::{Device, Tensor};
+    let model = crate::cmd::load_model(&a.model)?;
+    let d = model.config().d_model;
+    let n_lat = d * a.expansion;
+    let tmp = std::env::temp_dir().join(format!("mechwatch-bench-sae-{}", std::process::id()));
+    // A random SAE of the right shape, written and loaded like any SAELens SAE.
+    std::fs::create_dir_all(&tmp)?;
+    let w_enc = Tensor::randn(0f32, 0.05, (d, n_lat), &Device::Cpu)?;
+    let w_dec = w_enc.t()?.contiguous()?;
+    let tensors = vec![
+        ("W_enc".to_string(), w_enc.clone()),
+        (
+            "b_enc".to_string(),
+            Tensor::zeros(n_lat, candle_core::DType::F32, &Device::Cpu)?,
+        ),
+        ("W_dec".to_string(), w_dec),
+        (
+            "b_dec".to_string(),
+            Tensor::zeros(d, candle_core::DType::F32, &Device::Cpu)?,
+        ),
+    ];
+    probes::safetensors::write(
+        &tmp.join("sae_weights.safetensors"),
+        &tensors,
+        &Default::default(),
+    )?;
+    std::fs::write(
+        tmp.join("cfg.json"),
+        serde_json::json!({"architecture": "topk", "d_in": d, "d_sae": n_lat, "k": a.k})
+            .to_string(),
+    )?;
+    let sae = probes::sae::load_sae(&tmp)?;
+    let x = Tensor::randn(0f32, 1.0, (a.tokens, d), &Device::Cpu)?;
+    sae.encode_topk(&x)?; // warm-up
+    let (mut t_mm, mut t_enc) = (Vec::new(), Vec::new());
+    for _ in 0..a.reps {
+        t_mm.push(
+            time(|| {
+                for start in (0..a.tokens).step_by(256) {
+                    let xb = x.narrow(0, start, 256.min(a.tokens - start))?;
+                    std::hint::black_box(xb.matmul(&w_enc)?);
+                }
+                Ok(())
+            })?
+            .0,
+        );
+        t_enc.push(time(|| Ok(std::hint::black_box(sae.encode_topk(&x)?.len())))?.0);
+    }
+    let (mm, enc) = (median(t_mm), median(t_enc));
+    let rate = |t: Duration| a.tokens as f64 / t.as_secs_f64();
+    println!(
+        "SAE {d} -> {n_lat} latents (TopK k={}), {} tokens, {} threads",
+        a.k,
+        a.tokens,
+        rayon_threads()
+    );
+    println!("dense matmul x W_enc alone:      {:>9.0} tok/s", rate(mm));
+    println!(
+        "encode (matmul + bias + top-k): {:>9.0} tok/s   {:.2}x the matmul alone",
+        rate(enc),
+        rate(enc) / rate(mm)
+    );
+
+    // Training throughput against the forward pass alone on the same windows.
+    let hook = format!("blocks.{}.hook_resid_post", model.config().n_layers / 2);
+    let point = model.hook(&hook)?;
+    let text = BENCH_TEXT.repeat(40);
+    let docs = vec![text];
+    let cfg = probes::sae::train::TrainConfig {
+        hook: hook.clone(),
+        latents: n_lat,
+        k: a.k,
+        tokens: a.train_tokens,
+        context: 64,
+        windows_per_step: 32,
+        lr: 4e-4,
+        seed: 0,
+        dead_after_tokens: 1_000_000,
+        checkpoint_every_steps: u64::MAX,
+    };
+    let wins = probes::sae::train::windows(&model, &docs, 64, 0)?;
+    let steps = a.train_tokens.div_ceil(32 * 63) as usize;
+    let (t_fwd, ()) = time(|| {
+        for s in 0..steps {
+            let batch: Vec<Vec<u32>> = (0..32)
+                .map(|i| wins[(s * 32 + i) % wins.len()].clone())
+                .collect();
+            std::hint::black_box(probes::sae::train::activations(&model, point, &batch)?);
+        }
+        Ok(())
+    })?;
+    let out = tmp.join("train");
+    let (t_train, last) = time(|| {
+        Ok(probes::sae::train::train(
+            &model,
+            &docs,
+            &cfg,
+            &out,
+            |_| std::ops::ControlFlow::Continue(()),
+        )?)
+    })?;
+    let fwd_rate = (steps * 32 * 63) as f64 / t_fwd.as_secs_f64();
+    // Steady state: the trainer's own rate excludes its one-time set-up (tokenising, the
+    // forward pass that fixes the input scale and b_dec).
+    let _ = t_train;
+    let train_rate = last.tokens_per_sec;
+    println!("forward to {hook} alone:  {fwd_rate:>9.0} tok/s");
+    println!(
+        "training (forward + SAE step):           {train_rate:>9.0} tok/s   {:.2}x the forward's time",
+        fwd_rate / train_rate
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
     Ok(ExitCode::SUCCESS)
 }

@@ -274,6 +274,73 @@ impl Sae {
             .map_err(candle("sparse activations"))
     }
 
+    /// TopK SAEs: the `k` active latents of each row of `x` `[n, d_in]`, without building the
+    /// dense activation matrix. Rows are processed in blocks; top-k selection runs in
+    /// parallel across cores.
+    pub fn encode_topk(&self, x: &Tensor) -> Result<Vec<SparseRow>, SaeError> {
+        use rayon::prelude::*;
+        self.check_input(x)?;
+        let Activation::TopK { k } = self.activation else {
+            return self.encode_sparse(x, self.d_sae);
+        };
+        let (n, _) = x.dims2().map_err(candle("encoding"))?;
+        let mut out = Vec::with_capacity(n);
+        // Small blocks keep the pre-activations in cache and the allocator's buffers warm.
+        const BLOCK: usize = 512;
+        let norms = if self.rescale_acts_by_decoder_norm {
+            Some(
+                self.decoder_norms()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(candle("encoding"))?,
+            )
+        } else {
+            None
+        };
+        // x' W_enc + b_enc with x' = x - b_dec: fold b_dec into the bias once.
+        let bias: Vec<f32> = if self.apply_b_dec_to_input {
+            self.b_dec
+                .unsqueeze(0)
+                .and_then(|b| b.matmul(&self.w_enc))
+                .and_then(|bw| self.b_enc.unsqueeze(0)?.sub(&bw))
+                .and_then(|b| b.flatten_all()?.to_vec1())
+                .map_err(candle("encoding"))?
+        } else {
+            self.b_enc.to_vec1().map_err(candle("encoding"))?
+        };
+        for start in (0..n).step_by(BLOCK) {
+            let rows = BLOCK.min(n - start);
+            let xb = x.narrow(0, start, rows).map_err(candle("encoding"))?;
+            let (xn, _) = self.normalize(&xb).map_err(candle("encoding"))?;
+            let pre_t = xn.matmul(&self.w_enc).map_err(candle("encoding"))?;
+            let block: Vec<SparseRow> = match &norms {
+                // Read the matmul's output in place: no copy of the [rows, d_sae] block.
+                None => with_cpu_slice(&pre_t, |pre| {
+                    pre.par_chunks(self.d_sae)
+                        .map(|row| select_top_biased(row, Some(&bias), k))
+                        .collect()
+                })
+                .map_err(candle("encoding"))?,
+                Some(norms) => pre_t
+                    .flatten_all()
+                    .and_then(|p| p.to_vec1::<f32>())
+                    .map_err(candle("encoding"))?
+                    .par_chunks_mut(self.d_sae)
+                    .map(|row| {
+                        row.iter_mut()
+                            .zip(norms)
+                            .zip(&bias)
+                            .for_each(|((v, n), b)| *v = (*v + b) * n);
+                        let mut top = select_top_biased(row, None, k);
+                        top.iter_mut().for_each(|(i, v)| *v /= norms[*i as usize]);
+                        top
+                    })
+                    .collect(),
+            };
+            out.extend(block);
+        }
+        Ok(out)
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<(), SaeError> {
         match x.dims() {
             [_, d] if *d == self.d_in => Ok(()),
@@ -373,6 +440,50 @@ impl Sae {
     }
 }
 
+/// The `k` largest entries of `row + bias` (ReLU applied, zeros dropped), largest first.
+///
+/// One pass with a k-slot buffer: an entry is compared with the buffer's minimum and only the
+/// rare winners (about `k ln(n / k)` of them) cost more, so it runs at memory speed.
+pub fn select_top_biased(row: &[f32], bias: Option<&[f32]>, k: usize) -> SparseRow {
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut vals = vec![f32::NEG_INFINITY; k];
+    let mut idx = vec![u32::MAX; k];
+    let (mut min_v, mut min_at) = (f32::NEG_INFINITY, 0usize);
+    for (i, &v) in row.iter().enumerate() {
+        let v = match bias {
+            Some(b) => v + b[i],
+            None => v,
+        };
+        // Strictly greater: ties keep the lower index, as a stable sort would.
+        if v > min_v || (min_v == f32::NEG_INFINITY && idx[min_at] == u32::MAX) {
+            vals[min_at] = v;
+            idx[min_at] = i as u32;
+            min_at = 0;
+            for j in 1..k {
+                if vals[j] < vals[min_at] || (vals[j] == vals[min_at] && idx[j] > idx[min_at]) {
+                    min_at = j;
+                }
+            }
+            min_v = vals[min_at];
+        }
+    }
+    let mut top: SparseRow = idx
+        .into_iter()
+        .zip(vals)
+        .filter(|(i, v)| *i != u32::MAX && *v > 0.0)
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top
+}
+
+/// The `k` largest entries of `row` (ReLU applied, zeros dropped), largest first.
+pub fn select_top(row: &[f32], k: usize, _scratch: &mut Vec<(u32, f32)>) -> SparseRow {
+    select_top_biased(row, None, k)
+}
+
 /// Top `k` entries of each row of `h` `[n, m]`, largest first, with ReLU applied.
 pub fn topk_rows(h: &Tensor, k: usize) -> candle_core::Result<Vec<SparseRow>> {
     let (n, m) = h.dims2()?;
@@ -391,6 +502,22 @@ pub fn topk_rows(h: &Tensor, k: usize) -> candle_core::Result<Vec<SparseRow>> {
         out.push(top);
     }
     Ok(out)
+}
+
+/// Run `f` on a contiguous CPU f32 tensor's data without copying it.
+fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>()?;
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("tensor is not contiguous".into()))?;
+            Ok(f(&all[start..end]))
+        }
+        _ => Ok(f(&t.flatten_all()?.to_vec1::<f32>()?)),
+    }
 }
 
 /// Move an SAE's tensors to `device` (all f32).

@@ -331,15 +331,23 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
         (&mut s.b_dec, &g_b_dec),
     ];
     for (i, (p, g)) in params.into_iter().enumerate() {
+        use rayon::prelude::*;
         let (m, v) = (&mut s.m[i], &mut s.v[i]);
-        for q in 0..p.len() {
-            m[q] = ADAM_B1 * m[q] + (1.0 - ADAM_B1) * g[q];
-            v[q] = ADAM_B2 * v[q] + (1.0 - ADAM_B2) * g[q] * g[q];
-            p[q] -= lr * (m[q] / c1) / ((v[q] / c2).sqrt() + ADAM_EPS);
-        }
+        p.par_chunks_mut(4096)
+            .zip(m.par_chunks_mut(4096))
+            .zip(v.par_chunks_mut(4096))
+            .zip(g.par_chunks(4096))
+            .for_each(|(((p, m), v), g)| {
+                for q in 0..p.len() {
+                    m[q] = ADAM_B1 * m[q] + (1.0 - ADAM_B1) * g[q];
+                    v[q] = ADAM_B2 * v[q] + (1.0 - ADAM_B2) * g[q] * g[q];
+                    p[q] -= lr * (m[q] / c1) / ((v[q] / c2).sqrt() + ADAM_EPS);
+                }
+            });
     }
-    for row in s.w_dec.chunks_mut(d) {
-        normalize(row);
+    {
+        use rayon::prelude::*;
+        s.w_dec.par_chunks_mut(d).for_each(normalize);
     }
     for (j, f) in fired.iter().enumerate() {
         s.since_fired[j] = if *f { 0 } else { s.since_fired[j] + b as u64 };
