@@ -15,6 +15,87 @@ pub enum SaeCmd {
     Train(TrainArgs),
     /// L0, FVU / explained variance, dead latents, CE loss recovered and KL on held-out text.
     Eval(EvalArgs),
+    /// Rank the latents that separate two prompt sets (AUROC, mean difference), with the
+    /// token contexts where each fires.
+    Search(SearchArgs),
+    /// The top-activating examples of one latent over a corpus.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+pub struct SaeModelArgs {
+    #[arg(long, default_value = "default")]
+    model: String,
+    #[arg(long)]
+    sae: PathBuf,
+    #[arg(long)]
+    hook: Option<String>,
+    /// Neuronpedia-style JSONL labels (`index`, `description`).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    m: SaeModelArgs,
+    /// Prompts where the feature should fire (one per line, or JSONL).
+    #[arg(long)]
+    positive: PathBuf,
+    #[arg(long)]
+    negative: PathBuf,
+    /// Wrap prompts in the chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    m: SaeModelArgs,
+    #[arg(long)]
+    latent: usize,
+    #[arg(long, required = true, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    n: usize,
+    #[arg(long, default_value_t = 8192)]
+    tokens: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+struct Loaded {
+    model: probes::Model,
+    sae: std::sync::Arc<probes::sae::Sae>,
+    hook: probes::HookPoint,
+    labels: probes::sae::search::Labels,
+}
+
+fn load(m: &SaeModelArgs) -> anyhow::Result<Loaded> {
+    let model = super::load_model(&m.model)?;
+    let sae = std::sync::Arc::new(probes::sae::load_sae(&m.sae)?);
+    let hook_name = m
+        .hook
+        .clone()
+        .or_else(|| sae.hook.clone())
+        .context("the SAE names no hook; pass --hook")?;
+    let c = model.config();
+    let hook = sae.check_fits(&hook_name, c.n_layers, c.d_model)?;
+    let labels = match &m.labels {
+        Some(p) => probes::sae::search::Labels::read(p)?,
+        None => Default::default(),
+    };
+    Ok(Loaded {
+        model,
+        sae,
+        hook,
+        labels,
+    })
 }
 
 #[derive(Args)]
@@ -155,6 +236,72 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
 
 pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        SaeCmd::Search(a) => {
+            let l = load(&a.m)?;
+            let encode = |f: &Path| -> anyhow::Result<Vec<Vec<u32>>> {
+                let prompts = super::capture::read_prompts(f)?;
+                Ok(prompts
+                    .iter()
+                    .map(|p| l.model.encode_prompt(p, a.chat))
+                    .collect::<Result<_, _>>()?)
+            };
+            let pos =
+                probes::sae::search::prompt_acts(&l.model, &l.sae, l.hook, &encode(&a.positive)?)?;
+            let neg =
+                probes::sae::search::prompt_acts(&l.model, &l.sae, l.hook, &encode(&a.negative)?)?;
+            let ranked =
+                probes::sae::search::contrast(&l.model, &l.sae, &pos, &neg, a.top, &l.labels);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&ranked)?);
+            } else {
+                println!(
+                    "latents separating {} from {} at {}:",
+                    a.positive.display(),
+                    a.negative.display(),
+                    l.hook
+                );
+                for r in &ranked {
+                    println!(
+                        "  {:<40} AUROC {:.3}  mean max {:.2} vs {:.2}",
+                        l.labels.show(r.index),
+                        r.auroc,
+                        r.mean_positive,
+                        r.mean_negative
+                    );
+                    for c in &r.contexts {
+                        println!("      {:.2}  {}", c.activation, c.text);
+                    }
+                }
+            }
+        }
+        SaeCmd::Top(a) => {
+            let l = load(&a.m)?;
+            l.sae.check_latent(a.latent)?;
+            let docs = read_corpus(&a.corpus)?;
+            let wins = probes::sae::train::windows(&l.model, &docs, 64, 1)?;
+            let n = (a.tokens as usize).div_ceil(64).min(wins.len());
+            let acts = probes::sae::search::prompt_acts(&l.model, &l.sae, l.hook, &wins[..n])?;
+            let top = probes::sae::search::top_contexts(&l.model, &acts, a.latent as u32, a.n);
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"latent": a.latent, "label": l.labels.get(a.latent), "examples": top})
+                    )?
+                );
+            } else {
+                println!(
+                    "latent {} at {}: top {} of {} windows",
+                    l.labels.show(a.latent),
+                    l.hook,
+                    top.len(),
+                    n
+                );
+                for c in &top {
+                    println!("  {:.2}  {}", c.activation, c.text);
+                }
+            }
+        }
         SaeCmd::Eval(a) => {
             let model = super::load_model(&a.model)?;
             let sae = std::sync::Arc::new(probes::sae::load_sae(&a.sae)?);

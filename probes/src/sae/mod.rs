@@ -8,6 +8,7 @@
 pub mod eval;
 mod load;
 pub mod npy;
+pub mod search;
 pub mod train;
 
 use std::path::PathBuf;
