@@ -20,6 +20,12 @@ pub enum SaeCmd {
     Search(SearchArgs),
     /// The top-activating examples of one latent over a corpus.
     Top(TopArgs),
+    /// Print the default SAE's folder for the default model, training it on first use
+    /// (corpus: text the model writes itself from our seed prompts).
+    Default {
+        #[arg(long, default_value = "default")]
+        model: String,
+    },
 }
 
 #[derive(Args)]
@@ -236,6 +242,19 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
 
 pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        SaeCmd::Default { model } => {
+            let model = super::load_model(&model)?;
+            let dir = probes::sae::default::ensure(
+                &model,
+                |done, total| {
+                    eprint!("\rgenerating the SAE corpus: {done}/{total} samples   ");
+                    let _ = std::io::stderr().flush();
+                },
+                bar,
+            )?;
+            eprintln!();
+            println!("{}", dir.display());
+        }
         SaeCmd::Search(a) => {
             let l = load(&a.m)?;
             let encode = |f: &Path| -> anyhow::Result<Vec<Vec<u32>>> {

@@ -5,6 +5,7 @@
 //! Every SAE is held in SAELens' convention: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`,
 //! `W_dec [d_sae, d_in]`, `b_dec [d_in]`, with the input normalisation undone on the way out.
 
+pub mod default;
 pub mod eval;
 mod load;
 pub mod npy;

@@ -1,0 +1,124 @@
+//! The default SAE for the default model: a reproducible recipe, trained on first use and
+//! cached under `$MECHWATCH_HOME/sae/`.
+//!
+//! Corpus: text the default model writes itself, sampled with a fixed seed from 64 prompts we
+//! wrote (`probes/data/sae-corpus-seeds.txt`). No public corpus can be fetched offline here, and
+//! self-generated text is ours to ship; the SAE therefore knows the model's own register well
+//! and rarer text less so. Layer 15 of 30, residual stream after the block, TopK.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::train::{train, Progress, TrainConfig};
+use super::SaeError;
+use crate::generate::{generate, GenerateOptions, Sampling};
+use crate::hooks::Hooks;
+use crate::model::Model;
+
+pub const SEEDS: &str = include_str!("../../data/sae-corpus-seeds.txt");
+
+/// Everything that determines the default SAE; its digest names the cache folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Recipe {
+    pub model_digest: String,
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub train: TrainConfig,
+}
+
+impl Recipe {
+    pub fn for_model(model: &Model) -> Self {
+        let tokens = 256_000;
+        Self {
+            model_digest: model.manifest.root(),
+            samples_per_prompt: 4,
+            max_new_tokens: 192,
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 2026,
+            train: TrainConfig {
+                hook: format!("blocks.{}.hook_resid_post", model.config().n_layers / 2),
+                latents: model.config().d_model * 8,
+                k: 32,
+                tokens,
+                context: 64,
+                windows_per_step: 32,
+                lr: 4e-4,
+                seed: 2026,
+                dead_after_tokens: 50_000,
+                checkpoint_every_steps: 10,
+            },
+        }
+    }
+
+    pub fn digest(&self) -> String {
+        crate::digest::sha256_hex(&serde_json::to_vec(self).expect("recipe serialises"))[..16].to_string()
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        crate::fetch::home().join("sae").join(format!("default-{}", self.digest()))
+    }
+}
+
+/// Generate (or read back) the self-written corpus.
+pub fn corpus(model: &Model, recipe: &Recipe, dir: &Path, mut note: impl FnMut(usize, usize)) -> Result<Vec<String>, SaeError> {
+    let path = dir.join("corpus.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let docs: Vec<String> = text.lines().filter_map(|l| serde_json::from_str::<String>(l).ok()).collect();
+        if !docs.is_empty() {
+            return Ok(docs);
+        }
+    }
+    let seeds: Vec<&str> = SEEDS.lines().filter(|l| !l.trim().is_empty()).collect();
+    let run_err = |e: crate::error::RunError| SaeError::Format { path: path.clone(), detail: e.to_string() };
+    let mut docs = Vec::new();
+    let total = seeds.len() * recipe.samples_per_prompt;
+    for s in 0..recipe.samples_per_prompt {
+        for chunk in seeds.chunks(32) {
+            let prompts = chunk.iter().map(|p| model.encode_prompt(p, true)).collect::<Result<Vec<_>, _>>().map_err(run_err)?;
+            let opts = GenerateOptions {
+                max_tokens: recipe.max_new_tokens,
+                sampling: Sampling::Sample {
+                    temperature: recipe.temperature,
+                    top_p: recipe.top_p,
+                    seed: recipe.seed + (s * 1000 + docs.len()) as u64,
+                },
+                stop_tokens: model.stop_tokens(),
+            };
+            let outs = generate(&model.transformer, &prompts, &Hooks::new(), &opts).map_err(run_err)?;
+            for o in outs {
+                let ids: Vec<u32> = o.into_iter().filter(|t| !model.stop_tokens().contains(t)).collect();
+                docs.push(model.codec.decode(&ids).map_err(run_err)?);
+            }
+            note(docs.len(), total);
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| SaeError::Io { path: dir.to_path_buf(), source })?;
+    let body: String = docs.iter().map(|d| serde_json::to_string(d).expect("string") + "\n").collect();
+    let tmp = path.with_extension("jsonl.partial");
+    std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| SaeError::Io { path: path.clone(), source })?;
+    Ok(docs)
+}
+
+/// The default SAE's folder, training it first if it is not cached.
+pub fn ensure(
+    model: &Model,
+    mut corpus_progress: impl FnMut(usize, usize),
+    train_progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
+) -> Result<PathBuf, SaeError> {
+    let recipe = Recipe::for_model(model);
+    let dir = recipe.dir();
+    if dir.join("sae_weights.safetensors").exists() && dir.join("cfg.json").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| SaeError::Io { path: dir.clone(), source })?;
+    std::fs::write(dir.join("recipe.json"), serde_json::to_vec_pretty(&recipe).expect("json"))
+        .map_err(|source| SaeError::Io { path: dir.clone(), source })?;
+    let docs = corpus(model, &recipe, &dir, &mut corpus_progress)?;
+    train(model, &docs, &recipe.train, &dir, train_progress)?;
+    Ok(dir)
+}
