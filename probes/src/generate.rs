@@ -125,9 +125,20 @@ fn choose(row: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
         .enumerate()
         .map(|(i, &v)| (i as u32, ((v as f64 - max) / temperature).exp()))
         .collect();
-    // Stable order: by probability, then by token id, so ties never depend on sort internals.
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let total: f64 = probs.iter().map(|p| p.1).sum();
+    // Stable order: by probability, then by token id, so ties never depend on sort internals.
+    // The nucleus is usually small: sort only the 256 most likely tokens unless they hold
+    // less than top_p of the mass.
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    const HEAD: usize = 256;
+    if probs.len() > HEAD {
+        probs.select_nth_unstable_by(HEAD - 1, order);
+        let head_mass: f64 = probs[..HEAD].iter().map(|p| p.1).sum();
+        if head_mass / total >= top_p {
+            probs.truncate(HEAD);
+        }
+    }
+    probs.sort_by(order);
     let mut kept = 0.0;
     let mut cut = probs.len();
     for (i, p) in probs.iter().enumerate() {

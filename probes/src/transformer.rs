@@ -17,6 +17,8 @@ use crate::hooks::{Edit, HookPoint, Hooks, Positions};
 
 /// Decode steps with at most this many rows use the Q8_0 weights when enabled.
 const QUANTIZED_DECODE_MAX_ROWS: usize = 4;
+/// Below this many rows an f32 matmul is computed transposed (see `Linear::forward`).
+const SMALL_BATCH_ROWS: usize = 64;
 
 /// A linear layer `y = x W^T + b`.
 pub struct Linear {
@@ -58,6 +60,17 @@ impl Linear {
         };
         let y = match q {
             Some(q) => q.forward(x)?,
+            None if b * t <= SMALL_BATCH_ROWS => {
+                // Few rows: compute (W xᵀ)ᵀ so gemm streams the weights as its left operand
+                // instead of repacking all of them as the right one on every call.
+                let out = self.w.dim(0)?;
+                let xt = x.reshape((b * t, d_in))?.t()?.contiguous()?;
+                self.w
+                    .matmul(&xt)?
+                    .t()?
+                    .contiguous()?
+                    .reshape((b, t, out))?
+            }
             None => {
                 let out = self.w.dim(0)?;
                 x.reshape((b * t, d_in))?

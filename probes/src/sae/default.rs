@@ -56,30 +56,48 @@ impl Recipe {
     }
 
     pub fn digest(&self) -> String {
-        crate::digest::sha256_hex(&serde_json::to_vec(self).expect("recipe serialises"))[..16].to_string()
+        crate::digest::sha256_hex(&serde_json::to_vec(self).expect("recipe serialises"))[..16]
+            .to_string()
     }
 
     pub fn dir(&self) -> PathBuf {
-        crate::fetch::home().join("sae").join(format!("default-{}", self.digest()))
+        crate::fetch::home()
+            .join("sae")
+            .join(format!("default-{}", self.digest()))
     }
 }
 
 /// Generate (or read back) the self-written corpus.
-pub fn corpus(model: &Model, recipe: &Recipe, dir: &Path, mut note: impl FnMut(usize, usize)) -> Result<Vec<String>, SaeError> {
+pub fn corpus(
+    model: &Model,
+    recipe: &Recipe,
+    dir: &Path,
+    mut note: impl FnMut(usize, usize),
+) -> Result<Vec<String>, SaeError> {
     let path = dir.join("corpus.jsonl");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let docs: Vec<String> = text.lines().filter_map(|l| serde_json::from_str::<String>(l).ok()).collect();
+        let docs: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<String>(l).ok())
+            .collect();
         if !docs.is_empty() {
             return Ok(docs);
         }
     }
     let seeds: Vec<&str> = SEEDS.lines().filter(|l| !l.trim().is_empty()).collect();
-    let run_err = |e: crate::error::RunError| SaeError::Format { path: path.clone(), detail: e.to_string() };
+    let run_err = |e: crate::error::RunError| SaeError::Format {
+        path: path.clone(),
+        detail: e.to_string(),
+    };
     let mut docs = Vec::new();
     let total = seeds.len() * recipe.samples_per_prompt;
     for s in 0..recipe.samples_per_prompt {
         for chunk in seeds.chunks(32) {
-            let prompts = chunk.iter().map(|p| model.encode_prompt(p, true)).collect::<Result<Vec<_>, _>>().map_err(run_err)?;
+            let prompts = chunk
+                .iter()
+                .map(|p| model.encode_prompt(p, true))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(run_err)?;
             let opts = GenerateOptions {
                 max_tokens: recipe.max_new_tokens,
                 sampling: Sampling::Sample {
@@ -89,18 +107,33 @@ pub fn corpus(model: &Model, recipe: &Recipe, dir: &Path, mut note: impl FnMut(u
                 },
                 stop_tokens: model.stop_tokens(),
             };
-            let outs = generate(&model.transformer, &prompts, &Hooks::new(), &opts).map_err(run_err)?;
+            let outs =
+                generate(&model.transformer, &prompts, &Hooks::new(), &opts).map_err(run_err)?;
             for o in outs {
-                let ids: Vec<u32> = o.into_iter().filter(|t| !model.stop_tokens().contains(t)).collect();
+                let ids: Vec<u32> = o
+                    .into_iter()
+                    .filter(|t| !model.stop_tokens().contains(t))
+                    .collect();
                 docs.push(model.codec.decode(&ids).map_err(run_err)?);
             }
             note(docs.len(), total);
         }
     }
-    std::fs::create_dir_all(dir).map_err(|source| SaeError::Io { path: dir.to_path_buf(), source })?;
-    let body: String = docs.iter().map(|d| serde_json::to_string(d).expect("string") + "\n").collect();
+    std::fs::create_dir_all(dir).map_err(|source| SaeError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let body: String = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).expect("string") + "\n")
+        .collect();
     let tmp = path.with_extension("jsonl.partial");
-    std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| SaeError::Io { path: path.clone(), source })?;
+    std::fs::write(&tmp, body)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| SaeError::Io {
+            path: path.clone(),
+            source,
+        })?;
     Ok(docs)
 }
 
@@ -115,9 +148,18 @@ pub fn ensure(
     if dir.join("sae_weights.safetensors").exists() && dir.join("cfg.json").exists() {
         return Ok(dir);
     }
-    std::fs::create_dir_all(&dir).map_err(|source| SaeError::Io { path: dir.clone(), source })?;
-    std::fs::write(dir.join("recipe.json"), serde_json::to_vec_pretty(&recipe).expect("json"))
-        .map_err(|source| SaeError::Io { path: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| SaeError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    std::fs::write(
+        dir.join("recipe.json"),
+        serde_json::to_vec_pretty(&recipe).expect("json"),
+    )
+    .map_err(|source| SaeError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let docs = corpus(model, &recipe, &dir, &mut corpus_progress)?;
     train(model, &docs, &recipe.train, &dir, train_progress)?;
     Ok(dir)
