@@ -84,8 +84,11 @@ pub fn parse_npy(path: &Path, name: &str, bytes: &[u8]) -> Result<Tensor, SaeErr
         .map_err(super::candle("reading .npy"))
 }
 
+/// The named arrays of an archive and the archive's bytes (for digesting).
+pub type NpzContents = (Vec<(String, Tensor)>, Vec<u8>);
+
 /// Every array of an `.npz` archive, with the archive's bytes for digesting.
-pub fn read_npz(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<u8>), SaeError> {
+pub fn read_npz(path: &Path) -> Result<NpzContents, SaeError> {
     let bytes = std::fs::read(path).map_err(|source| SaeError::Io {
         path: path.to_path_buf(),
         source,

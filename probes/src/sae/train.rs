@@ -356,29 +356,37 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
     Ok((sse / denom, active_total as f32 / b as f32))
 }
 
-/// Token windows of `context` tokens cut from the corpus documents, in a seeded order.
+/// Token windows of `context` tokens cut from the corpus, in a seeded order. Documents are
+/// concatenated (separated by the end-of-text token when the model has one), as SAELens does,
+/// so short documents still contribute.
 pub fn windows(
     model: &Model,
     docs: &[String],
     context: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>, SaeError> {
-    let mut out = Vec::new();
+    let sep = model.config().eos_token_ids.first().copied();
+    let mut stream = Vec::new();
     for d in docs {
         let ids = model.codec.encode(d).map_err(|e| SaeError::Format {
             path: PathBuf::from("<corpus>"),
             detail: e.to_string(),
         })?;
-        out.extend(
-            ids.chunks(context)
-                .filter(|c| c.len() == context)
-                .map(<[u32]>::to_vec),
-        );
+        stream.extend(ids);
+        stream.extend(sep);
     }
+    let mut out: Vec<Vec<u32>> = stream
+        .chunks(context)
+        .filter(|c| c.len() == context)
+        .map(<[u32]>::to_vec)
+        .collect();
     if out.is_empty() {
         return Err(SaeError::Format {
             path: PathBuf::from("<corpus>"),
-            detail: format!("the corpus has no window of {context} tokens (is it empty?)"),
+            detail: format!(
+                "the corpus holds {} tokens, less than one window of {context} (is it empty?)",
+                stream.len()
+            ),
         });
     }
     out.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));

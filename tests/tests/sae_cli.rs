@@ -1,0 +1,170 @@
+//! `mechwatch sae train | eval | search | top` on the real default model, small sizes.
+
+use e2e::*;
+
+#[test]
+fn train_eval_search_top_on_the_default_model() {
+    default_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    let text = "The baker mixed flour, water and salt, then left the dough to rise overnight.\n\n\
+        A train crossed the valley at dawn while the town was still asleep.\n\n\
+        Engineers tested the bridge with heavy trucks before it opened to traffic.\n\n\
+        The garden needed water after a week without rain, so the children carried buckets.\n\n";
+    std::fs::write(&corpus, text.repeat(12)).unwrap();
+    let out = tmp.path().join("sae");
+    let o = mechwatch(&[
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--tokens",
+        "4000",
+        "--windows-per-step",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ETA"), "no progress bar");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["metadata"]["hook_name"], "blocks.10.hook_resid_post");
+
+    let o = mechwatch(&[
+        "sae",
+        "eval",
+        "--sae",
+        out.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--tokens",
+        "1024",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!((r["l0"].as_f64().unwrap() - 16.0).abs() < 1e-6, "{r}");
+    let fvu = r["fvu"].as_f64().unwrap();
+    assert!(fvu > 0.0 && fvu < 1.0, "{r}");
+    assert!(r["ce_zero_ablation"].as_f64().unwrap() > r["ce_clean"].as_f64().unwrap());
+
+    let pos = tmp.path().join("pos.txt");
+    let neg = tmp.path().join("neg.txt");
+    std::fs::write(&pos, "Knead the dough and bake the bread.\nThe baker sold warm bread rolls.\nMix flour and yeast for the loaf.\n").unwrap();
+    std::fs::write(&neg, "The train crossed the valley.\nTrucks drove over the new bridge.\nThe station was quiet at dawn.\n").unwrap();
+    let labels = tmp.path().join("labels.jsonl");
+    let o = mechwatch(&[
+        "sae",
+        "search",
+        "--sae",
+        out.to_str().unwrap(),
+        "--positive",
+        pos.to_str().unwrap(),
+        "--negative",
+        neg.to_str().unwrap(),
+        "--top",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ranked: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let best = &ranked[0];
+    assert_eq!(best["auroc"].as_f64().unwrap(), 1.0, "{ranked}");
+    let idx = best["index"].as_u64().unwrap();
+    std::fs::write(&labels, format!("{{\"modelId\": \"smollm2\", \"layer\": \"10\", \"index\": \"{idx}\", \"description\": \"baking\"}}\n")).unwrap();
+    let o = mechwatch(&[
+        "sae",
+        "top",
+        "--sae",
+        out.to_str().unwrap(),
+        "--latent",
+        &idx.to_string(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--n",
+        "3",
+        "--labels",
+        labels.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("\"baking\"") && stdout(&o).contains("[["),
+        "{}",
+        stdout(&o)
+    );
+
+    // Bad input: an empty corpus, k above the latent count, an SAE that does not fit.
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let o = mechwatch(&[
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        empty.to_str().unwrap(),
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--tokens",
+        "100",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("empty.txt") && stderr(&o).contains("empty"),
+        "{}",
+        stderr(&o)
+    );
+    let o = mechwatch(&[
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--latents",
+        "1152",
+        "--k",
+        "2000",
+        "--tokens",
+        "100",
+        "--out",
+        tmp.path().join("y").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("`k`"), "{}", stderr(&o));
+    let o = mechwatch(&[
+        "sae",
+        "eval",
+        "--sae",
+        out.to_str().unwrap(),
+        "--hook",
+        "blocks.3.hook_resid_post",
+        "--corpus",
+        corpus.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("trained on"), "{}", stderr(&o));
+    let o = mechwatch(&[
+        "sae",
+        "top",
+        "--sae",
+        out.to_str().unwrap(),
+        "--latent",
+        "99999",
+        "--corpus",
+        corpus.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("out of range"), "{}", stderr(&o));
+}
