@@ -25,6 +25,9 @@ pub enum SaeCmd {
     Default {
         #[arg(long, default_value = "default")]
         model: String,
+        /// Then evaluate it on held-out text we wrote (`probes/data/sae-eval-text.txt`).
+        #[arg(long)]
+        eval: bool,
     },
 }
 
@@ -242,7 +245,7 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
 
 pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        SaeCmd::Default { model } => {
+        SaeCmd::Default { model, eval } => {
             let model = super::load_model(&model)?;
             let dir = probes::sae::default::ensure(
                 &model,
@@ -254,6 +257,16 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             )?;
             eprintln!();
             println!("{}", dir.display());
+            if eval {
+                let sae = std::sync::Arc::new(probes::sae::load_sae(&dir)?);
+                let c = model.config();
+                let hook_name = sae.hook.clone().context("the default SAE names its hook")?;
+                let hook = sae.check_fits(&hook_name, c.n_layers, c.d_model)?;
+                let docs: Vec<String> = probes::sae::default::EVAL_TEXT.split("\n\n").map(str::to_string).collect();
+                let wins = probes::sae::train::windows(&model, &docs, 64, 1)?;
+                let r = probes::sae::eval::evaluate(&model, &sae, hook, &wins, 8)?;
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
         }
         SaeCmd::Search(a) => {
             let l = load(&a.m)?;

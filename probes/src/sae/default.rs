@@ -17,6 +17,8 @@ use crate::hooks::Hooks;
 use crate::model::Model;
 
 pub const SEEDS: &str = include_str!("../../data/sae-corpus-seeds.txt");
+/// Held-out text we wrote, for evaluating the default SAE on text it never trained on.
+pub const EVAL_TEXT: &str = include_str!("../../data/sae-eval-text.txt");
 
 /// Everything that determines the default SAE; its digest names the cache folder.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
