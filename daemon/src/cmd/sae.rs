@@ -28,6 +28,9 @@ pub enum SaeCmd {
         /// Then evaluate it on held-out text we wrote (`probes/data/sae-eval-text.txt`).
         #[arg(long)]
         eval: bool,
+        /// Print where the self-generated corpus is cached, and do nothing else.
+        #[arg(long, hide = true)]
+        corpus_dir: bool,
     },
 }
 
@@ -245,8 +248,12 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
 
 pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        SaeCmd::Default { model, eval } => {
+        SaeCmd::Default { model, eval, corpus_dir } => {
             let model = super::load_model(&model)?;
+            if corpus_dir {
+                println!("{}", probes::sae::default::Recipe::for_model(&model).corpus_dir().display());
+                return Ok(ExitCode::SUCCESS);
+            }
             let dir = probes::sae::default::ensure(
                 &model,
                 |done, total| {

@@ -49,7 +49,7 @@ impl Recipe {
                 tokens,
                 context: 64,
                 windows_per_step: 32,
-                lr: 4e-4,
+                lr: 2e-3,
                 seed: 2026,
                 dead_after_tokens: 50_000,
                 checkpoint_every_steps: 10,
@@ -162,7 +162,7 @@ pub fn ensure(
         path: dir.clone(),
         source,
     })?;
-    let docs = corpus(model, &recipe, &dir, &mut corpus_progress)?;
+    let docs = corpus(model, &recipe, &recipe.corpus_dir(), &mut corpus_progress)?;
     train(model, &docs, &recipe.train, &dir, train_progress)?;
     Ok(dir)
 }
