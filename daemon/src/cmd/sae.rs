@@ -248,10 +248,19 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
 
 pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        SaeCmd::Default { model, eval, corpus_dir } => {
+        SaeCmd::Default {
+            model,
+            eval,
+            corpus_dir,
+        } => {
             let model = super::load_model(&model)?;
             if corpus_dir {
-                println!("{}", probes::sae::default::Recipe::for_model(&model).corpus_dir().display());
+                println!(
+                    "{}",
+                    probes::sae::default::Recipe::for_model(&model)
+                        .corpus_dir()
+                        .display()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             let dir = probes::sae::default::ensure(
@@ -269,7 +278,10 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
                 let c = model.config();
                 let hook_name = sae.hook.clone().context("the default SAE names its hook")?;
                 let hook = sae.check_fits(&hook_name, c.n_layers, c.d_model)?;
-                let docs: Vec<String> = probes::sae::default::EVAL_TEXT.split("\n\n").map(str::to_string).collect();
+                let docs: Vec<String> = probes::sae::default::EVAL_TEXT
+                    .split("\n\n")
+                    .map(str::to_string)
+                    .collect();
                 let wins = probes::sae::train::windows(&model, &docs, 64, 1)?;
                 let r = probes::sae::eval::evaluate(&model, &sae, hook, &wins, 8)?;
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -67,6 +67,24 @@ impl Recipe {
             .join("sae")
             .join(format!("default-{}", self.digest()))
     }
+
+    /// The corpus depends only on the model and the sampling settings, so SAEs trained with
+    /// other settings share it.
+    pub fn corpus_dir(&self) -> PathBuf {
+        let key = serde_json::json!([
+            self.model_digest,
+            self.samples_per_prompt,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            SEEDS
+        ]);
+        let digest = crate::digest::sha256_hex(key.to_string().as_bytes());
+        crate::fetch::home()
+            .join("sae")
+            .join(format!("corpus-{}", &digest[..16]))
+    }
 }
 
 /// Generate (or read back) the self-written corpus.
