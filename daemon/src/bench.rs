@@ -60,7 +60,7 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Prompts per micro-batch (bounds the memory held by logits).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     micro_batch: usize,
     /// Tokens per generation (timed including the chat prompt's prefill).
     #[arg(long, default_value_t = 128)]
