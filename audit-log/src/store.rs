@@ -182,23 +182,14 @@ pub fn log_id(conn: &Connection) -> Result<String, LogError> {
 
 /// Rows with `seq` in `[from, to)`, in order.
 pub fn read_records(conn: &Connection, from: u64, to: u64) -> Result<Vec<StoredRecord>, LogError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT seq, bytes, sig, key_id FROM records WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
-        )
-        .map_err(sql("reading records"))?;
-    let rows = stmt
-        .query_map(params![from as i64, to.min(i64::MAX as u64) as i64], |r| {
-            Ok(StoredRecord {
-                seq: r.get::<_, i64>(0)? as u64,
-                bytes: r.get(1)?,
-                sig: r.get(2)?,
-                key_id: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading records"))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(sql("reading records"))
+    query_records(
+        conn,
+        "SELECT seq, bytes, sig, key_id FROM records WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
+        [
+            from.min(i64::MAX as u64) as i64,
+            to.min(i64::MAX as u64) as i64,
+        ],
+    )
 }
 
 /// Up to `limit` rows with `seq >= from`, in order (gaps show as jumps in `seq`).
@@ -207,23 +198,31 @@ pub fn read_records_from(
     from: u64,
     limit: usize,
 ) -> Result<Vec<StoredRecord>, LogError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT seq, bytes, sig, key_id FROM records WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
-        )
-        .map_err(sql("reading records"))?;
+    query_records(
+        conn,
+        "SELECT seq, bytes, sig, key_id FROM records WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+        [
+            from.min(i64::MAX as u64) as i64,
+            limit.min(i64::MAX as usize) as i64,
+        ],
+    )
+}
+
+fn query_records(
+    conn: &Connection,
+    query: &str,
+    args: [i64; 2],
+) -> Result<Vec<StoredRecord>, LogError> {
+    let mut stmt = conn.prepare_cached(query).map_err(sql("reading records"))?;
     let rows = stmt
-        .query_map(
-            params![from.min(i64::MAX as u64) as i64, limit as i64],
-            |r| {
-                Ok(StoredRecord {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    bytes: r.get(1)?,
-                    sig: r.get(2)?,
-                    key_id: r.get(3)?,
-                })
-            },
-        )
+        .query_map(args, |r| {
+            Ok(StoredRecord {
+                seq: r.get::<_, i64>(0)? as u64,
+                bytes: r.get(1)?,
+                sig: r.get(2)?,
+                key_id: r.get(3)?,
+            })
+        })
         .map_err(sql("reading records"))?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(sql("reading records"))

@@ -112,14 +112,8 @@ fn load(m: &SaeModelArgs) -> anyhow::Result<Loaded> {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    #[arg(long, default_value = "default")]
-    model: String,
-    /// An SAE folder (SAELens, sparsify) or Gemma Scope params.npz.
-    #[arg(long)]
-    sae: PathBuf,
-    /// The hook to splice at (default: the one the SAE names).
-    #[arg(long)]
-    hook: Option<String>,
+    #[command(flatten)]
+    m: SaeModelArgs,
     #[arg(long, required = true, num_args = 1..)]
     corpus: Vec<PathBuf>,
     /// Evaluation tokens (whole windows).
@@ -354,15 +348,9 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         SaeCmd::Eval(a) => {
-            let model = super::load_model(&a.model)?;
-            let sae = std::sync::Arc::new(probes::sae::load_sae(&a.sae)?);
-            let hook_name = a
-                .hook
-                .clone()
-                .or_else(|| sae.hook.clone())
-                .context("the SAE names no hook; pass --hook")?;
-            let c = model.config();
-            let hook = sae.check_fits(&hook_name, c.n_layers, c.d_model)?;
+            let Loaded {
+                model, sae, hook, ..
+            } = load(&a.m)?;
             let docs = read_corpus(&a.corpus)?;
             let wins = probes::sae::train::windows(&model, &docs, a.context, a.seed)?;
             let n = (a.tokens as usize).div_ceil(a.context).min(wins.len());
@@ -372,7 +360,7 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             } else {
                 println!(
                     "SAE {} at {} on {} tokens",
-                    a.sae.display(),
+                    a.m.sae.display(),
                     r.hook,
                     r.tokens
                 );

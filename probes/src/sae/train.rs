@@ -172,6 +172,29 @@ fn top(
         .collect()
 }
 
+/// Gradient accumulators, one per parameter.
+struct Grads<'a> {
+    w_enc: &'a mut [f32],
+    b_enc: &'a mut [f32],
+    w_dec: &'a mut [f32],
+    b_dec: &'a mut [f32],
+}
+
+/// Back-propagate `g` = dL/d(reconstruction) of one token through its active latents `act`
+/// (input `xc` = x - b_dec): only those latents' rows receive gradient.
+fn backprop_latents(s: &State, act: &[(u32, f32)], g: &[f32], xc: &[f32], grads: &mut Grads) {
+    let d = s.d;
+    for &(j, a) in act {
+        let j = j as usize;
+        let row = j * d..(j + 1) * d;
+        let da = dot(g, &s.w_dec[row.clone()]);
+        axpy(&mut grads.w_dec[row.clone()], a, g);
+        axpy(&mut grads.w_enc[row.clone()], da, xc);
+        grads.b_enc[j] += da;
+        axpy(grads.b_dec, -da, &s.w_enc[row]);
+    }
+}
+
 /// One optimisation step on `x` (`[b][d]`, scaled). Returns (FVU, L0).
 fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f32), SaeError> {
     let (d, n) = (s.d, s.n);
@@ -252,16 +275,13 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
             .map(|(y, t)| (y - t) * (y - t))
             .sum::<f32>();
         axpy(&mut g_b_dec, 1.0, &g);
-        let xcr = &xc[r * d..(r + 1) * d];
-        for &(j, a) in &act {
-            let j = j as usize;
-            let row = j * d..(j + 1) * d;
-            let da = dot(&g, &s.w_dec[row.clone()]);
-            axpy(&mut g_w_dec[row.clone()], a, &g);
-            axpy(&mut g_w_enc[row.clone()], da, xcr);
-            g_b_enc[j] += da;
-            axpy(&mut g_b_dec, -da, &s.w_enc[row]);
-        }
+        let mut grads = Grads {
+            w_enc: &mut g_w_enc,
+            b_enc: &mut g_b_enc,
+            w_dec: &mut g_w_dec,
+            b_dec: &mut g_b_dec,
+        };
+        backprop_latents(s, &act, &g, &xc[r * d..(r + 1) * d], &mut grads);
         if any_dead {
             let resid: Vec<f32> = xr.iter().zip(&recon).map(|(t, y)| t - y).collect();
             let aux = top(
@@ -300,16 +320,13 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
                 .zip(resid)
                 .map(|(y, t)| AUX_COEFF * 2.0 * (y - t) / aux_denom)
                 .collect();
-            let xcr = &xc[r * d..(r + 1) * d];
-            for &(j, a) in aux {
-                let j = j as usize;
-                let row = j * d..(j + 1) * d;
-                let da = dot(&g, &s.w_dec[row.clone()]);
-                axpy(&mut g_w_dec[row.clone()], a, &g);
-                axpy(&mut g_w_enc[row.clone()], da, xcr);
-                g_b_enc[j] += da;
-                axpy(&mut g_b_dec, -da, &s.w_enc[row]);
-            }
+            let mut grads = Grads {
+                w_enc: &mut g_w_enc,
+                b_enc: &mut g_b_enc,
+                w_dec: &mut g_w_dec,
+                b_dec: &mut g_b_dec,
+            };
+            backprop_latents(s, aux, &g, &xc[r * d..(r + 1) * d], &mut grads);
         }
     }
     // Keep decoder rows on the unit sphere: drop the radial gradient component.
