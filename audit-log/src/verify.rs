@@ -93,6 +93,19 @@ pub fn verify_log(
             Reason::Database(format!("SQLite integrity check: {check}")),
         ));
     }
+    let has_schema: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| fail(None, Reason::Database(e.to_string())))?;
+    if !has_schema {
+        return Err(fail(
+            None,
+            Reason::Database("not an initialised mechwatch audit log (no schema)".into()),
+        ));
+    }
     let log_id = store::log_id(conn).map_err(db)?;
     let mut keys: Vec<(String, VerifyingKey)> = vec![(key_id(trusted), *trusted)];
     let mut current = 0usize; // index into keys

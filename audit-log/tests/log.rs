@@ -227,3 +227,25 @@ fn readers_are_not_blocked_by_a_writer_transaction() {
     assert_eq!(r.records, 4);
     writer.execute_batch("ROLLBACK").unwrap();
 }
+
+/// Found by the crash test: a writer killed before its first commit leaves a database with no
+/// schema. Verification must say so, not report a SQL error about a missing table.
+#[test]
+fn regression_verify_on_a_database_without_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("new.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 0")
+        .unwrap();
+    let key = Signer::generate();
+    let e = verify(&path, &key, None).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not an initialised mechwatch audit log"),
+        "{e}"
+    );
+    // Opening it as a writer initialises it, and the empty log verifies.
+    drop(AuditLog::open(&path, None).unwrap());
+    assert_eq!(verify(&path, &key, None).unwrap().records, 0);
+}

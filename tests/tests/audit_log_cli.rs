@@ -336,6 +336,23 @@ fn a_writer_killed_200_times_never_loses_an_acknowledged_record() {
         if let Some(last) = reader.join().unwrap() {
             acked_max = Some(acked_max.map_or(last, |m: u64| m.max(last)));
         }
+        // Restart the writer (it may have died before its first commit, even before the
+        // schema existed), then verify.
+        let o = mechwatch(&[
+            "log",
+            "stress-append",
+            "--db",
+            log.db.to_str().unwrap(),
+            "--key",
+            log.key.to_str().unwrap(),
+            "--count",
+            "0",
+        ]);
+        assert!(
+            o.status.success(),
+            "round {round}: restart failed: {}",
+            stderr(&o)
+        );
         let o = verify(&log, &log.db, None);
         assert!(
             o.status.success(),
