@@ -26,16 +26,11 @@ fn new_log(records: u64) -> Log {
     let pubkey = dir.join("signing.pem.pub");
     let db = dir.join("audit.db");
     if records > 0 {
-        let o = mechwatch(&[
-            "log",
-            "stress-append",
-            "--db",
+        let o = append(
             db.to_str().unwrap(),
-            "--key",
             key.to_str().unwrap(),
-            "--count",
             &records.to_string(),
-        ]);
+        );
         assert!(o.status.success(), "{}", stderr(&o));
     }
     Log {
@@ -45,6 +40,20 @@ fn new_log(records: u64) -> Log {
         key,
         pubkey,
     }
+}
+
+/// Append `count` records with `mechwatch log stress-append` (0 just restarts the writer).
+fn append(db: &str, key: &str, count: &str) -> std::process::Output {
+    mechwatch(&[
+        "log",
+        "stress-append",
+        "--db",
+        db,
+        "--key",
+        key,
+        "--count",
+        count,
+    ])
 }
 
 fn verify(log: &Log, db: &Path, checkpoint: Option<&Path>) -> std::process::Output {
@@ -69,16 +78,7 @@ fn key_files_are_private_and_loose_keys_are_refused() {
     let mode = std::fs::metadata(&log.key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     std::fs::set_permissions(&log.key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = mechwatch(&[
-        "log",
-        "stress-append",
-        "--db",
-        log.db.to_str().unwrap(),
-        "--key",
-        log.key.to_str().unwrap(),
-        "--count",
-        "1",
-    ]);
+    let o = append(log.db.to_str().unwrap(), log.key.to_str().unwrap(), "1");
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("readable by group or others"),
@@ -173,16 +173,7 @@ fn verify_show_proof_and_rotation() {
         new_key.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = mechwatch(&[
-        "log",
-        "stress-append",
-        "--db",
-        log.db.to_str().unwrap(),
-        "--key",
-        new_key.to_str().unwrap(),
-        "--count",
-        "3",
-    ]);
+    let o = append(log.db.to_str().unwrap(), new_key.to_str().unwrap(), "3");
     assert!(o.status.success());
     let o = verify(&log, &log.db, None);
     assert!(o.status.success(), "{}", stdout(&o));
@@ -192,16 +183,7 @@ fn verify_show_proof_and_rotation() {
         stdout(&o)
     );
     // The retired key can no longer append records that verify.
-    mechwatch(&[
-        "log",
-        "stress-append",
-        "--db",
-        log.db.to_str().unwrap(),
-        "--key",
-        log.key.to_str().unwrap(),
-        "--count",
-        "1",
-    ]);
+    append(log.db.to_str().unwrap(), log.key.to_str().unwrap(), "1");
     let o = verify(&log, &log.db, None);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("seq 9:"), "{}", stdout(&o));
@@ -338,16 +320,7 @@ fn a_writer_killed_200_times_never_loses_an_acknowledged_record() {
         }
         // Restart the writer (it may have died before its first commit, even before the
         // schema existed), then verify.
-        let o = mechwatch(&[
-            "log",
-            "stress-append",
-            "--db",
-            log.db.to_str().unwrap(),
-            "--key",
-            log.key.to_str().unwrap(),
-            "--count",
-            "0",
-        ]);
+        let o = append(log.db.to_str().unwrap(), log.key.to_str().unwrap(), "0");
         assert!(
             o.status.success(),
             "round {round}: restart failed: {}",
