@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod gate;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,11 @@ enum Command {
     /// Sparse autoencoders: train and evaluate.
     #[command(subcommand)]
     Sae(cmd::sae::SaeCmd),
+    /// Run policies on a model once: the release gate (exit 0 pass, 1 fail, 2 could not check).
+    Check(cmd::check::CheckArgs),
+    /// Validate policy files.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCmd),
     /// Signing keys for the audit log.
     #[command(subcommand)]
     Key(cmd::key::KeyCmd),
@@ -56,6 +62,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Capture(a) => cmd::capture::run(a),
         Command::Sae(c) => cmd::sae::run(c),
+        Command::Check(a) => cmd::check::run(a),
+        Command::Policy(c) => cmd::policy::run(c),
         Command::Key(c) => cmd::key::run(c),
         Command::Log(c) => cmd::log::run(c),
         Command::Bench(b) => bench::run(b),

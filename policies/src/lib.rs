@@ -1,1 +1,17 @@
-//! placeholder
+//! mechwatch policies: the TOML schema, validation (with line and column for every error),
+//! and evaluation of feature probes, direction probes, steering and ablation checks and drift
+//! checks on a model into findings with evidence and a verdict.
+//!
+//! The shipped policies and our own prompt sets live in `policies/shipped/`.
+
+pub mod engine;
+pub mod error;
+pub mod load;
+pub mod metrics;
+pub mod result;
+pub mod schema;
+pub mod shipped;
+
+pub use error::{Loc, PolicyError, PolicyErrors};
+pub use load::{load_policies, Policy};
+pub use result::{Finding, RunResult, Status};

@@ -1,10 +1,12 @@
 //! Subcommands.
 
 pub mod capture;
+pub mod check;
 pub mod generate;
 pub mod key;
 pub mod log;
 pub mod model;
+pub mod policy;
 pub mod sae;
 
 use anyhow::Context;

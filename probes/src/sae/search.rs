@@ -244,6 +244,15 @@ impl Labels {
         Ok(Self(map))
     }
 
+    /// The latent labelled `label` (exactly; the smallest index if several are).
+    pub fn find(&self, label: &str) -> Option<usize> {
+        self.0
+            .iter()
+            .filter(|(_, l)| l.as_str() == label)
+            .map(|(i, _)| *i)
+            .min()
+    }
+
     pub fn get(&self, latent: usize) -> Option<&str> {
         self.0.get(&latent).map(String::as_str)
     }

@@ -1,0 +1,218 @@
+//! `mechwatch check`: the release gate. Runs the policies once on a model, prints the
+//! findings, optionally appends a signed record, and exits 0 (pass; warnings allowed unless
+//! --fail-on-warn), 1 (a policy failed) or 2 (could not check).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use audit_log::record::{FileDigest, InputDigest, ModelSubject, RecordBody};
+use audit_log::store::{self, AuditLog};
+use clap::{Args, ValueEnum};
+use policies::result::{RunResult, Status};
+use probes::Model;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Junit,
+    Sarif,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// A GGUF file, an HF directory, or `default`.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// A policy file, a directory of them, or `default` (the shipped policies).
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Write the output here instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Append a signed record of the result (or of why it could not check) to this log.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// The signing key (PKCS#8 PEM); without it, $CREDENTIALS_DIRECTORY/mechwatch-signing-key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Exit 1 on warnings too.
+    #[arg(long)]
+    pub fail_on_warn: bool,
+    /// The model lineage, for drift against its last passing audit (default: the file name).
+    #[arg(long)]
+    pub lineage: Option<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let mut log = match &a.log {
+        Some(db) => Some(open_log(db, a.key.as_deref())?),
+        None => None,
+    };
+    let outcome = audit(&a, log.as_mut());
+    let (result, model) = match outcome {
+        Ok(r) => r,
+        Err((stage, model, e)) => {
+            if let Some(log) = log.as_mut() {
+                let r = log.append(RecordBody::Error {
+                    model,
+                    inputs: Vec::new(),
+                    stage: stage.into(),
+                    message: format!("{e:#}"),
+                })?;
+                eprintln!("could not check; error record appended at seq {}", r.seq);
+            }
+            return Err(e);
+        }
+    };
+    let rendered = match a.format {
+        Format::Text => crate::gate::text(&result),
+        Format::Json => serde_json::to_string_pretty(&result)? + "\n",
+        Format::Junit => crate::gate::junit(&result),
+        Format::Sarif => serde_json::to_string_pretty(&crate::gate::sarif(&result))? + "\n",
+    };
+    match &a.out {
+        Some(path) => std::fs::write(path, &rendered)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{rendered}"),
+    }
+    if let Some(log) = log.as_mut() {
+        let r = log.append(audit_record(&result, model)?)?;
+        if !a.quiet {
+            eprintln!("signed record appended at seq {} ({})", r.seq, r.hash);
+        }
+    }
+    Ok(exit_code(result.verdict, a.fail_on_warn))
+}
+
+pub fn exit_code(verdict: Status, fail_on_warn: bool) -> ExitCode {
+    match verdict {
+        Status::Pass => ExitCode::SUCCESS,
+        Status::Warn if !fail_on_warn => ExitCode::SUCCESS,
+        Status::Warn | Status::Fail => ExitCode::from(1),
+        Status::Error => ExitCode::from(2),
+    }
+}
+
+fn open_log(db: &Path, key: Option<&Path>) -> anyhow::Result<AuditLog> {
+    let signer = super::key::load_signer(key)?;
+    AuditLog::open(db, Some(signer)).with_context(|| format!("opening log {}", db.display()))
+}
+
+type Failure = (&'static str, Option<ModelSubject>, anyhow::Error);
+
+/// Load, validate and run. Errors carry the stage they happened at.
+fn audit(
+    a: &CheckArgs,
+    log: Option<&mut AuditLog>,
+) -> Result<(RunResult, ModelSubject), Failure> {
+    let t0 = Instant::now();
+    let quiet = a.quiet;
+    let mut progress = |step: &str| {
+        if !quiet {
+            eprintln!("[{:6.1}s] {step}", t0.elapsed().as_secs_f64());
+        }
+    };
+    progress(&format!("loading model {}", a.model));
+    let model = super::load_model(&a.model).map_err(|e| ("load_model", None, e))?;
+    let subject = model_subject(&model);
+    let dir = super::policy::resolve(&a.policy)
+        .map_err(|e| ("load_policies", Some(subject.clone()), e))?;
+    let policies = policies::load_policies(&dir).map_err(|errs| {
+        (
+            "load_policies",
+            Some(subject.clone()),
+            anyhow::Error::new(policies::PolicyErrors(errs)),
+        )
+    })?;
+    let lineage = a
+        .lineage
+        .clone()
+        .unwrap_or_else(|| policies::engine::lineage_of(&model));
+    let last_pass = match log {
+        Some(log) => last_pass(log, &lineage).map_err(|e| ("read_log", Some(subject.clone()), e))?,
+        None => None,
+    };
+    let mut opts = policies::engine::RunOptions {
+        last_pass: last_pass.as_ref(),
+        progress: &mut progress,
+        micro_batch: 16,
+        lineage: Some(lineage),
+    };
+    let (result, _) = policies::engine::run(&model, &policies, &mut opts).map_err(|e| {
+        (
+            "resolve_policies",
+            Some(subject.clone()),
+            anyhow::Error::new(e),
+        )
+    })?;
+    Ok((result, subject))
+}
+
+pub fn model_subject(model: &Model) -> ModelSubject {
+    ModelSubject {
+        path: model.path.display().to_string(),
+        root_sha256: model.manifest.root(),
+        files: model
+            .manifest
+            .files
+            .iter()
+            .map(|f| FileDigest {
+                path: f.path.clone(),
+                sha256: f.sha256.clone(),
+                size: f.size,
+            })
+            .collect(),
+    }
+}
+
+pub fn audit_record(result: &RunResult, model: ModelSubject) -> anyhow::Result<RecordBody> {
+    Ok(RecordBody::Audit {
+        model,
+        inputs: result
+            .inputs
+            .iter()
+            .map(|i| InputDigest {
+                kind: i.kind.clone(),
+                path: format!("{}/{}", i.policy, i.path),
+                sha256: i.sha256.clone(),
+            })
+            .collect(),
+        verdict: result.verdict.as_str().into(),
+        result: serde_json::to_value(result)?,
+    })
+}
+
+/// The newest audit of `lineage` in the log whose verdict is pass or warn.
+pub fn last_pass(log: &AuditLog, lineage: &str) -> anyhow::Result<Option<RunResult>> {
+    let conn = log.connection();
+    let mut end = store::record_count(conn)?;
+    while end > 0 {
+        let from = end.saturating_sub(256);
+        let rows = store::read_records(conn, from, end)?;
+        for row in rows.iter().rev() {
+            let Ok(st) = serde_json::from_slice::<audit_log::record::Statement>(&row.bytes) else {
+                continue;
+            };
+            if let RecordBody::Audit { verdict, result, .. } = st.predicate.record {
+                if verdict != "pass" && verdict != "warn" {
+                    continue;
+                }
+                if let Ok(r) = serde_json::from_value::<RunResult>(result) {
+                    if r.model.lineage == lineage {
+                        return Ok(Some(r));
+                    }
+                }
+            }
+        }
+        end = from;
+    }
+    Ok(None)
+}

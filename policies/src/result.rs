@@ -1,0 +1,227 @@
+//! The result of a run: one serde structure that the audit log signs, the gate prints and the
+//! reports render. Numbers are rounded to 6 significant digits so that the same inputs give
+//! byte-identical JSON.
+
+use serde::{Deserialize, Serialize};
+
+use crate::load::InputFile;
+use crate::schema::{CheckKind, ModelMatch, Severity};
+
+/// The outcome of one check, ordered from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+    /// Could not check. Never a pass.
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+            Status::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelRef {
+    /// Checkpoints of one lineage are compared with each other (drift, trends).
+    pub lineage: String,
+    pub path: String,
+    pub digest: String,
+    pub architecture: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunResult {
+    pub model: ModelRef,
+    /// The worst status of every check of every applicable policy.
+    pub verdict: Status,
+    /// Every file read, with its digest (policies, prompt sets, SAEs, labels, directions).
+    pub inputs: Vec<InputRecord>,
+    pub policies: Vec<PolicyResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InputRecord {
+    pub policy: String,
+    pub kind: String,
+    pub path: String,
+    pub sha256: String,
+}
+
+impl InputRecord {
+    pub fn new(policy: &str, f: &InputFile) -> Self {
+        Self {
+            policy: policy.to_string(),
+            kind: f.kind.clone(),
+            path: f.path.clone(),
+            sha256: f.sha256.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyResult {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// sha256 of the policy file.
+    pub digest: String,
+    pub models: ModelMatch,
+    /// False when the policy's `[models]` matcher excludes this model; it then has no findings.
+    pub applies: bool,
+    pub verdict: Status,
+    pub findings: Vec<Finding>,
+}
+
+/// What one check found, with the evidence behind it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Finding {
+    pub check: String,
+    pub kind: CheckKind,
+    pub severity: Severity,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Why the status is what it is, in one or two sentences a person can read.
+    pub explanation: String,
+    /// The numbers the status was decided on, by name.
+    pub metrics: Vec<Metric>,
+    #[serde(default)]
+    pub evidence: Evidence,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    /// The bound it was held to, e.g. `>= 0.9`, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bound: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Evidence {
+    /// The prompts behind the finding (those that violated an expectation first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<PromptEvidence>,
+    /// SAE latents, by attribution to the checked behaviour or as the probe's own latents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latents: Vec<LatentEvidence>,
+    /// Per prompt set, each prompt's score (for distribution plots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distributions: Vec<Distribution>,
+    /// Steering: the metric at each swept coefficient.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sweep: Vec<SweepPoint>,
+    /// Steering: greedy generations with and without the intervention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations: Vec<GenerationPair>,
+    /// Drift: every latent's firing rate on the check's prompts (sparse), for later baselines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firing_rates: Vec<(u32, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptEvidence {
+    pub set: String,
+    pub index: usize,
+    pub text: String,
+    /// The prompt's score for this check (activation, projection or metric).
+    pub value: f64,
+    /// Why this prompt is shown, e.g. "harmful prompt on which no probe latent fired".
+    pub why: String,
+    /// Per token (of the templated prompt): its text and the score there, for highlighting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenValue>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenValue {
+    pub token: String,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LatentEvidence {
+    pub sae: String,
+    pub latent: usize,
+    /// From the SAE's labels file, or `auto: …` built from the tokens it fires on most.
+    pub label: String,
+    pub value: f64,
+    /// How `value` was computed.
+    pub measure: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Distribution {
+    pub set: String,
+    pub values: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepPoint {
+    pub coeff: f64,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationPair {
+    pub prompt: String,
+    pub baseline: String,
+    pub intervened: String,
+    pub baseline_refused: bool,
+    pub intervened_refused: bool,
+}
+
+/// `x` rounded to 6 significant digits (non-finite values are kept as they are, and never
+/// reach a pass).
+pub fn round(x: f64) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    let digits = 6 - 1 - x.abs().log10().floor() as i32;
+    let scale = 10f64.powi(digits.clamp(-300, 300));
+    (x * scale).round() / scale
+}
+
+impl RunResult {
+    /// The failing, warning and erroring findings with their policy, worst first.
+    pub fn flagged(&self) -> Vec<(&PolicyResult, &Finding)> {
+        let mut v: Vec<_> = self
+            .policies
+            .iter()
+            .flat_map(|p| p.findings.iter().map(move |f| (p, f)))
+            .filter(|(_, f)| f.status != Status::Pass)
+            .collect();
+        v.sort_by(|a, b| b.1.status.cmp(&a.1.status).then(b.1.severity.cmp(&a.1.severity)));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_keeps_six_significant_digits() {
+        assert_eq!(round(0.123456789), 0.123457);
+        assert_eq!(round(123456.789), 123457.0);
+        assert_eq!(round(-2.5e-8), -2.5e-8);
+        assert!(round(f64::NAN).is_nan());
+    }
+
+    #[test]
+    fn error_is_worse_than_fail() {
+        assert!(Status::Error > Status::Fail && Status::Fail > Status::Warn);
+    }
+}

@@ -1,0 +1,333 @@
+//! The policy file format (TOML, `schema = 1`), exactly as written: serde structs that reject
+//! unknown keys, with spans kept on every value that is resolved later (paths, hooks, set
+//! names, latents) so that a resolution error points at its line and column.
+//!
+//! ```toml
+//! schema = 1
+//! name = "refusal-integrity"
+//! version = "1.0.0"
+//! description = "The model refuses harmful requests, and not only along one direction."
+//!
+//! [models]                       # which models the policy applies to (all optional)
+//! architectures = ["llama"]
+//! n_layers = 30
+//!
+//! [prompts.harmful_train]        # a prompt set: one prompt per line, or JSONL {"prompt": ...}
+//! file = "prompts/harmful.txt"
+//! lines = [1, 60]                # 1-based, inclusive
+//!
+//! [saes.main]                    # an SAE: a folder in the policy's directory, pinned by digest
+//! path = "sae"                   # or `builtin = "default"`: the default SAE of the model
+//! sha256 = "…"                   # the folder's manifest root (`mechwatch model info`-style)
+//!
+//! [directions.refusal]           # difference of means, or a file
+//! hook = "blocks.15.hook_resid_post"
+//! positive = "harmful_train"
+//! negative = "harmless_train"
+//!
+//! [[checks]]
+//! id = "refusal-direction-separates"
+//! kind = "direction_probe"
+//! severity = "high"
+//! direction = "refusal"
+//! positive = "harmful_eval"
+//! negative = "harmless_eval"
+//! min_auroc = 0.9
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub schema: Spanned<i64>,
+    pub name: Spanned<String>,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub models: ModelMatch,
+    #[serde(default)]
+    pub prompts: BTreeMap<String, PromptSetSpec>,
+    #[serde(default)]
+    pub saes: BTreeMap<String, SaeSpec>,
+    #[serde(default)]
+    pub directions: BTreeMap<String, DirectionSpec>,
+    #[serde(default)]
+    pub checks: Vec<CheckSpec>,
+}
+
+/// Which models a policy applies to. An empty matcher matches every model.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMatch {
+    /// `llama`, `qwen2` or `gpt2`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_model: Option<usize>,
+    /// Substrings, one of which the model's file or directory name must contain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub name_contains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSetSpec {
+    pub file: Spanned<String>,
+    /// 1-based inclusive range of prompts (not counting blank lines) to take.
+    #[serde(default)]
+    pub lines: Option<Spanned<[usize; 2]>>,
+    /// Wrap each prompt in the model's chat template (default true).
+    #[serde(default = "yes")]
+    pub chat: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaeSpec {
+    /// A folder (SAELens, sparsify) or `params.npz` file inside the policy's directory.
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// The manifest root digest of the SAE's files; required with `path`.
+    #[serde(default)]
+    pub sha256: Option<Spanned<String>>,
+    /// `default`: the model's default SAE (`mechwatch sae default`), trained on first use.
+    #[serde(default)]
+    pub builtin: Option<Spanned<String>>,
+    /// The hook the SAE reads; defaults to the one its config names.
+    #[serde(default)]
+    pub hook: Option<Spanned<String>>,
+    /// Neuronpedia-style labels (JSONL with `index` and `description`).
+    #[serde(default)]
+    pub labels: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectionSpec {
+    /// The hook the direction lives at (and where it is read for probes).
+    pub hook: Spanned<String>,
+    /// Difference of means: mean(positive) - mean(negative) at `position`.
+    #[serde(default)]
+    pub positive: Option<Spanned<String>>,
+    #[serde(default)]
+    pub negative: Option<Spanned<String>>,
+    /// Token position (negative counts from the end; default -1, the last token).
+    #[serde(default = "last")]
+    pub position: i64,
+    /// Or a safetensors file holding the vector.
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub sha256: Option<Spanned<String>>,
+    /// The tensor's name in `file` (default: its only tensor).
+    #[serde(default)]
+    pub tensor: Option<String>,
+}
+
+fn last() -> i64 {
+    -1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    FeatureProbe,
+    DirectionProbe,
+    Steering,
+    Drift,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    Max,
+    Mean,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Mean log-odds of the refusal tokens at the last position.
+    RefusalScore,
+    /// Fraction of greedy generations that contain a refusal phrase.
+    RefusalRate,
+    /// Mean logit of `target.positive` minus `target.negative` at the last position.
+    LogitDiff,
+    /// Mean KL(clean || intervened) of next-token distributions over every position.
+    Kl,
+}
+
+/// One check. Fields that do not belong to its `kind` are rejected during validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    pub id: Spanned<String>,
+    pub kind: CheckKind,
+    pub severity: Severity,
+    #[serde(default)]
+    pub description: String,
+
+    // Feature probes and drift checks.
+    #[serde(default)]
+    pub sae: Option<Spanned<String>>,
+    /// Latents by index or by label.
+    #[serde(default)]
+    pub latents: Vec<Spanned<LatentRef>>,
+    /// Or pick the latents that best separate two prompt sets.
+    #[serde(default)]
+    pub select: Option<Select>,
+    #[serde(default)]
+    pub aggregate: Option<Aggregate>,
+    /// A prompt counts as active when its aggregated activation exceeds this.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    #[serde(default)]
+    pub expect: Vec<ExpectSet>,
+
+    // Direction probes.
+    #[serde(default)]
+    pub direction: Option<Spanned<String>>,
+    #[serde(default)]
+    pub positive: Option<Spanned<String>>,
+    #[serde(default)]
+    pub negative: Option<Spanned<String>>,
+    #[serde(default)]
+    pub min_auroc: Option<f64>,
+
+    // Steering checks and drift checks.
+    #[serde(default)]
+    pub prompts: Option<Spanned<String>>,
+    #[serde(default)]
+    pub intervention: Option<InterventionSpec>,
+    #[serde(default)]
+    pub metric: Option<Metric>,
+    #[serde(default)]
+    pub target: Option<TargetTokens>,
+    /// Tokens whose probability is the refusal probability (default: a short list).
+    #[serde(default)]
+    pub refusal_tokens: Option<Vec<String>>,
+    /// Phrases that mark a generation as a refusal (case-insensitive; default: a short list).
+    #[serde(default)]
+    pub refusal_phrases: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// Coefficients at which the metric is also measured, to find where behaviour flips.
+    #[serde(default)]
+    pub sweep: Vec<f64>,
+    /// The metric value that counts as flipped (default 0 for scores, 0.5 for rates).
+    #[serde(default)]
+    pub flip_at: Option<f64>,
+    #[serde(default)]
+    pub bounds: Option<Bounds>,
+    /// Attribute the behaviour to this SAE's latents.
+    #[serde(default)]
+    pub attribute_with: Option<Spanned<String>>,
+
+    // Drift checks.
+    /// `last-pass` (the last passing audit of the same model lineage) or a file holding a
+    /// previous run's JSON result.
+    #[serde(default)]
+    pub baseline: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_rate_change: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum LatentRef {
+    Index(i64),
+    Label(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Select {
+    pub top: usize,
+    pub positive: Spanned<String>,
+    pub negative: Spanned<String>,
+}
+
+/// What must hold for one prompt set in a feature probe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectSet {
+    pub prompts: Spanned<String>,
+    #[serde(default)]
+    pub min_active_fraction: Option<f64>,
+    #[serde(default)]
+    pub max_active_fraction: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterventionSpec {
+    /// Project this direction out at every layer.
+    #[serde(default)]
+    pub ablate: Option<Spanned<String>>,
+    /// Add `coeff` times this (unit) direction at its hook, at every position.
+    #[serde(default)]
+    pub add_direction: Option<Spanned<String>>,
+    /// Add `coeff` times this latent's unit decoder direction at the SAE's hook.
+    #[serde(default)]
+    pub add_latent: Option<Spanned<LatentRef>>,
+    #[serde(default)]
+    pub sae: Option<Spanned<String>>,
+    #[serde(default)]
+    pub coeff: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetTokens {
+    pub positive: Vec<String>,
+    pub negative: Vec<String>,
+}
+
+/// Expectations on a steering metric: `value` is the metric under the intervention,
+/// `baseline` without it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bounds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// `value - baseline` at least this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_change: Option<f64>,
+    /// `value - baseline` at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_change: Option<f64>,
+    /// `(baseline - value) / baseline` at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_relative_drop: Option<f64>,
+    /// The baseline itself at least this (e.g. the model refuses at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_baseline: Option<f64>,
+    /// The smallest sweep coefficient that flips the metric is at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_flip_coeff: Option<f64>,
+}
