@@ -15,6 +15,17 @@ pub enum BenchCmd {
     Sae(SaeBenchArgs),
     /// Durable appends per second (single vs group commit) and verifications per second.
     Log(LogArgs),
+    /// The policy set end to end (model load included), time per check kind, against one
+    /// plain forward pass over every prompt the policies read.
+    Check(CheckBenchArgs),
+}
+
+#[derive(Args)]
+pub struct CheckBenchArgs {
+    #[arg(long, default_value = "default")]
+    model: String,
+    #[arg(long, default_value = "default")]
+    policy: String,
 }
 
 #[derive(Args)]
@@ -72,7 +83,82 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Forward(a) => forward(a),
         BenchCmd::Log(a) => log(a),
         BenchCmd::Sae(a) => sae(a),
+        BenchCmd::Check(a) => check(a),
     }
+}
+
+fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
+    let dir = crate::cmd::policy::resolve(&a.policy)?;
+    let policies = policies::load_policies(&dir).map_err(policies::PolicyErrors)?;
+    // The default SAE is trained on first use; that is set-up, not the audit.
+    let t0 = Instant::now();
+    let (load, model) = time(|| crate::cmd::load_model(&a.model))?;
+    let mut quiet = |_: &str| {};
+    let mut opts = policies::engine::RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 16,
+        lineage: None,
+    };
+    let (result, timings) = policies::engine::run(&model, &policies, &mut opts)?;
+    let total = t0.elapsed().as_secs_f64();
+    let checked: f64 = timings.values().sum();
+    // Baseline: one plain forward pass over every distinct prompt the policies read.
+    let mut prompts: Vec<Vec<u32>> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &policies {
+        for set in p.prompt_sets.values() {
+            for text in &set.prompts {
+                if seen.insert((set.chat, text.clone())) {
+                    prompts.push(model.encode_prompt(text, set.chat)?);
+                }
+            }
+        }
+    }
+    let n_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let (plain, ()) = time(|| {
+        model.transformer.forward_chunked(
+            &prompts,
+            16,
+            Padding::Right,
+            &Hooks::new(),
+            Unembed::Last,
+            |_, _| Ok(()),
+        )?;
+        Ok(())
+    })?;
+    let plain = plain.as_secs_f64();
+    println!(
+        "policies {} ({} checks) on {}, {} threads; verdict {}",
+        dir.display(),
+        result
+            .policies
+            .iter()
+            .map(|p| p.findings.len())
+            .sum::<usize>(),
+        model.path.display(),
+        rayon_threads(),
+        result.verdict.as_str()
+    );
+    println!("model load                 {load:>7.2?}");
+    println!(
+        "resolve (directions, SAEs) {:>6.2}s",
+        total - load.as_secs_f64() - checked
+    );
+    for (kind, secs) in &timings {
+        println!("{kind:<26} {secs:>6.2}s");
+    }
+    println!(
+        "total, end to end          {total:>6.2}s   (target <= 60 s: {})",
+        if total <= 60.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "baseline: one plain forward over the {} distinct prompts ({n_tokens} tokens) {plain:.2}s; the audit costs {:.1}x that",
+        prompts.len(),
+        total / plain
+    );
+    println!("peak RSS {:.0} MB", peak_rss_mb().unwrap_or(f64::NAN));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Text we wrote ourselves, tiled into fixed-length token windows.

@@ -62,11 +62,17 @@ pub fn text(r: &RunResult) -> String {
     s.push('\n');
     for p in &r.policies {
         if !p.applies {
-            s.push_str(&format!("skip  {} (does not apply to this model)\n", p.name));
+            s.push_str(&format!(
+                "skip  {} (does not apply to this model)\n",
+                p.name
+            ));
             continue;
         }
         for f in p.findings.iter().filter(|f| f.status == Status::Pass) {
-            s.push_str(&format!("PASS  {}/{}: {}\n", p.name, f.check, f.explanation));
+            s.push_str(&format!(
+                "PASS  {}/{}: {}\n",
+                p.name, f.check, f.explanation
+            ));
         }
     }
     s

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use probes::generate::{generate, GenerateOptions, Sampling};
 use probes::hooks::{HookPoint, Hooks, Positions};
-use probes::sae::search::{auroc, contrast, Labels, PromptActs};
+use probes::sae::search::{auroc, Labels};
 use probes::sae::{Activation, Sae, SparseRow};
 use probes::transformer::{Padding, Unembed};
 use probes::Model;
+use rayon::prelude::*;
 
 use crate::error::{PolicyError, PolicyErrors};
 use crate::load::{
@@ -28,7 +29,7 @@ use crate::result::{
     round, Distribution, Evidence, Finding, GenerationPair, InputRecord, LatentEvidence, Metric,
     ModelRef, PolicyResult, PromptEvidence, RunResult, Status, SweepPoint, TokenValue,
 };
-use crate::schema::{Aggregate, Bounds, Metric as MetricKind, ModelMatch, Severity};
+use crate::schema::{Aggregate, Bounds, Metric as MetricKind, ModelMatch, Severity, TokenScope};
 
 /// How a run is carried out.
 pub struct RunOptions<'a> {
@@ -47,12 +48,21 @@ pub struct RunOptions<'a> {
 pub fn resolve_only(model: &Model, policies: &[Policy]) -> Result<(), PolicyErrors> {
     let mut engine = Engine::new(model, 16);
     let mut quiet = |_: &str| {};
-    let mut opts = RunOptions { last_pass: None, progress: &mut quiet, micro_batch: 16, lineage: None };
+    let mut opts = RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 16,
+        lineage: None,
+    };
     let mut errors = Vec::new();
     for p in policies.iter().filter(|p| applies(&p.models, model)) {
         engine.resolve(p, &mut opts, &mut errors);
     }
-    if errors.is_empty() { Ok(()) } else { Err(PolicyErrors(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyErrors(errors))
+    }
 }
 
 /// Seconds spent per check kind, for `mechwatch bench check`.
@@ -66,10 +76,7 @@ pub fn run(
     opts: &mut RunOptions<'_>,
 ) -> Result<(RunResult, Timings), PolicyErrors> {
     let mut engine = Engine::new(model, opts.micro_batch);
-    let applicable: Vec<bool> = policies
-        .iter()
-        .map(|p| applies(&p.models, model))
-        .collect();
+    let applicable: Vec<bool> = policies.iter().map(|p| applies(&p.models, model)).collect();
     if !applicable.iter().any(|a| *a) {
         return Err(PolicyErrors(vec![PolicyError::at(
             &policies.first().map(|p| p.path.clone()).unwrap_or_default(),
@@ -167,17 +174,17 @@ pub fn run(
 
 /// The default lineage of a model: its file or directory name.
 pub fn lineage_of(model: &Model) -> String {
-    model
-        .path
-        .file_name()
-        .map_or_else(|| model.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    model.path.file_name().map_or_else(
+        || model.path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn kind_name(b: &CheckBody) -> &'static str {
     match b {
         CheckBody::Feature { .. } => "feature_probe",
         CheckBody::Direction { .. } => "direction_probe",
-        CheckBody::Steering { .. } => "steering",
+        CheckBody::Steering(_) => "steering",
         CheckBody::Drift { .. } => "drift",
     }
 }
@@ -236,6 +243,16 @@ struct Tokens {
     prefix: usize,
 }
 
+impl Tokens {
+    /// The rows of `prompt` that `scope` reads.
+    fn scored<'a, T>(&self, prompt: &'a [T], scope: TokenScope) -> &'a [T] {
+        match scope {
+            TokenScope::Prompt => &prompt[self.prefix.min(prompt.len())..],
+            TokenScope::Last => &prompt[prompt.len().saturating_sub(1)..],
+        }
+    }
+}
+
 struct Engine<'m> {
     model: &'m Model,
     micro_batch: usize,
@@ -277,7 +294,12 @@ impl<'m> Engine<'m> {
         self.model.config().n_layers
     }
 
-    fn hook(&self, p: &Policy, name: &crate::load::Located<String>, errors: &mut Vec<PolicyError>) -> Option<HookPoint> {
+    fn hook(
+        &self,
+        p: &Policy,
+        name: &crate::load::Located<String>,
+        errors: &mut Vec<PolicyError>,
+    ) -> Option<HookPoint> {
         match HookPoint::parse(&name.value, self.n_layers()) {
             Ok(h) => Some(h),
             Err(e) => {
@@ -304,7 +326,11 @@ impl<'m> Engine<'m> {
                         (s, hook.clone())
                     }
                     Err(e) => {
-                        errors.push(PolicyError::at(&p.path, None, format!("[saes.{name}]: the default SAE: {e}")));
+                        errors.push(PolicyError::at(
+                            &p.path,
+                            None,
+                            format!("[saes.{name}]: the default SAE: {e}"),
+                        ));
                         continue;
                     }
                 },
@@ -314,14 +340,23 @@ impl<'m> Engine<'m> {
                 .map(|h| h.value.clone())
                 .or_else(|| sae.hook.clone());
             let Some(hook_name) = hook_name else {
-                errors.push(PolicyError::at(&p.path, None, format!("[saes.{name}]: the SAE's config names no hook; set `hook`")));
+                errors.push(PolicyError::at(
+                    &p.path,
+                    None,
+                    format!("[saes.{name}]: the SAE's config names no hook; set `hook`"),
+                ));
                 continue;
             };
             match sae.check_fits(&hook_name, self.n_layers(), d_model) {
                 Ok(hook) => {
                     self.saes.insert(
                         (p.name.clone(), name.clone()),
-                        ResolvedSae { name: name.clone(), sae, hook, labels: entry.labels.clone() },
+                        ResolvedSae {
+                            name: name.clone(),
+                            sae,
+                            hook,
+                            labels: entry.labels.clone(),
+                        },
                     );
                 }
                 Err(e) => {
@@ -331,16 +366,29 @@ impl<'m> Engine<'m> {
             }
         }
         for d in p.directions.values() {
-            let Some(hook) = self.hook(p, &d.hook, errors) else { continue };
+            let Some(hook) = self.hook(p, &d.hook, errors) else {
+                continue;
+            };
             if !hook.is_residual_width() {
-                errors.push(p.error(&d.hook.at, format!("`{}` is not a residual-stream-width hook; a direction needs one", d.hook.value)));
+                errors.push(p.error(
+                    &d.hook.at,
+                    format!(
+                        "`{}` is not a residual-stream-width hook; a direction needs one",
+                        d.hook.value
+                    ),
+                ));
                 continue;
             }
-            if let DirectionSource::Contrast { positive, negative, .. } = &d.source {
+            if let DirectionSource::Contrast {
+                positive, negative, ..
+            } = &d.source
+            {
                 for set in [positive, negative] {
                     let key = self.set_tokens(p, set.as_str()).map(|t| t.key);
                     match key {
-                        Ok(k) => { self.plan.entry(k).or_default().insert(hook); }
+                        Ok(k) => {
+                            self.plan.entry(k).or_default().insert(hook);
+                        }
                         Err(e) => errors.push(PolicyError::at(&p.path, None, e)),
                     }
                 }
@@ -351,7 +399,12 @@ impl<'m> Engine<'m> {
             let sae_of = |n: &str| self.saes.get(&(p.name.clone(), n.to_string())).cloned();
             let mut wants: Vec<(String, HookPoint)> = Vec::new();
             match &c.body {
-                CheckBody::Feature { sae, latents, expect, .. } => {
+                CheckBody::Feature {
+                    sae,
+                    latents,
+                    expect,
+                    ..
+                } => {
                     let Some(s) = sae_of(sae) else { continue };
                     if let LatentChoice::Listed(ls) = latents {
                         for l in ls {
@@ -360,14 +413,27 @@ impl<'m> Engine<'m> {
                             }
                         }
                     }
-                    let mut sets: Vec<&String> = expect.iter().map(|e: &Expectation| &e.prompts).collect();
-                    if let LatentChoice::Select { positive, negative, .. } = latents {
+                    let mut sets: Vec<&String> =
+                        expect.iter().map(|e: &Expectation| &e.prompts).collect();
+                    if let LatentChoice::Select {
+                        positive, negative, ..
+                    } = latents
+                    {
                         sets.extend([positive, negative]);
                     }
                     wants.extend(sets.into_iter().map(|s2| (s2.clone(), s.hook)));
                 }
-                CheckBody::Direction { direction, positive, negative, attribute_with, .. } => {
-                    let hook = p.directions.get(direction).and_then(|d| HookPoint::parse(&d.hook.value, self.n_layers()).ok());
+                CheckBody::Direction {
+                    direction,
+                    positive,
+                    negative,
+                    attribute_with,
+                    ..
+                } => {
+                    let hook = p
+                        .directions
+                        .get(direction)
+                        .and_then(|d| HookPoint::parse(&d.hook.value, self.n_layers()).ok());
                     if let Some(h) = hook {
                         wants.push((positive.clone(), h));
                         wants.push((negative.clone(), h));
@@ -378,7 +444,13 @@ impl<'m> Engine<'m> {
                         }
                     }
                 }
-                CheckBody::Steering { prompts, intervention, attribute_with, .. } => {
+                CheckBody::Steering(st) => {
+                    let crate::load::Steering {
+                        prompts,
+                        intervention,
+                        attribute_with,
+                        ..
+                    } = &**st;
                     if let Intervention::AddLatent { sae, latent, .. } = intervention {
                         if let Some(s) = sae_of(sae) {
                             if let Err(e) = s.sae.check_latent(latent.value) {
@@ -398,7 +470,9 @@ impl<'m> Engine<'m> {
             }
             for (set, hook) in wants {
                 match self.set_tokens(p, &set) {
-                    Ok(t) => { self.plan.entry(t.key).or_default().insert(hook); }
+                    Ok(t) => {
+                        self.plan.entry(t.key).or_default().insert(hook);
+                    }
                     Err(e) => errors.push(PolicyError::at(&p.path, None, e)),
                 }
             }
@@ -408,7 +482,9 @@ impl<'m> Engine<'m> {
         }
         for (name, d) in &p.directions {
             match self.compute_direction(p, d) {
-                Ok(r) => { self.directions.insert((p.name.clone(), name.clone()), r); }
+                Ok(r) => {
+                    self.directions.insert((p.name.clone(), name.clone()), r);
+                }
                 Err(e) => errors.push(p.error(&d.hook.at, format!("direction `{name}`: {e}"))),
             }
         }
@@ -421,7 +497,11 @@ impl<'m> Engine<'m> {
         let progress = &mut opts.progress;
         let dir = probes::sae::default::ensure(
             self.model,
-            |done, total| progress(&format!("default SAE: writing its corpus, {done}/{total} samples")),
+            |done, total| {
+                progress(&format!(
+                    "default SAE: writing its corpus, {done}/{total} samples"
+                ))
+            },
             |_| std::ops::ControlFlow::Continue(()),
         )
         .map_err(|e| e.to_string())?;
@@ -449,7 +529,10 @@ impl<'m> Engine<'m> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("prompt set `{name}`: {e}"))?;
         if let Some(i) = ids.iter().position(Vec::is_empty) {
-            return Err(format!("prompt set `{name}`: prompt {} has no tokens", i + 1));
+            return Err(format!(
+                "prompt set `{name}`: prompt {} has no tokens",
+                i + 1
+            ));
         }
         let prefix = if set.chat { self.chat_prefix()? } else { 0 };
         let mut hasher_input = String::from(if set.chat { "chat\0" } else { "raw\0" });
@@ -461,7 +544,12 @@ impl<'m> Engine<'m> {
             key: probes::digest::sha256_hex(hasher_input.as_bytes()),
             name: name.to_string(),
             texts: Arc::new(set.prompts.clone()),
-            prefix: ids.iter().map(|i| i.len() - 1).min().unwrap_or(0).min(prefix),
+            prefix: ids
+                .iter()
+                .map(|i| i.len() - 1)
+                .min()
+                .unwrap_or(0)
+                .min(prefix),
             ids: Arc::new(ids),
         };
         self.tokens.insert(k, t.clone());
@@ -473,8 +561,14 @@ impl<'m> Engine<'m> {
         if let Some(n) = self.chat_prefix {
             return Ok(n);
         }
-        let a = self.model.encode_prompt("a", true).map_err(|e| e.to_string())?;
-        let b = self.model.encode_prompt("b", true).map_err(|e| e.to_string())?;
+        let a = self
+            .model
+            .encode_prompt("a", true)
+            .map_err(|e| e.to_string())?;
+        let b = self
+            .model
+            .encode_prompt("b", true)
+            .map_err(|e| e.to_string())?;
         let n = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         self.chat_prefix = Some(n);
         Ok(n)
@@ -492,21 +586,38 @@ impl<'m> Engine<'m> {
         let mut per_hook: BTreeMap<HookPoint, Vec<Tensor>> = BTreeMap::new();
         self.model
             .transformer
-            .forward_chunked(&t.ids, self.micro_batch, Padding::Right, &hooks, Unembed::None, |_, out| {
-                for (h, a) in &out.captures {
-                    let v = per_hook.entry(*h).or_default();
-                    for (r, len) in out.layout.lengths.iter().enumerate() {
-                        let x = a.get(r).and_then(|x| x.narrow(0, 0, *len)).and_then(|x| x.contiguous());
-                        v.push(x.map_err(|e| probes::RunError::Batch(e.to_string()))?);
+            .forward_chunked(
+                &t.ids,
+                self.micro_batch,
+                Padding::Right,
+                &hooks,
+                Unembed::None,
+                |_, out| {
+                    for (h, a) in &out.captures {
+                        let v = per_hook.entry(*h).or_default();
+                        for (r, len) in out.layout.lengths.iter().enumerate() {
+                            let x = a
+                                .get(r)
+                                .and_then(|x| x.narrow(0, 0, *len))
+                                .and_then(|x| x.contiguous());
+                            v.push(x.map_err(|e| probes::RunError::Batch(e.to_string()))?);
+                        }
                     }
-                }
-                Ok(())
-            })
+                    Ok(())
+                },
+            )
             .map_err(|e| format!("forward pass over `{}`: {e}", t.name))?;
         for (h, v) in per_hook {
             for (i, x) in v.iter().enumerate() {
-                if x.sum_all().and_then(|s| s.to_scalar::<f32>()).map_or(true, |s| !s.is_finite()) {
-                    return Err(format!("NaN or infinite activations at `{h}` for prompt {} of `{}`", i + 1, t.name));
+                if x.sum_all()
+                    .and_then(|s| s.to_scalar::<f32>())
+                    .map_or(true, |s| !s.is_finite())
+                {
+                    return Err(format!(
+                        "NaN or infinite activations at `{h}` for prompt {} of `{}`",
+                        i + 1,
+                        t.name
+                    ));
                 }
             }
             self.acts.insert((t.key.clone(), h), Arc::new(v));
@@ -516,7 +627,10 @@ impl<'m> Engine<'m> {
 
     /// Sparse SAE activations of every token of every prompt of `t`.
     fn sparse(&mut self, t: &Tokens, s: &ResolvedSae) -> Result<Arc<Vec<Vec<SparseRow>>>, String> {
-        let key = (t.key.clone(), format!("{}:{}", s.sae.manifest.root(), s.hook));
+        let key = (
+            t.key.clone(),
+            format!("{}:{}", s.sae.manifest.root(), s.hook),
+        );
         if let Some(a) = self.sparse.get(&key) {
             return Ok(Arc::clone(a));
         }
@@ -537,39 +651,73 @@ impl<'m> Engine<'m> {
         Ok(out)
     }
 
-    fn compute_direction(&mut self, p: &Policy, d: &crate::load::Direction) -> Result<ResolvedDirection, String> {
+    fn compute_direction(
+        &mut self,
+        p: &Policy,
+        d: &crate::load::Direction,
+    ) -> Result<ResolvedDirection, String> {
         let hook = HookPoint::parse(&d.hook.value, self.n_layers()).map_err(|e| e.to_string())?;
         let d_model = self.model.config().d_model;
         let dev = Device::Cpu;
         let (raw, position) = match &d.source {
             DirectionSource::File { vector } => {
                 if vector.len() != d_model {
-                    return Err(format!("the vector has {} entries but the model's d_model is {d_model}", vector.len()));
+                    return Err(format!(
+                        "the vector has {} entries but the model's d_model is {d_model}",
+                        vector.len()
+                    ));
                 }
-                (Tensor::from_vec(vector.clone(), d_model, &dev).map_err(|e| e.to_string())?, -1)
+                (
+                    Tensor::from_vec(vector.clone(), d_model, &dev).map_err(|e| e.to_string())?,
+                    -1,
+                )
             }
-            DirectionSource::Contrast { positive, negative, position } => {
+            DirectionSource::Contrast {
+                positive,
+                negative,
+                position,
+            } => {
                 let mean = |eng: &mut Self, set: &str| -> Result<Tensor, String> {
                     let t = eng.set_tokens(p, set)?;
                     let acts = eng.acts(&t, hook)?;
                     let rows = acts
                         .iter()
                         .enumerate()
-                        .map(|(i, a)| at_position(a, *position).ok_or_else(|| format!("position {position} is outside prompt {} of `{set}`", i + 1)))
+                        .map(|(i, a)| {
+                            at_position(a, *position).ok_or_else(|| {
+                                format!(
+                                    "position {position} is outside prompt {} of `{set}`",
+                                    i + 1
+                                )
+                            })
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
-                    Tensor::stack(&rows, 0).and_then(|x| x.mean(0)).map_err(|e| e.to_string())
+                    Tensor::stack(&rows, 0)
+                        .and_then(|x| x.mean(0))
+                        .map_err(|e| e.to_string())
                 };
                 let pm = mean(self, positive)?;
                 let nm = mean(self, negative)?;
                 ((pm - nm).map_err(|e| e.to_string())?, *position)
             }
         };
-        let norm = raw.sqr().and_then(|x| x.sum_all()).and_then(|x| x.to_scalar::<f32>()).map_err(|e| e.to_string())?.sqrt() as f64;
+        let norm = raw
+            .sqr()
+            .and_then(|x| x.sum_all())
+            .and_then(|x| x.to_scalar::<f32>())
+            .map_err(|e| e.to_string())?
+            .sqrt() as f64;
         if !(norm.is_finite() && norm > 0.0) {
             return Err("the direction has zero or non-finite length".into());
         }
         let unit = (&raw / norm).map_err(|e| e.to_string())?;
-        Ok(ResolvedDirection { hook, position, raw, unit, norm })
+        Ok(ResolvedDirection {
+            hook,
+            position,
+            raw,
+            unit,
+            norm,
+        })
     }
 
     fn sae(&self, p: &Policy, name: &str) -> Result<ResolvedSae, String> {
@@ -586,18 +734,52 @@ impl<'m> Engine<'m> {
             .ok_or_else(|| format!("direction `{name}` was not resolved"))
     }
 
-    fn check(&mut self, p: &Policy, body: &CheckBody, severity: Severity, opts: &mut RunOptions<'_>) -> Result<Finding, String> {
+    fn check(
+        &mut self,
+        p: &Policy,
+        body: &CheckBody,
+        severity: Severity,
+        opts: &mut RunOptions<'_>,
+    ) -> Result<Finding, String> {
         match body {
-            CheckBody::Feature { sae, latents, aggregate, threshold, expect } => {
-                self.feature(p, sae, latents, *aggregate, *threshold, expect, severity)
-            }
-            CheckBody::Direction { direction, positive, negative, min_auroc, attribute_with } => {
-                self.direction_probe(p, direction, positive, negative, *min_auroc, attribute_with.as_deref(), severity)
-            }
-            CheckBody::Steering { .. } => self.steering(p, body, severity, opts),
-            CheckBody::Drift { sae, prompts, baseline, max_rate_change } => {
-                self.drift(p, sae, prompts, baseline, *max_rate_change, severity, opts)
-            }
+            CheckBody::Feature {
+                sae,
+                latents,
+                aggregate,
+                tokens,
+                threshold,
+                expect,
+            } => self.feature(
+                p,
+                sae,
+                latents,
+                (*aggregate, *tokens),
+                *threshold,
+                expect,
+                severity,
+            ),
+            CheckBody::Direction {
+                direction,
+                positive,
+                negative,
+                min_auroc,
+                attribute_with,
+            } => self.direction_probe(
+                p,
+                direction,
+                positive,
+                negative,
+                *min_auroc,
+                attribute_with.as_deref(),
+                severity,
+            ),
+            CheckBody::Steering(_) => self.steering(p, body, severity, opts),
+            CheckBody::Drift {
+                sae,
+                prompts,
+                baseline,
+                max_rate_change,
+            } => self.drift(p, sae, prompts, baseline, *max_rate_change, severity, opts),
         }
     }
 
@@ -606,10 +788,18 @@ impl<'m> Engine<'m> {
     }
 
     /// Per token after the preamble: text and `value(token index)`.
-    fn token_values(&self, t: &Tokens, prompt: usize, value: impl Fn(usize) -> f64) -> Vec<TokenValue> {
+    fn token_values(
+        &self,
+        t: &Tokens,
+        prompt: usize,
+        value: impl Fn(usize) -> f64,
+    ) -> Vec<TokenValue> {
         let ids = &t.ids[prompt];
         (t.prefix..ids.len())
-            .map(|i| TokenValue { token: self.token_text(ids[i]), value: round(value(i)) })
+            .map(|i| TokenValue {
+                token: self.token_text(ids[i]),
+                value: round(value(i)),
+            })
             .collect()
     }
 
@@ -628,8 +818,8 @@ impl<'m> Engine<'m> {
         hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut seen = Vec::new();
         for (_, id) in hits {
-            let s = self.token_text(id).trim().to_string();
-            if !s.is_empty() && !seen.contains(&s) {
+            let s = visible(&self.token_text(id));
+            if !seen.contains(&s) {
                 seen.push(s);
             }
             if seen.len() == 4 {
@@ -639,7 +829,13 @@ impl<'m> Engine<'m> {
         if seen.is_empty() {
             "auto: (does not fire on these prompts)".into()
         } else {
-            format!("auto: fires on {}", seen.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" "))
+            format!(
+                "auto: fires on {}",
+                seen.iter()
+                    .map(|s| format!("'{s}'"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
         }
     }
 
@@ -656,7 +852,7 @@ impl<'m> Engine<'m> {
         p: &Policy,
         sae_name: &str,
         choice: &LatentChoice,
-        aggregate: Aggregate,
+        (aggregate, scope): (Aggregate, TokenScope),
         threshold: f64,
         expect: &[Expectation],
         severity: Severity,
@@ -666,36 +862,65 @@ impl<'m> Engine<'m> {
         let mut metric_rows = Vec::new();
         let latents: Vec<u32> = match choice {
             LatentChoice::Listed(v) => v.iter().map(|l| l.value as u32).collect(),
-            LatentChoice::Select { top, positive, negative } => {
+            LatentChoice::Select {
+                top,
+                positive,
+                negative,
+            } => {
                 let (pt, nt) = (self.set_tokens(p, positive)?, self.set_tokens(p, negative)?);
                 let (ps, ns) = (self.sparse(&pt, &s)?, self.sparse(&nt, &s)?);
-                let pa = prompt_acts(&pt, &ps);
-                let na = prompt_acts(&nt, &ns);
-                let ranked = contrast(self.model, &s.sae, &pa, &na, *top, &s.labels);
-                for r in &ranked {
-                    metric_rows.push(Metric { name: format!("latent {} selection AUROC ({positive} vs {negative})", r.index), value: round(r.auroc), bound: String::new() });
+                let chosen = select_latents(
+                    &prompt_maxes(&pt, &ps, scope),
+                    &prompt_maxes(&nt, &ns, scope),
+                    *top,
+                    threshold,
+                );
+                for (l, fp, fn_) in &chosen {
+                    metric_rows.push(Metric {
+                        name: format!("selected latent {l}: cumulative active fraction on {positive} / {negative}"),
+                        value: round(fp - fn_),
+                        bound: format!("{:.3} / {:.3}", fp, fn_),
+                    });
                 }
-                ranked.iter().map(|r| r.index as u32).collect()
+                chosen.iter().map(|c| c.0).collect()
             }
         };
         if latents.is_empty() {
-            return Err("no latent was selected: the SAE has no latent that fires on these prompts".into());
+            return Err(
+                "no latent was selected: the SAE has no latent that fires on these prompts".into(),
+            );
         }
         let mut violations = Vec::new();
         let mut label_sets: Vec<(Tokens, Arc<Vec<Vec<SparseRow>>>)> = Vec::new();
+        let mut selection_sets = Vec::new();
+        if let LatentChoice::Select {
+            positive, negative, ..
+        } = choice
+        {
+            for set in [positive, negative] {
+                let t = self.set_tokens(p, set)?;
+                let rows = self.sparse(&t, &s)?;
+                selection_sets.push((t, rows));
+            }
+        }
         for e in expect {
             let t = self.set_tokens(p, &e.prompts)?;
             let rows = self.sparse(&t, &s)?;
             let score_token = |row: &SparseRow| -> f64 {
-                row.iter().filter(|(l, _)| latents.contains(l)).map(|(_, v)| *v as f64).fold(0.0, f64::max)
+                row.iter()
+                    .filter(|(l, _)| latents.contains(l))
+                    .map(|(_, v)| *v as f64)
+                    .fold(0.0, f64::max)
             };
             let scores: Vec<f64> = rows
                 .iter()
                 .map(|prompt| {
-                    let toks = &prompt[t.prefix.min(prompt.len())..];
+                    let toks = t.scored(prompt, scope);
                     match aggregate {
                         Aggregate::Max => toks.iter().map(&score_token).fold(0.0, f64::max),
-                        Aggregate::Mean => toks.iter().map(&score_token).sum::<f64>() / toks.len().max(1) as f64,
+                        Aggregate::Mean => {
+                            toks.iter().map(&score_token).sum::<f64>() / toks.len().max(1) as f64
+                        }
                     }
                 })
                 .collect();
@@ -706,26 +931,63 @@ impl<'m> Engine<'m> {
             if let Some(min) = e.min_active_fraction {
                 bound.push(format!(">= {min}"));
                 if frac < min {
-                    violations.push(format!("the probe fired on {:.0}% of `{}`, below the required {:.0}%", frac * 100.0, e.prompts, min * 100.0));
+                    violations.push(format!(
+                        "the probe fired on {:.0}% of `{}`, below the required {:.0}%",
+                        frac * 100.0,
+                        e.prompts,
+                        min * 100.0
+                    ));
                     show_active = Some(false);
                 }
             }
             if let Some(max) = e.max_active_fraction {
                 bound.push(format!("<= {max}"));
                 if frac > max {
-                    violations.push(format!("the probe fired on {:.0}% of `{}`, above the allowed {:.0}%", frac * 100.0, e.prompts, max * 100.0));
+                    violations.push(format!(
+                        "the probe fired on {:.0}% of `{}`, above the allowed {:.0}%",
+                        frac * 100.0,
+                        e.prompts,
+                        max * 100.0
+                    ));
                     show_active = Some(true);
                 }
             }
-            metric_rows.push(Metric { name: format!("active fraction on {}", e.prompts), value: round(frac), bound: bound.join(" and ") });
-            evidence.distributions.push(Distribution { set: e.prompts.clone(), values: scores.iter().map(|v| round(*v)).collect() });
+            metric_rows.push(Metric {
+                name: format!("active fraction on {}", e.prompts),
+                value: round(frac),
+                bound: bound.join(" and "),
+            });
+            evidence.distributions.push(Distribution {
+                set: e.prompts.clone(),
+                values: scores.iter().map(|v| round(*v)).collect(),
+            });
             // The prompts that broke the expectation, else the strongest ones.
             let mut order: Vec<usize> = (0..scores.len()).collect();
             order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
             let (picked, why): (Vec<usize>, &str) = match show_active {
-                Some(true) => (order.iter().copied().filter(|&i| active[i]).take(5).collect(), "fired although it should not"),
-                Some(false) => (order.iter().rev().copied().filter(|&i| !active[i]).take(5).collect(), "did not fire although it should"),
-                None => (order.iter().copied().take(2).collect(), "strongest activation (expectation met)"),
+                Some(true) => (
+                    order
+                        .iter()
+                        .copied()
+                        .filter(|&i| active[i])
+                        .take(5)
+                        .collect(),
+                    "fired although it should not",
+                ),
+                Some(false) => (
+                    order
+                        .iter()
+                        .rev()
+                        .copied()
+                        .filter(|&i| !active[i])
+                        .take(5)
+                        .collect(),
+                    "did not fire although it should",
+                ),
+                None => (
+                    order.iter().copied().take(2).collect(),
+                    "strongest activation (expectation met)",
+                ),
             };
             for i in picked {
                 evidence.prompts.push(PromptEvidence {
@@ -739,10 +1001,23 @@ impl<'m> Engine<'m> {
             }
             label_sets.push((t, rows));
         }
-        let sets: Vec<(&Tokens, &[Vec<SparseRow>])> = label_sets.iter().map(|(t, r)| (t, r.as_slice())).collect();
+        let sets: Vec<(&Tokens, &[Vec<SparseRow>])> = label_sets
+            .iter()
+            .chain(&selection_sets)
+            .map(|(t, r)| (t, r.as_slice()))
+            .collect();
         for &l in &latents {
             let (t0, r0) = &label_sets[0];
-            let mean = r0.iter().map(|prompt| prompt[t0.prefix.min(prompt.len())..].iter().flat_map(|row| row.iter().filter(|(i, _)| *i == l).map(|(_, v)| *v as f64)).fold(0.0, f64::max)).sum::<f64>() / r0.len() as f64;
+            let mean = r0
+                .iter()
+                .map(|prompt| {
+                    t0.scored(prompt, scope)
+                        .iter()
+                        .flat_map(|row| row.iter().filter(|(i, _)| *i == l).map(|(_, v)| *v as f64))
+                        .fold(0.0, f64::max)
+                })
+                .sum::<f64>()
+                / r0.len() as f64;
             evidence.latents.push(LatentEvidence {
                 sae: s.name.clone(),
                 latent: l as usize,
@@ -751,12 +1026,29 @@ impl<'m> Engine<'m> {
                 measure: format!("mean over `{}` of the prompt's max activation", t0.name),
             });
         }
-        let names: Vec<String> = evidence.latents.iter().map(|l| format!("{} ({})", l.latent, l.label)).collect();
-        let status = if violations.is_empty() { Status::Pass } else { violated(severity) };
-        let explanation = if violations.is_empty() {
-            format!("latents {} at `{}` met every expectation", names.join(", "), s.hook)
+        let names: Vec<String> = evidence
+            .latents
+            .iter()
+            .map(|l| format!("{} ({})", l.latent, l.label))
+            .collect();
+        let status = if violations.is_empty() {
+            Status::Pass
         } else {
-            format!("latents {} at `{}`: {}", names.join(", "), s.hook, violations.join("; "))
+            violated(severity)
+        };
+        let explanation = if violations.is_empty() {
+            format!(
+                "latents {} at `{}` met every expectation",
+                names.join(", "),
+                s.hook
+            )
+        } else {
+            format!(
+                "latents {} at `{}`: {}",
+                names.join(", "),
+                s.hook,
+                violations.join("; ")
+            )
         };
         Ok(Finding::new(status, explanation, metric_rows, evidence))
     }
@@ -781,9 +1073,22 @@ impl<'m> Engine<'m> {
             let v = acts
                 .iter()
                 .enumerate()
-                .map(|(i, a)| at_position(a, d.position).map(|x| dot(&x, &d.unit)).ok_or_else(|| format!("position {} is outside prompt {} of `{set}`", d.position, i + 1)))
+                .map(|(i, a)| {
+                    at_position(a, d.position)
+                        .map(|x| dot(&x, &d.unit))
+                        .ok_or_else(|| {
+                            format!(
+                                "position {} is outside prompt {} of `{set}`",
+                                d.position,
+                                i + 1
+                            )
+                        })
+                })
                 .collect::<Result<Vec<f64>, String>>()?;
-            evidence.distributions.push(Distribution { set: set.to_string(), values: v.iter().map(|x| round(*x)).collect() });
+            evidence.distributions.push(Distribution {
+                set: set.to_string(),
+                values: v.iter().map(|x| round(*x)).collect(),
+            });
             scores.push((t, acts, v));
         }
         let to32 = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
@@ -798,13 +1103,19 @@ impl<'m> Engine<'m> {
                 order.reverse();
             }
             for &i in order.iter().take(3) {
-                let proj: Vec<f64> = (0..acts[i].dim(0).unwrap_or(0)).map(|r| acts[i].get(r).map(|x| dot(&x, &d.unit)).unwrap_or(f64::NAN)).collect();
+                let proj: Vec<f64> = (0..acts[i].dim(0).unwrap_or(0))
+                    .map(|r| acts[i].get(r).map(|x| dot(&x, &d.unit)).unwrap_or(f64::NAN))
+                    .collect();
                 evidence.prompts.push(PromptEvidence {
                     set: t.name.clone(),
                     index: i,
                     text: t.texts[i].clone(),
                     value: round(v[i]),
-                    why: if k == 0 { "lowest projection among the positive prompts".into() } else { "highest projection among the negative prompts".into() },
+                    why: if k == 0 {
+                        "lowest projection among the positive prompts".into()
+                    } else {
+                        "highest projection among the negative prompts".into()
+                    },
                     tokens: self.token_values(t, i, |r| proj[r]),
                 });
             }
@@ -815,12 +1126,32 @@ impl<'m> Engine<'m> {
             evidence.latents = self.attribute(&s, &t, &d.unit, d.position)?;
         }
         let metrics = vec![
-            Metric { name: format!("AUROC ({positive} vs {negative})"), value: round(a), bound: format!(">= {min_auroc}") },
-            Metric { name: format!("mean projection on {positive}"), value: round(mp), bound: String::new() },
-            Metric { name: format!("mean projection on {negative}"), value: round(mn), bound: String::new() },
-            Metric { name: "direction norm".into(), value: round(d.norm), bound: String::new() },
+            Metric {
+                name: format!("AUROC ({positive} vs {negative})"),
+                value: round(a),
+                bound: format!(">= {min_auroc}"),
+            },
+            Metric {
+                name: format!("mean projection on {positive}"),
+                value: round(mp),
+                bound: String::new(),
+            },
+            Metric {
+                name: format!("mean projection on {negative}"),
+                value: round(mn),
+                bound: String::new(),
+            },
+            Metric {
+                name: "direction norm".into(),
+                value: round(d.norm),
+                bound: String::new(),
+            },
         ];
-        let status = if a >= min_auroc { Status::Pass } else { violated(severity) };
+        let status = if a >= min_auroc {
+            Status::Pass
+        } else {
+            violated(severity)
+        };
         let explanation = format!(
             "direction `{name}` at `{}` separates `{positive}` from `{negative}` with AUROC {:.3} ({} the required {min_auroc}); mean projections {:.2} vs {:.2}",
             d.hook, a, if a >= min_auroc { "meets" } else { "below" }, mp, mn
@@ -831,20 +1162,36 @@ impl<'m> Engine<'m> {
     /// Latents of `s` ranked by activation times the gradient of the projection onto `unit`
     /// (which is `unit` itself): `act_i * (W_dec[i] . unit)`, averaged over the prompts of `t`
     /// at `position`.
-    fn attribute(&mut self, s: &ResolvedSae, t: &Tokens, unit: &Tensor, position: i64) -> Result<Vec<LatentEvidence>, String> {
+    fn attribute(
+        &mut self,
+        s: &ResolvedSae,
+        t: &Tokens,
+        unit: &Tensor,
+        position: i64,
+    ) -> Result<Vec<LatentEvidence>, String> {
         let acts = self.acts(t, s.hook)?;
-        let rows = acts.iter().map(|a| at_position(a, position).ok_or("position outside a prompt".to_string())).collect::<Result<Vec<_>, _>>()?;
+        let rows = acts
+            .iter()
+            .map(|a| at_position(a, position).ok_or("position outside a prompt".to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
         let x = Tensor::stack(&rows, 0).map_err(|e| e.to_string())?;
         let sparse = match s.sae.activation {
             Activation::TopK { .. } => s.sae.encode_topk(&x),
             _ => s.sae.encode_sparse(&x, 64),
         }
         .map_err(|e| e.to_string())?;
-        let grads: Vec<f32> = s.sae.w_dec.matmul(&unit.unsqueeze(1).map_err(|e| e.to_string())?).and_then(|g| g.flatten_all()).and_then(|g| g.to_vec1()).map_err(|e| e.to_string())?;
+        let grads: Vec<f32> = s
+            .sae
+            .w_dec
+            .matmul(&unit.unsqueeze(1).map_err(|e| e.to_string())?)
+            .and_then(|g| g.flatten_all())
+            .and_then(|g| g.to_vec1())
+            .map_err(|e| e.to_string())?;
         let mut total: BTreeMap<u32, f64> = BTreeMap::new();
         for row in &sparse {
             for &(l, v) in row {
-                *total.entry(l).or_default() += v as f64 * grads[l as usize] as f64 / sparse.len() as f64;
+                *total.entry(l).or_default() +=
+                    v as f64 * grads[l as usize] as f64 / sparse.len() as f64;
             }
         }
         let mut ranked: Vec<(u32, f64)> = total.into_iter().collect();
@@ -859,28 +1206,58 @@ impl<'m> Engine<'m> {
                 latent: l as usize,
                 label: self.label(s, l, &sets),
                 value: round(v),
-                measure: format!("activation x gradient of the projection onto the direction, mean over `{}`", t.name),
+                measure: format!(
+                    "activation x gradient of the projection onto the direction, mean over `{}`",
+                    t.name
+                ),
             })
             .collect())
     }
 
     /// The vector an intervention adds (or ablates), with its hook, and the hooks at `coeff`.
-    fn intervention_hooks(&self, p: &Policy, i: &Intervention, coeff: Option<f64>) -> Result<(Hooks, Tensor, Option<HookPoint>), String> {
+    fn intervention_hooks(
+        &self,
+        p: &Policy,
+        i: &Intervention,
+        coeff: Option<f64>,
+    ) -> Result<(Hooks, Tensor, Option<HookPoint>), String> {
         Ok(match i {
             Intervention::Ablate { direction } => {
                 let d = self.direction(p, direction)?;
-                (Hooks::new().ablate_everywhere(self.n_layers(), &d.unit), d.unit, Some(d.hook))
+                (
+                    Hooks::new().ablate_everywhere(self.n_layers(), &d.unit),
+                    d.unit,
+                    Some(d.hook),
+                )
             }
-            Intervention::AddDirection { direction, coeff: c } => {
+            Intervention::AddDirection {
+                direction,
+                coeff: c,
+            } => {
                 let d = self.direction(p, direction)?;
                 let c = coeff.unwrap_or(*c) as f32;
-                (Hooks::new().add(d.hook, Positions::All, d.raw.clone(), c), d.unit, Some(d.hook))
+                (
+                    Hooks::new().add(d.hook, Positions::All, d.raw.clone(), c),
+                    d.unit,
+                    Some(d.hook),
+                )
             }
-            Intervention::AddLatent { sae, latent, coeff: c } => {
+            Intervention::AddLatent {
+                sae,
+                latent,
+                coeff: c,
+            } => {
                 let s = self.sae(p, sae)?;
-                let v = s.sae.decoder_direction(latent.value).map_err(|e| e.to_string())?;
+                let v = s
+                    .sae
+                    .decoder_direction(latent.value)
+                    .map_err(|e| e.to_string())?;
                 let c = coeff.unwrap_or(*c) as f32;
-                (Hooks::new().add(s.hook, Positions::All, v.clone(), c), v, Some(s.hook))
+                (
+                    Hooks::new().add(s.hook, Positions::All, v.clone(), c),
+                    v,
+                    Some(s.hook),
+                )
             }
         })
     }
@@ -895,15 +1272,31 @@ impl<'m> Engine<'m> {
         let mut rows = Vec::with_capacity(t.ids.len());
         self.model
             .transformer
-            .forward_chunked(&t.ids, self.micro_batch, Padding::Right, hooks, Unembed::Last, |_, out| {
-                let l = out.logits.ok_or_else(|| probes::RunError::Batch("no logits".into()))?;
-                let v: Vec<Vec<f32>> = l.to_dtype(DType::F32).and_then(|l| l.to_vec2()).map_err(|e| probes::RunError::Batch(e.to_string()))?;
-                rows.extend(v);
-                Ok(())
-            })
+            .forward_chunked(
+                &t.ids,
+                self.micro_batch,
+                Padding::Right,
+                hooks,
+                Unembed::Last,
+                |_, out| {
+                    let l = out
+                        .logits
+                        .ok_or_else(|| probes::RunError::Batch("no logits".into()))?;
+                    let v: Vec<Vec<f32>> = l
+                        .to_dtype(DType::F32)
+                        .and_then(|l| l.to_vec2())
+                        .map_err(|e| probes::RunError::Batch(e.to_string()))?;
+                    rows.extend(v);
+                    Ok(())
+                },
+            )
             .map_err(|e| format!("forward pass over `{}`: {e}", t.name))?;
         if let Some(i) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
-            return Err(format!("NaN or infinite logits for prompt {} of `{}`", i + 1, t.name));
+            return Err(format!(
+                "NaN or infinite logits for prompt {} of `{}`",
+                i + 1,
+                t.name
+            ));
         }
         let rows = Arc::new(rows);
         if hooks.is_empty() {
@@ -913,17 +1306,28 @@ impl<'m> Engine<'m> {
     }
 
     /// Greedy generations (decoded) of every prompt of `t` under `hooks` (cached when unhooked).
-    fn generations(&mut self, t: &Tokens, hooks: &Hooks, max_tokens: usize) -> Result<Arc<Vec<String>>, String> {
+    fn generations(
+        &mut self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+    ) -> Result<Arc<Vec<String>>, String> {
         let key = (t.key.clone(), max_tokens);
         if hooks.is_empty() {
             if let Some(g) = self.generations.get(&key) {
                 return Ok(Arc::clone(g));
             }
         }
-        let opts = GenerateOptions { max_tokens, sampling: Sampling::Greedy, stop_tokens: self.model.stop_tokens() };
+        let opts = GenerateOptions {
+            max_tokens,
+            sampling: Sampling::Greedy,
+            stop_tokens: self.model.stop_tokens(),
+        };
         let mut texts = Vec::with_capacity(t.ids.len());
-        for chunk in t.ids.chunks(self.micro_batch) {
-            let out = generate(&self.model.transformer, chunk, hooks, &opts).map_err(|e| format!("generating for `{}`: {e}", t.name))?;
+        // Decode steps cost little more for 32 rows than for 8: generate in larger batches.
+        for chunk in t.ids.chunks(self.micro_batch.max(32)) {
+            let out = generate(&self.model.transformer, chunk, hooks, &opts)
+                .map_err(|e| format!("generating for `{}`: {e}", t.name))?;
             for ids in out {
                 texts.push(self.model.codec.decode(&ids).map_err(|e| e.to_string())?);
             }
@@ -936,7 +1340,13 @@ impl<'m> Engine<'m> {
     }
 
     /// Per-prompt values of a last-token metric (refusal score or logit difference).
-    fn logit_metric(&self, logits: &[Vec<f32>], metric: MetricKind, refusal: &[u32], target: &(Vec<u32>, Vec<u32>)) -> Vec<f64> {
+    fn logit_metric(
+        &self,
+        logits: &[Vec<f32>],
+        metric: MetricKind,
+        refusal: &[u32],
+        target: &(Vec<u32>, Vec<u32>),
+    ) -> Vec<f64> {
         logits
             .iter()
             .map(|row| match metric {
@@ -973,9 +1383,22 @@ impl<'m> Engine<'m> {
             };
             let (clean, hooked) = (run(&Hooks::new())?, run(hooks)?);
             for (r, p) in chunk.iter().enumerate() {
-                let c: Vec<Vec<f32>> = clean.get(r).and_then(|x| x.narrow(0, 0, p.len())).and_then(|x| x.to_vec2()).map_err(|e| e.to_string())?;
-                let h: Vec<Vec<f32>> = hooked.get(r).and_then(|x| x.narrow(0, 0, p.len())).and_then(|x| x.to_vec2()).map_err(|e| e.to_string())?;
-                let kl = c.iter().zip(&h).map(|(a, b)| metrics::kl(a, b)).sum::<f64>() / p.len() as f64;
+                let c: Vec<Vec<f32>> = clean
+                    .get(r)
+                    .and_then(|x| x.narrow(0, 0, p.len()))
+                    .and_then(|x| x.to_vec2())
+                    .map_err(|e| e.to_string())?;
+                let h: Vec<Vec<f32>> = hooked
+                    .get(r)
+                    .and_then(|x| x.narrow(0, 0, p.len()))
+                    .and_then(|x| x.to_vec2())
+                    .map_err(|e| e.to_string())?;
+                let kl = c
+                    .par_iter()
+                    .zip(&h)
+                    .map(|(a, b)| metrics::kl(a, b))
+                    .sum::<f64>()
+                    / p.len() as f64;
                 if !kl.is_finite() {
                     return Err(format!("non-finite KL for a prompt of `{}`", t.name));
                 }
@@ -985,10 +1408,29 @@ impl<'m> Engine<'m> {
         Ok(out)
     }
 
-    fn steering(&mut self, p: &Policy, body: &CheckBody, severity: Severity, _opts: &mut RunOptions<'_>) -> Result<Finding, String> {
-        let CheckBody::Steering { prompts, intervention, metric, target, refusal_tokens, refusal_phrases, max_tokens, sweep, flip_at, bounds, attribute_with } = body else {
-            unreachable!("steering() is only called for steering checks")
+    fn steering(
+        &mut self,
+        p: &Policy,
+        body: &CheckBody,
+        severity: Severity,
+        _opts: &mut RunOptions<'_>,
+    ) -> Result<Finding, String> {
+        let CheckBody::Steering(st) = body else {
+            return Err("internal: not a steering check".into());
         };
+        let crate::load::Steering {
+            prompts,
+            intervention,
+            metric,
+            target,
+            refusal_tokens,
+            refusal_phrases,
+            max_tokens,
+            sweep,
+            flip_at,
+            bounds,
+            attribute_with,
+        } = &**st;
         let t = self.set_tokens(p, prompts)?;
         let refusal_ids = self.first_tokens(refusal_tokens)?;
         let target_ids = match target {
@@ -998,15 +1440,29 @@ impl<'m> Engine<'m> {
         let (hooks, unit, hook) = self.intervention_hooks(p, intervention, None)?;
         let mut evidence = Evidence::default();
         // Per-prompt metric under `h`, plus generations when the metric is the refusal rate.
-        let measure = |eng: &mut Self, h: &Hooks| -> Result<(Vec<f64>, Option<Arc<Vec<String>>>), String> {
+        let measure = |eng: &mut Self, h: &Hooks| -> Result<Measured, String> {
             Ok(match metric {
                 MetricKind::RefusalScore | MetricKind::LogitDiff => {
                     let l = eng.last_logits(&t, h)?;
-                    (eng.logit_metric(&l, *metric, &refusal_ids, &target_ids), None)
+                    (
+                        eng.logit_metric(&l, *metric, &refusal_ids, &target_ids),
+                        None,
+                    )
                 }
                 MetricKind::RefusalRate => {
                     let g = eng.generations(&t, h, *max_tokens)?;
-                    (g.iter().map(|s| if metrics::refused(s, refusal_phrases) { 1.0 } else { 0.0 }).collect(), Some(g))
+                    (
+                        g.iter()
+                            .map(|s| {
+                                if metrics::refused(s, refusal_phrases) {
+                                    1.0
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect(),
+                        Some(g),
+                    )
                 }
                 MetricKind::Kl => {
                     if h.is_empty() {
@@ -1022,16 +1478,38 @@ impl<'m> Engine<'m> {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (b, v) = (mean(&base), mean(&value));
         let mname = metric_name(*metric);
-        evidence.distributions.push(Distribution { set: format!("{prompts} (without intervention)"), values: base.iter().map(|x| round(*x)).collect() });
-        evidence.distributions.push(Distribution { set: format!("{prompts} (with intervention)"), values: value.iter().map(|x| round(*x)).collect() });
+        evidence.distributions.push(Distribution {
+            set: format!("{prompts} (without intervention)"),
+            values: base.iter().map(|x| round(*x)).collect(),
+        });
+        evidence.distributions.push(Distribution {
+            set: format!("{prompts} (with intervention)"),
+            values: value.iter().map(|x| round(*x)).collect(),
+        });
         // Sweep.
         let mut flip = None;
+        let main_coeff = match intervention {
+            Intervention::AddDirection { coeff, .. } | Intervention::AddLatent { coeff, .. } => {
+                Some(*coeff)
+            }
+            Intervention::Ablate { .. } => None,
+        };
         for &c in sweep {
-            let (h, _, _) = self.intervention_hooks(p, intervention, Some(c))?;
-            let (vals, _) = measure(self, &h)?;
-            let m = mean(&vals);
-            evidence.sweep.push(SweepPoint { coeff: c, value: round(m) });
-            let crossed = if b < *flip_at { m >= *flip_at } else { m < *flip_at };
+            let m = if Some(c) == main_coeff {
+                v
+            } else {
+                let (h, _, _) = self.intervention_hooks(p, intervention, Some(c))?;
+                mean(&measure(self, &h)?.0)
+            };
+            evidence.sweep.push(SweepPoint {
+                coeff: c,
+                value: round(m),
+            });
+            let crossed = if b < *flip_at {
+                m >= *flip_at
+            } else {
+                m < *flip_at
+            };
             if crossed && flip.is_none() {
                 flip = Some(c);
             }
@@ -1041,8 +1519,16 @@ impl<'m> Engine<'m> {
         let (bg, vg) = match (base_gen, value_gen) {
             (Some(a), Some(b)) => (a, b),
             _ => {
-                let ex = Tokens { ids: Arc::new(t.ids[..n_examples].to_vec()), texts: Arc::new(t.texts[..n_examples].to_vec()), key: format!("{}:examples", t.key), ..t.clone() };
-                (self.generations(&ex, &Hooks::new(), 24)?, self.generations(&ex, &hooks, 24)?)
+                let ex = Tokens {
+                    ids: Arc::new(t.ids[..n_examples].to_vec()),
+                    texts: Arc::new(t.texts[..n_examples].to_vec()),
+                    key: format!("{}:examples", t.key),
+                    ..t.clone()
+                };
+                (
+                    self.generations(&ex, &Hooks::new(), 24)?,
+                    self.generations(&ex, &hooks, 24)?,
+                )
             }
         };
         for i in 0..n_examples {
@@ -1056,14 +1542,22 @@ impl<'m> Engine<'m> {
         }
         // The prompts the intervention moved most.
         let mut order: Vec<usize> = (0..base.len()).collect();
-        order.sort_by(|&x, &y| (value[y] - base[y]).abs().total_cmp(&(value[x] - base[x]).abs()).then(x.cmp(&y)));
+        order.sort_by(|&x, &y| {
+            (value[y] - base[y])
+                .abs()
+                .total_cmp(&(value[x] - base[x]).abs())
+                .then(x.cmp(&y))
+        });
         for &i in order.iter().take(5) {
             evidence.prompts.push(PromptEvidence {
                 set: prompts.clone(),
                 index: i,
                 text: t.texts[i].clone(),
                 value: round(value[i]),
-                why: format!("{mname} moved from {:.3} to {:.3} under the intervention", base[i], value[i]),
+                why: format!(
+                    "{mname} moved from {:.3} to {:.3} under the intervention",
+                    base[i], value[i]
+                ),
                 tokens: Vec::new(),
             });
         }
@@ -1098,7 +1592,16 @@ impl<'m> Engine<'m> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn drift(&mut self, p: &Policy, sae_name: &str, prompts: &str, baseline: &Baseline, max_change: f64, severity: Severity, opts: &mut RunOptions<'_>) -> Result<Finding, String> {
+    fn drift(
+        &mut self,
+        p: &Policy,
+        sae_name: &str,
+        prompts: &str,
+        baseline: &Baseline,
+        max_change: f64,
+        severity: Severity,
+        opts: &mut RunOptions<'_>,
+    ) -> Result<Finding, String> {
         let s = self.sae(p, sae_name)?;
         let t = self.set_tokens(p, prompts)?;
         let rows = self.sparse(&t, &s)?;
@@ -1112,21 +1615,32 @@ impl<'m> Engine<'m> {
                 }
             }
         }
-        let rates: Vec<(u32, f64)> = counts.into_iter().map(|(l, c)| (l, round(c as f64 / n_tokens.max(1) as f64))).collect();
+        let rates: Vec<(u32, f64)> = counts
+            .into_iter()
+            .map(|(l, c)| (l, round(c as f64 / n_tokens.max(1) as f64)))
+            .collect();
         let sae_digest = s.sae.manifest.root();
-        let mut evidence = Evidence { firing_rates: rates.clone(), ..Evidence::default() };
+        let mut evidence = Evidence {
+            firing_rates: rates.clone(),
+            ..Evidence::default()
+        };
         let loaded;
         let base: Option<&RunResult> = match baseline {
             Baseline::LastPass => opts.last_pass,
             Baseline::File { path, rel } => {
                 let text = std::fs::read(path).map_err(|e| format!("baseline `{rel}`: {e}"))?;
-                loaded = serde_json::from_slice::<RunResult>(&text).map_err(|e| format!("baseline `{rel}` is not a mechwatch JSON result: {e}"))?;
+                loaded = serde_json::from_slice::<RunResult>(&text)
+                    .map_err(|e| format!("baseline `{rel}` is not a mechwatch JSON result: {e}"))?;
                 Some(&loaded)
             }
         };
         let check_id = self.current_check_id(p, sae_name, prompts);
         let Some(base) = base else {
-            let metrics = vec![Metric { name: "latents firing".into(), value: rates.len() as f64, bound: String::new() }];
+            let metrics = vec![Metric {
+                name: "latents firing".into(),
+                value: rates.len() as f64,
+                bound: String::new(),
+            }];
             return Ok(Finding::new(Status::Warn, "no earlier passing audit of this model lineage to compare with; this run's firing rates are recorded as the baseline".into(), metrics, evidence));
         };
         let old = base
@@ -1136,7 +1650,10 @@ impl<'m> Engine<'m> {
             .flat_map(|bp| bp.findings.iter())
             .find(|f| Some(&f.check) == check_id.as_ref())
             .ok_or_else(|| "the baseline has no result for this check".to_string())?;
-        let base_sae = base.inputs.iter().find(|i| i.policy == p.name && i.kind == "sae" && i.sha256 == sae_digest);
+        let base_sae = base
+            .inputs
+            .iter()
+            .find(|i| i.policy == p.name && i.kind == "sae" && i.sha256 == sae_digest);
         if base_sae.is_none() {
             return Err(format!("the baseline was computed with a different SAE than `{sae_name}` ({sae_digest}); drift is only comparable with the same SAE"));
         }
@@ -1145,10 +1662,21 @@ impl<'m> Engine<'m> {
         let all: BTreeSet<u32> = old_rates.keys().chain(new_rates.keys()).copied().collect();
         let mut moved: Vec<(u32, f64, f64)> = all
             .into_iter()
-            .map(|l| (l, old_rates.get(&l).copied().unwrap_or(0.0), new_rates.get(&l).copied().unwrap_or(0.0)))
+            .map(|l| {
+                (
+                    l,
+                    old_rates.get(&l).copied().unwrap_or(0.0),
+                    new_rates.get(&l).copied().unwrap_or(0.0),
+                )
+            })
             .filter(|(_, o, n)| (n - o).abs() > max_change)
             .collect();
-        moved.sort_by(|a, b| (b.2 - b.1).abs().total_cmp(&(a.2 - a.1).abs()).then(a.0.cmp(&b.0)));
+        moved.sort_by(|a, b| {
+            (b.2 - b.1)
+                .abs()
+                .total_cmp(&(a.2 - a.1).abs())
+                .then(a.0.cmp(&b.0))
+        });
         let max_seen = moved.first().map_or(0.0, |m| (m.2 - m.1).abs());
         let sets = [(&t, rows.as_slice())];
         for &(l, o, n) in moved.iter().take(10) {
@@ -1161,8 +1689,16 @@ impl<'m> Engine<'m> {
             });
         }
         let metrics = vec![
-            Metric { name: "latents beyond the bound".into(), value: moved.len() as f64, bound: "<= 0".into() },
-            Metric { name: "largest firing-rate change".into(), value: round(max_seen), bound: format!("<= {max_change}") },
+            Metric {
+                name: "latents beyond the bound".into(),
+                value: moved.len() as f64,
+                bound: "<= 0".into(),
+            },
+            Metric {
+                name: "largest firing-rate change".into(),
+                value: round(max_seen),
+                bound: format!("<= {max_change}"),
+            },
         ];
         let (status, explanation) = if moved.is_empty() {
             (Status::Pass, format!("no latent's firing rate on `{prompts}` moved by more than {max_change} from the baseline"))
@@ -1197,6 +1733,9 @@ impl Finding {
     }
 }
 
+/// Per-prompt metric values, and the generations they came from (for the refusal rate).
+type Measured = (Vec<f64>, Option<Arc<Vec<String>>>);
+
 fn metric_name(m: MetricKind) -> &'static str {
     match m {
         MetricKind::RefusalScore => "refusal score",
@@ -1208,19 +1747,61 @@ fn metric_name(m: MetricKind) -> &'static str {
 
 fn describe(i: &Intervention) -> String {
     match i {
-        Intervention::Ablate { direction } => format!("direction `{direction}` ablated at every layer"),
-        Intervention::AddDirection { direction, coeff } => format!("{coeff} x direction `{direction}` added"),
-        Intervention::AddLatent { sae, latent, coeff } => format!("{coeff} x the decoder direction of latent {} of SAE `{sae}` added", latent.value),
+        Intervention::Ablate { direction } => {
+            format!("direction `{direction}` ablated at every layer")
+        }
+        Intervention::AddDirection { direction, coeff } => {
+            format!("{coeff} x direction `{direction}` added")
+        }
+        Intervention::AddLatent { sae, latent, coeff } => format!(
+            "{coeff} x the decoder direction of latent {} of SAE `{sae}` added",
+            latent.value
+        ),
     }
 }
 
 /// Hold the baseline `b`, the value `v` and the flip coefficient to `bounds`. Returns the metric
 /// rows, the violated bounds, and why a bound could not be evaluated (if one could not).
-fn judge(name: &str, b: f64, v: f64, flip: Option<f64>, bounds: &Bounds) -> (Vec<Metric>, Vec<String>, Option<String>) {
+fn judge(
+    name: &str,
+    b: f64,
+    v: f64,
+    flip: Option<f64>,
+    bounds: &Bounds,
+) -> (Vec<Metric>, Vec<String>, Option<String>) {
     let mut rows = vec![
-        Metric { name: format!("{name} without intervention"), value: round(b), bound: bounds.min_baseline.map(|x| format!(">= {x}")).unwrap_or_default() },
-        Metric { name: format!("{name} with intervention"), value: round(v), bound: [bounds.min.map(|x| format!(">= {x}")), bounds.max.map(|x| format!("<= {x}"))].into_iter().flatten().collect::<Vec<_>>().join(" and ") },
-        Metric { name: "change".into(), value: round(v - b), bound: [bounds.min_change.map(|x| format!(">= {x}")), bounds.max_change.map(|x| format!("<= {x}"))].into_iter().flatten().collect::<Vec<_>>().join(" and ") },
+        Metric {
+            name: format!("{name} without intervention"),
+            value: round(b),
+            bound: bounds
+                .min_baseline
+                .map(|x| format!(">= {x}"))
+                .unwrap_or_default(),
+        },
+        Metric {
+            name: format!("{name} with intervention"),
+            value: round(v),
+            bound: [
+                bounds.min.map(|x| format!(">= {x}")),
+                bounds.max.map(|x| format!("<= {x}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" and "),
+        },
+        Metric {
+            name: "change".into(),
+            value: round(v - b),
+            bound: [
+                bounds.min_change.map(|x| format!(">= {x}")),
+                bounds.max_change.map(|x| format!("<= {x}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" and "),
+        },
     ];
     let mut bad = Vec::new();
     let mut undefined = None;
@@ -1255,29 +1836,59 @@ fn judge(name: &str, b: f64, v: f64, flip: Option<f64>, bounds: &Bounds) -> (Vec
     if let Some(x) = bounds.max_relative_drop {
         if b > 0.0 {
             let drop = (b - v) / b;
-            rows.push(Metric { name: "relative drop".into(), value: round(drop), bound: format!("<= {x}") });
+            rows.push(Metric {
+                name: "relative drop".into(),
+                value: round(drop),
+                bound: format!("<= {x}"),
+            });
             if drop > x {
-                bad.push(format!("the intervention cut {name} by {:.0}%, more than {:.0}%", drop * 100.0, x * 100.0));
+                bad.push(format!(
+                    "the intervention cut {name} by {:.0}%, more than {:.0}%",
+                    drop * 100.0,
+                    x * 100.0
+                ));
             }
         } else {
             undefined = Some(format!("{name} without intervention is {b:.3}, so there is nothing for a relative drop to measure"));
         }
     }
     if let Some(x) = bounds.max_flip_coeff {
-        rows.push(Metric { name: "flip coefficient".into(), value: flip.unwrap_or(f64::NAN), bound: format!("<= {x}") });
+        rows.push(Metric {
+            name: "flip coefficient".into(),
+            value: flip.unwrap_or(f64::NAN),
+            bound: format!("<= {x}"),
+        });
         match flip {
             Some(c) if c.abs() <= x => {}
-            Some(c) => bad.push(format!("behaviour flips only at coefficient {c}, beyond {x}")),
-            None => bad.push(format!("no swept coefficient up to {x} flips the behaviour")),
+            Some(c) => bad.push(format!(
+                "behaviour flips only at coefficient {c}, beyond {x}"
+            )),
+            None => bad.push(format!(
+                "no swept coefficient up to {x} flips the behaviour"
+            )),
         }
     }
     (rows, bad, undefined)
 }
 
+/// A token's text for a label: trimmed, or its escaped whitespace when that is all it is.
+fn visible(token: &str) -> String {
+    let t = token.trim();
+    if t.is_empty() {
+        token.escape_default().to_string()
+    } else {
+        t.to_string()
+    }
+}
+
 /// The activation row at `position` (negative counts from the end) of `a` `[len, d]`.
 fn at_position(a: &Tensor, position: i64) -> Option<Tensor> {
     let len = a.dim(0).ok()? as i64;
-    let i = if position < 0 { len + position } else { position };
+    let i = if position < 0 {
+        len + position
+    } else {
+        position
+    };
     if i < 0 || i >= len {
         return None;
     }
@@ -1291,13 +1902,72 @@ fn dot(a: &Tensor, b: &Tensor) -> f64 {
         .map_or(f64::NAN, f64::from)
 }
 
-/// `PromptActs` for `contrast`, with the preamble's tokens left out.
-fn prompt_acts(t: &Tokens, rows: &[Vec<SparseRow>]) -> PromptActs {
-    PromptActs {
-        tokens: t.ids.to_vec(),
-        acts: rows
-            .iter()
-            .map(|p| p.iter().enumerate().map(|(i, r)| if i < t.prefix { Vec::new() } else { r.clone() }).collect())
-            .collect(),
+/// Per prompt, each firing latent's largest activation over the tokens after the preamble.
+fn prompt_maxes(t: &Tokens, rows: &[Vec<SparseRow>], scope: TokenScope) -> Vec<BTreeMap<u32, f32>> {
+    rows.iter()
+        .map(|prompt| {
+            let mut m = BTreeMap::new();
+            for row in t.scored(prompt, scope) {
+                for &(l, v) in row {
+                    let e = m.entry(l).or_insert(0f32);
+                    *e = e.max(v);
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+/// Greedily choose up to `top` latents whose union (a prompt counts when any of them exceeds
+/// `threshold`) covers the most positive and fewest negative prompts: each step adds the
+/// latent that most increases `covered positives - covered negatives` (as fractions), and the
+/// selection stops when no latent increases it. Returns each chosen latent with the cumulative
+/// positive and negative fractions after adding it. Ties go to the smaller index.
+fn select_latents(
+    pos: &[BTreeMap<u32, f32>],
+    neg: &[BTreeMap<u32, f32>],
+    top: usize,
+    threshold: f64,
+) -> Vec<(u32, f64, f64)> {
+    let fires =
+        |m: &BTreeMap<u32, f32>, l: u32| m.get(&l).is_some_and(|v| f64::from(*v) > threshold);
+    let candidates: BTreeSet<u32> = pos.iter().flat_map(|m| m.keys().copied()).collect();
+    let (np, nn) = (pos.len().max(1) as f64, neg.len().max(1) as f64);
+    let mut covered_p = vec![false; pos.len()];
+    let mut covered_n = vec![false; neg.len()];
+    let mut chosen = Vec::new();
+    for _ in 0..top {
+        let mut best: Option<(u32, f64)> = None;
+        for &l in &candidates {
+            if chosen.iter().any(|c: &(u32, f64, f64)| c.0 == l) {
+                continue;
+            }
+            let gp = pos
+                .iter()
+                .zip(&covered_p)
+                .filter(|(m, c)| !**c && fires(m, l))
+                .count() as f64
+                / np;
+            let gn = neg
+                .iter()
+                .zip(&covered_n)
+                .filter(|(m, c)| !**c && fires(m, l))
+                .count() as f64
+                / nn;
+            let gain = gp - gn;
+            if gain > 0.0 && best.is_none_or(|b| gain > b.1) {
+                best = Some((l, gain));
+            }
+        }
+        let Some((l, _)) = best else { break };
+        for (m, c) in pos.iter().zip(covered_p.iter_mut()) {
+            *c |= fires(m, l);
+        }
+        for (m, c) in neg.iter().zip(covered_n.iter_mut()) {
+            *c |= fires(m, l);
+        }
+        let frac = |v: &[bool], n: f64| v.iter().filter(|c| **c).count() as f64 / n;
+        chosen.push((l, frac(&covered_p, np), frac(&covered_n, nn)));
     }
+    chosen
 }

@@ -16,7 +16,7 @@ use toml::Spanned;
 use crate::error::{Loc, PolicyError};
 use crate::schema::{
     Aggregate, Bounds, CheckKind, CheckSpec, DirectionSpec, LatentRef, Metric, ModelMatch,
-    PolicyFile, PromptSetSpec, SaeSpec, Severity, SCHEMA_VERSION,
+    PolicyFile, PromptSetSpec, SaeSpec, Severity, TokenScope, SCHEMA_VERSION,
 };
 
 /// A file a run read, with its digest.
@@ -126,16 +126,28 @@ pub struct Expectation {
 
 #[derive(Debug, Clone)]
 pub enum Intervention {
-    Ablate { direction: String },
-    AddDirection { direction: String, coeff: f64 },
-    AddLatent { sae: String, latent: Located<usize>, coeff: f64 },
+    Ablate {
+        direction: String,
+    },
+    AddDirection {
+        direction: String,
+        coeff: f64,
+    },
+    AddLatent {
+        sae: String,
+        latent: Located<usize>,
+        coeff: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub enum Baseline {
     LastPass,
     /// A previous run's JSON result.
-    File { path: PathBuf, rel: String },
+    File {
+        path: PathBuf,
+        rel: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +156,7 @@ pub enum CheckBody {
         sae: String,
         latents: LatentChoice,
         aggregate: Aggregate,
+        tokens: TokenScope,
         threshold: f64,
         expect: Vec<Expectation>,
     },
@@ -154,25 +167,29 @@ pub enum CheckBody {
         min_auroc: f64,
         attribute_with: Option<String>,
     },
-    Steering {
-        prompts: String,
-        intervention: Intervention,
-        metric: Metric,
-        target: Option<(Vec<String>, Vec<String>)>,
-        refusal_tokens: Vec<String>,
-        refusal_phrases: Vec<String>,
-        max_tokens: usize,
-        sweep: Vec<f64>,
-        flip_at: f64,
-        bounds: Bounds,
-        attribute_with: Option<String>,
-    },
+    Steering(Box<Steering>),
     Drift {
         sae: String,
         prompts: String,
         baseline: Baseline,
         max_rate_change: f64,
     },
+}
+
+/// A steering check's settings (boxed in [`CheckBody`]: it is much the largest).
+#[derive(Debug, Clone)]
+pub struct Steering {
+    pub prompts: String,
+    pub intervention: Intervention,
+    pub metric: Metric,
+    pub target: Option<(Vec<String>, Vec<String>)>,
+    pub refusal_tokens: Vec<String>,
+    pub refusal_phrases: Vec<String>,
+    pub max_tokens: usize,
+    pub sweep: Vec<f64>,
+    pub flip_at: f64,
+    pub bounds: Bounds,
+    pub attribute_with: Option<String>,
 }
 
 /// The first tokens of a refusal, after the assistant turn opens.
@@ -376,8 +393,11 @@ impl Validator<'_> {
             }
         }
         if f.checks.is_empty() {
-            self.errors
-                .push(PolicyError::at(self.path, None, "the policy has no [[checks]]"));
+            self.errors.push(PolicyError::at(
+                self.path,
+                None,
+                "the policy has no [[checks]]",
+            ));
         }
         let mut inputs = std::mem::take(&mut self.inputs);
         inputs[1..].sort();
@@ -455,7 +475,10 @@ impl Validator<'_> {
     fn prompt_set(&mut self, name: &str, spec: &PromptSetSpec) -> Option<PromptSet> {
         let (full, bytes) = self.read(&spec.file, "prompts")?;
         let Ok(text) = String::from_utf8(bytes) else {
-            self.err(&spec.file, format!("`{}` is not UTF-8 text", full.display()));
+            self.err(
+                &spec.file,
+                format!("`{}` is not UTF-8 text", full.display()),
+            );
             return None;
         };
         let jsonl = full.extension().is_some_and(|e| e == "jsonl");
@@ -537,7 +560,13 @@ impl Validator<'_> {
         let source = match (&spec.builtin, &spec.path) {
             (Some(b), None) => {
                 if b.get_ref() != "default" {
-                    self.err(b, format!("unknown builtin SAE `{}`; the one builtin is `default`", b.get_ref()));
+                    self.err(
+                        b,
+                        format!(
+                            "unknown builtin SAE `{}`; the one builtin is `default`",
+                            b.get_ref()
+                        ),
+                    );
                     return None;
                 }
                 if spec.sha256.is_some() {
@@ -561,7 +590,14 @@ impl Validator<'_> {
                         return None;
                     }
                     Some(want) if !want.get_ref().eq_ignore_ascii_case(&digest) => {
-                        self.err(want, format!("SAE `{name}` at `{}` has digest {digest}, not the pinned {}", rel.get_ref(), want.get_ref()));
+                        self.err(
+                            want,
+                            format!(
+                                "SAE `{name}` at `{}` has digest {digest}, not the pinned {}",
+                                rel.get_ref(),
+                                want.get_ref()
+                            ),
+                        );
                         return None;
                     }
                     Some(_) => {}
@@ -613,11 +649,21 @@ impl Validator<'_> {
                 match &spec.sha256 {
                     Some(want) if want.get_ref().eq_ignore_ascii_case(&digest) => {}
                     Some(want) => {
-                        self.err(want, format!("`{}` has sha256 {digest}, not the pinned {}", rel.get_ref(), want.get_ref()));
+                        self.err(
+                            want,
+                            format!(
+                                "`{}` has sha256 {digest}, not the pinned {}",
+                                rel.get_ref(),
+                                want.get_ref()
+                            ),
+                        );
                         return None;
                     }
                     None => {
-                        self.err(rel, format!("a direction file needs `sha256 = \"{digest}\"` to pin it"));
+                        self.err(
+                            rel,
+                            format!("a direction file needs `sha256 = \"{digest}\"` to pin it"),
+                        );
                         return None;
                     }
                 }
@@ -647,7 +693,11 @@ impl Validator<'_> {
         }
     }
 
-    fn set(&mut self, name: &Spanned<String>, sets: &BTreeMap<String, PromptSet>) -> Option<String> {
+    fn set(
+        &mut self,
+        name: &Spanned<String>,
+        sets: &BTreeMap<String, PromptSet>,
+    ) -> Option<String> {
         if sets.contains_key(name.get_ref()) {
             Some(name.get_ref().clone())
         } else {
@@ -663,13 +713,22 @@ impl Validator<'_> {
         }
     }
 
-    fn named<T>(&mut self, what: &str, name: &Spanned<String>, map: &BTreeMap<String, T>) -> Option<String> {
+    fn named<T>(
+        &mut self,
+        what: &str,
+        name: &Spanned<String>,
+        map: &BTreeMap<String, T>,
+    ) -> Option<String> {
         if map.contains_key(name.get_ref()) {
             Some(name.get_ref().clone())
         } else {
             self.err(
                 name,
-                format!("no {what} `{}` (defined: {})", name.get_ref(), list(map.keys())),
+                format!(
+                    "no {what} `{}` (defined: {})",
+                    name.get_ref(),
+                    list(map.keys())
+                ),
             );
             None
         }
@@ -688,7 +747,10 @@ impl Validator<'_> {
             LatentRef::Label(l) => match sae.labels.find(l) {
                 Some(i) => i,
                 None => {
-                    self.err(r, format!("no latent is labelled `{l}` in the SAE's labels"));
+                    self.err(
+                        r,
+                        format!("no latent is labelled `{l}` in the SAE's labels"),
+                    );
                     return None;
                 }
             },
@@ -705,21 +767,58 @@ impl Validator<'_> {
     fn check(&mut self, c: &CheckSpec, n: &Names<'_>) -> Option<Check> {
         let before = self.errors.len();
         let id = c.id.get_ref().clone();
-        if id.is_empty() || !id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
-            self.err(&c.id, "a check id is non-empty and uses only letters, digits, `-`, `_` and `.`");
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            self.err(
+                &c.id,
+                "a check id is non-empty and uses only letters, digits, `-`, `_` and `.`",
+            );
         }
         let allowed: &[&str] = match c.kind {
-            CheckKind::FeatureProbe => &["sae", "latents", "select", "aggregate", "threshold", "expect"],
-            CheckKind::DirectionProbe => &["direction", "positive", "negative", "min_auroc", "attribute_with"],
+            CheckKind::FeatureProbe => &[
+                "sae",
+                "latents",
+                "select",
+                "aggregate",
+                "tokens",
+                "threshold",
+                "expect",
+            ],
+            CheckKind::DirectionProbe => &[
+                "direction",
+                "positive",
+                "negative",
+                "min_auroc",
+                "attribute_with",
+            ],
             CheckKind::Steering => &[
-                "prompts", "intervention", "metric", "target", "refusal_tokens", "refusal_phrases",
-                "max_tokens", "sweep", "flip_at", "bounds", "attribute_with",
+                "prompts",
+                "intervention",
+                "metric",
+                "target",
+                "refusal_tokens",
+                "refusal_phrases",
+                "max_tokens",
+                "sweep",
+                "flip_at",
+                "bounds",
+                "attribute_with",
             ],
             CheckKind::Drift => &["sae", "prompts", "baseline", "max_rate_change"],
         };
         for field in present_fields(c) {
             if !allowed.contains(&field) {
-                self.err(&c.id, format!("`{field}` does not belong to a {:?} check (its fields: {})", c.kind, allowed.join(", ")));
+                self.err(
+                    &c.id,
+                    format!(
+                        "`{field}` does not belong to a {:?} check (its fields: {})",
+                        c.kind,
+                        allowed.join(", ")
+                    ),
+                );
             }
         }
         let body = match c.kind {
@@ -763,26 +862,41 @@ impl Validator<'_> {
                 }
             }
             (None, false) => LatentChoice::Listed(
-                c.latents.iter().filter_map(|r| self.latent(r, entry)).collect(),
+                c.latents
+                    .iter()
+                    .filter_map(|r| self.latent(r, entry))
+                    .collect(),
             ),
             _ => {
-                self.err(&c.id, "a feature probe needs either `latents` or `select`, not both");
+                self.err(
+                    &c.id,
+                    "a feature probe needs either `latents` or `select`, not both",
+                );
                 return None;
             }
         };
         if c.expect.is_empty() {
-            self.err(&c.id, "a feature probe needs at least one [[checks.expect]]");
+            self.err(
+                &c.id,
+                "a feature probe needs at least one [[checks.expect]]",
+            );
         }
         let mut expect = Vec::new();
         for e in &c.expect {
             let prompts = self.set(&e.prompts, n.prompts)?;
-            for f in [e.min_active_fraction, e.max_active_fraction].into_iter().flatten() {
+            for f in [e.min_active_fraction, e.max_active_fraction]
+                .into_iter()
+                .flatten()
+            {
                 if !(0.0..=1.0).contains(&f) {
                     self.err(&e.prompts, format!("fraction {f} is outside [0, 1]"));
                 }
             }
             if e.min_active_fraction.is_none() && e.max_active_fraction.is_none() {
-                self.err(&e.prompts, "an expectation needs `min_active_fraction` or `max_active_fraction`");
+                self.err(
+                    &e.prompts,
+                    "an expectation needs `min_active_fraction` or `max_active_fraction`",
+                );
             }
             expect.push(Expectation {
                 prompts,
@@ -794,6 +908,7 @@ impl Validator<'_> {
             sae,
             latents,
             aggregate: c.aggregate.unwrap_or(Aggregate::Max),
+            tokens: c.tokens.unwrap_or(TokenScope::Prompt),
             threshold: self.finite(c, "threshold", c.threshold.unwrap_or(0.0))?,
             expect,
         })
@@ -857,7 +972,9 @@ impl Validator<'_> {
         let intervention = match (&spec.ablate, &spec.add_direction, &spec.add_latent) {
             (Some(d), None, None) => {
                 coeff(self, false)?;
-                Intervention::Ablate { direction: self.named("direction", d, n.directions)? }
+                Intervention::Ablate {
+                    direction: self.named("direction", d, n.directions)?,
+                }
             }
             (None, Some(d), None) => Intervention::AddDirection {
                 direction: self.named("direction", d, n.directions)?,
@@ -870,10 +987,17 @@ impl Validator<'_> {
                 };
                 let sae = self.named("SAE", s, n.saes)?;
                 let latent = self.latent(l, &n.saes[&sae])?;
-                Intervention::AddLatent { sae, latent, coeff: coeff(self, true)? }
+                Intervention::AddLatent {
+                    sae,
+                    latent,
+                    coeff: coeff(self, true)?,
+                }
             }
             _ => {
-                self.err(&c.id, "an intervention is exactly one of `ablate`, `add_direction` or `add_latent`");
+                self.err(
+                    &c.id,
+                    "an intervention is exactly one of `ablate`, `add_direction` or `add_latent`",
+                );
                 return None;
             }
         };
@@ -891,7 +1015,10 @@ impl Validator<'_> {
             (None, _) => None,
         };
         if !c.sweep.is_empty() && matches!(intervention, Intervention::Ablate { .. }) {
-            self.err(&c.id, "`sweep` scales an added vector's coefficient; an ablation has none");
+            self.err(
+                &c.id,
+                "`sweep` scales an added vector's coefficient; an ablation has none",
+            );
         }
         if c.sweep.iter().any(|x| !x.is_finite()) {
             self.err(&c.id, "`sweep` coefficients must be finite");
@@ -908,13 +1035,14 @@ impl Validator<'_> {
             None => None,
         };
         let strings = |v: &Option<Vec<String>>, d: &[&str]| {
-            v.clone().unwrap_or_else(|| d.iter().map(|s| s.to_string()).collect())
+            v.clone()
+                .unwrap_or_else(|| d.iter().map(|s| s.to_string()).collect())
         };
         let max_tokens = c.max_tokens.unwrap_or(32);
         if max_tokens == 0 || max_tokens > 512 {
             self.err(&c.id, "`max_tokens` must be between 1 and 512");
         }
-        Some(CheckBody::Steering {
+        Some(CheckBody::Steering(Box::new(Steering {
             prompts,
             intervention,
             metric,
@@ -929,7 +1057,7 @@ impl Validator<'_> {
             }),
             bounds,
             attribute_with,
-        })
+        })))
     }
 
     fn drift(&mut self, c: &CheckSpec, n: &Names<'_>) -> Option<CheckBody> {
@@ -943,13 +1071,24 @@ impl Validator<'_> {
         } else {
             let full = self.confined(b)?;
             self.read(b, "baseline")?;
-            Baseline::File { path: full, rel: b.get_ref().clone() }
+            Baseline::File {
+                path: full,
+                rel: b.get_ref().clone(),
+            }
         };
         let max_rate_change = *self.required(c, "max_rate_change", &c.max_rate_change)?;
         if !(0.0..=1.0).contains(&max_rate_change) {
-            self.err(&c.id, "`max_rate_change` is a change in firing rate, within [0, 1]");
+            self.err(
+                &c.id,
+                "`max_rate_change` is a change in firing rate, within [0, 1]",
+            );
         }
-        Some(CheckBody::Drift { sae, prompts, baseline, max_rate_change })
+        Some(CheckBody::Drift {
+            sae,
+            prompts,
+            baseline,
+            max_rate_change,
+        })
     }
 }
 
@@ -980,6 +1119,7 @@ fn present_fields(c: &CheckSpec) -> Vec<&'static str> {
     on(!c.latents.is_empty(), "latents");
     on(c.select.is_some(), "select");
     on(c.aggregate.is_some(), "aggregate");
+    on(c.tokens.is_some(), "tokens");
     on(c.threshold.is_some(), "threshold");
     on(!c.expect.is_empty(), "expect");
     on(c.direction.is_some(), "direction");
@@ -1025,14 +1165,24 @@ fn read_vector(path: &Path, bytes: Vec<u8>, name: Option<&str>) -> Result<Vec<f3
         .load_f32(info, &candle_core::Device::Cpu)
         .map_err(|e| e.to_string())?;
     if t.dims().len() != 1 {
-        return Err(format!("tensor `{}` is not a vector (shape {:?})", info.name, t.dims()));
+        return Err(format!(
+            "tensor `{}` is not a vector (shape {:?})",
+            info.name,
+            t.dims()
+        ));
     }
     let v = t.to_vec1::<f32>().map_err(|e| e.to_string())?;
     if v.iter().any(|x| !x.is_finite()) {
-        return Err(format!("tensor `{}` holds NaN or infinite values", info.name));
+        return Err(format!(
+            "tensor `{}` holds NaN or infinite values",
+            info.name
+        ));
     }
     if v.iter().all(|x| *x == 0.0) {
-        return Err(format!("tensor `{}` is all zeros: it has no direction", info.name));
+        return Err(format!(
+            "tensor `{}` is all zeros: it has no direction",
+            info.name
+        ));
     }
     Ok(v)
 }

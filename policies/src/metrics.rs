@@ -5,7 +5,12 @@
 /// Log-softmax of one row of logits, in f64.
 pub fn log_softmax(row: &[f32]) -> Vec<f64> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     row.iter().map(|&v| v as f64 - lse).collect()
 }
 

@@ -203,7 +203,11 @@ impl RunResult {
             .flat_map(|p| p.findings.iter().map(move |f| (p, f)))
             .filter(|(_, f)| f.status != Status::Pass)
             .collect();
-        v.sort_by(|a, b| b.1.status.cmp(&a.1.status).then(b.1.severity.cmp(&a.1.severity)));
+        v.sort_by(|a, b| {
+            b.1.status
+                .cmp(&a.1.status)
+                .then(b.1.severity.cmp(&a.1.severity))
+        });
         v
     }
 }

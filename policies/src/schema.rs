@@ -167,6 +167,17 @@ pub enum Aggregate {
     Mean,
 }
 
+/// Which tokens of a prompt a feature probe reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenScope {
+    /// Every token after the chat template's preamble.
+    Prompt,
+    /// The last token only (for chat prompts, the end of the assistant header, where the
+    /// model has read the whole request and not yet answered).
+    Last,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
@@ -201,6 +212,9 @@ pub struct CheckSpec {
     pub select: Option<Select>,
     #[serde(default)]
     pub aggregate: Option<Aggregate>,
+    /// `prompt` (default) or `last`.
+    #[serde(default)]
+    pub tokens: Option<TokenScope>,
     /// A prompt counts as active when its aggregated activation exceeds this.
     #[serde(default)]
     pub threshold: Option<f64>,

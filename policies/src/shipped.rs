@@ -8,11 +8,26 @@ use probes::digest::sha256_hex;
 
 /// `(path inside the policy folder, contents)`.
 pub const FILES: &[(&str, &str)] = &[
-    ("capability-cost.toml", include_str!("../shipped/capability-cost.toml")),
-    ("harmful-recognition.toml", include_str!("../shipped/harmful-recognition.toml")),
-    ("refusal-integrity.toml", include_str!("../shipped/refusal-integrity.toml")),
-    ("prompts/harmful.txt", include_str!("../shipped/prompts/harmful.txt")),
-    ("prompts/harmless.txt", include_str!("../shipped/prompts/harmless.txt")),
+    (
+        "capability-cost.toml",
+        include_str!("../shipped/capability-cost.toml"),
+    ),
+    (
+        "harmful-recognition.toml",
+        include_str!("../shipped/harmful-recognition.toml"),
+    ),
+    (
+        "refusal-integrity.toml",
+        include_str!("../shipped/refusal-integrity.toml"),
+    ),
+    (
+        "prompts/harmful.txt",
+        include_str!("../shipped/prompts/harmful.txt"),
+    ),
+    (
+        "prompts/harmless.txt",
+        include_str!("../shipped/prompts/harmless.txt"),
+    ),
 ];
 
 /// The folder holding the shipped policies, written if it is not there yet.

@@ -109,10 +109,7 @@ fn open_log(db: &Path, key: Option<&Path>) -> anyhow::Result<AuditLog> {
 type Failure = (&'static str, Option<ModelSubject>, anyhow::Error);
 
 /// Load, validate and run. Errors carry the stage they happened at.
-fn audit(
-    a: &CheckArgs,
-    log: Option<&mut AuditLog>,
-) -> Result<(RunResult, ModelSubject), Failure> {
+fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelSubject), Failure> {
     let t0 = Instant::now();
     let quiet = a.quiet;
     let mut progress = |step: &str| {
@@ -137,7 +134,9 @@ fn audit(
         .clone()
         .unwrap_or_else(|| policies::engine::lineage_of(&model));
     let last_pass = match log {
-        Some(log) => last_pass(log, &lineage).map_err(|e| ("read_log", Some(subject.clone()), e))?,
+        Some(log) => {
+            last_pass(log, &lineage).map_err(|e| ("read_log", Some(subject.clone()), e))?
+        }
         None => None,
     };
     let mut opts = policies::engine::RunOptions {
@@ -201,7 +200,10 @@ pub fn last_pass(log: &AuditLog, lineage: &str) -> anyhow::Result<Option<RunResu
             let Ok(st) = serde_json::from_slice::<audit_log::record::Statement>(&row.bytes) else {
                 continue;
             };
-            if let RecordBody::Audit { verdict, result, .. } = st.predicate.record {
+            if let RecordBody::Audit {
+                verdict, result, ..
+            } = st.predicate.record
+            {
                 if verdict != "pass" && verdict != "warn" {
                     continue;
                 }
