@@ -688,8 +688,9 @@ impl Validator<'_> {
 
     /// Hook names are checked for form here and against the model when it is known.
     fn hook_syntax(&mut self, hook: &Spanned<String>) {
+        // The layer count is known only with the model; any layer number is accepted here.
         if let Err(e) = probes::HookPoint::parse(hook.get_ref(), 10_000) {
-            self.err(hook, e.to_string());
+            self.err(hook, e.to_string().replace("{0..9999}", "{L}"));
         }
     }
 
