@@ -494,15 +494,23 @@ impl<'m> Engine<'m> {
         if let Some(s) = &self.builtin {
             return Ok(Arc::clone(s));
         }
-        let progress = &mut opts.progress;
+        let progress = std::cell::RefCell::new(&mut opts.progress);
         let dir = probes::sae::default::ensure(
             self.model,
             |done, total| {
-                progress(&format!(
-                    "default SAE: writing its corpus, {done}/{total} samples"
+                (progress.borrow_mut())(&format!(
+                    "default SAE (first use): writing its corpus, {done}/{total} samples"
                 ))
             },
-            |_| std::ops::ControlFlow::Continue(()),
+            |p| {
+                if p.step % 25 == 0 {
+                    (progress.borrow_mut())(&format!(
+                        "default SAE (first use): training, {}/{} tokens, ETA {:.0}s",
+                        p.tokens, p.total_tokens, p.eta_secs
+                    ));
+                }
+                std::ops::ControlFlow::Continue(())
+            },
         )
         .map_err(|e| e.to_string())?;
         let sae = Arc::new(probes::sae::load_sae(&dir).map_err(|e| e.to_string())?);
