@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod daemon;
 mod gate;
 
 use std::process::ExitCode;
@@ -34,6 +35,10 @@ enum Command {
     Sae(cmd::sae::SaeCmd),
     /// Run policies on a model once: the release gate (exit 0 pass, 1 fail, 2 could not check).
     Check(cmd::check::CheckArgs),
+    /// Watch checkpoint directories and audit each complete checkpoint (a systemd service).
+    Daemon(cmd::daemon::DaemonArgs),
+    /// The daemon's queue, its last audits and the log head.
+    Status(cmd::daemon::StatusArgs),
     /// Validate policy files.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCmd),
@@ -49,14 +54,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The daemon sets up its own (journald-friendly) logging from its config.
+    if !matches!(cli.command, Command::Daemon(_)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match cli.command {
         Command::Model(c) => cmd::model::run(c),
         Command::Generate(a) => cmd::generate::run(a),
@@ -64,6 +72,8 @@ fn main() -> ExitCode {
         Command::Sae(c) => cmd::sae::run(c),
         Command::Check(a) => cmd::check::run(a),
         Command::Policy(c) => cmd::policy::run(c),
+        Command::Daemon(a) => cmd::daemon::run(a),
+        Command::Status(a) => cmd::daemon::status(a),
         Command::Key(c) => cmd::key::run(c),
         Command::Log(c) => cmd::log::run(c),
         Command::Bench(b) => bench::run(b),

@@ -135,7 +135,7 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
         .unwrap_or_else(|| policies::engine::lineage_of(&model));
     let last_pass = match log {
         Some(log) => {
-            last_pass(log, &lineage).map_err(|e| ("read_log", Some(subject.clone()), e))?
+            last_pass(log.connection(), &lineage).map_err(|e| ("read_log", Some(subject.clone()), e))?
         }
         None => None,
     };
@@ -190,8 +190,7 @@ pub fn audit_record(result: &RunResult, model: ModelSubject) -> anyhow::Result<R
 }
 
 /// The newest audit of `lineage` in the log whose verdict is pass or warn.
-pub fn last_pass(log: &AuditLog, lineage: &str) -> anyhow::Result<Option<RunResult>> {
-    let conn = log.connection();
+pub fn last_pass(conn: &rusqlite::Connection, lineage: &str) -> anyhow::Result<Option<RunResult>> {
     let mut end = store::record_count(conn)?;
     while end > 0 {
         let from = end.saturating_sub(256);

@@ -1,0 +1,104 @@
+//! `mechwatch daemon` and `mechwatch status`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+#[derive(Args)]
+pub struct DaemonArgs {
+    /// The TOML configuration (see systemd/mechwatch.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The daemon's configuration (for its state directory).
+    #[arg(long, conflicts_with = "state_dir")]
+    pub config: Option<PathBuf>,
+    /// Or the state directory itself.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Finished audits to list.
+    #[arg(long, default_value_t = 10)]
+    pub last: usize,
+}
+
+pub fn run(a: DaemonArgs) -> anyhow::Result<ExitCode> {
+    init_logging(&a.config);
+    crate::daemon::run(&a.config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs for journald: no colours, and no timestamps when journald adds its own; or JSON.
+fn init_logging(config: &std::path::Path) {
+    let format = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| t.get("log_format").and_then(|v| v.as_str().map(str::to_string)));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false);
+    if format.as_deref() == Some("json") {
+        b.json().init();
+    } else if journald {
+        b.without_time().init();
+    } else {
+        b.init();
+    }
+}
+
+pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let state_dir = match (a.state_dir, a.config) {
+        (Some(d), _) => d,
+        (None, Some(c)) => {
+            let t: toml::Table = toml::from_str(&std::fs::read_to_string(&c)?)?;
+            PathBuf::from(
+                t.get("state_dir")
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| anyhow::anyhow!("{}: no state_dir", c.display()))?,
+            )
+        }
+        (None, None) => anyhow::bail!("pass --config or --state-dir"),
+    };
+    let jobs = crate::daemon::jobs::Jobs::open_read_only(&state_dir.join("state.db"))?;
+    let open = jobs.open_jobs()?;
+    println!("queue: {} job(s)", open.len());
+    for (path, state) in &open {
+        println!("  {state:<8} {path}");
+    }
+    println!("last audits:");
+    for f in jobs.recent(a.last)? {
+        println!(
+            "  {} {:<8} {:<6} {}{}{}",
+            f.updated_at,
+            f.state,
+            f.verdict.as_deref().unwrap_or("-"),
+            f.path,
+            f.seq.map(|s| format!(" (seq {s})")).unwrap_or_default(),
+            f.message.map(|m| format!(": {m}")).unwrap_or_default()
+        );
+    }
+    let conn = audit_log::store::open_reader(&state_dir.join("audit.db"))?;
+    let n = audit_log::store::record_count(&conn)?;
+    let head = if n > 0 {
+        audit_log::store::read_records(&conn, n - 1, n)?
+            .first()
+            .map(|r| r.hash_hex())
+            .unwrap_or_default()
+    } else {
+        "-".into()
+    };
+    println!("log: {n} record(s), head sha256:{head}");
+    let cps = audit_log::store::read_checkpoints(&conn)?;
+    if let Some((size, _)) = cps.last() {
+        println!("latest checkpoint covers {size} record(s)");
+    }
+    Ok(ExitCode::SUCCESS)
+}

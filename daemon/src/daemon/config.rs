@@ -1,0 +1,189 @@
+//! The daemon's TOML configuration. Unknown keys are errors; every field is documented in
+//! `systemd/mechwatch.toml`, which a test parses.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use policies::Policy;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the job queue (`state.db`) and the audit log (`audit.db`) live.
+    pub state_dir: PathBuf,
+    /// The signing key; without it, `$CREDENTIALS_DIRECTORY/mechwatch-signing-key`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// A checkpoint is audited once its files have not changed for this long (or once its
+    /// ready marker exists).
+    #[serde(default = "defaults::quiet_period")]
+    pub quiet_period_secs: f64,
+    /// A full rescan of every watched directory, in case an event was missed.
+    #[serde(default = "defaults::reconcile")]
+    pub reconcile_interval_secs: f64,
+    /// Audits run at the same time (each holds one model in memory).
+    #[serde(default = "defaults::one")]
+    pub concurrency: usize,
+    /// Checkpoints whose estimated memory need exceeds this are not loaded; they get an error
+    /// record instead.
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
+    /// On SIGTERM, running audits get this long to finish; then they are abandoned and
+    /// requeued for the next start.
+    #[serde(default = "defaults::shutdown")]
+    pub shutdown_deadline_secs: f64,
+    /// An audit that reports no progress for this long stops the watchdog pings, so systemd
+    /// restarts the service.
+    #[serde(default = "defaults::stall")]
+    pub stall_timeout_secs: f64,
+    /// `text` (journald-friendly: no colours, no timestamps under journald) or `json`.
+    #[serde(default = "defaults::text")]
+    pub log_format: String,
+    pub watch: Vec<Watch>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watch {
+    /// A directory watched recursively for checkpoints: `*.gguf` files, and directories
+    /// holding `config.json` with `*.safetensors`.
+    pub path: PathBuf,
+    /// A policy file, a directory of them, or `default` (the shipped policies).
+    pub policies: String,
+    /// The model lineage for drift checks (default: each checkpoint's own name).
+    #[serde(default)]
+    pub lineage: Option<String>,
+}
+
+mod defaults {
+    pub fn quiet_period() -> f64 {
+        30.0
+    }
+    pub fn reconcile() -> f64 {
+        300.0
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn shutdown() -> f64 {
+        60.0
+    }
+    pub fn stall() -> f64 {
+        900.0
+    }
+    pub fn text() -> String {
+        "text".into()
+    }
+}
+
+/// A watched directory with its loaded policies.
+#[derive(Debug, Clone)]
+pub struct LoadedWatch {
+    pub watch: Watch,
+    pub policies: std::sync::Arc<Vec<Policy>>,
+    /// sha256 over the digests of every file the policies read: audits are deduplicated on
+    /// (checkpoint digest, this).
+    pub policy_key: String,
+}
+
+impl Config {
+    /// Read and validate `path`, loading every watch's policies.
+    pub fn load(path: &Path) -> anyhow::Result<(Self, Vec<LoadedWatch>)> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let loc = policies::Loc::of(&text, s.start);
+                    format!("{}:{}:", loc.line, loc.col)
+                })
+                .unwrap_or_default();
+            anyhow::anyhow!("{}:{at} {}", path.display(), e.message().trim_end())
+        })?;
+        let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{}: `{name}` must be a non-negative number of seconds", path.display());
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        secs("quiet_period_secs", cfg.quiet_period_secs)?;
+        secs("reconcile_interval_secs", cfg.reconcile_interval_secs)?;
+        secs("shutdown_deadline_secs", cfg.shutdown_deadline_secs)?;
+        secs("stall_timeout_secs", cfg.stall_timeout_secs)?;
+        if cfg.concurrency == 0 {
+            bail!("{}: `concurrency` must be at least 1", path.display());
+        }
+        if !["text", "json"].contains(&cfg.log_format.as_str()) {
+            bail!("{}: `log_format` is `text` or `json`", path.display());
+        }
+        if cfg.watch.is_empty() {
+            bail!("{}: no [[watch]] directories", path.display());
+        }
+        let mut loaded = Vec::new();
+        for w in &cfg.watch {
+            if !w.path.is_dir() {
+                bail!("{}: watched path {} is not a directory", path.display(), w.path.display());
+            }
+            let dir = crate::cmd::policy::resolve(&w.policies)?;
+            let policies = policies::load_policies(&dir)
+                .map_err(|e| anyhow::Error::new(policies::PolicyErrors(e)))
+                .with_context(|| format!("policies for {}", w.path.display()))?;
+            loaded.push(LoadedWatch {
+                policy_key: policy_key(&policies),
+                watch: w.clone(),
+                policies: std::sync::Arc::new(policies),
+            });
+        }
+        Ok((cfg, loaded))
+    }
+
+    pub fn quiet_period(&self) -> Duration {
+        Duration::from_secs_f64(self.quiet_period_secs)
+    }
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.reconcile_interval_secs)
+    }
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_deadline_secs)
+    }
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.stall_timeout_secs)
+    }
+}
+
+/// sha256 over the sorted `kind path sha256` lines of every input file of `policies`.
+pub fn policy_key(policies: &[Policy]) -> String {
+    let mut lines: Vec<String> = policies
+        .iter()
+        .flat_map(|p| {
+            p.inputs
+                .iter()
+                .map(move |i| format!("{} {} {} {}", p.name, i.kind, i.path, i.sha256))
+        })
+        .collect();
+    lines.sort();
+    probes::digest::sha256_hex(lines.join("\n").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let text = include_str!("../../../systemd/mechwatch.toml");
+        let cfg: Config = toml::from_str(text).unwrap();
+        assert_eq!(cfg.concurrency, 1);
+        assert_eq!(cfg.watch.len(), 1);
+        assert_eq!(cfg.watch[0].policies, "default");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = toml::from_str::<Config>("state_dir = \"/x\"\nwatch = []\nquiet = 3\n").unwrap_err();
+        assert!(e.to_string().contains("quiet"), "{e}");
+    }
+}
