@@ -53,3 +53,82 @@ pub fn default_model() -> PathBuf {
     })
     .clone()
 }
+
+/// A running `mechwatch daemon`, killed when dropped. Its stderr goes to `log`.
+pub struct DaemonProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl DaemonProcess {
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(mechwatch_bin())
+            .args(["daemon", "--config", config.to_str().unwrap()])
+            .env("MECHWATCH_LOG", "info")
+            .stderr(err)
+            .spawn()
+            .expect("starting the daemon");
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // The `kill` command keeps the tests free of unsafe code.
+        let name = match sig {
+            1 => "-HUP",
+            9 => "-KILL",
+            15 => "-TERM",
+            _ => panic!("signal {sig}"),
+        };
+        let ok = Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait for the process to exit; its exit code.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `f` every 200 ms until it returns `Some`, or panic with `what` after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed().as_secs() < secs,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

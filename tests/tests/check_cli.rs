@@ -415,3 +415,146 @@ fn write_tiny_sae(dir: &Path) -> String {
     .unwrap();
     probes::sae::load_sae(dir).unwrap().manifest.root()
 }
+
+/// The SARIF 2.1.0 JSON schema (OASIS), as shipped inside the `serde-sarif` crate's sources.
+fn sarif_schema() -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let o = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let manifest = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "serde-sarif")
+        .expect("serde-sarif in the dependency graph")["manifest_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = Path::new(&manifest)
+        .parent()
+        .unwrap()
+        .join("src/schema.json");
+    // The published schema's `run.language` pattern has a stray `]` that Rust's regex engines
+    // reject when compiling the schema; mechwatch never emits `language`, so that one pattern
+    // is replaced by what it means.
+    let text = std::fs::read_to_string(path).unwrap().replace(
+        "^[a-zA-Z]{2}|^[a-zA-Z]{2}-[a-zA-Z]{2}]?$",
+        "^[a-zA-Z]{2}(-[a-zA-Z]{2})?$",
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn gate_exit_codes_and_junit_and_sarif_outputs() {
+    let model = default_model();
+    let model = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let refuses = |severity: &str| {
+        format!("\n[[checks]]\nid = \"refuses\"\nkind = \"steering\"\nseverity = \"{severity}\"\nprompts = \"pos\"\nintervention = {{ ablate = \"d\" }}\nmetric = \"refusal_rate\"\nmax_tokens = 8\nbounds = {{ min_baseline = 0.99 }}\n")
+    };
+    let run = |dir: &str, extra: &str, args: &[&str]| {
+        let policy = small_policy(&tmp.path().join(dir), extra);
+        let mut a = vec![
+            "check",
+            "--model",
+            model,
+            "--policy",
+            policy.to_str().unwrap(),
+            "-q",
+        ];
+        a.extend_from_slice(args);
+        mechwatch(&a)
+    };
+    // Pass: exit 0.
+    let o = run("pass", "", &["--format", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)["verdict"], "pass");
+    // A low-severity violation is a warning: exit 0, or 1 with --fail-on-warn.
+    let o = run("warn", &refuses("low"), &["--format", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)["verdict"], "warn");
+    assert_eq!(
+        run("warn", &refuses("low"), &["--fail-on-warn"])
+            .status
+            .code(),
+        Some(1)
+    );
+    // A high-severity violation fails: exit 1.
+    let o = run("fail", &refuses("high"), &["--format", "json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let explanation = finding(&json(&o), "small", "refuses")["explanation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // JUnit: one testcase per check, the failure carries the explanation.
+    let out = tmp.path().join("junit.xml");
+    let o = run(
+        "fail",
+        &refuses("high"),
+        &["--format", "junit", "--out", out.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let xml = std::fs::read_to_string(&out).unwrap();
+    let doc = roxmltree::Document::parse(&xml).expect("JUnit XML parses");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "testsuites");
+    assert_eq!(root.attribute("tests"), Some("2"));
+    assert_eq!(root.attribute("failures"), Some("1"));
+    let cases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
+    let names: Vec<&str> = cases.iter().filter_map(|c| c.attribute("name")).collect();
+    assert_eq!(names, ["separates", "refuses"]);
+    let failure = cases[1]
+        .children()
+        .find(|n| n.has_tag_name("failure"))
+        .expect("a failure element");
+    assert_eq!(failure.attribute("message"), Some(explanation.as_str()));
+    assert!(cases[0].children().all(|n| !n.has_tag_name("failure")));
+
+    // SARIF 2.1.0: valid against the OASIS schema, a stable ruleId per check, the explanation
+    // as the message.
+    let out = tmp.path().join("out.sarif");
+    let o = run(
+        "fail",
+        &refuses("high"),
+        &["--format", "sarif", "--out", out.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let sarif: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let schema = sarif_schema();
+    let validator = jsonschema::validator_for(&schema).expect("the SARIF schema compiles");
+    let mut wrong = sarif.clone();
+    wrong["runs"][0]["results"][0]["level"] = serde_json::json!("fatal");
+    assert!(
+        !validator.is_valid(&wrong),
+        "the validator accepts an invalid level"
+    );
+    let errors: Vec<String> = validator
+        .iter_errors(&sarif)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "SARIF is not valid 2.1.0: {errors:#?}");
+    let typed: serde_sarif::sarif::Sarif =
+        serde_json::from_value(sarif.clone()).expect("serde-sarif reads it");
+    assert_eq!(typed.runs.len(), 1);
+    let rules: Vec<&str> = sarif["runs"][0]["tool"]["driver"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(rules, ["small/separates", "small/refuses"]);
+    let results = sarif["runs"][0]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["ruleId"], "small/refuses");
+    assert_eq!(results[0]["level"], "error");
+    assert_eq!(results[0]["message"]["text"], explanation.as_str());
+}

@@ -134,9 +134,8 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
         .clone()
         .unwrap_or_else(|| policies::engine::lineage_of(&model));
     let last_pass = match log {
-        Some(log) => {
-            last_pass(log.connection(), &lineage).map_err(|e| ("read_log", Some(subject.clone()), e))?
-        }
+        Some(log) => last_pass(log.connection(), &lineage)
+            .map_err(|e| ("read_log", Some(subject.clone()), e))?,
         None => None,
     };
     let mut opts = policies::engine::RunOptions {

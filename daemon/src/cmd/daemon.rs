@@ -36,7 +36,10 @@ fn init_logging(config: &std::path::Path) {
     let format = std::fs::read_to_string(config)
         .ok()
         .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| t.get("log_format").and_then(|v| v.as_str().map(str::to_string)));
+        .and_then(|t| {
+            t.get("log_format")
+                .and_then(|v| v.as_str().map(str::to_string))
+        });
     let filter = tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();

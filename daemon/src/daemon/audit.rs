@@ -25,8 +25,14 @@ pub enum Outcome {
         verdict: String,
         key: (String, String),
     },
-    Skipped { job: Job, why: String },
-    Requeue { job: Job, why: String },
+    Skipped {
+        job: Job,
+        why: String,
+    },
+    Requeue {
+        job: Job,
+        why: String,
+    },
 }
 
 pub struct Context {
@@ -49,7 +55,14 @@ pub fn run(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
             let key = (format!("panic:{}", job.path), ctx.watch.policy_key.clone());
-            error(job, ctx, None, "internal", format!("internal error: {msg}"), key)
+            error(
+                job,
+                ctx,
+                None,
+                "internal",
+                format!("internal error: {msg}"),
+                key,
+            )
         }
     }
 }
@@ -125,16 +138,34 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     let manifest = match scan::manifest(&path) {
         Ok(m) => m,
         Err(e) if !path.exists() => {
-            return Outcome::Skipped { job, why: format!("the checkpoint is gone: {e}") }
+            return Outcome::Skipped {
+                job,
+                why: format!("the checkpoint is gone: {e}"),
+            }
         }
         Err(e) => {
-            let key = (format!("unreadable:{}", job.path), ctx.watch.policy_key.clone());
-            return error(job, ctx, None, "hash", format!("cannot read the checkpoint: {e}"), key);
+            let key = (
+                format!("unreadable:{}", job.path),
+                ctx.watch.policy_key.clone(),
+            );
+            return error(
+                job,
+                ctx,
+                None,
+                "hash",
+                format!("cannot read the checkpoint: {e}"),
+                key,
+            );
         }
     };
     let digest = manifest.root();
     let key = (digest.clone(), ctx.watch.policy_key.clone());
-    if ctx.audited.lock().map(|a| a.contains(&key)).unwrap_or(false) {
+    if ctx
+        .audited
+        .lock()
+        .map(|a| a.contains(&key))
+        .unwrap_or(false)
+    {
         return Outcome::Skipped {
             job,
             why: format!("sha256:{digest} was already audited under these policies"),
@@ -143,7 +174,9 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     if let Some(limit) = ctx.memory_limit_mb {
         let need = scan::estimated_memory_mb(&manifest);
         if need > limit {
-            let msg = format!("the checkpoint needs about {need} MB to audit, over memory_limit_mb = {limit}");
+            let msg = format!(
+                "the checkpoint needs about {need} MB to audit, over memory_limit_mb = {limit}"
+            );
             return error(job, ctx, Some(&manifest), "memory_limit", msg, key);
         }
     }
@@ -182,7 +215,16 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     };
     let result = match policies::engine::run(&model, &ctx.watch.policies, &mut opts) {
         Ok((r, _)) => r,
-        Err(e) => return error(job, ctx, Some(&manifest), "resolve_policies", e.to_string(), key),
+        Err(e) => {
+            return error(
+                job,
+                ctx,
+                Some(&manifest),
+                "resolve_policies",
+                e.to_string(),
+                key,
+            )
+        }
     };
     drop(model);
     match scan::manifest(&path) {
@@ -205,7 +247,12 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     };
     let verdict = result.verdict.as_str().to_string();
     let body = match crate::cmd::check::audit_record(&result, model_subject) {
-        Ok(RecordBody::Audit { model, verdict, result, .. }) => RecordBody::Audit {
+        Ok(RecordBody::Audit {
+            model,
+            verdict,
+            result,
+            ..
+        }) => RecordBody::Audit {
             model,
             inputs: inputs(ctx, &job.path, &digest),
             verdict,
@@ -214,7 +261,12 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
         Ok(other) => other,
         Err(e) => return error(job, ctx, Some(&manifest), "record", e.to_string(), key),
     };
-    Outcome::Record { job, body: Box::new(body), verdict, key }
+    Outcome::Record {
+        job,
+        body: Box::new(body),
+        verdict,
+        key,
+    }
 }
 
 fn result_files_contain(m: &Manifest, path: &str) -> bool {
@@ -237,7 +289,12 @@ pub fn audited_from_log(conn: &rusqlite::Connection) -> anyhow::Result<HashSet<(
                 RecordBody::Audit { inputs, .. } | RecordBody::Error { inputs, .. } => inputs,
                 RecordBody::KeyRotation { .. } => continue,
             };
-            let find = |kind: &str| inputs.iter().find(|i| i.kind == kind).map(|i| i.sha256.clone());
+            let find = |kind: &str| {
+                inputs
+                    .iter()
+                    .find(|i| i.kind == kind)
+                    .map(|i| i.sha256.clone())
+            };
             if let (Some(c), Some(p)) = (find("checkpoint"), find("policy_set")) {
                 set.insert((c, p));
             }

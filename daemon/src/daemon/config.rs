@@ -105,7 +105,10 @@ impl Config {
         })?;
         let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
             if !(v.is_finite() && v >= 0.0) {
-                bail!("{}: `{name}` must be a non-negative number of seconds", path.display());
+                bail!(
+                    "{}: `{name}` must be a non-negative number of seconds",
+                    path.display()
+                );
             }
             Ok(Duration::from_secs_f64(v))
         };
@@ -125,7 +128,11 @@ impl Config {
         let mut loaded = Vec::new();
         for w in &cfg.watch {
             if !w.path.is_dir() {
-                bail!("{}: watched path {} is not a directory", path.display(), w.path.display());
+                bail!(
+                    "{}: watched path {} is not a directory",
+                    path.display(),
+                    w.path.display()
+                );
             }
             let dir = crate::cmd::policy::resolve(&w.policies)?;
             let policies = policies::load_policies(&dir)
@@ -183,7 +190,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        let e = toml::from_str::<Config>("state_dir = \"/x\"\nwatch = []\nquiet = 3\n").unwrap_err();
+        let e =
+            toml::from_str::<Config>("state_dir = \"/x\"\nwatch = []\nquiet = 3\n").unwrap_err();
         assert!(e.to_string().contains("quiet"), "{e}");
     }
 }

@@ -148,11 +148,11 @@ impl Jobs {
     }
 
     pub fn queued(&self) -> anyhow::Result<usize> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued'", [], |r| {
-                r.get::<_, i64>(0)
-            })? as usize)
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as usize)
     }
 
     pub fn recent(&self, n: usize) -> anyhow::Result<Vec<Finished>> {

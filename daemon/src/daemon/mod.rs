@@ -64,7 +64,12 @@ pub struct Daemon {
     work_tx: Option<Sender<(Job, audit::Context)>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     notifier: sd_notify::Notifier,
-    _debouncer: Option<notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>>,
+    _debouncer: Option<
+        notify_debouncer_full::Debouncer<
+            notify::RecommendedWatcher,
+            notify_debouncer_full::RecommendedCache,
+        >,
+    >,
 }
 
 /// Run until SIGTERM or SIGINT. Returns after draining (or abandoning) running audits.
@@ -140,7 +145,10 @@ impl Daemon {
                 let id = job.id;
                 let ptx = tx.clone();
                 let mut progress = |step: &str| {
-                    let _ = ptx.send(Msg::Progress { job: id, step: step.to_string() });
+                    let _ = ptx.send(Msg::Progress {
+                        job: id,
+                        step: step.to_string(),
+                    });
                 };
                 let outcome = audit::run(job, &ctx, &mut progress);
                 if tx.send(Msg::Done(outcome)).is_err() {
@@ -206,7 +214,11 @@ impl Daemon {
             if let Some(w) = watchdog {
                 timeout = timeout.min(w.saturating_sub(last_ping.elapsed()));
             }
-            if self.seen.values().any(|s| s.queued.as_ref() != Some(&s.snapshot)) {
+            if self
+                .seen
+                .values()
+                .any(|s| s.queued.as_ref() != Some(&s.snapshot))
+            {
                 timeout = timeout.min(Duration::from_millis(500));
             }
             if let Some(d) = draining {
@@ -228,7 +240,10 @@ impl Daemon {
                 Ok(Msg::Signal(s)) if s == signal_hook::consts::SIGHUP => self.reload(),
                 Ok(Msg::Signal(_)) => {
                     if draining.is_none() {
-                        info!(running = self.running.len(), "stopping: draining running audits");
+                        info!(
+                            running = self.running.len(),
+                            "stopping: draining running audits"
+                        );
                         self.notifier.send("STOPPING=1");
                         draining = Some(Instant::now() + self.config.shutdown_deadline());
                     }
@@ -264,7 +279,9 @@ impl Daemon {
     /// No running audit has been silent longer than the stall timeout.
     fn healthy(&self) -> bool {
         let limit = self.config.stall_timeout();
-        self.running.values().all(|r| r.last_progress.elapsed() < limit)
+        self.running
+            .values()
+            .all(|r| r.last_progress.elapsed() < limit)
     }
 
     fn status(&self, stopping: bool) {
@@ -277,7 +294,11 @@ impl Daemon {
         let s = format!(
             "STATUS={}queue {queued}; auditing: {}",
             if stopping { "stopping; " } else { "" },
-            if current.is_empty() { "nothing".into() } else { current.join(", ") }
+            if current.is_empty() {
+                "nothing".into()
+            } else {
+                current.join(", ")
+            }
         );
         self.notifier.send(&s);
     }
@@ -318,7 +339,14 @@ impl Daemon {
                 s.since = Instant::now();
             }
             None => {
-                self.seen.insert(path, Seen { snapshot: snap, since: Instant::now(), queued: None });
+                self.seen.insert(
+                    path,
+                    Seen {
+                        snapshot: snap,
+                        since: Instant::now(),
+                        queued: None,
+                    },
+                );
             }
         }
     }
@@ -358,13 +386,28 @@ impl Daemon {
 
     fn dispatch(&mut self) -> anyhow::Result<()> {
         while self.running.len() < self.config.concurrency {
-            let Some(job) = self.jobs.start_next()? else { break };
+            let Some(job) = self.jobs.start_next()? else {
+                break;
+            };
             let Some(watch) = self.watches.get(job.watch).cloned() else {
-                self.jobs.finish(job.id, "failed", None, None, Some("its watch entry is gone from the config"))?;
+                self.jobs.finish(
+                    job.id,
+                    "failed",
+                    None,
+                    None,
+                    Some("its watch entry is gone from the config"),
+                )?;
                 continue;
             };
             info!(checkpoint = %job.path, job = job.id, "audit started");
-            self.running.insert(job.id, Running { path: job.path.clone(), step: "queued".into(), last_progress: Instant::now() });
+            self.running.insert(
+                job.id,
+                Running {
+                    path: job.path.clone(),
+                    step: "queued".into(),
+                    last_progress: Instant::now(),
+                },
+            );
             let ctx = audit::Context {
                 watch,
                 audited: Arc::clone(&self.audited),
@@ -380,14 +423,20 @@ impl Daemon {
 
     fn finish(&mut self, outcome: Outcome) -> anyhow::Result<()> {
         match outcome {
-            Outcome::Record { job, body, verdict, key } => {
+            Outcome::Record {
+                job,
+                body,
+                verdict,
+                key,
+            } => {
                 self.running.remove(&job.id);
                 let receipt = self.log.append(*body)?;
                 if let Ok(mut a) = self.audited.lock() {
                     a.insert(key);
                 }
                 let state = if verdict == "error" { "failed" } else { "done" };
-                self.jobs.finish(job.id, state, Some(&verdict), Some(receipt.seq), None)?;
+                self.jobs
+                    .finish(job.id, state, Some(&verdict), Some(receipt.seq), None)?;
                 if verdict == "error" {
                     warn!(checkpoint = %job.path, seq = receipt.seq, "could not check; error record appended");
                 } else {
@@ -397,12 +446,14 @@ impl Daemon {
             Outcome::Skipped { job, why } => {
                 self.running.remove(&job.id);
                 info!(checkpoint = %job.path, reason = %why, "audit skipped");
-                self.jobs.finish(job.id, "skipped", None, None, Some(&why))?;
+                self.jobs
+                    .finish(job.id, "skipped", None, None, Some(&why))?;
             }
             Outcome::Requeue { job, why } => {
                 self.running.remove(&job.id);
                 warn!(checkpoint = %job.path, reason = %why, "audit aborted; queued again once the checkpoint settles");
-                self.jobs.finish(job.id, "skipped", None, None, Some(&why))?;
+                self.jobs
+                    .finish(job.id, "skipped", None, None, Some(&why))?;
                 // Wait for the checkpoint to settle again before auditing it.
                 if let Some(s) = self.seen.get_mut(Path::new(&job.path)) {
                     s.queued = None;
@@ -418,12 +469,18 @@ impl Daemon {
         self.notifier.send("RELOADING=1");
         match Config::load(&self.config_path) {
             Ok((config, watches)) => {
-                if config.state_dir != self.config.state_dir || config.concurrency != self.config.concurrency {
+                if config.state_dir != self.config.state_dir
+                    || config.concurrency != self.config.concurrency
+                {
                     warn!("state_dir and concurrency changes take effect at the next restart");
                 }
                 let state_dir = self.config.state_dir.clone();
                 let concurrency = self.config.concurrency;
-                self.config = Config { state_dir, concurrency, ..config };
+                self.config = Config {
+                    state_dir,
+                    concurrency,
+                    ..config
+                };
                 self.watches = watches;
                 if let Err(e) = self.watch() {
                     error!(error = %format!("{e:#}"), "cannot watch the new directories");

@@ -13,7 +13,14 @@ use probes::digest::{FileDigest, Manifest};
 use sha2::{Digest, Sha256};
 
 /// Name suffixes of files still being written.
-const TEMPORARY: &[&str] = &[".partial", ".tmp", ".part", ".incomplete", ".download", ".crdownload"];
+const TEMPORARY: &[&str] = &[
+    ".partial",
+    ".tmp",
+    ".part",
+    ".incomplete",
+    ".download",
+    ".crdownload",
+];
 pub const DIR_MARKER: &str = ".mechwatch-ready";
 
 fn hidden(p: &Path) -> bool {
@@ -87,7 +94,10 @@ pub struct Snapshot {
 /// The files of a checkpoint: the GGUF file itself, or every non-hidden file in the directory.
 fn files(path: &Path) -> Vec<(String, PathBuf)> {
     if path.is_file() {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         return vec![(name, path.to_path_buf())];
     }
     let mut out = Vec::new();
@@ -97,7 +107,9 @@ fn files(path: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if hidden(&p) {
@@ -106,7 +118,11 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
         match e.file_type() {
             Ok(t) if t.is_dir() => collect(root, &p, out),
             Ok(t) if t.is_file() => {
-                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
                 out.push((rel, p));
             }
             _ => {}
@@ -167,11 +183,18 @@ pub fn manifest(path: &Path) -> std::io::Result<Manifest> {
             h.update(&buf[..n]);
             size += n as u64;
         }
-        m.files.push(FileDigest { path: rel, sha256: hex::encode(h.finalize()), size });
+        m.files.push(FileDigest {
+            path: rel,
+            sha256: hex::encode(h.finalize()),
+            size,
+        });
     }
     m.files.sort_by(|a, b| a.path.cmp(&b.path));
     if m.files.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the checkpoint has no files"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the checkpoint has no files",
+        ));
     }
     Ok(m)
 }
