@@ -18,6 +18,9 @@ pub enum BenchCmd {
     /// The policy set end to end (model load included), time per check kind, against one
     /// plain forward pass over every prompt the policies read.
     Check(CheckBenchArgs),
+    /// The daemon: time from a checkpoint becoming complete to its signed record, against
+    /// the same audit run in-process; and the idle daemon's CPU use.
+    Daemon(CheckBenchArgs),
 }
 
 #[derive(Args)]
@@ -84,7 +87,96 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Log(a) => log(a),
         BenchCmd::Sae(a) => sae(a),
         BenchCmd::Check(a) => check(a),
+        BenchCmd::Daemon(a) => daemon(a),
     }
+}
+
+/// utime + stime of process `pid`, in seconds.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn daemon(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
+    let model_path = crate::cmd::load_model(&a.model)?.path;
+    let dir = crate::cmd::policy::resolve(&a.policy)?;
+    // Baseline: the same audit in-process (model load and policies), as `mechwatch check`.
+    let policies = policies::load_policies(&dir).map_err(policies::PolicyErrors)?;
+    let t0 = Instant::now();
+    let model = crate::cmd::load_model(model_path.to_str().unwrap_or_default())?;
+    let mut quiet = |_: &str| {};
+    let mut opts = policies::engine::RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 16,
+        lineage: None,
+    };
+    policies::engine::run(&model, &policies, &mut opts)?;
+    let in_process = t0.elapsed().as_secs_f64();
+    drop(model);
+
+    let tmp = std::env::temp_dir().join(format!("mechwatch-bench-daemon-{}", std::process::id()));
+    let models = tmp.join("models");
+    std::fs::create_dir_all(&models)?;
+    let key = tmp.join("key.pem");
+    audit_log::keys::Signer::generate().write_new(&key)?;
+    let config = tmp.join("mechwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{0}/state\"\nkey = \"{0}/key.pem\"\nquiet_period_secs = 30\n[[watch]]\npath = \"{0}/models\"\npolicies = \"{1}\"\n",
+            tmp.display(),
+            dir.display()
+        ),
+    )?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["daemon", "--config", config.to_str().unwrap_or_default()])
+        .env("MECHWATCH_LOG", "warn")
+        .spawn()?;
+    let db = tmp.join("state/audit.db");
+    let wait_db = Instant::now();
+    while !db.exists() && wait_db.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Complete = renamed into place with its ready marker (no quiet period to wait out).
+    let partial = models.join("m.gguf.partial");
+    std::fs::copy(&model_path, &partial)?;
+    std::fs::rename(&partial, models.join("m.gguf"))?;
+    std::fs::write(models.join("m.gguf.ready"), "")?;
+    let t0 = Instant::now();
+    let conn = audit_log::store::open_reader(&db)?;
+    while audit_log::store::record_count(&conn)? == 0 {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(600),
+            "no record after 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let to_record = t0.elapsed().as_secs_f64();
+    // Idle: nothing to do for 5 s.
+    std::thread::sleep(Duration::from_secs(1));
+    let c0 = cpu_secs(child.id()).unwrap_or(f64::NAN);
+    std::thread::sleep(Duration::from_secs(5));
+    let idle = (cpu_secs(child.id()).unwrap_or(f64::NAN) - c0) / 5.0 * 100.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!(
+        "policies {} on {}, {} threads",
+        dir.display(),
+        model_path.display(),
+        rayon_threads()
+    );
+    println!(
+        "complete checkpoint -> signed record   {to_record:>6.2}s   (target <= 60 s: {})",
+        if to_record <= 60.0 { "met" } else { "NOT met" }
+    );
+    println!("baseline: the same audit in-process    {in_process:>6.2}s   (the daemon adds {:.2}s: hashing, queueing, signing; ratio {:.2}x)", to_record - in_process, to_record / in_process);
+    println!("idle CPU after the audit               {idle:>6.2}% of one core");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {

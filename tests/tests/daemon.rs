@@ -284,3 +284,58 @@ fn sighup_with_a_broken_config_keeps_the_old_one_and_sigterm_drains() {
     assert_eq!(d.wait(Duration::from_secs(30)), Some(0), "{}", d.logs());
     assert!(d.logs().contains("drained; stopping"));
 }
+
+#[test]
+fn systemd_notifications_come_from_the_work_loop() {
+    use std::os::unix::net::UnixDatagram;
+    let site = Site::new(1.0, false);
+    let sock_path = site.root().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let log = std::fs::File::create(site.root().join("daemon.log")).unwrap();
+    let mut child = std::process::Command::new(mechwatch_bin())
+        .args(["daemon", "--config", site.config().to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(30)
+        && !(seen.iter().any(|m: &String| m == "READY=1")
+            && seen.iter().filter(|m| m.as_str() == "WATCHDOG=1").count() >= 2)
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(seen.iter().any(|m| m == "READY=1"), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|m| m.starts_with("STATUS=queue 0; auditing: nothing")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().filter(|m| m.as_str() == "WATCHDOG=1").count() >= 2,
+        "{seen:?}"
+    );
+    assert!(status.success());
+    // Stopping is announced.
+    let mut rest = Vec::new();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while let Ok(n) = sock.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        rest.iter().chain(&seen).any(|m| m == "STOPPING=1"),
+        "{rest:?}"
+    );
+}
