@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod daemon;
 mod gate;
+mod report;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,8 @@ enum Command {
     Daemon(cmd::daemon::DaemonArgs),
     /// The daemon's queue, its last audits and the log head.
     Status(cmd::daemon::StatusArgs),
+    /// A self-contained HTML (or Markdown) report of signed records, verified as it is made.
+    Report(cmd::report::ReportArgs),
     /// Validate policy files.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCmd),
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Daemon(a) => cmd::daemon::run(a),
+        Command::Report(a) => cmd::report::run(a),
         Command::Status(a) => cmd::daemon::status(a),
         Command::Key(c) => cmd::key::run(c),
         Command::Log(c) => cmd::log::run(c),

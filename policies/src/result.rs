@@ -103,6 +103,7 @@ pub struct Finding {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Metric {
     pub name: String,
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
     /// The bound it was held to, e.g. `>= 0.9`, if any.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -137,6 +138,7 @@ pub struct PromptEvidence {
     pub index: usize,
     pub text: String,
     /// The prompt's score for this check (activation, projection or metric).
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
     /// Why this prompt is shown, e.g. "harmful prompt on which no probe latent fired".
     pub why: String,
@@ -148,6 +150,7 @@ pub struct PromptEvidence {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenValue {
     pub token: String,
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
 }
 
@@ -157,6 +160,7 @@ pub struct LatentEvidence {
     pub latent: usize,
     /// From the SAE's labels file, or `auto: …` built from the tokens it fires on most.
     pub label: String,
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
     /// How `value` was computed.
     pub measure: String,
@@ -165,12 +169,14 @@ pub struct LatentEvidence {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Distribution {
     pub set: String,
+    #[serde(deserialize_with = "nans_if_null")]
     pub values: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SweepPoint {
     pub coeff: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
 }
 
@@ -181,6 +187,18 @@ pub struct GenerationPair {
     pub intervened: String,
     pub baseline_refused: bool,
     pub intervened_refused: bool,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`, read back here as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn nans_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    Ok(Vec::<Option<f64>>::deserialize(d)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
 }
 
 /// `x` rounded to 6 significant digits (non-finite values are kept as they are, and never
@@ -222,6 +240,17 @@ mod tests {
         assert_eq!(round(123456.789), 123457.0);
         assert_eq!(round(-2.5e-8), -2.5e-8);
         assert!(round(f64::NAN).is_nan());
+    }
+
+    #[test]
+    fn nan_survives_a_json_round_trip() {
+        let m = Metric {
+            name: "flip coefficient".into(),
+            value: f64::NAN,
+            bound: "<= 4".into(),
+        };
+        let back: Metric = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert!(back.value.is_nan());
     }
 
     #[test]

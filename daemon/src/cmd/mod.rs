@@ -8,6 +8,7 @@ pub mod key;
 pub mod log;
 pub mod model;
 pub mod policy;
+pub mod report;
 pub mod sae;
 
 use anyhow::Context;
