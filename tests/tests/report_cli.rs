@@ -115,6 +115,15 @@ fn log_with_two_audits() -> Log {
     log
 }
 
+/// The checkpoint digest of the log's first record.
+fn json_digest(log: &Log) -> String {
+    let o = mechwatch(&["log", "show", "--db", &log.db(), "--seq", "0", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = v.to_string();
+    let at = s.find("\"root_sha256\":\"").expect("a root digest") + 15;
+    s[at..at + 64].to_string()
+}
+
 /// Chromium's DOM after load, its stderr, and a screenshot.
 fn render(html: &str, png: &str) -> (String, String) {
     let url = format!("file://{html}");
