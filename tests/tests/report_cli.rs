@@ -283,6 +283,46 @@ fn the_report_renders_in_chromium_and_a_tampered_log_shows_red() {
             && m.contains("| rich | steer |"),
         "{m}"
     );
+    // Every record of one checkpoint, by a prefix of its digest.
+    let digest = json_digest(&log);
+    let by_model = log.path("by-model.md");
+    let o = mechwatch(&[
+        "report",
+        "--db",
+        &log.db(),
+        "--pubkey",
+        &log.pubkey(),
+        "--model",
+        &digest[..12],
+        "--format",
+        "md",
+        "--out",
+        &by_model,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&by_model)
+            .unwrap()
+            .matches("## Record")
+            .count(),
+        2
+    );
+    let o = mechwatch(&[
+        "report",
+        "--db",
+        &log.db(),
+        "--pubkey",
+        &log.pubkey(),
+        "--model",
+        "00000000",
+        "--out",
+        &by_model,
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "no record matches: could not report"
+    );
 
     // Tamper with the first record: the report says so at the top, in red, and vouches for
     // nothing.
