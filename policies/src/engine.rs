@@ -104,7 +104,7 @@ pub fn run(
             for c in &p.checks {
                 (opts.progress)(&format!("{} / {}", p.name, c.id));
                 let t0 = std::time::Instant::now();
-                let outcome = engine.check(p, &c.body, c.severity, opts);
+                let outcome = engine.check(p, c, opts);
                 *timings.entry(kind_name(&c.body)).or_default() += t0.elapsed().as_secs_f64();
                 let mut f = match outcome {
                     Ok(f) => f,
@@ -745,10 +745,10 @@ impl<'m> Engine<'m> {
     fn check(
         &mut self,
         p: &Policy,
-        body: &CheckBody,
-        severity: Severity,
+        check: &crate::load::Check,
         opts: &mut RunOptions<'_>,
     ) -> Result<Finding, String> {
+        let (body, severity) = (&check.body, check.severity);
         match body {
             CheckBody::Feature {
                 sae,
@@ -787,7 +787,16 @@ impl<'m> Engine<'m> {
                 prompts,
                 baseline,
                 max_rate_change,
-            } => self.drift(p, sae, prompts, baseline, *max_rate_change, severity, opts),
+            } => self.drift(
+                p,
+                &check.id,
+                sae,
+                prompts,
+                baseline,
+                *max_rate_change,
+                severity,
+                opts,
+            ),
         }
     }
 
@@ -1603,6 +1612,7 @@ impl<'m> Engine<'m> {
     fn drift(
         &mut self,
         p: &Policy,
+        check_id: &str,
         sae_name: &str,
         prompts: &str,
         baseline: &Baseline,
@@ -1642,7 +1652,6 @@ impl<'m> Engine<'m> {
                 Some(&loaded)
             }
         };
-        let check_id = self.current_check_id(p, sae_name, prompts);
         let Some(base) = base else {
             let metrics = vec![Metric {
                 name: "latents firing".into(),
@@ -1656,7 +1665,7 @@ impl<'m> Engine<'m> {
             .iter()
             .filter(|bp| bp.name == p.name)
             .flat_map(|bp| bp.findings.iter())
-            .find(|f| Some(&f.check) == check_id.as_ref())
+            .find(|f| f.check == check_id)
             .ok_or_else(|| "the baseline has no result for this check".to_string())?;
         let base_sae = base
             .inputs
@@ -1714,15 +1723,6 @@ impl<'m> Engine<'m> {
             (violated(severity), format!("{} latents' firing rates on `{prompts}` moved by more than {max_change} from the baseline (largest {max_seen:.4})", moved.len()))
         };
         Ok(Finding::new(status, explanation, metrics, evidence))
-    }
-
-    /// The id of the drift check of `p` reading `sae` over `prompts` (the finding's key in a
-    /// baseline result).
-    fn current_check_id(&self, p: &Policy, sae: &str, prompts: &str) -> Option<String> {
-        p.checks
-            .iter()
-            .find(|c| matches!(&c.body, CheckBody::Drift { sae: s, prompts: q, .. } if s == sae && q == prompts))
-            .map(|c| c.id.clone())
     }
 }
 

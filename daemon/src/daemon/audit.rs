@@ -67,30 +67,32 @@ pub fn run(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     }
 }
 
-fn inputs(ctx: &Context, path: &str, digest: &str) -> Vec<InputDigest> {
-    let mut v: Vec<InputDigest> = ctx
-        .watch
-        .policies
-        .iter()
-        .flat_map(|p| {
-            p.inputs.iter().map(move |i| InputDigest {
-                kind: i.kind.clone(),
-                path: format!("{}/{}", p.name, i.path),
-                sha256: i.sha256.clone(),
-            })
+/// What the daemon adds to every record: the checkpoint's on-disk digest and the digest of
+/// the policy set, the two halves of the dedup key.
+fn job_inputs(ctx: &Context, path: &str, digest: &str) -> [InputDigest; 2] {
+    [
+        InputDigest {
+            kind: "checkpoint".into(),
+            path: path.into(),
+            sha256: digest.into(),
+        },
+        InputDigest {
+            kind: "policy_set".into(),
+            path: ctx.watch.watch.policies.clone(),
+            sha256: ctx.watch.policy_key.clone(),
+        },
+    ]
+}
+
+/// Every file the policies read (for error records, which have no run result).
+fn policy_inputs(ctx: &Context) -> impl Iterator<Item = InputDigest> + '_ {
+    ctx.watch.policies.iter().flat_map(|p| {
+        p.inputs.iter().map(move |i| InputDigest {
+            kind: i.kind.clone(),
+            path: format!("{}/{}", p.name, i.path),
+            sha256: i.sha256.clone(),
         })
-        .collect();
-    v.push(InputDigest {
-        kind: "checkpoint".into(),
-        path: path.into(),
-        sha256: digest.into(),
-    });
-    v.push(InputDigest {
-        kind: "policy_set".into(),
-        path: ctx.watch.watch.policies.clone(),
-        sha256: ctx.watch.policy_key.clone(),
-    });
-    v
+    })
 }
 
 fn subject(path: &Path, m: &Manifest) -> ModelSubject {
@@ -120,7 +122,9 @@ fn error(
     let path = PathBuf::from(&job.path);
     let body = RecordBody::Error {
         model: manifest.map(|m| subject(&path, m)),
-        inputs: inputs(ctx, &job.path, &key.0),
+        inputs: policy_inputs(ctx)
+            .chain(job_inputs(ctx, &job.path, &key.0))
+            .collect(),
         stage: stage.into(),
         message,
     };
@@ -226,6 +230,8 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
             )
         }
     };
+    // The files the model was built from, already checked against the hashed bytes.
+    let model_subject = crate::cmd::check::model_subject(&model);
     drop(model);
     match scan::manifest(&path) {
         Ok(after) if after.root() == digest => {}
@@ -236,41 +242,20 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
             }
         }
     }
-    let model_subject = ModelSubject {
-        path: path.display().to_string(),
-        root_sha256: result.model.digest.clone(),
-        files: subject(&path, &manifest)
-            .files
-            .into_iter()
-            .filter(|f| result_files_contain(&manifest, &f.path))
-            .collect(),
-    };
     let verdict = result.verdict.as_str().to_string();
-    let body = match crate::cmd::check::audit_record(&result, model_subject) {
-        Ok(RecordBody::Audit {
-            model,
-            verdict,
-            result,
-            ..
-        }) => RecordBody::Audit {
-            model,
-            inputs: inputs(ctx, &job.path, &digest),
-            verdict,
-            result,
-        },
-        Ok(other) => other,
+    let mut body = match crate::cmd::check::audit_record(&result, model_subject) {
+        Ok(b) => b,
         Err(e) => return error(job, ctx, Some(&manifest), "record", e.to_string(), key),
     };
+    if let RecordBody::Audit { inputs, .. } = &mut body {
+        inputs.extend(job_inputs(ctx, &job.path, &digest));
+    }
     Outcome::Record {
         job,
         body: Box::new(body),
         verdict,
         key,
     }
-}
-
-fn result_files_contain(m: &Manifest, path: &str) -> bool {
-    m.files.iter().any(|f| f.path == path)
 }
 
 /// Every (checkpoint digest, policy key) pair that has an audit or error record in the log.
