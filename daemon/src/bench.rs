@@ -324,14 +324,24 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     fwd(&plain, Unembed::All)?; // warm-up
-    let (mut t_plain, mut t_hooked, mut t_early) = (Vec::new(), Vec::new(), Vec::new());
+                                // Each repetition measures every variant once, so that the machine's noise spreads evenly.
+    let (mut t_plain, mut t_hooked, mut t_early, mut t_builtin) = (vec![], vec![], vec![], vec![]);
     for _ in 0..a.reps {
         t_plain.push(time(|| fwd(&plain, Unembed::All))?.0);
         t_hooked.push(time(|| fwd(&hooked, Unembed::All))?.0);
         t_early.push(time(|| fwd(&hooked, Unembed::None))?.0);
+        probes::blas::force_builtin(true);
+        t_builtin.push(time(|| fwd(&hooked, Unembed::All))?.0);
+        probes::blas::force_builtin(false);
     }
-    let (p, h, e) = (median(t_plain), median(t_hooked), median(t_early));
+    let (p, h, e, b) = (
+        median(t_plain),
+        median(t_hooked),
+        median(t_early),
+        median(t_builtin),
+    );
     let tps = |d: Duration| n_tokens / d.as_secs_f64();
+    println!("f32 products: {}", probes::blas::backend_name());
     println!(
         "plain forward (logits at every position):   {:>8.0} tok/s",
         tps(p)
@@ -340,6 +350,11 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         "hooked forward (capture {hook}):   {:>8.0} tok/s   overhead {:+.1}% vs plain",
         tps(h),
         (h.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
+    );
+    println!(
+        "hooked forward, candle's built-in gemm:        {:>8.0} tok/s   {:.2}x slower than the above",
+        tps(b),
+        b.as_secs_f64() / h.as_secs_f64()
     );
     println!(
         "capture {hook} only, early exit: {:>8.0} tok/s   {:.2}x plain",
@@ -557,7 +572,7 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
             time(|| {
                 for start in (0..a.tokens).step_by(256) {
                     let xb = x.narrow(0, start, 256.min(a.tokens - start))?;
-                    std::hint::black_box(xb.matmul(&w_enc)?);
+                    std::hint::black_box(probes::blas::matmul(&xb, &w_enc)?);
                 }
                 Ok(())
             })?
@@ -573,6 +588,7 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
         a.tokens,
         rayon_threads()
     );
+    println!("f32 products: {}", probes::blas::backend_name());
     println!("dense matmul x W_enc alone:      {:>9.0} tok/s", rate(mm));
     println!(
         "encode (matmul + bias + top-k): {:>9.0} tok/s   {:.2}x the matmul alone",

@@ -73,8 +73,7 @@ impl Linear {
             }
             None => {
                 let out = self.w.dim(0)?;
-                x.reshape((b * t, d_in))?
-                    .matmul(&self.w.t()?)?
+                crate::blas::matmul(&x.reshape((b * t, d_in))?, &self.w.t()?)?
                     .reshape((b, t, out))?
             }
         };
