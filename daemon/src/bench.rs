@@ -73,8 +73,9 @@ pub struct ForwardArgs {
     /// Timed repetitions of each variant (interleaved).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Prompts per micro-batch (bounds the memory held by logits).
-    #[arg(long, default_value_t = 16)]
+    /// Prompts per micro-batch; one micro-batch per thread runs at once, so the logits held
+    /// are threads x micro-batch prompts' worth.
+    #[arg(long, default_value_t = 8)]
     micro_batch: usize,
     /// Tokens per generation (timed including the chat prompt's prefill).
     #[arg(long, default_value_t = 128)]

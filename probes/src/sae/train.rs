@@ -19,6 +19,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::{candle, SaeError};
+use crate::error::CandleContext;
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::Model;
 use crate::transformer::{Padding, Unembed};
@@ -418,19 +419,34 @@ pub fn activations(
     windows: &[Vec<u32>],
 ) -> Result<Vec<f32>, SaeError> {
     let hooks = Hooks::new().capture(hook);
-    let out = model
+    let mut x = Vec::new();
+    model
         .transformer
-        .forward(windows, Padding::Right, &hooks, Unembed::None)
+        .forward_chunked(
+            windows,
+            // Two passes of half the windows each run in parallel (`forward_chunked`); the
+            // split depends on the batch alone, never on the thread count.
+            (windows.len() / 2).max(4),
+            Padding::Right,
+            &hooks,
+            Unembed::None,
+            |_, out| {
+                // The first position of every window is skipped (see the module docs).
+                let act = &out.captures[&hook];
+                let rows = act
+                    .dim(1)
+                    .and_then(|t| act.narrow(1, 1, t - 1))
+                    .and_then(|a| a.flatten_all()?.to_vec1::<f32>())
+                    .run_ctx("activations")?;
+                x.extend(rows);
+                Ok(())
+            },
+        )
         .map_err(|e| SaeError::Format {
             path: PathBuf::from("<model>"),
             detail: e.to_string(),
         })?;
-    let act = &out.captures[&hook];
-    let t = act.dim(1).map_err(candle("activations"))?;
-    act.narrow(1, 1, t - 1)
-        .and_then(|a| a.flatten_all())
-        .and_then(|a| a.to_vec1::<f32>())
-        .map_err(candle("activations"))
+    Ok(x)
 }
 
 fn ckpt_paths(out: &Path) -> (PathBuf, PathBuf) {
@@ -660,12 +676,19 @@ pub fn train(
         tokens_per_sec: 0.0,
         eta_secs: 0.0,
     };
-    while state.step < total_steps {
-        let i0 = (state.step as usize * per_step) % wins.len();
+    // The activations of step s + 1 are computed while the SAE learns from those of step s:
+    // the same data in the same order as one after the other, on both cores at once.
+    let fetch = |step: u64| -> Result<Vec<f32>, SaeError> {
+        let i0 = (step as usize * per_step) % wins.len();
         let batch: Vec<Vec<u32>> = (0..per_step)
             .map(|i| wins[(i0 + i) % wins.len()].clone())
             .collect();
-        let mut x = activations(model, hook, &batch)?;
+        activations(model, hook, &batch)
+    };
+    let mut next = (state.step < total_steps)
+        .then(|| fetch(state.step))
+        .transpose()?;
+    while let Some(mut x) = next.take() {
         x.iter_mut().for_each(|v| *v *= state.scale);
         // Linear decay over the last fifth of training.
         let frac = state.step as f64 / total_steps as f64;
@@ -674,7 +697,13 @@ pub fn train(
         } else {
             cfg.lr
         };
-        let (fvu, l0) = step(&mut state, &x, cfg, lr as f32)?;
+        let following = state.step + 1;
+        let (stepped, fetched) = rayon::join(
+            || step(&mut state, &x, cfg, lr as f32),
+            || (following < total_steps).then(|| fetch(following)),
+        );
+        let (fvu, l0) = stepped?;
+        next = fetched.transpose()?;
         let elapsed = start.elapsed().as_secs_f64().max(1e-9);
         let rate = (state.tokens - start_tokens) as f64 / elapsed;
         last = Progress {
