@@ -34,7 +34,7 @@ pub struct Recipe {
 
 impl Recipe {
     pub fn for_model(model: &Model) -> Self {
-        let tokens = 256_000;
+        let tokens = 320_000;
         Self {
             model_digest: model.manifest.root(),
             samples_per_prompt: 4,
@@ -48,11 +48,13 @@ impl Recipe {
                 k: 32,
                 tokens,
                 context: 64,
-                windows_per_step: 32,
+                // 8 windows (504 tokens) per step: four times the optimiser steps of 32 for
+                // the same tokens; FVU 0.26 against 0.31 on the held-out text at 256k tokens.
+                windows_per_step: 8,
                 lr: 2e-3,
                 seed: 2026,
                 dead_after_tokens: 50_000,
-                checkpoint_every_steps: 10,
+                checkpoint_every_steps: 40,
             },
         }
     }
