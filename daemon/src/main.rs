@@ -85,9 +85,23 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             // "Could not check" is exit 2, never 0 or 1.
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, each once: many of our errors already print their source inline,
+/// and anyhow's `{:#}` would repeat it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.contains(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
 }
