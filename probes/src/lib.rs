@@ -2,7 +2,6 @@
 //! run with TransformerLens-named hook points at which activations are captured or changed
 //! (steering, directional ablation, replacement), plus generation with a KV cache.
 
-pub mod blas;
 pub mod config;
 pub mod digest;
 pub mod error;

@@ -74,7 +74,8 @@ impl Linear {
             }
             None => {
                 let out = self.w.dim(0)?;
-                crate::blas::matmul(&x.reshape((b * t, d_in))?, &self.w.t()?)?
+                x.reshape((b * t, d_in))?
+                    .matmul(&self.w.t()?)?
                     .reshape((b, t, out))?
             }
         };

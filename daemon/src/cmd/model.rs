@@ -64,7 +64,6 @@ pub fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
                     info.n_layers - 1,
                     info.hooks.len()
                 );
-                println!("f32 matmuls:   {}", probes::blas::backend_name());
             }
         }
     }

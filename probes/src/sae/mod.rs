@@ -186,7 +186,7 @@ impl Sae {
         } else {
             x.clone()
         };
-        crate::blas::matmul(&x, &self.w_enc)?.broadcast_add(bias)
+        x.matmul(&self.w_enc)?.broadcast_add(bias)
     }
 
     /// Dense latent activations `[n, d_sae]` of `x` `[n, d_in]`, plus the normalisation undo.
@@ -313,7 +313,7 @@ impl Sae {
             let rows = BLOCK.min(n - start);
             let xb = x.narrow(0, start, rows).map_err(candle("encoding"))?;
             let (xn, _) = self.normalize(&xb).map_err(candle("encoding"))?;
-            let pre_t = crate::blas::matmul(&xn, &self.w_enc).map_err(candle("encoding"))?;
+            let pre_t = xn.matmul(&self.w_enc).map_err(candle("encoding"))?;
             let block: Vec<SparseRow> = match &norms {
                 // Read the matmul's output in place: no copy of the [rows, d_sae] block.
                 None => with_cpu_slice(&pre_t, |pre| {

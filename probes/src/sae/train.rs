@@ -209,8 +209,7 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
         let xt = Tensor::from_slice(&xc, (b, d), &Device::Cpu).map_err(candle("encoder"))?;
         let wt = Tensor::from_slice(&s.w_enc, (n, d), &Device::Cpu).map_err(candle("encoder"))?;
         let bt = Tensor::from_slice(&s.b_enc, n, &Device::Cpu).map_err(candle("encoder"))?;
-        wt.t()
-            .and_then(|w| crate::blas::matmul(&xt, &w))
+        xt.matmul(&wt.t().map_err(candle("encoder"))?)
             .and_then(|p| p.broadcast_add(&bt))
             .and_then(|p| p.flatten_all())
             .and_then(|p| p.to_vec1::<f32>())
