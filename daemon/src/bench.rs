@@ -335,8 +335,9 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(())
     };
-    fwd(&plain, Unembed::All)?; // warm-up
-                                // Each repetition measures every variant once, so that the machine's noise spreads evenly.
+    // A warm-up pass, then each repetition measures every variant once, so that the machine's
+    // noise spreads evenly over them.
+    fwd(&plain, Unembed::All)?;
     let (mut t_plain, mut t_hooked, mut t_early, mut t_serial) = (vec![], vec![], vec![], vec![]);
     for _ in 0..a.reps {
         t_plain.push(time(|| fwd(&plain, Unembed::All))?.0);
@@ -344,7 +345,7 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         t_early.push(time(|| fwd(&hooked, Unembed::None))?.0);
         t_serial.push(time(|| serial(&hooked))?.0);
     }
-    let (p, h, e, b) = (
+    let (p, h, e, s) = (
         median(t_plain),
         median(t_hooked),
         median(t_early),
@@ -362,8 +363,8 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "hooked forward, one micro-batch at a time:    {:>8.0} tok/s   {:.2}x the time of the above",
-        tps(b),
-        b.as_secs_f64() / h.as_secs_f64()
+        tps(s),
+        s.as_secs_f64() / h.as_secs_f64()
     );
     println!(
         "capture {hook} only, early exit: {:>8.0} tok/s   {:.2}x plain",

@@ -155,14 +155,7 @@ fn capture_writes_activations_per_prompt() {
         .load_f32(f.get("blocks.15.hook_resid_post").unwrap(), &Device::Cpu)
         .unwrap();
     let got = got.get(0).unwrap().narrow(0, 0, ids.len()).unwrap();
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&got, &want);
     assert!(diff < 1e-4, "{diff}");
 
     let o = mechwatch(&[

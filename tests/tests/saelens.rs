@@ -40,24 +40,7 @@ fn read(path: &Path) -> std::collections::HashMap<String, Tensor> {
 
 /// Largest absolute difference, relative to the largest magnitude in `want` (at least 1).
 fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale
+    max_abs_diff(got, want) / max_abs(want).max(1.0)
 }
 
 /// Rows whose set of active latents differs between the two encodings.
