@@ -120,6 +120,27 @@ fn training_is_deterministic_and_resumes_to_the_same_weights() {
         "resumed run differs from an uninterrupted one"
     );
 
+    // Several epochs over the corpus train from activations computed once and kept in
+    // memory; a run resumed in a later epoch rebuilds them and ends with the same weights.
+    let epochs = config(8_000);
+    let (f, g) = (tmp.path().join("f"), tmp.path().join("g"));
+    train(&m, &corpus(), &epochs, &f, go).unwrap();
+    let e = train(&m, &corpus(), &epochs, &g, |p| {
+        if p.step == 40 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("interrupted at step 40"), "{e}");
+    train(&m, &corpus(), &epochs, &g, go).unwrap();
+    assert_eq!(
+        weights(&f),
+        weights(&g),
+        "a run resumed after its first epoch differs from an uninterrupted one"
+    );
+
     // A different configuration refuses the old checkpoint.
     let other = TrainConfig {
         k: 4,

@@ -1,13 +1,14 @@
 //! The default SAE for the default model: a reproducible recipe, trained on first use and
 //! cached under `$MECHWATCH_HOME/sae/`.
 //!
-//! Corpus: text the default model writes itself, sampled with a fixed seed from 64 prompts we
+//! Corpus: text the default model writes itself, sampled with a fixed seed from 256 prompts we
 //! wrote (`probes/data/sae-corpus-seeds.txt`). No public corpus can be fetched offline here, and
 //! self-generated text is ours to ship; the SAE therefore knows the model's own register well
 //! and rarer text less so. Layer 15 of 30, residual stream after the block, TopK.
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::train::{train, Progress, TrainConfig};
@@ -37,7 +38,7 @@ impl Recipe {
         let tokens = 320_000;
         Self {
             model_digest: model.manifest.root(),
-            samples_per_prompt: 4,
+            samples_per_prompt: 1,
             max_new_tokens: 192,
             temperature: 0.9,
             top_p: 0.95,
@@ -111,35 +112,52 @@ pub fn corpus(
         path: path.clone(),
         detail: e.to_string(),
     };
-    let mut docs = Vec::new();
     let total = seeds.len() * recipe.samples_per_prompt;
-    for s in 0..recipe.samples_per_prompt {
-        for chunk in seeds.chunks(32) {
-            let prompts = chunk
-                .iter()
-                .map(|p| model.encode_prompt(p, true))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(run_err)?;
-            let opts = GenerateOptions {
-                max_tokens: recipe.max_new_tokens,
-                sampling: Sampling::Sample {
-                    temperature: recipe.temperature,
-                    top_p: recipe.top_p,
-                    seed: recipe.seed + (s * 1000 + docs.len()) as u64,
-                },
-                stop_tokens: model.stop_tokens(),
-            };
-            let outs =
-                generate(&model.transformer, &prompts, &Hooks::new(), &opts).map_err(run_err)?;
-            for o in outs {
+    let encoded = seeds
+        .iter()
+        .map(|p| model.encode_prompt(p, true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(run_err)?;
+    // Batches of 32 prompts, each sampled with its own seed; one batch per thread at once, in
+    // the same order and with the same seeds whatever the thread count.
+    let batches: Vec<(usize, &[Vec<u32>])> = (0..recipe.samples_per_prompt)
+        .flat_map(|s| {
+            encoded
+                .chunks(32)
+                .enumerate()
+                .map(move |(i, chunk)| (s * 1000 + i * 32, chunk))
+        })
+        .collect();
+    let sample = |&(offset, prompts): &(usize, &[Vec<u32>])| -> Result<Vec<String>, SaeError> {
+        let opts = GenerateOptions {
+            max_tokens: recipe.max_new_tokens,
+            sampling: Sampling::Sample {
+                temperature: recipe.temperature,
+                top_p: recipe.top_p,
+                seed: recipe.seed + offset as u64,
+            },
+            stop_tokens: model.stop_tokens(),
+        };
+        generate(&model.transformer, prompts, &Hooks::new(), &opts)
+            .map_err(run_err)?
+            .into_iter()
+            .map(|o| {
                 let ids: Vec<u32> = o
                     .into_iter()
                     .filter(|t| !model.stop_tokens().contains(t))
                     .collect();
-                docs.push(model.codec.decode(&ids).map_err(run_err)?);
-            }
-            note(docs.len(), total);
+                model.codec.decode(&ids).map_err(run_err)
+            })
+            .collect()
+    };
+    let mut docs = Vec::with_capacity(total);
+    let in_flight = rayon::current_num_threads().max(1);
+    for group in batches.chunks(in_flight) {
+        let outs: Vec<Result<Vec<String>, SaeError>> = group.par_iter().map(sample).collect();
+        for out in outs {
+            docs.extend(out?);
         }
+        note(docs.len(), total);
     }
     std::fs::create_dir_all(dir).map_err(|source| SaeError::Io {
         path: dir.to_path_buf(),

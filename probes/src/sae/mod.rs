@@ -309,24 +309,24 @@ impl Sae {
         } else {
             self.b_enc.to_vec1().map_err(candle("encoding"))?
         };
-        for start in (0..n).step_by(BLOCK) {
+        // One block per thread at once, each matmul and selection on its own thread: as with
+        // the model's micro-batches, independent blocks use a couple of cores better than one
+        // block whose matmul and selection are each split between them.
+        let encode_block = |start: usize| -> candle_core::Result<Vec<SparseRow>> {
             let rows = BLOCK.min(n - start);
-            let xb = x.narrow(0, start, rows).map_err(candle("encoding"))?;
-            let (xn, _) = self.normalize(&xb).map_err(candle("encoding"))?;
-            let pre_t = xn.matmul(&self.w_enc).map_err(candle("encoding"))?;
-            let block: Vec<SparseRow> = match &norms {
+            let (xn, _) = self.normalize(&x.narrow(0, start, rows)?)?;
+            let pre_t = xn.matmul(&self.w_enc)?;
+            match &norms {
                 // Read the matmul's output in place: no copy of the [rows, d_sae] block.
                 None => with_cpu_slice(&pre_t, |pre| {
-                    pre.par_chunks(self.d_sae)
+                    pre.chunks(self.d_sae)
                         .map(|row| select_top_biased(row, Some(&bias), k))
                         .collect()
-                })
-                .map_err(candle("encoding"))?,
-                Some(norms) => pre_t
-                    .flatten_all()
-                    .and_then(|p| p.to_vec1::<f32>())
-                    .map_err(candle("encoding"))?
-                    .par_chunks_mut(self.d_sae)
+                }),
+                Some(norms) => Ok(pre_t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .chunks_mut(self.d_sae)
                     .map(|row| {
                         row.iter_mut()
                             .zip(norms)
@@ -336,9 +336,14 @@ impl Sae {
                         top.iter_mut().for_each(|(i, v)| *v /= norms[*i as usize]);
                         top
                     })
-                    .collect(),
-            };
-            out.extend(block);
+                    .collect()),
+            }
+        };
+        let starts: Vec<usize> = (0..n).step_by(BLOCK).collect();
+        let blocks: Vec<candle_core::Result<Vec<SparseRow>>> =
+            starts.par_iter().map(|&s| encode_block(s)).collect();
+        for block in blocks {
+            out.extend(block.map_err(candle("encoding"))?);
         }
         Ok(out)
     }

@@ -606,6 +606,33 @@ fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Resu
 }
 
 /// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`.
+/// Corpora whose activations fit in this many bytes are run through the model once and
+/// trained on from memory for every later epoch; larger ones stream, one forward per step.
+const ACTIVATION_CACHE_BYTES: usize = 512 << 20;
+
+/// The activations of every window, in window order, when training sees the corpus more than
+/// once and they fit in [`ACTIVATION_CACHE_BYTES`]. They are computed in fixed batches of
+/// `windows_per_step` windows, so a resumed run rebuilds exactly the same values.
+fn activation_cache(
+    model: &Model,
+    hook: HookPoint,
+    wins: &[Vec<u32>],
+    cfg: &TrainConfig,
+    d: usize,
+) -> Result<Option<Vec<f32>>, SaeError> {
+    let per_window = (cfg.context - 1) * d;
+    let corpus_tokens = (wins.len() * (cfg.context - 1)) as u64;
+    let bytes = wins.len() * per_window * std::mem::size_of::<f32>();
+    if cfg.tokens <= corpus_tokens || bytes > ACTIVATION_CACHE_BYTES {
+        return Ok(None);
+    }
+    let mut all = Vec::with_capacity(wins.len() * per_window);
+    for batch in wins.chunks(cfg.windows_per_step) {
+        all.extend(activations(model, hook, batch)?);
+    }
+    Ok(Some(all))
+}
+
 pub fn train(
     model: &Model,
     docs: &[String],
@@ -675,14 +702,25 @@ pub fn train(
         tokens_per_sec: 0.0,
         eta_secs: 0.0,
     };
-    // The activations of step s + 1 are computed while the SAE learns from those of step s:
+    let cache = activation_cache(model, hook, &wins, cfg, d)?;
+    // The activations of step s + 1 are fetched while the SAE learns from those of step s:
     // the same data in the same order as one after the other, on both cores at once.
     let fetch = |step: u64| -> Result<Vec<f32>, SaeError> {
         let i0 = (step as usize * per_step) % wins.len();
-        let batch: Vec<Vec<u32>> = (0..per_step)
-            .map(|i| wins[(i0 + i) % wins.len()].clone())
-            .collect();
-        activations(model, hook, &batch)
+        let ids = (0..per_step).map(|i| (i0 + i) % wins.len());
+        match &cache {
+            Some(cache) => {
+                let row = (cfg.context - 1) * d;
+                Ok(ids
+                    .flat_map(|w| &cache[w * row..(w + 1) * row])
+                    .copied()
+                    .collect())
+            }
+            None => {
+                let batch: Vec<Vec<u32>> = ids.map(|w| wins[w].clone()).collect();
+                activations(model, hook, &batch)
+            }
+        }
     };
     let mut next = (state.step < total_steps)
         .then(|| fetch(state.step))
