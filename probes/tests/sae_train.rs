@@ -36,6 +36,19 @@ fn config(tokens: u64) -> TrainConfig {
     }
 }
 
+/// A progress callback that stops training after `step`.
+fn interrupt_at(
+    step: u64,
+) -> impl FnMut(&probes::sae::train::Progress) -> std::ops::ControlFlow<()> {
+    move |p| {
+        if p.step == step {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+}
+
 fn weights(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(dir.join("sae_weights.safetensors")).unwrap()
 }
@@ -97,14 +110,7 @@ fn training_is_deterministic_and_resumes_to_the_same_weights() {
 
     // Interrupt at step 7 (a checkpoint is written), then resume to the end.
     let c = tmp.path().join("c");
-    let e = train(&m, &corpus(), &config(2_400), &c, |p| {
-        if p.step == 7 {
-            std::ops::ControlFlow::Break(())
-        } else {
-            std::ops::ControlFlow::Continue(())
-        }
-    })
-    .unwrap_err();
+    let e = train(&m, &corpus(), &config(2_400), &c, interrupt_at(7)).unwrap_err();
     assert!(e.to_string().contains("interrupted at step 7"), "{e}");
     assert!(!c.join("sae_weights.safetensors").exists());
     let mut first_step = None;
@@ -125,14 +131,7 @@ fn training_is_deterministic_and_resumes_to_the_same_weights() {
     let epochs = config(8_000);
     let (f, g) = (tmp.path().join("f"), tmp.path().join("g"));
     train(&m, &corpus(), &epochs, &f, go).unwrap();
-    let e = train(&m, &corpus(), &epochs, &g, |p| {
-        if p.step == 40 {
-            std::ops::ControlFlow::Break(())
-        } else {
-            std::ops::ControlFlow::Continue(())
-        }
-    })
-    .unwrap_err();
+    let e = train(&m, &corpus(), &epochs, &g, interrupt_at(40)).unwrap_err();
     assert!(e.to_string().contains("interrupted at step 40"), "{e}");
     train(&m, &corpus(), &epochs, &g, go).unwrap();
     assert_eq!(
