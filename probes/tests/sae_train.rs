@@ -184,3 +184,50 @@ fn bad_training_inputs_are_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("unknown hook"), "{e}");
 }
+
+/// SmolLM2's layer-15 residual has attention sinks besides a sequence's first token: after
+/// "\n\n" at the start, the second newline's norm is over a hundred times an ordinary
+/// token's. Training skips such rows and evaluation leaves them unscored; this checks the
+/// detector finds exactly them on the real model.
+#[test]
+fn attention_sinks_of_the_default_model_are_detected() {
+    use probes::{HookPoint, Hooks, Padding, Unembed};
+    let m = load(&default_model_path());
+    let hook = HookPoint::ResidPost(15);
+    let text = "The harbour was quiet before sunrise, and gulls stood on the wet stones.";
+    let plain = m.codec.encode(text).unwrap();
+    let newlines = m.codec.encode(&format!("\n\n{text}")).unwrap();
+    assert_eq!(newlines.len(), plain.len() + 2, "{newlines:?}");
+    let out = m
+        .transformer
+        .forward(
+            &[plain.clone(), newlines[..plain.len()].to_vec()],
+            Padding::Right,
+            &Hooks::new().capture(hook),
+            Unembed::None,
+        )
+        .unwrap();
+    let d = m.config().d_model;
+    let rows = |r: usize| -> Vec<f32> {
+        // Every position but the first, which is always a sink (and always skipped).
+        let act = out.captures[&hook].get(r).unwrap();
+        act.narrow(0, 1, plain.len() - 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let sinks = probes::sae::sink_rows(&rows(0), d);
+    assert!(!sinks.contains(&true), "ordinary text has no sinks");
+    let sinks = probes::sae::sink_rows(&rows(1), d);
+    let found: Vec<usize> = (0..sinks.len())
+        .filter(|&i| sinks[i])
+        .map(|i| i + 1)
+        .collect();
+    assert_eq!(
+        found,
+        [1],
+        "the second newline (position 1) is the only sink"
+    );
+}

@@ -359,10 +359,11 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "SAE {} at {} on {} tokens",
+                    "SAE {} at {} on {} tokens ({} attention-sink tokens left out)",
                     a.m.sae.display(),
                     r.hook,
-                    r.tokens
+                    r.tokens,
+                    r.sink_tokens
                 );
                 println!("L0                  {:.1}", r.l0);
                 println!(

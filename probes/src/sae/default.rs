@@ -24,6 +24,9 @@ pub const EVAL_TEXT: &str = include_str!("../../data/sae-eval-text.txt");
 /// Everything that determines the default SAE; its digest names the cache folder.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Recipe {
+    /// Bumped when the trainer changes what it learns from the same settings, so that a
+    /// cached SAE from older code is not taken for this recipe's (2: attention sinks skipped).
+    pub trainer_revision: u32,
     pub model_digest: String,
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,
@@ -37,6 +40,7 @@ impl Recipe {
     pub fn for_model(model: &Model) -> Self {
         let tokens = 320_000;
         Self {
+            trainer_revision: 2,
             model_digest: model.manifest.root(),
             samples_per_prompt: 1,
             max_new_tokens: 192,

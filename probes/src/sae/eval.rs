@@ -3,14 +3,16 @@
 //! the KL divergence from the clean next-token distribution.
 //!
 //! The first token of each window is left untouched and unscored (its residual norm is
-//! atypical, and training skips it too).
+//! atypical, and training skips it too). So are the attention sinks elsewhere in a window
+//! ([`super::SINK_NORM_RATIO`]): they are counted in `sink_tokens`, kept out of L0 and FVU,
+//! and neither spliced nor zeroed.
 
 use std::sync::Arc;
 
 use candle_core::{Tensor, D};
 use serde::Serialize;
 
-use super::{candle, Sae, SaeError};
+use super::{candle, keep_sinks, sink_rows, Sae, SaeError};
 use crate::hooks::{HookPoint, Hooks, Positions};
 use crate::model::Model;
 use crate::transformer::{Padding, Unembed};
@@ -19,6 +21,8 @@ use crate::transformer::{Padding, Unembed};
 pub struct EvalReport {
     pub hook: String,
     pub tokens: u64,
+    /// Attention-sink tokens left out of L0 and FVU (and left untouched when splicing).
+    pub sink_tokens: u64,
     pub l0: f64,
     pub fvu: f64,
     pub explained_variance: f64,
@@ -64,14 +68,14 @@ pub fn evaluate(
     let spliced = Hooks::new().replace(
         hook,
         Positions::Indices(later.clone()),
-        sae.splice(vec![], false),
+        keep_sinks(sae.splice(vec![], false), sae.d_in),
     );
     let zeroed = Hooks::new().replace(
         hook,
         Positions::Indices(later),
-        Arc::new(|x: &Tensor| x.zeros_like()),
+        keep_sinks(Arc::new(|x: &Tensor| x.zeros_like()), sae.d_in),
     );
-    let (mut tokens, mut l0_sum, mut sse) = (0u64, 0f64, 0f64);
+    let (mut tokens, mut sink_tokens, mut l0_sum, mut sse) = (0u64, 0u64, 0f64, 0f64);
     let (mut sum_x, mut sum_sq) = (vec![0f64; sae.d_in], 0f64);
     let mut fired = vec![false; sae.d_sae];
     let (mut ce_clean, mut ce_sae, mut ce_zero, mut kl) = (0f64, 0f64, 0f64, 0f64);
@@ -87,34 +91,35 @@ pub fn evaluate(
             .map_err(candle("activations"))?;
         let acts = sae.encode(&x)?;
         let recon = sae.reconstruct(&x)?;
-        let a: Vec<f32> = acts
-            .flatten_all()
-            .and_then(|a| a.to_vec1())
-            .map_err(candle("latents"))?;
-        for row in a.chunks(sae.d_sae) {
-            for (j, v) in row.iter().enumerate() {
+        let rows = |t: &Tensor, what| -> Result<Vec<f32>, SaeError> {
+            t.flatten_all()
+                .and_then(|a| a.to_vec1())
+                .map_err(candle(what))
+        };
+        let (a, xv) = (rows(&acts, "latents")?, rows(&x, "fvu")?);
+        let err = rows(&(&recon - &x).map_err(candle("fvu"))?, "fvu")?;
+        let sinks = sink_rows(&xv, sae.d_in);
+        let scored = a
+            .chunks(sae.d_sae)
+            .zip(xv.chunks(sae.d_in))
+            .zip(err.chunks(sae.d_in))
+            .zip(&sinks)
+            .filter(|(_, sink)| !**sink);
+        for ((latents, row), e) in scored.map(|(r, _)| r) {
+            for (j, v) in latents.iter().enumerate() {
                 if *v > 0.0 {
                     l0_sum += 1.0;
                     fired[j] = true;
                 }
             }
-        }
-        sse += f64::from(
-            (&recon - &x)
-                .and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>())
-                .map_err(candle("fvu"))?,
-        );
-        let xv: Vec<f32> = x
-            .flatten_all()
-            .and_then(|a| a.to_vec1())
-            .map_err(candle("fvu"))?;
-        for row in xv.chunks(sae.d_in) {
             for (i, v) in row.iter().enumerate() {
                 sum_x[i] += f64::from(*v);
                 sum_sq += f64::from(v * v);
             }
+            sse += e.iter().map(|v| f64::from(v * v)).sum::<f64>();
+            tokens += 1;
         }
-        tokens += (xv.len() / sae.d_in) as u64;
+        sink_tokens += sinks.iter().filter(|s| **s).count() as u64;
 
         let (ce_c, logp_c) =
             next_token_ce(clean.logits.as_ref().expect("logits"), chunk).map_err(candle("ce"))?;
@@ -154,6 +159,7 @@ pub fn evaluate(
     Ok(EvalReport {
         hook: hook.to_string(),
         tokens,
+        sink_tokens,
         l0: l0_sum / n,
         fvu,
         explained_variance: 1.0 - fvu,

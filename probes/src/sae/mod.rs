@@ -71,6 +71,51 @@ pub(crate) fn candle(context: &str) -> impl FnOnce(candle_core::Error) -> SaeErr
     }
 }
 
+/// A token whose residual norm exceeds this many times the median of its batch is an
+/// attention sink ("massive activation"): SmolLM2's layer-15 residual has norm about 170 on
+/// ordinary tokens and about 24,000 on a window's first token and on some early newlines. One
+/// such token carries as much variance as tens of thousands of ordinary ones, so it would
+/// dominate both the training loss and FVU. Training skips them and evaluation leaves them
+/// untouched and unscored, as it does a window's first token.
+pub const SINK_NORM_RATIO: f32 = 10.0;
+
+/// Per row of `rows` (`[n][d]`), whether it is an attention sink (see [`SINK_NORM_RATIO`]).
+pub fn sink_rows(rows: &[f32], d: usize) -> Vec<bool> {
+    let norms: Vec<f32> = rows
+        .chunks(d)
+        .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt())
+        .collect();
+    let mut sorted = norms.clone();
+    sorted.sort_by(f32::total_cmp);
+    let Some(&median) = sorted.get(sorted.len() / 2) else {
+        return vec![];
+    };
+    norms
+        .iter()
+        .map(|n| *n > SINK_NORM_RATIO * median)
+        .collect()
+}
+
+/// Wrap a replacement so that it leaves attention-sink positions (see [`SINK_NORM_RATIO`])
+/// as they were.
+pub fn keep_sinks(f: ReplaceFn, d: usize) -> ReplaceFn {
+    Arc::new(move |x: &Tensor| {
+        let replaced = f(x)?;
+        let sinks = sink_rows(&x.flatten_all()?.to_vec1::<f32>()?, d);
+        if !sinks.contains(&true) {
+            return Ok(replaced);
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = 1;
+        let keep = Tensor::from_vec(
+            sinks.iter().map(|&s| u8::from(s)).collect::<Vec<u8>>(),
+            dims,
+            x.device(),
+        )?;
+        keep.broadcast_as(x.shape())?.where_cond(x, &replaced)
+    })
+}
+
 /// How the latent activations are computed from the pre-activations.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -530,4 +575,38 @@ fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Re
 /// Move an SAE's tensors to `device` (all f32).
 pub(crate) fn f32_on(t: Tensor, device: &Device) -> candle_core::Result<Tensor> {
     t.to_dtype(DType::F32)?.to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinks_are_rows_far_above_the_median_norm() {
+        // Norms 1, 2, 3, 3, 29.9 (ordinary), 100 and 31 (sinks: over 10x the median of 3).
+        let rows = [
+            1.0f32, 0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 3.0, 29.9, 0.0, 0.0, 100.0, 31.0, 0.0,
+        ];
+        assert_eq!(
+            sink_rows(&rows, 2),
+            [false, false, false, false, false, true, true]
+        );
+        assert!(sink_rows(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn keep_sinks_leaves_sink_rows_as_they_were() {
+        let x = Tensor::from_vec(
+            vec![1.0f32, 1.0, 2.0, 0.0, 500.0, 0.0, 0.0, 1.5],
+            (1, 4, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let zero: ReplaceFn = Arc::new(|x: &Tensor| x.zeros_like());
+        let out = keep_sinks(zero, 2)(&x).unwrap();
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [0.0, 0.0, 0.0, 0.0, 500.0, 0.0, 0.0, 0.0]
+        );
+    }
 }

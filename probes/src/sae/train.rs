@@ -4,7 +4,9 @@
 //! decoder rows kept at unit norm (the parallel gradient component removed, rows renormalised
 //! after each step); `b_dec` initialised at the data mean; `W_enc` initialised as `W_decᵀ`.
 //! Inputs are scaled by one constant so their mean norm is `sqrt(d_in)`; the constant is folded
-//! into the saved weights, so the SAELens file needs no normalisation.
+//! into the saved weights, so the SAELens file needs no normalisation. Attention-sink tokens
+//! (residual norm over [`super::SINK_NORM_RATIO`] times the batch median) are skipped: one of
+//! them would outweigh the thousands of ordinary tokens in its step.
 //!
 //! The backward pass is written out by hand: everything but the encoder matmul is sparse in
 //! the `k` active latents, so a step costs little next to the model's forward pass.
@@ -411,6 +413,19 @@ pub fn windows(
     Ok(out)
 }
 
+/// `x` (`[n][d]`) without its attention-sink rows ([`super::SINK_NORM_RATIO`]).
+fn drop_sinks(x: Vec<f32>, d: usize) -> Vec<f32> {
+    let sinks = super::sink_rows(&x, d);
+    if !sinks.contains(&true) {
+        return x;
+    }
+    x.chunks(d)
+        .zip(&sinks)
+        .filter(|(_, sink)| !**sink)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
+}
+
 /// Activations at `hook` for a batch of windows, first token of each dropped: `[b * (t-1)][d]`.
 pub fn activations(
     model: &Model,
@@ -674,7 +689,7 @@ pub fn train(
             let first: Vec<Vec<u32>> = (0..per_step)
                 .map(|i| wins[i % wins.len()].clone())
                 .collect();
-            let x = activations(model, hook, &first)?;
+            let x = drop_sinks(activations(model, hook, &first)?, d);
             let rows = x.len() / d;
             let mean_norm = x
                 .chunks(d)
@@ -725,7 +740,8 @@ pub fn train(
     let mut next = (state.step < total_steps)
         .then(|| fetch(state.step))
         .transpose()?;
-    while let Some(mut x) = next.take() {
+    while let Some(x) = next.take() {
+        let mut x = drop_sinks(x, d);
         x.iter_mut().for_each(|v| *v *= state.scale);
         // Linear decay over the last fifth of training.
         let frac = state.step as f64 / total_steps as f64;
