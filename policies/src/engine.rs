@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use probes::generate::{generate, GenerateOptions, Sampling};
 use probes::hooks::{HookPoint, Hooks, Positions};
 use probes::sae::search::{auroc, Labels};
-use probes::sae::{Activation, Sae, SparseRow};
+use probes::sae::{Sae, SparseRow};
 use probes::transformer::{Padding, Unembed};
 use probes::Model;
 use rayon::prelude::*;
@@ -644,11 +644,7 @@ impl<'m> Engine<'m> {
         }
         let acts = self.acts(t, s.hook)?;
         let all = Tensor::cat(&acts, 0).map_err(|e| e.to_string())?;
-        let rows = match s.sae.activation {
-            Activation::TopK { .. } => s.sae.encode_topk(&all),
-            _ => s.sae.encode_sparse(&all, 64),
-        }
-        .map_err(|e| e.to_string())?;
+        let rows = s.sae.encode_tokens(&all).map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(acts.len());
         let mut it = rows.into_iter();
         for a in acts.iter() {
@@ -1192,11 +1188,7 @@ impl<'m> Engine<'m> {
             .map(|a| at_position(a, position).ok_or("position outside a prompt".to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         let x = Tensor::stack(&rows, 0).map_err(|e| e.to_string())?;
-        let sparse = match s.sae.activation {
-            Activation::TopK { .. } => s.sae.encode_topk(&x),
-            _ => s.sae.encode_sparse(&x, 64),
-        }
-        .map_err(|e| e.to_string())?;
+        let sparse = s.sae.encode_tokens(&x).map_err(|e| e.to_string())?;
         let grads: Vec<f32> = s
             .sae
             .w_dec

@@ -305,6 +305,27 @@ impl Sae {
         self.decode_inner(&a, &undo).map_err(candle("decoding"))
     }
 
+    /// The active latents of each token row of `x` `[n, d_in]` (at most 64 per row for SAEs
+    /// without a fixed k), for statistics over tokens. Attention-sink rows ([`SINK_NORM_RATIO`])
+    /// get none: their norm is far outside what SAEs are trained on, and what they fire says
+    /// nothing about the text.
+    pub fn encode_tokens(&self, x: &Tensor) -> Result<Vec<SparseRow>, SaeError> {
+        let mut rows = match self.activation {
+            Activation::TopK { .. } => self.encode_topk(x)?,
+            _ => self.encode_sparse(x, 64)?,
+        };
+        let flat = x
+            .flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .map_err(candle("encoding"))?;
+        for (row, sink) in rows.iter_mut().zip(sink_rows(&flat, self.d_in)) {
+            if sink {
+                row.clear();
+            }
+        }
+        Ok(rows)
+    }
+
     /// For each row of `x`, the active latents sorted by activation (at most `max_per_row`).
     pub fn encode_sparse(
         &self,

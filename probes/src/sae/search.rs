@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{candle, Activation, Sae, SaeError, SparseRow};
+use super::{candle, Sae, SaeError, SparseRow};
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::Model;
 use crate::transformer::{Padding, Unembed};
@@ -42,11 +42,7 @@ pub fn prompt_acts(
                 .get(r)
                 .and_then(|x| x.narrow(0, 0, p.len()))
                 .map_err(candle("activations"))?;
-            let rows = match sae.activation {
-                Activation::TopK { .. } => sae.encode_topk(&x)?,
-                _ => sae.encode_sparse(&x, 64)?,
-            };
-            acts.push(rows);
+            acts.push(sae.encode_tokens(&x)?);
         }
     }
     Ok(PromptActs {
