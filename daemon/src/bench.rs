@@ -608,8 +608,10 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
     // Training throughput against the forward pass alone on the same windows.
     let hook = format!("blocks.{}.hook_resid_post", model.config().n_layers / 2);
     let point = model.hook(&hook)?;
-    let text = BENCH_TEXT.repeat(40);
-    let docs = vec![text];
+    // A corpus longer than the run, so that training streams one forward pass per step as on
+    // real corpora (a shorter one would be run once and trained on from memory).
+    let per_copy = model.codec.encode(BENCH_TEXT)?.len().max(1) as u64;
+    let docs = vec![BENCH_TEXT.repeat((a.train_tokens / per_copy + 2) as usize)];
     let cfg = probes::sae::train::TrainConfig {
         hook: hook.clone(),
         latents: n_lat,
