@@ -56,7 +56,18 @@ enum Command {
     Bench(bench::BenchCmd),
 }
 
+/// How long candle's barrier-pool workers spin for work before they sleep (candle's default is
+/// 25,000 rounds). Our batch passes run one micro-batch per core, so a spinning worker takes
+/// a core from the other micro-batch: at 2,000, `bench forward` ran 1.09x faster hooked and
+/// 1.1x faster with early exit, and single-row decode, whose matmuls come quickly one after
+/// another, kept its speed (2026-11-25, 2 cores). A value in the environment wins.
+const BARRIER_POOL_SPIN_LIMIT: &str = "2000";
+
 fn main() -> ExitCode {
+    // Before any thread starts: candle reads this once, when its pool is first used.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT);
+    }
     let cli = Cli::parse();
     // The daemon sets up its own (journald-friendly) logging from its config.
     if !matches!(cli.command, Command::Daemon(_)) {
