@@ -620,7 +620,6 @@ fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Resu
         .map_err(|source| SaeError::Io { path: p, source })
 }
 
-/// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`.
 /// Corpora whose activations fit in this many bytes are run through the model once and
 /// trained on from memory for every later epoch; larger ones stream, one forward per step.
 const ACTIVATION_CACHE_BYTES: usize = 512 << 20;
@@ -648,6 +647,7 @@ fn activation_cache(
     Ok(Some(all))
 }
 
+/// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`.
 pub fn train(
     model: &Model,
     docs: &[String],
