@@ -38,11 +38,13 @@ pub struct Recipe {
 
 impl Recipe {
     pub fn for_model(model: &Model) -> Self {
-        let tokens = 320_000;
+        // Two samples per prompt (about 96k tokens) seen 20 times: FVU 0.188 on held-out
+        // answers, against 0.223 for one sample seen 6.5 times (README, "The default SAE").
+        let tokens = 1_920_000;
         Self {
             trainer_revision: 2,
             model_digest: model.manifest.root(),
-            samples_per_prompt: 1,
+            samples_per_prompt: 2,
             max_new_tokens: 192,
             temperature: 0.9,
             top_p: 0.95,

@@ -89,8 +89,7 @@ pub fn evaluate(
             .narrow(1, 1, t - 1)
             .and_then(|a| a.reshape(((), sae.d_in)))
             .map_err(candle("activations"))?;
-        let acts = sae.encode(&x)?;
-        let recon = sae.reconstruct(&x)?;
+        let (acts, recon) = sae.encode_and_reconstruct(&x)?;
         let rows = |t: &Tensor, what| -> Result<Vec<f32>, SaeError> {
             t.flatten_all()
                 .and_then(|a| a.to_vec1())

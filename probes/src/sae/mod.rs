@@ -300,9 +300,16 @@ impl Sae {
 
     /// Encode then decode: the SAE's reconstruction of `x` `[n, d_in]`.
     pub fn reconstruct(&self, x: &Tensor) -> Result<Tensor, SaeError> {
+        self.encode_and_reconstruct(x).map(|(_, y)| y)
+    }
+
+    /// Dense latent activations `[n, d_sae]` and the reconstruction `[n, d_in]` of `x`, from
+    /// one encoding.
+    pub fn encode_and_reconstruct(&self, x: &Tensor) -> Result<(Tensor, Tensor), SaeError> {
         self.check_input(x)?;
         let (a, undo) = self.encode_inner(x).map_err(candle("encoding"))?;
-        self.decode_inner(&a, &undo).map_err(candle("decoding"))
+        let y = self.decode_inner(&a, &undo).map_err(candle("decoding"))?;
+        Ok((a, y))
     }
 
     /// The active latents of each token row of `x` `[n, d_in]` (at most 64 per row for SAEs
