@@ -616,6 +616,7 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
         hook: hook.clone(),
         latents: n_lat,
         k: a.k,
+        sparsity: probes::sae::train::Sparsity::TopK,
         tokens: a.train_tokens,
         context: 64,
         windows_per_step: 32,

@@ -191,11 +191,58 @@ pub struct ForwardOutput {
 /// Keys and values of past positions, per layer, `[batch, kv_heads, pos, head_dim]`.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// Per row, whether each cached key position is a real token.
     key_real: Vec<Vec<bool>>,
     /// Per row, real tokens seen so far.
     totals: Vec<usize>,
+}
+
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first
+/// `len` positions are filled. Each decode step writes its position in place; only when the
+/// capacity runs out are the buffers reallocated (with room for [`KV_GROWTH`] more), so a
+/// step costs no copy of the whole cache.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions added to a layer's key/value buffers whenever they fill up.
+const KV_GROWTH: usize = 128;
+
+impl LayerKv {
+    /// Append `k`, `v` (`[batch, kv_heads, t, head_dim]`) and return views of every cached
+    /// position.
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let fits = match slot.as_ref() {
+            Some(c) => len + t <= c.k.dim(2)?,
+            None => false,
+        };
+        if !fits {
+            let (b, h, _, hd) = k.dims4()?;
+            let cap = len + t + KV_GROWTH;
+            let nk = Tensor::zeros((b, h, cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, cap, hd), v.dtype(), v.device())?;
+            if let Some(c) = slot.as_ref() {
+                nk.slice_set(&c.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&c.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, len)?;
+        c.v.slice_set(&v.contiguous()?, 2, len)?;
+        c.len = len + t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
 }
 
 /// Per-pass positional bookkeeping.
@@ -520,7 +567,7 @@ impl Transformer {
             let h = block.ln1.forward(&x).run_ctx("ln1")?;
             let layer_cache = cache.as_mut().map(|c| {
                 if c.layers.len() < self.blocks.len() {
-                    c.layers.resize(self.blocks.len(), None);
+                    c.layers.resize_with(self.blocks.len(), || None);
                 }
                 &mut c.layers[l]
             });
@@ -577,7 +624,7 @@ impl Transformer {
         layer: usize,
         x: &Tensor,
         pass: &mut Pass,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerKv>>,
         decode: bool,
     ) -> Result<Tensor, RunError> {
         let c = &self.config;
@@ -598,11 +645,7 @@ impl Transformer {
             k = candle_nn::rotary_emb::rope(&k, cos, sin).run_ctx("rope")?;
         }
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2).run_ctx("kv cache")?;
-                v = Tensor::cat(&[pv, &v], 2).run_ctx("kv cache")?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+            (k, v) = LayerKv::append(slot, &k, &v).run_ctx("kv cache")?;
         }
         let keys = k.dim(2).run_ctx("keys")?;
         let groups = c.n_heads / c.n_kv_heads;

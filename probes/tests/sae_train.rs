@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use probes::sae::train::{train, windows, TrainConfig};
+use probes::sae::train::{train, windows, Sparsity, TrainConfig};
 
 fn corpus() -> Vec<String> {
     let mut r = Rand::new(17);
@@ -26,6 +26,7 @@ fn config(tokens: u64) -> TrainConfig {
         hook: "blocks.1.hook_resid_post".into(),
         latents: 256,
         k: 8,
+        sparsity: Sparsity::TopK,
         tokens,
         context: 16,
         windows_per_step: 8,
@@ -95,6 +96,80 @@ fn training_learns_saves_saelens_and_evaluates() {
     assert!(r.l0 <= 8.0 + 1e-9);
     assert!(r.ce_loss_recovered.is_finite() && r.kl_sae >= 0.0);
     assert!(r.ce_zero_ablation.is_finite() && r.ce_clean.is_finite());
+}
+
+#[test]
+fn batchtopk_trains_and_saves_a_jumprelu_sae_with_k_active_on_average() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = load(&llama_dir(tmp.path(), "LlamaForCausalLM", 34));
+    let out = tmp.path().join("sae");
+    let cfg = TrainConfig {
+        sparsity: Sparsity::BatchTopK,
+        ..config(6_000)
+    };
+    let mut fvus = Vec::new();
+    let last = train(&m, &corpus(), &cfg, &out, |p| {
+        fvus.push(p.fvu);
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(fvus[0] > last.fvu * 1.5, "FVU {} -> {}", fvus[0], last.fvu);
+    // The batch keeps k per token on average (ties at the cut aside).
+    assert!((last.l0 - 8.0).abs() < 0.1, "training L0 {}", last.l0);
+    let cfg_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["architecture"], "jumprelu");
+    assert!(cfg_json.get("k").is_none(), "jumprelu configs carry no k");
+    assert_eq!(cfg_json["metadata"]["trained_sparsity"], "batchtopk");
+    let sae = Arc::new(probes::sae::load_sae(&out).unwrap());
+    let th = sae.threshold.as_ref().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(th.len(), 256);
+    assert!(
+        th[0] > 0.0 && th.iter().all(|t| *t == th[0]),
+        "one threshold"
+    );
+    // Inference thresholds at the running cut: about k active per token on new windows.
+    let hook = sae
+        .check_fits("blocks.1.hook_resid_post", LAYERS, D)
+        .unwrap();
+    let wins = windows(&m, &corpus(), 16, 99).unwrap();
+    let r = probes::sae::eval::evaluate(&m, &sae, hook, &wins[..16], 4).unwrap();
+    assert!((4.0..=16.0).contains(&r.l0), "eval L0 {}", r.l0);
+    assert!(
+        (r.fvu - f64::from(last.fvu)).abs() < 0.25,
+        "eval FVU {} vs training {}",
+        r.fvu,
+        last.fvu
+    );
+}
+
+/// A training step splits its work across threads; the sums run in a fixed order, so the
+/// weights do not depend on how many threads there are.
+#[test]
+fn training_gives_the_same_weights_on_any_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = load(&llama_dir(tmp.path(), "LlamaForCausalLM", 35));
+    let go = |_: &probes::sae::train::Progress| std::ops::ControlFlow::Continue(());
+    let run = |threads: usize, sparsity: Sparsity, dir: &str| {
+        let out = tmp.path().join(dir);
+        let cfg = TrainConfig {
+            sparsity,
+            ..config(2_400)
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| train(&m, &corpus(), &cfg, &out, go).unwrap());
+        weights(&out)
+    };
+    for sparsity in [Sparsity::TopK, Sparsity::BatchTopK] {
+        assert_eq!(
+            run(1, sparsity, &format!("{sparsity:?}-1")),
+            run(3, sparsity, &format!("{sparsity:?}-3")),
+            "{sparsity:?}: 1 and 3 threads trained different weights"
+        );
+    }
 }
 
 #[test]

@@ -10,8 +10,8 @@ use probes::sae::train::{train, Progress, TrainConfig};
 
 #[derive(Subcommand)]
 pub enum SaeCmd {
-    /// Train a TopK SAE (AuxK, unit-norm decoder) on activations streamed from the model;
-    /// saves SAELens v6 files; resumes from OUT/checkpoint.* if present.
+    /// Train a TopK or BatchTopK SAE (AuxK, unit-norm decoder) on activations streamed from the
+    /// model; saves SAELens v6 files; resumes from OUT/checkpoint.* if present.
     Train(TrainArgs),
     /// L0, FVU / explained variance, dead latents, CE loss recovered and KL on held-out text.
     Eval(EvalArgs),
@@ -127,6 +127,12 @@ pub struct EvalArgs {
     json: bool,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SparsityArg {
+    Topk,
+    Batchtopk,
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
     #[arg(long, default_value = "default")]
@@ -138,8 +144,12 @@ pub struct TrainArgs {
     corpus: Vec<PathBuf>,
     #[arg(long)]
     latents: usize,
+    /// Active latents per token (on average, with `--sparsity batchtopk`).
     #[arg(long)]
     k: usize,
+    /// `topk` (saved as SAELens `topk`) or `batchtopk` (saved as `jumprelu`).
+    #[arg(long, value_enum, default_value_t = SparsityArg::Topk)]
+    sparsity: SparsityArg,
     #[arg(long)]
     tokens: u64,
     #[arg(long)]
@@ -230,6 +240,10 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
         hook: a.hook.clone(),
         latents: a.latents,
         k: a.k,
+        sparsity: match a.sparsity {
+            SparsityArg::Topk => probes::sae::train::Sparsity::TopK,
+            SparsityArg::Batchtopk => probes::sae::train::Sparsity::BatchTopK,
+        },
         tokens: a.tokens,
         context: a.context,
         windows_per_step: a.windows_per_step,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::train::{train, Progress, TrainConfig};
+use super::train::{train, Progress, Sparsity, TrainConfig};
 use super::SaeError;
 use crate::generate::{generate, GenerateOptions, Sampling};
 use crate::hooks::Hooks;
@@ -53,6 +53,7 @@ impl Recipe {
                 hook: format!("blocks.{}.hook_resid_post", model.config().n_layers / 2),
                 latents: model.config().d_model * 8,
                 k: 32,
+                sparsity: Sparsity::TopK,
                 tokens,
                 context: 64,
                 // 8 windows (504 tokens) per step: four times the optimiser steps of 32 for

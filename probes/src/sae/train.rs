@@ -1,4 +1,5 @@
-//! TopK SAE training (Gao et al. 2024) on activations streamed from the model.
+//! TopK SAE training (Gao et al. 2024), or BatchTopK (Bussmann et al. 2024), on activations
+//! streamed from the model.
 //!
 //! Loss: normalised MSE plus AuxK on dead latents (`k_aux = d_in / 2`, coefficient 1/32);
 //! decoder rows kept at unit norm (the parallel gradient component removed, rows renormalised
@@ -9,7 +10,8 @@
 //! them would outweigh the thousands of ordinary tokens in its step.
 //!
 //! The backward pass is written out by hand: everything but the encoder matmul is sparse in
-//! the `k` active latents, so a step costs little next to the model's forward pass.
+//! the `k` active latents, so each latent's rows are updated in one parallel pass over the
+//! parameters (see [`step`]).
 //! Training is seeded and deterministic, and resumes from its last checkpoint.
 
 use std::collections::BTreeMap;
@@ -19,6 +21,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use super::{candle, SaeError};
 use crate::error::CandleContext;
@@ -26,12 +29,28 @@ use crate::hooks::{HookPoint, Hooks};
 use crate::model::Model;
 use crate::transformer::{Padding, Unembed};
 
+/// How the active latents are chosen while training.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Sparsity {
+    /// The `k` largest latents of every token (Gao et al. 2024); saved as `topk`.
+    #[default]
+    TopK,
+    /// The `k x tokens` largest latents of the whole batch (Bussmann et al. 2024), so a token
+    /// takes as many as it needs and `k` holds on average; saved as `jumprelu` with one
+    /// threshold: the mean over the last fifth of training (the learning-rate decay, when the
+    /// weights are close to final) of the smallest activation each batch kept.
+    BatchTopK,
+}
+
 /// Settings of one training run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct TrainConfig {
     pub hook: String,
     pub latents: usize,
     pub k: usize,
+    #[serde(default)]
+    pub sparsity: Sparsity,
     /// Training tokens (the corpus repeats if it is shorter).
     pub tokens: u64,
     /// Tokens per window; the first token of each window is skipped (its norm is atypical).
@@ -100,13 +119,19 @@ struct State {
     /// Decoder rows `[n][d]`, unit norm.
     w_dec: Vec<f32>,
     b_dec: Vec<f32>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Adam moments of `w_enc`, `b_enc`, `w_dec`, `b_dec`.
+    m: [Vec<f32>; 4],
+    v: [Vec<f32>; 4],
     step: u64,
     tokens: u64,
     /// Tokens since each latent last fired.
     since_fired: Vec<u64>,
     scale: f32,
+    /// BatchTopK: the smallest activation the last batch kept, and the sum and count of those
+    /// cuts over the learning-rate decay (the saved threshold is their mean).
+    last_cut: f32,
+    cut_sum: f64,
+    cut_count: u64,
 }
 
 const ADAM_B1: f32 = 0.9;
@@ -130,12 +155,15 @@ impl State {
             b_enc: vec![0.0; n],
             w_dec,
             b_dec: vec![0.0; d],
-            m: sizes.iter().map(|&s| vec![0.0; s]).collect(),
-            v: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            m: sizes.map(|s| vec![0.0; s]),
+            v: sizes.map(|s| vec![0.0; s]),
             step: 0,
             tokens: 0,
             since_fired: vec![0; n],
             scale: 0.0,
+            last_cut: 0.0,
+            cut_sum: 0.0,
+            cut_count: 0,
         }
     }
 }
@@ -175,30 +203,91 @@ fn top(
         .collect()
 }
 
-/// Gradient accumulators, one per parameter.
-struct Grads<'a> {
-    w_enc: &'a mut [f32],
-    b_enc: &'a mut [f32],
-    w_dec: &'a mut [f32],
-    b_dec: &'a mut [f32],
+/// Tokens per parallel work item in a training step (each thread keeps its own scratch).
+const ROWS_PER_TASK: usize = 16;
+
+/// The active latents of each row of `pre` (`[b][n]` pre-activations): the per-row top `k`,
+/// or for BatchTopK the top `k x b` of the batch (taken from each row's top `4k`), updating
+/// the batch's cut.
+fn select(s: &mut State, pre: &[f32], n: usize, cfg: &TrainConfig) -> Vec<Vec<(u32, f32)>> {
+    let per_row = match cfg.sparsity {
+        Sparsity::TopK => cfg.k,
+        Sparsity::BatchTopK => 4 * cfg.k,
+    };
+    let rows: Vec<Vec<(u32, f32)>> = pre
+        .par_chunks(n * ROWS_PER_TASK)
+        .flat_map_iter(|block| {
+            let mut scratch = Vec::with_capacity(n);
+            block
+                .chunks(n)
+                .map(|p| {
+                    let values = p.iter().enumerate().map(|(i, &v)| (i as u32, v));
+                    top(values, per_row, &mut scratch)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if cfg.sparsity == Sparsity::TopK {
+        return rows;
+    }
+    let mut all: Vec<f32> = rows.iter().flatten().map(|(_, v)| *v).collect();
+    let keep = (cfg.k * rows.len()).min(all.len());
+    if keep == 0 {
+        return rows;
+    }
+    let (_, cut, _) = all.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
+    let cut = *cut;
+    s.last_cut = cut;
+    // Ties at the cut may keep a few more than `keep`; the result is still deterministic.
+    rows.into_iter()
+        .map(|row| row.into_iter().filter(|(_, v)| *v >= cut).collect())
+        .collect()
 }
 
-/// Back-propagate `g` = dL/d(reconstruction) of one token through its active latents `act`
-/// (input `xc` = x - b_dec): only those latents' rows receive gradient.
-fn backprop_latents(s: &State, act: &[(u32, f32)], g: &[f32], xc: &[f32], grads: &mut Grads) {
+/// One active latent's part in one token's loss: its activation, and the gradient of the loss
+/// with respect to that activation. `source` indexes the token's gradient with respect to its
+/// reconstruction (`[0, b)`: the main loss; `[b, 2b)`: AuxK).
+#[derive(Clone, Copy)]
+struct Entry {
+    latent: u32,
+    token: u32,
+    source: u32,
+    act: f32,
+    dact: f32,
+}
+
+/// For each token `r`, its active latents' entries given `g[r]` = dL/d(reconstruction).
+fn entries_for(
+    s: &State,
+    acts: &[Vec<(u32, f32)>],
+    g: &[f32],
+    source_offset: usize,
+) -> Vec<Vec<Entry>> {
     let d = s.d;
-    for &(j, a) in act {
-        let j = j as usize;
-        let row = j * d..(j + 1) * d;
-        let da = dot(g, &s.w_dec[row.clone()]);
-        axpy(&mut grads.w_dec[row.clone()], a, g);
-        axpy(&mut grads.w_enc[row.clone()], da, xc);
-        grads.b_enc[j] += da;
-        axpy(grads.b_dec, -da, &s.w_enc[row]);
-    }
+    acts.par_iter()
+        .enumerate()
+        .map(|(r, act)| {
+            let gr = &g[r * d..(r + 1) * d];
+            act.iter()
+                .map(|&(j, a)| Entry {
+                    latent: j,
+                    token: r as u32,
+                    source: (source_offset + r) as u32,
+                    act: a,
+                    dact: dot(gr, &s.w_dec[j as usize * d..(j as usize + 1) * d]),
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// One optimisation step on `x` (`[b][d]`, scaled). Returns (FVU, L0).
+///
+/// Everything after the dense encoder matmul is sparse in the active latents: each token's
+/// gradient reaches only their rows. The step therefore collects, per token, each active
+/// latent's activation and gradient, groups them by latent, and then updates every latent's
+/// rows (gradient, radial projection, Adam, renormalisation) in one parallel pass. Sums run in
+/// token order within each latent, so the result does not depend on the thread count.
 fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f32), SaeError> {
     let (d, n) = (s.d, s.n);
     let b = x.len() / d;
@@ -206,29 +295,193 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
         .chunks(d)
         .flat_map(|r| r.iter().zip(&s.b_dec).map(|(a, c)| a - c))
         .collect();
-    // Dense encoder pre-activations: [b, n] = xc [b, d] @ w_encᵀ.
-    let pre = {
+    // Dense encoder pre-activations: [b, n] = xc [b, d] @ w_encᵀ + b_enc.
+    let pre_t = {
         let xt = Tensor::from_slice(&xc, (b, d), &Device::Cpu).map_err(candle("encoder"))?;
         let wt = Tensor::from_slice(&s.w_enc, (n, d), &Device::Cpu).map_err(candle("encoder"))?;
         let bt = Tensor::from_slice(&s.b_enc, n, &Device::Cpu).map_err(candle("encoder"))?;
         xt.matmul(&wt.t().map_err(candle("encoder"))?)
             .and_then(|p| p.broadcast_add(&bt))
-            .and_then(|p| p.flatten_all())
-            .and_then(|p| p.to_vec1::<f32>())
             .map_err(candle("encoder"))?
     };
+    let pre = pre_t
+        .flatten_all()
+        .and_then(|p| p.to_vec1::<f32>())
+        .map_err(candle("encoder"))?;
     let dead: Vec<bool> = s
         .since_fired
         .iter()
         .map(|&t| t > cfg.dead_after_tokens)
         .collect();
-    let any_dead = dead.iter().any(|d| *d);
+    let any_dead = dead.contains(&true);
     let k_aux = d / 2;
-    let mean: Vec<f32> = (0..d)
-        .map(|i| x.chunks(d).map(|r| r[i]).sum::<f32>() / b as f32)
+    let denom = centred_sum_sq(x, d, b);
+
+    // The main loss: reconstruct each token from its active latents.
+    let acts = select(s, &pre, n, cfg);
+    let (w_dec, b_dec) = (&s.w_dec, &s.b_dec);
+    let recon_of = |act: &[(u32, f32)], base: &[f32]| -> Vec<f32> {
+        let mut y = base.to_vec();
+        for &(j, a) in act {
+            axpy(&mut y, a, &w_dec[j as usize * d..(j as usize + 1) * d]);
+        }
+        y
+    };
+    // Per token: residual x - recon, then g = dL/d recon = 2 (recon - x) / denom.
+    let resid: Vec<f32> = acts
+        .par_iter()
+        .enumerate()
+        .flat_map_iter(|(r, act)| {
+            let y = recon_of(act, b_dec);
+            let xr = &x[r * d..(r + 1) * d];
+            xr.iter().zip(y).map(|(t, y)| t - y).collect::<Vec<_>>()
+        })
         .collect();
-    let denom: f32 = x
-        .chunks(d)
+    let sse: f32 = resid.iter().map(|e| e * e).sum();
+    let mut g: Vec<f32> = resid.iter().map(|e| -2.0 * e / denom).collect();
+    let mut per_token = entries_for(s, &acts, &g, 0);
+
+    // AuxK: dead latents reconstruct the residual the live ones left.
+    if any_dead {
+        let aux_acts: Vec<Vec<(u32, f32)>> = pre
+            .par_chunks(n * ROWS_PER_TASK)
+            .flat_map_iter(|block| {
+                let mut scratch = Vec::with_capacity(n);
+                block
+                    .chunks(n)
+                    .map(|p| {
+                        let dead_values = p
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| dead[*i])
+                            .map(|(i, &v)| (i as u32, v));
+                        top(dead_values, k_aux, &mut scratch)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let aux_denom = centred_sum_sq(&resid, d, b);
+        let zero = vec![0.0f32; d];
+        let g_aux: Vec<f32> = aux_acts
+            .par_iter()
+            .enumerate()
+            .flat_map_iter(|(r, aux)| {
+                let e = recon_of(aux, &zero);
+                let res = &resid[r * d..(r + 1) * d];
+                e.into_iter()
+                    .zip(res)
+                    .map(|(y, t)| AUX_COEFF * 2.0 * (y - t) / aux_denom)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let aux_entries = entries_for(s, &aux_acts, &g_aux, b);
+        per_token
+            .iter_mut()
+            .zip(aux_entries)
+            .for_each(|(main, aux)| main.extend(aux));
+        g.extend(g_aux);
+    }
+
+    // Group the entries by latent, in token order.
+    let mut starts = vec![0usize; n + 1];
+    for e in per_token.iter().flatten() {
+        starts[e.latent as usize + 1] += 1;
+    }
+    for j in 0..n {
+        starts[j + 1] += starts[j];
+    }
+    let mut by_latent = vec![
+        Entry {
+            latent: 0,
+            token: 0,
+            source: 0,
+            act: 0.0,
+            dact: 0.0
+        };
+        starts[n]
+    ];
+    let mut fill = starts.clone();
+    for e in per_token.iter().flatten() {
+        let j = e.latent as usize;
+        by_latent[fill[j]] = *e;
+        fill[j] += 1;
+    }
+    let mut fired = vec![false; n];
+    for (j, _) in acts.iter().flatten() {
+        fired[*j as usize] = true;
+    }
+
+    // dL/d b_dec = Σ_t g_t - Σ_j (dL/d b_enc[j]) w_enc[j], with the pre-step w_enc.
+    let g_b_enc: Vec<f32> = (0..n)
+        .map(|j| {
+            by_latent[starts[j]..starts[j + 1]]
+                .iter()
+                .map(|e| e.dact)
+                .sum()
+        })
+        .collect();
+    let mut g_b_dec = vec![0.0f32; d];
+    for gr in g[..b * d].chunks(d) {
+        axpy(&mut g_b_dec, 1.0, gr);
+    }
+    for (j, gb) in g_b_enc.iter().enumerate() {
+        if *gb != 0.0 {
+            axpy(&mut g_b_dec, -gb, &s.w_enc[j * d..(j + 1) * d]);
+        }
+    }
+
+    s.step += 1;
+    let adam = Adam::at(s.step, lr);
+    let [m_we, m_be, m_wd, m_bd] = &mut s.m;
+    let [v_we, v_be, v_wd, v_bd] = &mut s.v;
+    let rows = s
+        .w_enc
+        .par_chunks_mut(d)
+        .zip(m_we.par_chunks_mut(d))
+        .zip(v_we.par_chunks_mut(d))
+        .zip(s.w_dec.par_chunks_mut(d))
+        .zip(m_wd.par_chunks_mut(d))
+        .zip(v_wd.par_chunks_mut(d));
+    rows.enumerate().for_each_init(
+        || (vec![0.0f32; d], vec![0.0f32; d]),
+        |(ge, gd), (j, (((((we, mwe), vwe), wd), mwd), vwd))| {
+            ge.fill(0.0);
+            gd.fill(0.0);
+            for e in &by_latent[starts[j]..starts[j + 1]] {
+                let t = e.token as usize;
+                let src = e.source as usize;
+                axpy(gd, e.act, &g[src * d..(src + 1) * d]);
+                axpy(ge, e.dact, &xc[t * d..(t + 1) * d]);
+            }
+            // Keep decoder rows on the unit sphere: drop the radial gradient component.
+            let radial = dot(gd, wd);
+            if radial != 0.0 {
+                axpy(gd, -radial, wd);
+            }
+            adam.update(we, mwe, vwe, ge);
+            adam.update(wd, mwd, vwd, gd);
+            normalize(wd);
+        },
+    );
+    adam.update(&mut s.b_enc, m_be, v_be, &g_b_enc);
+    adam.update(&mut s.b_dec, m_bd, v_bd, &g_b_dec);
+
+    for (j, f) in fired.iter().enumerate() {
+        s.since_fired[j] = if *f { 0 } else { s.since_fired[j] + b as u64 };
+    }
+    s.tokens += b as u64;
+    let active_total: usize = acts.iter().map(Vec::len).sum();
+    Ok((sse / denom, active_total as f32 / b as f32))
+}
+
+/// Σ over rows of `||row - mean||²` for `b` rows of width `d` (at least 1e-12).
+fn centred_sum_sq(rows: &[f32], d: usize, b: usize) -> f32 {
+    let mut mean = vec![0.0f32; d];
+    for r in rows.chunks(d) {
+        axpy(&mut mean, 1.0, r);
+    }
+    mean.iter_mut().for_each(|m| *m /= b as f32);
+    rows.chunks(d)
         .map(|r| {
             r.iter()
                 .zip(&mean)
@@ -236,144 +489,34 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
                 .sum::<f32>()
         })
         .sum::<f32>()
-        .max(1e-12);
+        .max(1e-12)
+}
 
-    let mut g_w_enc = vec![0.0f32; n * d];
-    let mut g_b_enc = vec![0.0f32; n];
-    let mut g_w_dec = vec![0.0f32; n * d];
-    let mut g_b_dec = vec![0.0f32; d];
-    let mut sse = 0.0f32;
-    let mut active_total = 0usize;
-    let mut fired = vec![false; n];
-    let mut scratch = Vec::with_capacity(n);
-    let mut aux_rows = Vec::new();
-    let mut recon = vec![0.0f32; d];
-    for r in 0..b {
-        let p = &pre[r * n..(r + 1) * n];
-        let xr = &x[r * d..(r + 1) * d];
-        let act = top(
-            p.iter().enumerate().map(|(i, &v)| (i as u32, v)),
-            cfg.k,
-            &mut scratch,
-        );
-        active_total += act.len();
-        recon.copy_from_slice(&s.b_dec);
-        for &(j, a) in &act {
-            fired[j as usize] = true;
-            axpy(
-                &mut recon,
-                a,
-                &s.w_dec[j as usize * d..(j as usize + 1) * d],
-            );
-        }
-        // g = dL/d recon for the normalised MSE.
-        let g: Vec<f32> = recon
-            .iter()
-            .zip(xr)
-            .map(|(y, t)| 2.0 * (y - t) / denom)
-            .collect();
-        sse += recon
-            .iter()
-            .zip(xr)
-            .map(|(y, t)| (y - t) * (y - t))
-            .sum::<f32>();
-        axpy(&mut g_b_dec, 1.0, &g);
-        let mut grads = Grads {
-            w_enc: &mut g_w_enc,
-            b_enc: &mut g_b_enc,
-            w_dec: &mut g_w_dec,
-            b_dec: &mut g_b_dec,
-        };
-        backprop_latents(s, &act, &g, &xc[r * d..(r + 1) * d], &mut grads);
-        if any_dead {
-            let resid: Vec<f32> = xr.iter().zip(&recon).map(|(t, y)| t - y).collect();
-            let aux = top(
-                p.iter()
-                    .enumerate()
-                    .filter(|(i, _)| dead[*i])
-                    .map(|(i, &v)| (i as u32, v)),
-                k_aux,
-                &mut scratch,
-            );
-            aux_rows.push((r, resid, aux));
+/// Adam with bias correction at one step.
+#[derive(Clone, Copy)]
+struct Adam {
+    lr: f32,
+    c1: f32,
+    c2: f32,
+}
+
+impl Adam {
+    fn at(step: u64, lr: f32) -> Self {
+        let t = step as i32;
+        Self {
+            lr,
+            c1: 1.0 - ADAM_B1.powi(t),
+            c2: 1.0 - ADAM_B2.powi(t),
         }
     }
-    // AuxK: dead latents reconstruct the residual the live ones left.
-    if !aux_rows.is_empty() {
-        let rmean: Vec<f32> = (0..d)
-            .map(|i| aux_rows.iter().map(|(_, res, _)| res[i]).sum::<f32>() / aux_rows.len() as f32)
-            .collect();
-        let aux_denom: f32 = aux_rows
-            .iter()
-            .map(|(_, res, _)| {
-                res.iter()
-                    .zip(&rmean)
-                    .map(|(a, m)| (a - m) * (a - m))
-                    .sum::<f32>()
-            })
-            .sum::<f32>()
-            .max(1e-12);
-        for (r, resid, aux) in &aux_rows {
-            let mut e = vec![0.0f32; d];
-            for &(j, a) in aux {
-                axpy(&mut e, a, &s.w_dec[j as usize * d..(j as usize + 1) * d]);
-            }
-            let g: Vec<f32> = e
-                .iter()
-                .zip(resid)
-                .map(|(y, t)| AUX_COEFF * 2.0 * (y - t) / aux_denom)
-                .collect();
-            let mut grads = Grads {
-                w_enc: &mut g_w_enc,
-                b_enc: &mut g_b_enc,
-                w_dec: &mut g_w_dec,
-                b_dec: &mut g_b_dec,
-            };
-            backprop_latents(s, aux, &g, &xc[r * d..(r + 1) * d], &mut grads);
+
+    fn update(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for q in 0..p.len() {
+            m[q] = ADAM_B1 * m[q] + (1.0 - ADAM_B1) * g[q];
+            v[q] = ADAM_B2 * v[q] + (1.0 - ADAM_B2) * g[q] * g[q];
+            p[q] -= self.lr * (m[q] / self.c1) / ((v[q] / self.c2).sqrt() + ADAM_EPS);
         }
     }
-    // Keep decoder rows on the unit sphere: drop the radial gradient component.
-    for j in 0..n {
-        let row = j * d..(j + 1) * d;
-        let radial = dot(&g_w_dec[row.clone()], &s.w_dec[row.clone()]);
-        if radial != 0.0 {
-            let w = s.w_dec[row.clone()].to_vec();
-            axpy(&mut g_w_dec[row], -radial, &w);
-        }
-    }
-    s.step += 1;
-    let t = s.step as i32;
-    let (c1, c2) = (1.0 - ADAM_B1.powi(t), 1.0 - ADAM_B2.powi(t));
-    let params: [(&mut Vec<f32>, &Vec<f32>); 4] = [
-        (&mut s.w_enc, &g_w_enc),
-        (&mut s.b_enc, &g_b_enc),
-        (&mut s.w_dec, &g_w_dec),
-        (&mut s.b_dec, &g_b_dec),
-    ];
-    for (i, (p, g)) in params.into_iter().enumerate() {
-        use rayon::prelude::*;
-        let (m, v) = (&mut s.m[i], &mut s.v[i]);
-        p.par_chunks_mut(4096)
-            .zip(m.par_chunks_mut(4096))
-            .zip(v.par_chunks_mut(4096))
-            .zip(g.par_chunks(4096))
-            .for_each(|(((p, m), v), g)| {
-                for q in 0..p.len() {
-                    m[q] = ADAM_B1 * m[q] + (1.0 - ADAM_B1) * g[q];
-                    v[q] = ADAM_B2 * v[q] + (1.0 - ADAM_B2) * g[q] * g[q];
-                    p[q] -= lr * (m[q] / c1) / ((v[q] / c2).sqrt() + ADAM_EPS);
-                }
-            });
-    }
-    {
-        use rayon::prelude::*;
-        s.w_dec.par_chunks_mut(d).for_each(normalize);
-    }
-    for (j, f) in fired.iter().enumerate() {
-        s.since_fired[j] = if *f { 0 } else { s.since_fired[j] + b as u64 };
-    }
-    s.tokens += b as u64;
-    Ok((sse / denom, active_total as f32 / b as f32))
 }
 
 /// Token windows of `context` tokens cut from the corpus, in a seeded order. Documents are
@@ -489,8 +632,8 @@ fn save_checkpoint(out: &Path, s: &State, cfg: &TrainConfig) -> Result<(), SaeEr
         path: st.clone(),
         detail: e.to_string(),
     })?;
-    let meta =
-        serde_json::json!({"config": cfg, "step": s.step, "tokens": s.tokens, "scale": s.scale});
+    let meta = serde_json::json!({"config": cfg, "step": s.step, "tokens": s.tokens, "scale": s.scale,
+            "last_cut": s.last_cut, "cut_sum": s.cut_sum, "cut_count": s.cut_count});
     let tmp = js.with_extension("json.partial");
     std::fs::write(&tmp, meta.to_string())
         .and_then(|()| std::fs::rename(&tmp, &js))
@@ -554,6 +697,9 @@ fn load_checkpoint(out: &Path, cfg: &TrainConfig, d: usize) -> Result<Option<Sta
     s.step = meta["step"].as_u64().unwrap_or(0);
     s.tokens = meta["tokens"].as_u64().unwrap_or(0);
     s.scale = meta["scale"].as_f64().unwrap_or(1.0) as f32;
+    s.last_cut = meta["last_cut"].as_f64().unwrap_or(0.0) as f32;
+    s.cut_sum = meta["cut_sum"].as_f64().unwrap_or(0.0);
+    s.cut_count = meta["cut_count"].as_u64().unwrap_or(0);
     Ok(Some(s))
 }
 
@@ -582,21 +728,35 @@ fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Resu
     .map_err(candle("saving"))?;
     let b_enc = Tensor::from_slice(&s.b_enc, n, &Device::Cpu).map_err(candle("saving"))?;
     let path = out.join("sae_weights.safetensors");
-    let tensors = vec![
+    let mut tensors = vec![
         ("W_enc".to_string(), w_enc),
         ("b_enc".to_string(), b_enc),
         ("W_dec".to_string(), w_dec),
         ("b_dec".to_string(), b_dec),
     ];
+    // Pre-activations are the same in scaled and original space, so the threshold is too.
+    let architecture = match cfg.sparsity {
+        Sparsity::TopK => "topk",
+        Sparsity::BatchTopK => {
+            let threshold = if s.cut_count > 0 {
+                (s.cut_sum / s.cut_count as f64) as f32
+            } else {
+                s.last_cut
+            };
+            let th =
+                Tensor::from_vec(vec![threshold; n], n, &Device::Cpu).map_err(candle("saving"))?;
+            tensors.push(("threshold".to_string(), th));
+            "jumprelu"
+        }
+    };
     crate::safetensors::write(&path, &tensors, &BTreeMap::new()).map_err(|e| SaeError::Format {
         path: path.clone(),
         detail: e.to_string(),
     })?;
-    let cfg_json = serde_json::json!({
-        "architecture": "topk",
+    let mut cfg_json = serde_json::json!({
+        "architecture": architecture,
         "d_in": d,
         "d_sae": n,
-        "k": cfg.k,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": true,
@@ -613,8 +773,13 @@ fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Resu
             "dataset_path": "local corpus (see training.json)",
             "sae_lens_training_version": null,
             "activation_scale_folded": f,
+            "trained_sparsity": cfg.sparsity,
+            "trained_k": cfg.k,
         }
     });
+    if cfg.sparsity == Sparsity::TopK {
+        cfg_json["k"] = cfg.k.into();
+    }
     let p = out.join("cfg.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&cfg_json).expect("json"))
         .map_err(|source| SaeError::Io { path: p, source })
@@ -756,6 +921,10 @@ pub fn train(
             || (following < total_steps).then(|| fetch(following)),
         );
         let (fvu, l0) = stepped?;
+        if frac > 0.8 && cfg.sparsity == Sparsity::BatchTopK {
+            state.cut_sum += f64::from(state.last_cut);
+            state.cut_count += 1;
+        }
         next = fetched.transpose()?;
         let elapsed = start.elapsed().as_secs_f64().max(1e-9);
         let rate = (state.tokens - start_tokens) as f64 / elapsed;
