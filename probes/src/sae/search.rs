@@ -278,24 +278,35 @@ mod tests {
     fn fast_selection_equals_a_full_sort() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for _ in 0..200 {
-            let n = rng.gen_range(1..300);
+        for round in 0..400 {
+            // Long rows exercise the blocked fast path; coarse values give many ties.
+            let n = rng.gen_range(1..if round % 2 == 0 { 300 } else { 3000 });
             let k = rng.gen_range(1..40);
             let row: Vec<f32> = (0..n)
                 .map(|_| (rng.gen_range(-5..6) as f32) * 0.5)
                 .collect();
-            let mut want: Vec<(u32, f32)> = row
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as u32, v))
+            let bias: Vec<f32> = (0..n)
+                .map(|_| (rng.gen_range(-2..3) as f32) * 0.25)
                 .collect();
-            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let want: Vec<(u32, f32)> =
-                want.into_iter().take(k).filter(|(_, v)| *v > 0.0).collect();
+            let full_sort = |values: Vec<f32>| -> Vec<(u32, f32)> {
+                let mut want: Vec<(u32, f32)> = values
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (i as u32, v))
+                    .collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                want.into_iter().take(k).filter(|(_, v)| *v > 0.0).collect()
+            };
             assert_eq!(
                 super::super::select_top_biased(&row, None, k),
-                want,
+                full_sort(row.clone()),
                 "n={n} k={k}"
+            );
+            let biased: Vec<f32> = row.iter().zip(&bias).map(|(r, b)| r + b).collect();
+            assert_eq!(
+                super::super::select_top_biased(&row, Some(&bias), k),
+                full_sort(biased),
+                "n={n} k={k}, biased"
             );
         }
     }
