@@ -185,5 +185,61 @@ fn the_default_sae_meets_its_quality_bars_on_held_out_text() {
     assert!(r["tokens"].as_u64().unwrap() > 500, "{r}");
     assert!((r["l0"].as_f64().unwrap() - 32.0).abs() < 0.5, "{r}");
     assert!(r["ce_loss_recovered"].as_f64().unwrap() >= 0.90, "{r}");
-    assert!(r["fvu"].as_f64().unwrap() <= 0.25, "{r}");
+    assert!(r["fvu"].as_f64().unwrap() <= 0.22, "{r}");
+}
+
+/// `--sparsity batchtopk` trains on the real model and saves a SAELens `jumprelu` SAE that
+/// `sae eval` loads, with about `k` latents active per token.
+#[test]
+fn batchtopk_training_saves_a_jumprelu_sae_that_evaluates() {
+    default_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    let text = "Rain fell on the tin roof of the workshop all afternoon.\n\n\
+        The carpenter measured the board twice before he cut it.\n\n\
+        A ferry carried cars and bicycles across the narrow strait.\n\n\
+        Her grandmother kept seeds from the best tomatoes every summer.\n\n";
+    std::fs::write(&corpus, text.repeat(12)).unwrap();
+    let out = tmp.path().join("sae");
+    let out_s = out.to_str().unwrap();
+    let o = mechwatch(&[
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--sparsity",
+        "batchtopk",
+        "--tokens",
+        "6000",
+        "--windows-per-step",
+        "16",
+        "--lr",
+        "2e-3",
+        "--out",
+        out_s,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "jumprelu", "{cfg}");
+    assert_eq!(cfg["metadata"]["trained_k"], 16, "{cfg}");
+
+    let corpus_s = corpus.to_str().unwrap();
+    let args = ["sae", "eval", "--sae", out_s, "--corpus", corpus_s];
+    let o = mechwatch(&[&args[..], &["--tokens", "1024", "--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let l0 = r["l0"].as_f64().unwrap();
+    assert!(
+        (8.0..=32.0).contains(&l0),
+        "L0 {l0} is far from k = 16: {r}"
+    );
+    let fvu = r["fvu"].as_f64().unwrap();
+    assert!(fvu > 0.0 && fvu < 1.0, "{r}");
 }

@@ -203,7 +203,7 @@ fn top(
         .collect()
 }
 
-/// Tokens per parallel work item in a training step (each thread keeps its own scratch).
+/// Tokens per parallel work item in the AuxK selection (each item keeps its own scratch).
 const ROWS_PER_TASK: usize = 16;
 
 /// The active latents of each row of `pre` (`[b][n]` pre-activations): the per-row top `k`,
@@ -215,17 +215,8 @@ fn select(s: &mut State, pre: &[f32], n: usize, cfg: &TrainConfig) -> Vec<Vec<(u
         Sparsity::BatchTopK => 4 * cfg.k,
     };
     let rows: Vec<Vec<(u32, f32)>> = pre
-        .par_chunks(n * ROWS_PER_TASK)
-        .flat_map_iter(|block| {
-            let mut scratch = Vec::with_capacity(n);
-            block
-                .chunks(n)
-                .map(|p| {
-                    let values = p.iter().enumerate().map(|(i, &v)| (i as u32, v));
-                    top(values, per_row, &mut scratch)
-                })
-                .collect::<Vec<_>>()
-        })
+        .par_chunks(n)
+        .map(|p| super::select_top_biased(p, None, per_row))
         .collect();
     if cfg.sparsity == Sparsity::TopK {
         return rows;
