@@ -1,6 +1,32 @@
 //! `mechwatch sae train | eval | search | top` on the real default model, small sizes.
 
+use std::path::Path;
+use std::process::Output;
+
 use e2e::*;
+
+/// `mechwatch sae train` of a 1,152-latent, k = 16 SAE at `blocks.10.hook_resid_post`, in
+/// steps of 16 windows, with `extra` arguments.
+fn train_small_sae(corpus: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (corpus, out) = (corpus.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        corpus,
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--windows-per-step",
+        "16",
+        "--out",
+        out,
+    ];
+    mechwatch(&[&args[..], extra].concat())
+}
 
 #[test]
 fn train_eval_search_top_on_the_default_model() {
@@ -13,24 +39,7 @@ fn train_eval_search_top_on_the_default_model() {
         The garden needed water after a week without rain, so the children carried buckets.\n\n";
     std::fs::write(&corpus, text.repeat(12)).unwrap();
     let out = tmp.path().join("sae");
-    let o = mechwatch(&[
-        "sae",
-        "train",
-        "--hook",
-        "blocks.10.hook_resid_post",
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--latents",
-        "1152",
-        "--k",
-        "16",
-        "--tokens",
-        "4000",
-        "--windows-per-step",
-        "16",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = train_small_sae(&corpus, &out, &["--tokens", "4000"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("ETA"), "no progress bar");
     let cfg: serde_json::Value =
@@ -202,28 +211,15 @@ fn batchtopk_training_saves_a_jumprelu_sae_that_evaluates() {
     std::fs::write(&corpus, text.repeat(12)).unwrap();
     let out = tmp.path().join("sae");
     let out_s = out.to_str().unwrap();
-    let o = mechwatch(&[
-        "sae",
-        "train",
-        "--hook",
-        "blocks.10.hook_resid_post",
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--latents",
-        "1152",
-        "--k",
-        "16",
+    let extra = [
         "--sparsity",
         "batchtopk",
         "--tokens",
         "6000",
-        "--windows-per-step",
-        "16",
         "--lr",
         "2e-3",
-        "--out",
-        out_s,
-    ]);
+    ];
+    let o = train_small_sae(&corpus, &out, &extra);
     assert!(o.status.success(), "{}", stderr(&o));
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
