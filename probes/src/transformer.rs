@@ -210,7 +210,7 @@ struct LayerKv {
 }
 
 /// Positions added to a layer's key/value buffers whenever they fill up.
-const KV_GROWTH: usize = 128;
+const KV_GROWTH: usize = 32;
 
 impl LayerKv {
     /// Append `k`, `v` (`[batch, kv_heads, t, head_dim]`) and return views of every cached
