@@ -287,18 +287,16 @@ fn step(s: &mut State, x: &[f32], cfg: &TrainConfig, lr: f32) -> Result<(f32, f3
         .flat_map(|r| r.iter().zip(&s.b_dec).map(|(a, c)| a - c))
         .collect();
     // Dense encoder pre-activations: [b, n] = xc [b, d] @ w_encᵀ + b_enc.
-    let pre_t = {
+    let pre = {
         let xt = Tensor::from_slice(&xc, (b, d), &Device::Cpu).map_err(candle("encoder"))?;
         let wt = Tensor::from_slice(&s.w_enc, (n, d), &Device::Cpu).map_err(candle("encoder"))?;
         let bt = Tensor::from_slice(&s.b_enc, n, &Device::Cpu).map_err(candle("encoder"))?;
         xt.matmul(&wt.t().map_err(candle("encoder"))?)
             .and_then(|p| p.broadcast_add(&bt))
+            .and_then(|p| p.flatten_all())
+            .and_then(|p| p.to_vec1::<f32>())
             .map_err(candle("encoder"))?
     };
-    let pre = pre_t
-        .flatten_all()
-        .and_then(|p| p.to_vec1::<f32>())
-        .map_err(candle("encoder"))?;
     let dead: Vec<bool> = s
         .since_fired
         .iter()
