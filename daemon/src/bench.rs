@@ -624,6 +624,8 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
         seed: 0,
         dead_after_tokens: 1_000_000,
         checkpoint_every_steps: u64::MAX,
+        window_shifts: 1,
+        reshuffle_epochs: false,
     };
     let wins = probes::sae::train::windows(&model, &docs, 64, 0)?;
     let steps = a.train_tokens.div_ceil(32 * 63) as usize;

@@ -34,6 +34,8 @@ fn config(tokens: u64) -> TrainConfig {
         seed: 3,
         dead_after_tokens: 2_000,
         checkpoint_every_steps: 5,
+        window_shifts: 1,
+        reshuffle_epochs: false,
     }
 }
 
@@ -202,8 +204,13 @@ fn training_is_deterministic_and_resumes_to_the_same_weights() {
     );
 
     // Several epochs over the corpus train from activations computed once and kept in
-    // memory; a run resumed in a later epoch rebuilds them and ends with the same weights.
-    let epochs = config(8_000);
+    // memory; a run resumed in a later epoch rebuilds them and ends with the same weights,
+    // with two window grids and a new order in each epoch.
+    let epochs = TrainConfig {
+        window_shifts: 2,
+        reshuffle_epochs: true,
+        ..config(8_000)
+    };
     let (f, g) = (tmp.path().join("f"), tmp.path().join("g"));
     train(&m, &corpus(), &epochs, &f, go).unwrap();
     let e = train(&m, &corpus(), &epochs, &g, interrupt_at(40)).unwrap_err();
@@ -258,6 +265,18 @@ fn bad_training_inputs_are_refused() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("unknown hook"), "{e}");
+    let e = train(
+        &m,
+        &corpus(),
+        &TrainConfig {
+            window_shifts: 0,
+            ..config(100)
+        },
+        &tmp.path().join("w"),
+        go,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("window shifts"), "{e}");
 }
 
 /// SmolLM2's layer-15 residual has attention sinks besides a sequence's first token: after

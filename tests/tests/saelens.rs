@@ -1,6 +1,7 @@
 //! Interoperability with SAELens itself, not only with our reading of its format: SAEs that
 //! SAELens saves load here and encode as SAELens encodes them, and the default SAE that
-//! mechwatch trains loads in SAELens unchanged and encodes real activations as it does here.
+//! mechwatch trains (TopK, and BatchTopK saved as `jumprelu`) loads in SAELens unchanged and
+//! encodes real activations as it does here.
 //!
 //! SAELens runs in Python: `MECHWATCH_SAELENS_PYTHON` names an interpreter with `sae-lens`
 //! installed (`scripts/test-all` makes one in the cache directory).
@@ -91,9 +92,53 @@ fn the_default_sae_loads_in_saelens_and_encodes_real_activations_as_here() {
     default_model();
     let o = mechwatch(&["sae", "default"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let sae_dir = PathBuf::from(stdout(&o).trim());
-    let sae = probes::sae::load_sae(&sae_dir).unwrap();
-    let hook = sae.hook.clone().expect("the default SAE names its hook");
+    encodes_real_activations_as_saelens(Path::new(stdout(&o).trim()));
+}
+
+/// A BatchTopK SAE that `mechwatch sae train` saved (as SAELens `jumprelu`, one threshold)
+/// loads in SAELens and encodes as it does here.
+#[test]
+fn a_batchtopk_sae_trained_here_loads_in_saelens_and_encodes_as_here() {
+    default_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        format!("{HARMLESS_SAMPLE}{HARMFUL_SAMPLE}").repeat(6),
+    )
+    .unwrap();
+    let out = tmp.path().join("sae");
+    let o = mechwatch(&[
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--sparsity",
+        "batchtopk",
+        "--tokens",
+        "6000",
+        "--windows-per-step",
+        "16",
+        "--lr",
+        "2e-3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    encodes_real_activations_as_saelens(&out);
+}
+
+/// SAELens loads the SAE in `sae_dir` and encodes and reconstructs real activations at its
+/// hook, for real prompts, as mechwatch does.
+fn encodes_real_activations_as_saelens(sae_dir: &Path) {
+    let sae = probes::sae::load_sae(sae_dir).unwrap();
+    let hook = sae.hook.clone().expect("the SAE names its hook");
 
     // Real activations at the SAE's hook, for real prompts.
     let tmp = tempfile::tempdir().unwrap();
@@ -143,6 +188,8 @@ fn the_default_sae_loads_in_saelens_and_encodes_real_activations_as_here() {
     ]);
     let want = read(&out);
     let feats = sae.encode(&x).unwrap();
+    let fired = feats.to_vec2::<f32>().unwrap().concat();
+    assert!(fired.iter().any(|v| *v > 0.0), "no latent fired");
     assert_eq!(rows_with_other_latents(&feats, &want["feats"]), 0);
     let d = rel_diff(&feats, &want["feats"]);
     assert!(d < 1e-4, "latents differ from SAELens's by {d}");

@@ -162,6 +162,20 @@ pub struct TrainArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A latent that has not fired for this many tokens gets the AuxK loss [default: a tenth
+    /// of --tokens, between 10,000 and 1,000,000].
+    #[arg(long)]
+    dead_after_tokens: Option<u64>,
+    /// Write a resumable checkpoint every this many steps.
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every_steps: u64,
+    /// Lay the window grid this many times, each shifted by context / N tokens, so that every
+    /// token is seen after different amounts of context.
+    #[arg(long, default_value_t = 1)]
+    window_shifts: usize,
+    /// Visit the windows in a new seeded order in every epoch after the first.
+    #[arg(long)]
+    reshuffle_epochs: bool,
 }
 
 /// Read corpus documents: JSONL lines (`text`, `prompt`, or a bare string), or plain text
@@ -249,8 +263,12 @@ pub fn train_config(a: &TrainArgs) -> TrainConfig {
         windows_per_step: a.windows_per_step,
         lr: a.lr,
         seed: a.seed,
-        dead_after_tokens: (a.tokens / 10).clamp(10_000, 1_000_000),
-        checkpoint_every_steps: 20,
+        dead_after_tokens: a
+            .dead_after_tokens
+            .unwrap_or((a.tokens / 10).clamp(10_000, 1_000_000)),
+        checkpoint_every_steps: a.checkpoint_every_steps.max(1),
+        window_shifts: a.window_shifts,
+        reshuffle_epochs: a.reshuffle_epochs,
     }
 }
 

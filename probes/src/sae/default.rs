@@ -25,9 +25,12 @@ pub const EVAL_TEXT: &str = include_str!("../../data/sae-eval-text.txt");
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Recipe {
     /// Bumped when the trainer changes what it learns from the same settings, so that a
-    /// cached SAE from older code is not taken for this recipe's (2: attention sinks skipped).
+    /// cached SAE from older code is not taken for this recipe's (2: attention sinks skipped;
+    /// 3: window shifts and per-epoch order).
     pub trainer_revision: u32,
     pub model_digest: String,
+    /// sha256 of the seed prompts, so that new prompts make a new SAE.
+    pub seeds_digest: String,
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,
     pub temperature: f64,
@@ -42,8 +45,9 @@ impl Recipe {
         // SAE": distinct text is what lowers FVU most).
         let tokens = 2_880_000;
         Self {
-            trainer_revision: 2,
+            trainer_revision: 3,
             model_digest: model.manifest.root(),
+            seeds_digest: crate::digest::sha256_hex(SEEDS.as_bytes()),
             samples_per_prompt: 3,
             max_new_tokens: 192,
             temperature: 0.9,
@@ -64,6 +68,11 @@ impl Recipe {
                 dead_after_tokens: 50_000,
                 // About every 20 seconds: a checkpoint writes 64 MB.
                 checkpoint_every_steps: 400,
+                // Every token also seen half a window later, after other context, and a new
+                // order each epoch: FVU 0.183 against 0.188 on our prose, 0.170 against 0.174
+                // on the held-out answers (README).
+                window_shifts: 2,
+                reshuffle_epochs: true,
             },
         }
     }

@@ -62,6 +62,18 @@ pub struct TrainConfig {
     /// A latent that has not fired for this many tokens is dead (and gets the AuxK loss).
     pub dead_after_tokens: u64,
     pub checkpoint_every_steps: u64,
+    /// Alignments of the window grid over the token stream. With 2, the grid is laid a second
+    /// time half a window later, so every token is also seen at another position in its window,
+    /// after a different amount of context.
+    #[serde(default = "one")]
+    pub window_shifts: usize,
+    /// Visit the windows in a new seeded order in every epoch after the first.
+    #[serde(default)]
+    pub reshuffle_epochs: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -86,10 +98,15 @@ impl TrainConfig {
                 format!("{} latents is too few for d_in = {d_in}", self.latents),
             ));
         }
-        if self.context < 2 || self.windows_per_step == 0 || self.tokens == 0 {
+        if self.context < 2
+            || self.windows_per_step == 0
+            || self.tokens == 0
+            || self.window_shifts == 0
+            || self.window_shifts > self.context
+        {
             return Err(bad(
                 "tokens",
-                "context >= 2, windows per step >= 1 and tokens >= 1 are needed".into(),
+                "context >= 2, windows per step >= 1, tokens >= 1 and 1 <= window shifts <= context are needed".into(),
             ));
         }
         Ok(())
@@ -517,6 +534,18 @@ pub fn windows(
     context: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>, SaeError> {
+    shifted_windows(model, docs, context, 1, seed)
+}
+
+/// [`windows`] over `shifts` alignments of the window grid (offsets `j * context / shifts`),
+/// shuffled together.
+fn shifted_windows(
+    model: &Model,
+    docs: &[String],
+    context: usize,
+    shifts: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, SaeError> {
     let sep = model.config().eos_token_ids.first().copied();
     let mut stream = Vec::new();
     for d in docs {
@@ -527,11 +556,7 @@ pub fn windows(
         stream.extend(ids);
         stream.extend(sep);
     }
-    let mut out: Vec<Vec<u32>> = stream
-        .chunks(context)
-        .filter(|c| c.len() == context)
-        .map(<[u32]>::to_vec)
-        .collect();
+    let mut out = window_grid(&stream, context, shifts);
     if out.is_empty() {
         return Err(SaeError::Format {
             path: PathBuf::from("<corpus>"),
@@ -543,6 +568,32 @@ pub fn windows(
     }
     out.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     Ok(out)
+}
+
+/// Whole windows of `context` tokens cut from `stream` on `shifts` grids, the `j`-th starting
+/// at token `j * context / shifts`, grid after grid.
+fn window_grid(stream: &[u32], context: usize, shifts: usize) -> Vec<Vec<u32>> {
+    let shifts = shifts.max(1);
+    (0..shifts)
+        .flat_map(|j| {
+            let offset = (j * context / shifts).min(stream.len());
+            stream[offset..].chunks_exact(context).map(<[u32]>::to_vec)
+        })
+        .collect()
+}
+
+/// The window visited at global position `at` (step x windows per step + i): epoch by epoch
+/// through all `n` windows, in stored order in the first epoch and, with `reshuffle`, in a
+/// seeded order of its own in each later one.
+fn window_at(at: usize, n: usize, reshuffle: bool, seed: u64) -> usize {
+    let (epoch, i) = (at / n, at % n);
+    if !reshuffle || epoch == 0 {
+        return i;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    let epoch_seed = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(epoch_seed));
+    order[i]
 }
 
 /// `x` (`[n][d]`) without its attention-sink rows ([`super::SINK_NORM_RATIO`]).
@@ -776,7 +827,7 @@ fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Resu
 
 /// Corpora whose activations fit in this many bytes are run through the model once and
 /// trained on from memory for every later epoch; larger ones stream, one forward per step.
-const ACTIVATION_CACHE_BYTES: usize = 512 << 20;
+const ACTIVATION_CACHE_BYTES: usize = 1 << 30;
 
 /// The activations of every window, in window order, when training sees the corpus more than
 /// once and they fit in [`ACTIVATION_CACHE_BYTES`]. They are computed in fixed batches of
@@ -826,7 +877,7 @@ pub fn train(
         path: out.to_path_buf(),
         source,
     })?;
-    let wins = windows(model, docs, cfg.context, cfg.seed)?;
+    let wins = shifted_windows(model, docs, cfg.context, cfg.window_shifts, cfg.seed)?;
     let per_step = cfg.windows_per_step;
     let mut state = match load_checkpoint(out, cfg, d)? {
         Some(s) => {
@@ -875,8 +926,9 @@ pub fn train(
     // The activations of step s + 1 are fetched while the SAE learns from those of step s:
     // the same data in the same order as one after the other, on both cores at once.
     let fetch = |step: u64| -> Result<Vec<f32>, SaeError> {
-        let i0 = (step as usize * per_step) % wins.len();
-        let ids = (0..per_step).map(|i| (i0 + i) % wins.len());
+        let at = step as usize * per_step;
+        let ids =
+            (at..at + per_step).map(|g| window_at(g, wins.len(), cfg.reshuffle_epochs, cfg.seed));
         match &cache {
             Some(cache) => {
                 let row = (cfg.context - 1) * d;
@@ -941,4 +993,55 @@ pub fn train(
     }
     save_saelens(out, &state, cfg, model)?;
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shifted_grids_show_each_token_after_other_context() {
+        let stream: Vec<u32> = (0..100).collect();
+        let one = window_grid(&stream, 16, 1);
+        assert_eq!(one.len(), 6);
+        assert_eq!(one[1], (16..32).collect::<Vec<u32>>());
+        let two = window_grid(&stream, 16, 2);
+        assert_eq!(two.len(), 6 + 5);
+        assert_eq!(&two[..6], &one[..]);
+        assert_eq!(two[6], (8..24).collect::<Vec<u32>>());
+        // Token 20 sits at position 4 of one window and position 12 of another.
+        let at: Vec<usize> = two
+            .iter()
+            .filter_map(|w| w.iter().position(|&t| t == 20))
+            .collect();
+        assert_eq!(at, vec![4, 12]);
+        // A stream too short for the shifted grid gives it no windows, and no panic.
+        assert_eq!(window_grid(&stream[..20], 16, 2).len(), 1);
+    }
+
+    #[test]
+    fn every_epoch_visits_every_window_once() {
+        let n = 50;
+        let epoch = |e: usize, reshuffle| -> Vec<usize> {
+            (e * n..(e + 1) * n)
+                .map(|at| window_at(at, n, reshuffle, 7))
+                .collect()
+        };
+        let identity: Vec<usize> = (0..n).collect();
+        assert_eq!(
+            epoch(0, true),
+            identity,
+            "the first epoch keeps the stored order"
+        );
+        assert_eq!(epoch(3, false), identity);
+        let (e1, e2) = (epoch(1, true), epoch(2, true));
+        for e in [&e1, &e2] {
+            let mut sorted = e.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, identity, "an epoch skipped or repeated a window");
+        }
+        assert_ne!(e1, identity);
+        assert_ne!(e1, e2, "two epochs in the same order");
+        assert_eq!(e1, epoch(1, true), "the order is not seeded");
+    }
 }
