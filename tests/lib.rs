@@ -151,3 +151,26 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     max_abs(&(a - b).expect("a - b"))
 }
+
+/// `mechwatch sae train` of a 1,152-latent, k = 16 SAE at `blocks.10.hook_resid_post`, in
+/// steps of 16 windows, with `extra` arguments.
+pub fn train_small_sae(corpus: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (corpus, out) = (corpus.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "sae",
+        "train",
+        "--hook",
+        "blocks.10.hook_resid_post",
+        "--corpus",
+        corpus,
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--windows-per-step",
+        "16",
+        "--out",
+        out,
+    ];
+    mechwatch(&[&args[..], extra].concat())
+}

@@ -1,32 +1,6 @@
 //! `mechwatch sae train | eval | search | top` on the real default model, small sizes.
 
-use std::path::Path;
-use std::process::Output;
-
 use e2e::*;
-
-/// `mechwatch sae train` of a 1,152-latent, k = 16 SAE at `blocks.10.hook_resid_post`, in
-/// steps of 16 windows, with `extra` arguments.
-fn train_small_sae(corpus: &Path, out: &Path, extra: &[&str]) -> Output {
-    let (corpus, out) = (corpus.to_str().unwrap(), out.to_str().unwrap());
-    let args = [
-        "sae",
-        "train",
-        "--hook",
-        "blocks.10.hook_resid_post",
-        "--corpus",
-        corpus,
-        "--latents",
-        "1152",
-        "--k",
-        "16",
-        "--windows-per-step",
-        "16",
-        "--out",
-        out,
-    ];
-    mechwatch(&[&args[..], extra].concat())
-}
 
 #[test]
 fn train_eval_search_top_on_the_default_model() {

@@ -108,28 +108,15 @@ fn a_batchtopk_sae_trained_here_loads_in_saelens_and_encodes_as_here() {
     )
     .unwrap();
     let out = tmp.path().join("sae");
-    let o = mechwatch(&[
-        "sae",
-        "train",
-        "--hook",
-        "blocks.10.hook_resid_post",
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--latents",
-        "1152",
-        "--k",
-        "16",
+    let extra = [
         "--sparsity",
         "batchtopk",
         "--tokens",
         "6000",
-        "--windows-per-step",
-        "16",
         "--lr",
         "2e-3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    ];
+    let o = train_small_sae(&corpus, &out, &extra);
     assert!(o.status.success(), "{}", stderr(&o));
     encodes_real_activations_as_saelens(&out);
 }
