@@ -276,7 +276,7 @@ fn bad_training_inputs_are_refused() {
         go,
     )
     .unwrap_err();
-    assert!(e.to_string().contains("window shifts"), "{e}");
+    assert!(e.to_string().contains("`window_shifts`"), "{e}");
 }
 
 /// SmolLM2's layer-15 residual has attention sinks besides a sequence's first token: after

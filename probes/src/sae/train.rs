@@ -98,15 +98,19 @@ impl TrainConfig {
                 format!("{} latents is too few for d_in = {d_in}", self.latents),
             ));
         }
-        if self.context < 2
-            || self.windows_per_step == 0
-            || self.tokens == 0
-            || self.window_shifts == 0
-            || self.window_shifts > self.context
-        {
+        if self.context < 2 || self.windows_per_step == 0 || self.tokens == 0 {
             return Err(bad(
                 "tokens",
-                "context >= 2, windows per step >= 1, tokens >= 1 and 1 <= window shifts <= context are needed".into(),
+                "context >= 2, windows per step >= 1 and tokens >= 1 are needed".into(),
+            ));
+        }
+        if self.window_shifts == 0 || self.window_shifts > self.context {
+            return Err(bad(
+                "window_shifts",
+                format!(
+                    "{} window shifts: between 1 and the context of {} tokens are allowed",
+                    self.window_shifts, self.context
+                ),
             ));
         }
         Ok(())
