@@ -174,3 +174,16 @@ pub fn train_small_sae(corpus: &Path, out: &Path, extra: &[&str]) -> Output {
     ];
     mechwatch(&[&args[..], extra].concat())
 }
+
+/// [`train_small_sae`] with `--sparsity batchtopk` on 6,000 tokens at learning rate 2e-3.
+pub fn train_small_batchtopk_sae(corpus: &Path, out: &Path) -> Output {
+    let extra = [
+        "--sparsity",
+        "batchtopk",
+        "--tokens",
+        "6000",
+        "--lr",
+        "2e-3",
+    ];
+    train_small_sae(corpus, out, &extra)
+}

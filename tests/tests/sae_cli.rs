@@ -185,15 +185,7 @@ fn batchtopk_training_saves_a_jumprelu_sae_that_evaluates() {
     std::fs::write(&corpus, text.repeat(12)).unwrap();
     let out = tmp.path().join("sae");
     let out_s = out.to_str().unwrap();
-    let extra = [
-        "--sparsity",
-        "batchtopk",
-        "--tokens",
-        "6000",
-        "--lr",
-        "2e-3",
-    ];
-    let o = train_small_sae(&corpus, &out, &extra);
+    let o = train_small_batchtopk_sae(&corpus, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();

@@ -108,15 +108,7 @@ fn a_batchtopk_sae_trained_here_loads_in_saelens_and_encodes_as_here() {
     )
     .unwrap();
     let out = tmp.path().join("sae");
-    let extra = [
-        "--sparsity",
-        "batchtopk",
-        "--tokens",
-        "6000",
-        "--lr",
-        "2e-3",
-    ];
-    let o = train_small_sae(&corpus, &out, &extra);
+    let o = train_small_batchtopk_sae(&corpus, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     encodes_real_activations_as_saelens(&out);
 }

@@ -586,18 +586,31 @@ fn window_grid(stream: &[u32], context: usize, shifts: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The window visited at global position `at` (step x windows per step + i): epoch by epoch
-/// through all `n` windows, in stored order in the first epoch and, with `reshuffle`, in a
-/// seeded order of its own in each later one.
-fn window_at(at: usize, n: usize, reshuffle: bool, seed: u64) -> usize {
-    let (epoch, i) = (at / n, at % n);
-    if !reshuffle || epoch == 0 {
-        return i;
-    }
-    let mut order: Vec<usize> = (0..n).collect();
-    let epoch_seed = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(epoch_seed));
-    order[i]
+/// The windows visited at global positions `range` (step x windows per step + i): epoch by
+/// epoch through all `n` windows, in stored order in the first epoch and, with `reshuffle`, in
+/// a seeded order of its own in each later one (shuffled once per epoch that `range` touches).
+fn windows_visited(
+    range: std::ops::Range<usize>,
+    n: usize,
+    reshuffle: bool,
+    seed: u64,
+) -> Vec<usize> {
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    range
+        .map(|at| {
+            let (epoch, i) = (at / n, at % n);
+            if !reshuffle || epoch == 0 {
+                return i;
+            }
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let mut o: Vec<usize> = (0..n).collect();
+                let epoch_seed = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                o.shuffle(&mut rand::rngs::StdRng::seed_from_u64(epoch_seed));
+                order = Some((epoch, o));
+            }
+            order.as_ref().expect("set above").1[i]
+        })
+        .collect()
 }
 
 /// `x` (`[n][d]`) without its attention-sink rows ([`super::SINK_NORM_RATIO`]).
@@ -931,8 +944,13 @@ pub fn train(
     // the same data in the same order as one after the other, on both cores at once.
     let fetch = |step: u64| -> Result<Vec<f32>, SaeError> {
         let at = step as usize * per_step;
-        let ids =
-            (at..at + per_step).map(|g| window_at(g, wins.len(), cfg.reshuffle_epochs, cfg.seed));
+        let ids = windows_visited(
+            at..at + per_step,
+            wins.len(),
+            cfg.reshuffle_epochs,
+            cfg.seed,
+        )
+        .into_iter();
         match &cache {
             Some(cache) => {
                 let row = (cfg.context - 1) * d;
@@ -1027,9 +1045,7 @@ mod tests {
     fn every_epoch_visits_every_window_once() {
         let n = 50;
         let epoch = |e: usize, reshuffle| -> Vec<usize> {
-            (e * n..(e + 1) * n)
-                .map(|at| window_at(at, n, reshuffle, 7))
-                .collect()
+            windows_visited(e * n..(e + 1) * n, n, reshuffle, 7)
         };
         let identity: Vec<usize> = (0..n).collect();
         assert_eq!(
