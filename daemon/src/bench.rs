@@ -48,6 +48,9 @@ pub struct SaeBenchArgs {
     /// Training tokens for the training-throughput measurement.
     #[arg(long, default_value_t = 12096)]
     train_tokens: u64,
+    /// New tokens per answer in the corpus-sampling measurement (0 skips it).
+    #[arg(long, default_value_t = 64)]
+    sample_tokens: usize,
 }
 
 #[derive(Args)]
@@ -659,5 +662,43 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
         fwd_rate / train_rate
     );
     let _ = std::fs::remove_dir_all(&tmp);
+    if a.sample_tokens > 0 {
+        corpus_sampling(&model, a.sample_tokens)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The default SAE's corpus writing (one answer to each seed prompt, `tokens` new tokens)
+/// with 32 prompts per batch, the baseline, against the recipe's batch.
+fn corpus_sampling(model: &probes::Model, tokens: usize) -> anyhow::Result<()> {
+    use probes::sae::default::{sample, Recipe};
+    let recipe = Recipe::for_model(model);
+    let rate = |batch: usize| -> anyhow::Result<f64> {
+        let r = Recipe {
+            samples_per_prompt: 1,
+            max_new_tokens: tokens,
+            generation_batch: batch,
+            ..recipe.clone()
+        };
+        let (t, n) = time(|| {
+            Ok(sample(model, &r, |_, _| {})?
+                .iter()
+                .map(Vec::len)
+                .sum::<usize>())
+        })?;
+        Ok(n as f64 / t.as_secs_f64())
+    };
+    let base = rate(32)?;
+    let ours = rate(recipe.generation_batch)?;
+    println!(
+        "SAE corpus sampling, {tokens} tokens per answer, {} batches at once:",
+        rayon_threads()
+    );
+    println!("  32 prompts per batch:   {base:>9.0} tok/s");
+    println!(
+        "  {:>3} prompts per batch:  {ours:>9.0} tok/s   {:.2}x 32",
+        recipe.generation_batch,
+        ours / base
+    );
+    Ok(())
 }

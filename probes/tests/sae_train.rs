@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use probes::sae::train::{train, windows, Sparsity, TrainConfig};
+use probes::sae::train::{train, train_within, windows, Sparsity, TrainConfig};
 
 fn corpus() -> Vec<String> {
     let mut r = Rand::new(17);
@@ -220,6 +220,15 @@ fn training_is_deterministic_and_resumes_to_the_same_weights() {
         weights(&f),
         weights(&g),
         "a run resumed after its first epoch differs from an uninterrupted one"
+    );
+    // With no memory for the activations, every step runs the model again: slower, but the
+    // same weights, so a memory bound never changes what is learned.
+    let h = tmp.path().join("h");
+    train_within(&m, &corpus(), &epochs, &h, 0, go).unwrap();
+    assert_eq!(
+        weights(&f),
+        weights(&h),
+        "streaming the activations learned other weights than keeping them in memory"
     );
 
     // A different configuration refuses the old checkpoint.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use probes::sae::train::{train, Progress, TrainConfig};
+use probes::sae::train::{train_within, Progress, TrainConfig};
 
 #[derive(Subcommand)]
 pub enum SaeCmd {
@@ -176,6 +176,11 @@ pub struct TrainArgs {
     /// Visit the windows in a new seeded order in every epoch after the first.
     #[arg(long)]
     reshuffle_epochs: bool,
+    /// Keep the corpus's activations (f16) in memory across epochs when they fit in this many
+    /// MiB; otherwise run the model again every step. Changes time and memory, never the
+    /// weights.
+    #[arg(long, default_value_t = probes::sae::train::ACTIVATION_CACHE_BYTES >> 20)]
+    activation_cache_mib: usize,
 }
 
 /// Read corpus documents: JSONL lines (`text`, `prompt`, or a bare string), or plain text
@@ -415,7 +420,8 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             let model = super::load_model(&a.model)?;
             let docs = read_corpus(&a.corpus)?;
             let cfg = train_config(&a);
-            let last = train(&model, &docs, &cfg, &a.out, bar)
+            let cache_bytes = a.activation_cache_mib.saturating_mul(1 << 20);
+            let last = train_within(&model, &docs, &cfg, &a.out, cache_bytes, bar)
                 .with_context(|| format!("training an SAE into {}", a.out.display()))?;
             eprintln!();
             write_training_record(&a.out, &cfg, &a.corpus, &last)?;

@@ -842,39 +842,62 @@ fn save_saelens(out: &Path, s: &State, cfg: &TrainConfig, model: &Model) -> Resu
         .map_err(|source| SaeError::Io { path: p, source })
 }
 
-/// Corpora whose activations fit in this many bytes are run through the model once and
-/// trained on from memory for every later epoch; larger ones stream, one forward per step.
-const ACTIVATION_CACHE_BYTES: usize = 1 << 30;
+/// Corpora whose activations fit in this many bytes (as f16) are run through the model once
+/// and trained on from memory for every later epoch; larger ones stream, one forward per step
+/// ([`train`]; [`train_within`] takes another bound).
+pub const ACTIVATION_CACHE_BYTES: usize = 1 << 30;
 
-/// The activations of every window, in window order, when training sees the corpus more than
-/// once and they fit in [`ACTIVATION_CACHE_BYTES`]. They are computed in fixed batches of
-/// `windows_per_step` windows, so a resumed run rebuilds exactly the same values.
+/// The activations of every window, in window order and rounded to f16, when training sees the
+/// corpus more than once and they fit in `limit_bytes`. f16 keeps 11 significant
+/// bits, far finer than an SAE's reconstruction error, and holds twice the corpus of f32; a
+/// value beyond its range becomes infinite and its token is dropped as an attention sink. They
+/// are computed in fixed batches of `windows_per_step` windows, so a resumed run rebuilds
+/// exactly the same values.
 fn activation_cache(
     model: &Model,
     hook: HookPoint,
     wins: &[Vec<u32>],
     cfg: &TrainConfig,
     d: usize,
-) -> Result<Option<Vec<f32>>, SaeError> {
+    limit_bytes: usize,
+) -> Result<Option<Vec<half::f16>>, SaeError> {
     let per_window = (cfg.context - 1) * d;
     let corpus_tokens = (wins.len() * (cfg.context - 1)) as u64;
-    let bytes = wins.len() * per_window * std::mem::size_of::<f32>();
-    if cfg.tokens <= corpus_tokens || bytes > ACTIVATION_CACHE_BYTES {
+    let bytes = wins.len() * per_window * std::mem::size_of::<half::f16>();
+    if cfg.tokens <= corpus_tokens || bytes > limit_bytes {
         return Ok(None);
     }
     let mut all = Vec::with_capacity(wins.len() * per_window);
     for batch in wins.chunks(cfg.windows_per_step) {
-        all.extend(activations(model, hook, batch)?);
+        all.extend(
+            activations(model, hook, batch)?
+                .into_iter()
+                .map(half::f16::from_f32),
+        );
     }
     Ok(Some(all))
 }
 
-/// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`.
+/// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`,
+/// keeping at most [`ACTIVATION_CACHE_BYTES`] of activations in memory.
 pub fn train(
     model: &Model,
     docs: &[String],
     cfg: &TrainConfig,
     out: &Path,
+    progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
+) -> Result<Progress, SaeError> {
+    train_within(model, docs, cfg, out, ACTIVATION_CACHE_BYTES, progress)
+}
+
+/// [`train`], keeping at most `cache_bytes` of activations in memory (0: stream every step).
+/// The bound changes only time and memory: the weights are the same byte for byte.
+pub fn train_within(
+    model: &Model,
+    docs: &[String],
+    cfg: &TrainConfig,
+    out: &Path,
+    cache_bytes: usize,
     mut progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
 ) -> Result<Progress, SaeError> {
     let c = model.config();
@@ -939,7 +962,7 @@ pub fn train(
         tokens_per_sec: 0.0,
         eta_secs: 0.0,
     };
-    let cache = activation_cache(model, hook, &wins, cfg, d)?;
+    let cache = activation_cache(model, hook, &wins, cfg, d, cache_bytes)?;
     // The activations of step s + 1 are fetched while the SAE learns from those of step s:
     // the same data in the same order as one after the other, on both cores at once.
     let fetch = |step: u64| -> Result<Vec<f32>, SaeError> {
@@ -956,12 +979,17 @@ pub fn train(
                 let row = (cfg.context - 1) * d;
                 Ok(ids
                     .flat_map(|w| &cache[w * row..(w + 1) * row])
-                    .copied()
+                    .map(|v| v.to_f32())
                     .collect())
             }
             None => {
+                // Rounded as the cache rounds, so that whether a corpus fits in memory never
+                // changes what training learns.
                 let batch: Vec<Vec<u32>> = ids.map(|w| wins[w].clone()).collect();
-                activations(model, hook, &batch)
+                Ok(activations(model, hook, &batch)?
+                    .into_iter()
+                    .map(|v| half::f16::from_f32(v).to_f32())
+                    .collect())
             }
         }
     };
