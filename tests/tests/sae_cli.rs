@@ -163,6 +163,11 @@ fn the_default_sae_meets_its_quality_bars_on_held_out_text() {
     let o = mechwatch(&["sae", "default", "--eval"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
+    // The cached SAE keeps no training checkpoint (three times its own size).
+    let dir = std::path::Path::new(out.lines().next().expect("the SAE's folder").trim());
+    assert!(dir.join("sae_weights.safetensors").exists(), "{out}");
+    assert!(!dir.join("checkpoint.safetensors").exists(), "{out}");
+    assert!(!dir.join("checkpoint.json").exists(), "{out}");
     let report = &out[out.find('{').expect("an eval report")..];
     let r: serde_json::Value = serde_json::from_str(report).unwrap();
     assert!(r["tokens"].as_u64().unwrap() > 500, "{r}");

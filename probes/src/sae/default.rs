@@ -218,6 +218,8 @@ pub fn ensure(
     let recipe = Recipe::for_model(model);
     let dir = recipe.dir();
     if dir.join("sae_weights.safetensors").exists() && dir.join("cfg.json").exists() {
+        // Folders trained by older builds still hold their last checkpoint.
+        super::train::remove_checkpoint(&dir)?;
         return Ok(dir);
     }
     std::fs::create_dir_all(&dir).map_err(|source| SaeError::Io {
@@ -234,5 +236,6 @@ pub fn ensure(
     })?;
     let docs = corpus(model, &recipe, &recipe.corpus_dir(), &mut corpus_progress)?;
     train(model, &docs, &recipe.train, &dir, train_progress)?;
+    super::train::remove_checkpoint(&dir)?;
     Ok(dir)
 }

@@ -670,6 +670,21 @@ fn ckpt_paths(out: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Delete `out`'s resumable checkpoint, if any: a finished SAE does not need it (for the
+/// default SAE's size it is three times the SAE).
+pub fn remove_checkpoint(out: &Path) -> Result<(), SaeError> {
+    let (st, js) = ckpt_paths(out);
+    for path in [js, st] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(SaeError::Io { path, source: e });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn save_checkpoint(out: &Path, s: &State, cfg: &TrainConfig) -> Result<(), SaeError> {
     let (st, js) = ckpt_paths(out);
     let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).map_err(candle("checkpoint"));
