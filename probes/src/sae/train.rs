@@ -884,13 +884,22 @@ fn activation_cache(
     }
     let mut all = Vec::with_capacity(wins.len() * per_window);
     for batch in wins.chunks(cfg.windows_per_step) {
-        all.extend(
-            activations(model, hook, batch)?
-                .into_iter()
-                .map(half::f16::from_f32),
-        );
+        all.extend(training_activations(model, hook, batch)?);
     }
     Ok(Some(all))
+}
+
+/// [`activations`] rounded to f16, as training sees them whether they are kept in memory or
+/// not, so that a memory bound never changes what training learns.
+fn training_activations(
+    model: &Model,
+    hook: HookPoint,
+    windows: &[Vec<u32>],
+) -> Result<Vec<half::f16>, SaeError> {
+    Ok(activations(model, hook, windows)?
+        .into_iter()
+        .map(half::f16::from_f32)
+        .collect())
 }
 
 /// Train a TopK SAE at `cfg.hook` on `docs`, writing SAELens files and checkpoints to `out`,
@@ -998,12 +1007,10 @@ pub fn train_within(
                     .collect())
             }
             None => {
-                // Rounded as the cache rounds, so that whether a corpus fits in memory never
-                // changes what training learns.
                 let batch: Vec<Vec<u32>> = ids.map(|w| wins[w].clone()).collect();
-                Ok(activations(model, hook, &batch)?
+                Ok(training_activations(model, hook, &batch)?
                     .into_iter()
-                    .map(|v| half::f16::from_f32(v).to_f32())
+                    .map(half::f16::to_f32)
                     .collect())
             }
         }
