@@ -503,7 +503,13 @@ impl<'m> Engine<'m> {
                 ))
             },
             |p| {
-                if p.step % 25 == 0 {
+                if let Some((done, total)) = p.caching {
+                    if done % 400 == 0 || done == total {
+                        (progress.borrow_mut())(&format!(
+                        "default SAE (first use): computing its corpus's activations, {done}/{total} windows"
+                        ));
+                    }
+                } else if p.step % 25 == 0 {
                     (progress.borrow_mut())(&format!(
                         "default SAE (first use): training, {}/{} tokens, ETA {:.0}s",
                         p.tokens, p.total_tokens, p.eta_secs

@@ -61,12 +61,20 @@ fn training_learns_saves_saelens_and_evaluates() {
     let tmp = tempfile::tempdir().unwrap();
     let m = load(&llama_dir(tmp.path(), "LlamaForCausalLM", 31));
     let out = tmp.path().join("sae");
-    let mut fvus = Vec::new();
+    let (mut fvus, mut cached) = (Vec::new(), Vec::new());
     let last = train(&m, &corpus(), &config(6_000), &out, |p| {
-        fvus.push(p.fvu);
+        match p.caching {
+            Some(done_of) => cached.push(done_of),
+            None => fvus.push(p.fvu),
+        }
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();
+    // The corpus is shorter than the run, so its activations were computed once, first,
+    // and the progress said so before any step.
+    let (done, total) = *cached.last().expect("no progress while caching activations");
+    assert_eq!(done, total);
+    assert!(cached.windows(2).all(|w| w[0].0 < w[1].0));
     assert!(
         fvus[0] > last.fvu * 1.5,
         "FVU went from {} to {}",
@@ -111,7 +119,9 @@ fn batchtopk_trains_and_saves_a_jumprelu_sae_with_k_active_on_average() {
     };
     let mut fvus = Vec::new();
     let last = train(&m, &corpus(), &cfg, &out, |p| {
-        fvus.push(p.fvu);
+        if p.caching.is_none() {
+            fvus.push(p.fvu);
+        }
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();

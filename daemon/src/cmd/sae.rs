@@ -230,6 +230,11 @@ pub fn read_corpus(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
 }
 
 fn bar(p: &Progress) -> std::ops::ControlFlow<()> {
+    if let Some((done, total)) = p.caching {
+        eprint!("\rcomputing the corpus's activations once: {done}/{total} windows   ");
+        let _ = std::io::stderr().flush();
+        return std::ops::ControlFlow::Continue(());
+    }
     let frac = p.tokens as f64 / p.total_tokens.max(1) as f64;
     let filled = (frac * 30.0) as usize;
     eprint!(

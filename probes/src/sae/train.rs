@@ -120,6 +120,9 @@ impl TrainConfig {
 /// Progress of a run, passed to the caller after every step.
 #[derive(Debug, Clone)]
 pub struct Progress {
+    /// While the corpus's activations are computed once, before the first step (windows
+    /// done, windows in all); the other fields then describe the run's start.
+    pub caching: Option<(usize, usize)>,
     pub step: u64,
     pub tokens: u64,
     pub total_tokens: u64,
@@ -875,6 +878,7 @@ fn activation_cache(
     cfg: &TrainConfig,
     d: usize,
     limit_bytes: usize,
+    mut note: impl FnMut(usize) -> std::ops::ControlFlow<()>,
 ) -> Result<Option<Vec<half::f16>>, SaeError> {
     let per_window = (cfg.context - 1) * d;
     let corpus_tokens = (wins.len() * (cfg.context - 1)) as u64;
@@ -885,6 +889,9 @@ fn activation_cache(
     let mut all = Vec::with_capacity(wins.len() * per_window);
     for batch in wins.chunks(cfg.windows_per_step) {
         all.extend(training_activations(model, hook, batch)?);
+        if note(all.len() / per_window).is_break() {
+            return Err(SaeError::Interrupted { step: 0 });
+        }
     }
     Ok(Some(all))
 }
@@ -972,11 +979,11 @@ pub fn train_within(
             s
         }
     };
-    let start = Instant::now();
     let start_tokens = state.tokens;
     let tokens_per_step = (per_step * (cfg.context - 1)) as u64;
     let total_steps = cfg.tokens.div_ceil(tokens_per_step);
     let mut last = Progress {
+        caching: None,
         step: state.step,
         tokens: state.tokens,
         total_tokens: cfg.tokens,
@@ -986,7 +993,18 @@ pub fn train_within(
         tokens_per_sec: 0.0,
         eta_secs: 0.0,
     };
-    let cache = activation_cache(model, hook, &wins, cfg, d, cache_bytes)?;
+    let cache = activation_cache(model, hook, &wins, cfg, d, cache_bytes, |done| {
+        progress(&Progress {
+            caching: Some((done, wins.len())),
+            ..last.clone()
+        })
+    })
+    .map_err(|e| match e {
+        SaeError::Interrupted { .. } => SaeError::Interrupted { step: state.step },
+        e => e,
+    })?;
+    // The rate and ETA count training steps only, not the pass above.
+    let start = Instant::now();
     // The activations of step s + 1 are fetched while the SAE learns from those of step s:
     // the same data in the same order as one after the other, on both cores at once.
     let fetch = |step: u64| -> Result<Vec<f32>, SaeError> {
@@ -1042,6 +1060,7 @@ pub fn train_within(
         let elapsed = start.elapsed().as_secs_f64().max(1e-9);
         let rate = (state.tokens - start_tokens) as f64 / elapsed;
         last = Progress {
+            caching: None,
             step: state.step,
             tokens: state.tokens,
             total_tokens: total_steps * tokens_per_step,
