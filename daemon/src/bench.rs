@@ -609,7 +609,7 @@ fn sae(a: SaeBenchArgs) -> anyhow::Result<ExitCode> {
     );
 
     // Training throughput against the forward pass alone on the same windows.
-    let hook = format!("blocks.{}.hook_resid_post", model.config().n_layers / 2);
+    let hook = probes::sae::default::hook(model.config().n_layers);
     let point = model.hook(&hook)?;
     // A corpus longer than the run, so that training streams one forward pass per step as on
     // real corpora (a shorter one would be run once and trained on from memory).

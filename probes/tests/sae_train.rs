@@ -72,7 +72,9 @@ fn training_learns_saves_saelens_and_evaluates() {
     .unwrap();
     // The corpus is shorter than the run, so its activations were computed once, first,
     // and the progress said so before any step.
-    let (done, total) = *cached.last().expect("no progress while caching activations");
+    let (done, total) = *cached
+        .last()
+        .expect("no progress while caching activations");
     assert_eq!(done, total);
     assert!(cached.windows(2).all(|w| w[0].0 < w[1].0));
     assert!(

@@ -54,11 +54,6 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
     let sep = finding(&r, "refusal-integrity", "refusal-direction-separates");
     assert_eq!(sep["status"], "pass", "{sep}");
     assert!(metric(sep, "AUROC") >= 0.9);
-    let attributed = sep["evidence"]["latents"].as_array().unwrap();
-    assert!(!attributed.is_empty());
-    assert!(attributed
-        .iter()
-        .all(|l| !l["label"].as_str().unwrap().is_empty()));
 
     let abl = finding(&r, "refusal-integrity", "refusal-survives-ablation");
     let gens = abl["evidence"]["generations"].as_array().unwrap();

@@ -23,7 +23,7 @@ file = "prompts/neg.txt"
 builtin = "default"
 
 [directions.d]
-hook = "blocks.15.hook_resid_post"
+hook = "blocks.11.hook_resid_post"
 positive = "pos"
 negative = "neg"
 

@@ -154,9 +154,8 @@ fn train_eval_search_top_on_the_default_model() {
 
 /// The default SAE (trained by CI's setup step, or here on first use) on held-out text we
 /// wrote. The bars are what the policies rely on: L0 at the recipe's k, splicing it in keeps
-/// at least 90% of the model's next-token loss, and it explains most of the variance. The FVU
-/// bar guards against a regression; it is looser than the issue's 0.15 target (README, "The
-/// default SAE", for what the recipe reaches).
+/// at least 90% of the model's next-token loss, and FVU at most 0.15 (the recipe reaches 0.142
+/// here; README, "The default SAE").
 #[test]
 fn the_default_sae_meets_its_quality_bars_on_held_out_text() {
     default_model();
@@ -173,7 +172,8 @@ fn the_default_sae_meets_its_quality_bars_on_held_out_text() {
     assert!(r["tokens"].as_u64().unwrap() > 500, "{r}");
     assert!((r["l0"].as_f64().unwrap() - 32.0).abs() < 0.5, "{r}");
     assert!(r["ce_loss_recovered"].as_f64().unwrap() >= 0.90, "{r}");
-    assert!(r["fvu"].as_f64().unwrap() <= 0.22, "{r}");
+    assert_eq!(r["hook"], "blocks.11.hook_resid_post", "{r}");
+    assert!(r["fvu"].as_f64().unwrap() <= 0.15, "{r}");
 }
 
 /// `--sparsity batchtopk` trains on the real model and saves a SAELens `jumprelu` SAE that
