@@ -438,9 +438,10 @@ impl<'m> Engine<'m> {
                         wants.push((positive.clone(), h));
                         wants.push((negative.clone(), h));
                         if let Some(a) = attribute_with.as_deref().and_then(sae_of) {
-                            if a.hook != h {
-                                errors.push(PolicyError::at(&p.path, None, format!("check `{}`: `attribute_with` SAE reads `{}` but the direction lives at `{h}`", c.id, a.hook)));
+                            if a.hook.order() > h.order() {
+                                errors.push(PolicyError::at(&p.path, None, format!("check `{}`: `attribute_with` SAE reads `{}`, after the direction's hook `{h}`; attribution needs an SAE at that hook or before it", c.id, a.hook)));
                             }
+                            wants.push((positive.clone(), a.hook));
                         }
                     }
                 }
@@ -1142,7 +1143,7 @@ impl<'m> Engine<'m> {
         if let Some(sae_name) = attribute_with {
             let s = self.sae(p, sae_name)?;
             let t = scores[0].0.clone();
-            evidence.latents = self.attribute(&s, &t, &d.unit, d.position)?;
+            evidence.latents = self.attribute(&s, &t, (d.hook, &d.unit), d.position)?;
         }
         let metrics = vec![
             Metric {
@@ -1181,13 +1182,27 @@ impl<'m> Engine<'m> {
     /// Latents of `s` ranked by activation times the gradient of the projection onto `unit`
     /// (which is `unit` itself): `act_i * (W_dec[i] . unit)`, averaged over the prompts of `t`
     /// at `position`.
+    /// The SAE latents behind a direction's projection at `position` of each prompt in `t`.
+    ///
+    /// With the SAE at the direction's own hook: activation x gradient of the projection (the
+    /// gradient is the direction itself, so this is exact). With the SAE at an earlier hook,
+    /// each candidate latent (the [`ATTRIBUTION_CANDIDATES`] with the largest direct-path
+    /// estimate and the as many most active at the position) is removed there, at that
+    /// position, with the SAE's error term kept, and the model re-run: its value is the mean
+    /// drop in the projection at the direction's hook, through every path.
     fn attribute(
         &mut self,
         s: &ResolvedSae,
         t: &Tokens,
-        unit: &Tensor,
+        (dir_hook, unit): (HookPoint, &Tensor),
         position: i64,
     ) -> Result<Vec<LatentEvidence>, String> {
+        if s.hook.order() > dir_hook.order() {
+            return Err(format!(
+                "SAE `{}` reads `{}`, after the direction's hook `{dir_hook}`: it cannot explain it",
+                s.name, s.hook
+            ));
+        }
         let acts = self.acts(t, s.hook)?;
         let rows = acts
             .iter()
@@ -1202,15 +1217,53 @@ impl<'m> Engine<'m> {
             .and_then(|g| g.flatten_all())
             .and_then(|g| g.to_vec1())
             .map_err(|e| e.to_string())?;
-        let mut total: BTreeMap<u32, f64> = BTreeMap::new();
+        let n = sparse.len() as f64;
+        let (mut direct, mut active): (BTreeMap<u32, f64>, BTreeMap<u32, f64>) = Default::default();
         for row in &sparse {
             for &(l, v) in row {
-                *total.entry(l).or_default() +=
-                    v as f64 * grads[l as usize] as f64 / sparse.len() as f64;
+                *direct.entry(l).or_default() += v as f64 * grads[l as usize] as f64 / n;
+                *active.entry(l).or_default() += v as f64 / n;
             }
         }
-        let mut ranked: Vec<(u32, f64)> = total.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+        let (ranked, measure) = if s.hook == dir_hook {
+            (
+                by_magnitude(direct),
+                "activation x gradient of the projection onto the direction".to_string(),
+            )
+        } else {
+            let mut candidates: Vec<u32> = Vec::new();
+            for scores in [direct, active] {
+                let top = by_magnitude(scores)
+                    .into_iter()
+                    .take(ATTRIBUTION_CANDIDATES);
+                for (l, _) in top {
+                    if !candidates.contains(&l) {
+                        candidates.push(l);
+                    }
+                }
+            }
+            let clean = self.projections(t, dir_hook, unit, position, &Hooks::new())?;
+            let mut effects = BTreeMap::new();
+            for l in candidates {
+                let edit = probes::sae::LatentEdit::Scale {
+                    latent: l as usize,
+                    factor: 0.0,
+                };
+                let removed = probes::sae::keep_sinks(s.sae.splice(vec![edit], true), s.sae.d_in);
+                let hooks =
+                    Hooks::new().replace(s.hook, Positions::Indices(vec![position]), removed);
+                let ablated = self.projections(t, dir_hook, unit, position, &hooks)?;
+                let drop = clean.iter().zip(&ablated).map(|(c, a)| c - a).sum::<f64>() / n;
+                effects.insert(l, drop);
+            }
+            (
+                by_magnitude(effects),
+                format!(
+                    "drop in the projection onto the direction at `{dir_hook}` when the latent is removed at `{}` (error term kept)",
+                    s.hook
+                ),
+            )
+        };
         let all = self.sparse(t, s)?;
         let sets = [(t, all.as_slice())];
         Ok(ranked
@@ -1221,12 +1274,47 @@ impl<'m> Engine<'m> {
                 latent: l as usize,
                 label: self.label(s, l, &sets),
                 value: round(v),
-                measure: format!(
-                    "activation x gradient of the projection onto the direction, mean over `{}`",
-                    t.name
-                ),
+                measure: format!("{measure}, mean over `{}`", t.name),
             })
             .collect())
+    }
+
+    /// Each prompt's projection onto `unit` at `position` of `hook`, with `interventions`.
+    fn projections(
+        &self,
+        t: &Tokens,
+        hook: HookPoint,
+        unit: &Tensor,
+        position: i64,
+        interventions: &Hooks,
+    ) -> Result<Vec<f64>, String> {
+        let hooks = interventions.clone().capture(hook);
+        let mut out = Vec::with_capacity(t.ids.len());
+        self.model
+            .transformer
+            .forward_chunked(
+                &t.ids,
+                self.micro_batch,
+                Padding::Right,
+                &hooks,
+                Unembed::None,
+                |_, batch| {
+                    let a = &batch.captures[&hook];
+                    for (r, len) in batch.layout.lengths.iter().enumerate() {
+                        let row = a
+                            .get(r)
+                            .and_then(|x| x.narrow(0, 0, *len))
+                            .map_err(|e| probes::RunError::Batch(e.to_string()))?;
+                        let x = at_position(&row, position).ok_or_else(|| {
+                            probes::RunError::Batch("position outside a prompt".into())
+                        })?;
+                        out.push(dot(&x, unit));
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(out)
     }
 
     /// The vector an intervention adds (or ablates), with its hook, and the hooks at `coeff`.
@@ -1578,8 +1666,8 @@ impl<'m> Engine<'m> {
         }
         if let Some(sae_name) = attribute_with {
             let s = self.sae(p, sae_name)?;
-            if hook.is_some() {
-                evidence.latents = self.attribute(&s, &t, &unit, -1)?;
+            if let Some(hook) = hook {
+                evidence.latents = self.attribute(&s, &t, (hook, &unit), -1)?;
             }
         }
         let (metric_rows, violations, undefined) = judge(mname, b, v, flip, bounds);
@@ -1888,6 +1976,16 @@ fn visible(token: &str) -> String {
 }
 
 /// The activation row at `position` (negative counts from the end) of `a` `[len, d]`.
+/// Latents tried by cross-layer attribution, from each of its two rankings.
+const ATTRIBUTION_CANDIDATES: usize = 8;
+
+/// Largest magnitude first, ties by latent index.
+fn by_magnitude(scores: BTreeMap<u32, f64>) -> Vec<(u32, f64)> {
+    let mut ranked: Vec<(u32, f64)> = scores.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+    ranked
+}
+
 fn at_position(a: &Tensor, position: i64) -> Option<Tensor> {
     let len = a.dim(0).ok()? as i64;
     let i = if position < 0 {

@@ -54,6 +54,20 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
     let sep = finding(&r, "refusal-integrity", "refusal-direction-separates");
     assert_eq!(sep["status"], "pass", "{sep}");
     assert!(metric(sep, "AUROC") >= 0.9);
+    // The direction lives at blocks.15 and the default SAE reads blocks.11: its latents are
+    // found by removing each one there and re-running the model.
+    let attributed = sep["evidence"]["latents"].as_array().unwrap();
+    assert!(!attributed.is_empty(), "{sep}");
+    for l in attributed {
+        assert!(!l["label"].as_str().unwrap().is_empty(), "{l}");
+        assert!(
+            l["measure"]
+                .as_str()
+                .unwrap()
+                .contains("removed at `blocks.11"),
+            "{l}"
+        );
+    }
 
     let abl = finding(&r, "refusal-integrity", "refusal-survives-ablation");
     let gens = abl["evidence"]["generations"].as_array().unwrap();
@@ -549,4 +563,67 @@ fn gate_exit_codes_and_junit_and_sarif_outputs() {
     assert_eq!(results[0]["ruleId"], "small/refuses");
     assert_eq!(results[0]["level"], "error");
     assert_eq!(results[0]["message"]["text"], explanation.as_str());
+}
+
+/// A direction explained by SAE latents at an earlier layer: each candidate latent is removed
+/// there and the model re-run, and the drops are ranked by size. An SAE after the direction's
+/// layer cannot explain it, and the policy is refused.
+#[test]
+fn directions_are_attributed_to_latents_of_an_earlier_sae() {
+    let model = default_model();
+    let model = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let attributed = "attribute_with = \"default\"\n\n[saes.default]\nbuiltin = \"default\"\n";
+    let run = |policy: &Path| {
+        mechwatch(&[
+            "check",
+            "--model",
+            model,
+            "--policy",
+            policy.to_str().unwrap(),
+            "--format",
+            "json",
+            "-q",
+        ])
+    };
+
+    // The direction at blocks.13, after the default SAE's blocks.11.
+    let later = small_policy(&tmp.path().join("later"), attributed);
+    let text = std::fs::read_to_string(&later)
+        .unwrap()
+        .replace("blocks.10.", "blocks.13.");
+    std::fs::write(&later, text).unwrap();
+    let o = run(&later);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    let r = json(&o);
+    let sep = finding(&r, "small", "separates");
+    let latents = sep["evidence"]["latents"].as_array().unwrap();
+    assert!(!latents.is_empty(), "{sep}");
+    let values: Vec<f64> = latents
+        .iter()
+        .map(|l| l["value"].as_f64().unwrap())
+        .collect();
+    assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
+    assert!(values[0].abs() > 0.0, "{values:?}");
+    assert!(
+        values.windows(2).all(|w| w[0].abs() >= w[1].abs()),
+        "not ranked by size: {values:?}"
+    );
+    let measure = latents[0]["measure"].as_str().unwrap();
+    assert!(
+        measure.contains("at `blocks.13.hook_resid_post` when the latent is removed at `blocks.11.hook_resid_post`"),
+        "{measure}"
+    );
+    // Deterministic: the same run gives the same bytes.
+    assert_eq!(run(&later).stdout, o.stdout);
+
+    // The direction at blocks.10, before the SAE: refused before anything runs.
+    let earlier = small_policy(&tmp.path().join("earlier"), attributed);
+    let o = run(&earlier);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("after the direction's hook `blocks.10.hook_resid_post`"),
+        "{}",
+        stderr(&o)
+    );
 }

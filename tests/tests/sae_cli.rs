@@ -210,3 +210,80 @@ fn batchtopk_training_saves_a_jumprelu_sae_that_evaluates() {
     let fvu = r["fvu"].as_f64().unwrap();
     assert!(fvu > 0.0 && fvu < 1.0, "{r}");
 }
+
+/// `sae prune` removes what older recipes left for this model, and keeps this recipe's SAE
+/// and corpus and every folder made for another model.
+#[test]
+fn prune_removes_only_what_older_recipes_left_for_this_model() {
+    let model = default_model();
+    let model = model.to_str().unwrap();
+    // This recipe's folder, as `sae default` names it (cached by now, or trained here).
+    let o = mechwatch(&["sae", "default", "--model", model]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let current = std::path::PathBuf::from(stdout(&o).trim());
+    let current_recipe = std::fs::read(current.join("recipe.json")).unwrap();
+
+    let home = tempfile::tempdir().unwrap();
+    let in_home = |args: &[&str]| {
+        std::process::Command::new(mechwatch_bin())
+            .args(args)
+            .env("MECHWATCH_HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let o = in_home(&["sae", "default", "--model", model, "--corpus-dir"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let current_corpus = std::path::PathBuf::from(stdout(&o).trim());
+    let sae = home.path().join("sae");
+    let folder = |name: &str, recipe: Option<&[u8]>| {
+        let dir = sae.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("weights"), vec![0u8; 1000]).unwrap();
+        if let Some(r) = recipe {
+            std::fs::write(dir.join("recipe.json"), r).unwrap();
+        }
+        dir
+    };
+    let mut older: serde_json::Value = serde_json::from_slice(&current_recipe).unwrap();
+    older["train"]["hook"] = "blocks.15.hook_resid_post".into();
+    let mut other_model = older.clone();
+    other_model["model_digest"] = "0".repeat(64).into();
+    let this_recipe = folder(
+        current.file_name().unwrap().to_str().unwrap(),
+        Some(&current_recipe),
+    );
+    let this_corpus = folder(current_corpus.file_name().unwrap().to_str().unwrap(), None);
+    let stale_sae = folder(
+        "default-0000000000000001",
+        Some(older.to_string().as_bytes()),
+    );
+    let stale_corpus = folder("corpus-0000000000000002", None);
+    let other = folder(
+        "default-0000000000000003",
+        Some(other_model.to_string().as_bytes()),
+    );
+
+    let dry = in_home(&["sae", "prune", "--model", model, "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let listed = stdout(&dry);
+    assert!(listed.contains("would remove 2 folders"), "{listed}");
+    for dir in [&stale_sae, &stale_corpus] {
+        assert!(listed.contains(dir.to_str().unwrap()), "{listed}");
+        assert!(dir.exists(), "a dry run removed {}", dir.display());
+    }
+
+    let o = in_home(&["sae", "prune", "--model", model]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("removed 2 folders"), "{}", stdout(&o));
+    assert!(!stale_sae.exists() && !stale_corpus.exists());
+    for kept in [&this_recipe, &this_corpus, &other] {
+        assert!(kept.exists(), "{} was removed", kept.display());
+    }
+    // Nothing left to remove.
+    let again = in_home(&["sae", "prune", "--model", model]);
+    assert!(
+        stdout(&again).contains("removed 0 folders"),
+        "{}",
+        stdout(&again)
+    );
+}

@@ -32,6 +32,15 @@ pub enum SaeCmd {
         #[arg(long, hide = true)]
         corpus_dir: bool,
     },
+    /// Remove the default-SAE folders that older recipes left for this model under
+    /// `$MECHWATCH_HOME/sae/`, and the corpora no remaining recipe uses.
+    Prune {
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// List what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args)]
@@ -322,6 +331,27 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
                 let r = probes::sae::eval::evaluate(&model, &sae, hook, &wins, 8)?;
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
+        }
+        SaeCmd::Prune { model, dry_run } => {
+            let model = super::load_model(&model)?;
+            let stale = probes::sae::default::stale_folders(&model)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            if !dry_run {
+                probes::sae::default::prune(&stale)?;
+            }
+            for s in &stale {
+                println!(
+                    "{verb} {} ({:.1} MB)",
+                    s.path.display(),
+                    s.bytes as f64 / 1e6
+                );
+            }
+            let total: u64 = stale.iter().map(|s| s.bytes).sum();
+            println!(
+                "{verb} {} folders, {:.1} MB",
+                stale.len(),
+                total as f64 / 1e6
+            );
         }
         SaeCmd::Search(a) => {
             let l = load(&a.m)?;

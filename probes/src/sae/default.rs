@@ -251,3 +251,96 @@ pub fn ensure(
     super::train::remove_checkpoint(&dir)?;
     Ok(dir)
 }
+
+/// A folder under `$MECHWATCH_HOME/sae/` that `prune` found no use for, with its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stale {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// The default-SAE folders that older recipes left for `model`, and the corpus folders that
+/// no remaining recipe uses. Folders made for other models, and folders whose recipe cannot
+/// be read, are kept (and then every corpus is kept that such a recipe might use).
+pub fn stale_folders(model: &Model) -> Result<Vec<Stale>, SaeError> {
+    let current = Recipe::for_model(model);
+    let root = crate::fetch::home().join("sae");
+    let entries = match std::fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(SaeError::Io { path: root, source }),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let mut stale = Vec::new();
+    let mut corpora_in_use = vec![current.corpus_dir()];
+    let mut keep_every_corpus = false;
+    for name in names.iter().filter(|n| n.starts_with("default-")) {
+        let dir = root.join(name);
+        if dir == current.dir() {
+            continue;
+        }
+        let recipe: Option<serde_json::Value> = std::fs::read(dir.join("recipe.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match recipe {
+            Some(r) if r["model_digest"] == current.model_digest.as_str() => {
+                stale.push(dir);
+            }
+            Some(r) => match serde_json::from_value::<Recipe>(r) {
+                Ok(other_model) => corpora_in_use.push(other_model.corpus_dir()),
+                Err(_) => keep_every_corpus = true,
+            },
+            None => keep_every_corpus = true,
+        }
+    }
+    if !keep_every_corpus {
+        stale.extend(
+            names
+                .iter()
+                .filter(|n| n.starts_with("corpus-"))
+                .map(|n| root.join(n))
+                .filter(|dir| !corpora_in_use.contains(dir)),
+        );
+    }
+    stale
+        .into_iter()
+        .map(|path| {
+            let bytes = folder_bytes(&path)?;
+            Ok(Stale { path, bytes })
+        })
+        .collect()
+}
+
+/// Remove what [`stale_folders`] found.
+pub fn prune(stale: &[Stale]) -> Result<(), SaeError> {
+    for s in stale {
+        std::fs::remove_dir_all(&s.path).map_err(|source| SaeError::Io {
+            path: s.path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn folder_bytes(dir: &Path) -> Result<u64, SaeError> {
+    let io = |source| SaeError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let kind = entry.file_type().map_err(io)?;
+        total += if kind.is_dir() {
+            folder_bytes(&entry.path())?
+        } else {
+            entry.metadata().map_err(io)?.len()
+        };
+    }
+    Ok(total)
+}
