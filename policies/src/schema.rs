@@ -256,7 +256,9 @@ pub struct CheckSpec {
     pub flip_at: Option<f64>,
     #[serde(default)]
     pub bounds: Option<Bounds>,
-    /// Attribute the behaviour to this SAE's latents.
+    /// Attribute the behaviour to this SAE's latents. The SAE reads the direction's hook
+    /// (activation x gradient) or an earlier one (each candidate latent removed there and the
+    /// model re-run); an SAE at a later hook is refused.
     #[serde(default)]
     pub attribute_with: Option<Spanned<String>>,
 
