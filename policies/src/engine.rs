@@ -1187,7 +1187,7 @@ impl<'m> Engine<'m> {
     /// With the SAE at the direction's own hook: activation x gradient of the projection (the
     /// gradient is the direction itself, so this is exact). With the SAE at an earlier hook,
     /// each candidate latent (the [`ATTRIBUTION_CANDIDATES`] with the largest direct-path
-    /// estimate and the as many most active at the position) is removed there, at that
+    /// estimate, and as many of the most active at the position) is removed there, at that
     /// position, with the SAE's error term kept, and the model re-run: its value is the mean
     /// drop in the projection at the direction's hook, through every path.
     fn attribute(
@@ -1977,7 +1977,7 @@ fn visible(token: &str) -> String {
 
 /// The activation row at `position` (negative counts from the end) of `a` `[len, d]`.
 /// Latents tried by cross-layer attribution, from each of its two rankings.
-const ATTRIBUTION_CANDIDATES: usize = 8;
+const ATTRIBUTION_CANDIDATES: usize = 6;
 
 /// Largest magnitude first, ties by latent index.
 fn by_magnitude(scores: BTreeMap<u32, f64>) -> Vec<(u32, f64)> {
