@@ -599,29 +599,10 @@ impl<'m> Engine<'m> {
             hooks = hooks.capture(*h);
         }
         let mut per_hook: BTreeMap<HookPoint, Vec<Tensor>> = BTreeMap::new();
-        self.model
-            .transformer
-            .forward_chunked(
-                &t.ids,
-                self.micro_batch,
-                Padding::Right,
-                &hooks,
-                Unembed::None,
-                |_, out| {
-                    for (h, a) in &out.captures {
-                        let v = per_hook.entry(*h).or_default();
-                        for (r, len) in out.layout.lengths.iter().enumerate() {
-                            let x = a
-                                .get(r)
-                                .and_then(|x| x.narrow(0, 0, *len))
-                                .and_then(|x| x.contiguous());
-                            v.push(x.map_err(|e| probes::RunError::Batch(e.to_string()))?);
-                        }
-                    }
-                    Ok(())
-                },
-            )
-            .map_err(|e| format!("forward pass over `{}`: {e}", t.name))?;
+        self.each_prompt(t, &hooks, |h, x| {
+            per_hook.entry(h).or_default().push(x.contiguous()?);
+            Ok(())
+        })?;
         for (h, v) in per_hook {
             for (i, x) in v.iter().enumerate() {
                 if x.sum_all()
@@ -1290,31 +1271,45 @@ impl<'m> Engine<'m> {
     ) -> Result<Vec<f64>, String> {
         let hooks = interventions.clone().capture(hook);
         let mut out = Vec::with_capacity(t.ids.len());
+        self.each_prompt(t, &hooks, |_, x| {
+            let x = at_position(&x, position).ok_or_else(|| {
+                candle_core::Error::Msg(format!("position {position} is outside a prompt"))
+            })?;
+            out.push(dot(&x, unit));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Forward `t` with `hooks` in micro-batches, handing each prompt's activations at each
+    /// captured hook, padding cut off, to `each` in prompt order.
+    fn each_prompt(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+        mut each: impl FnMut(HookPoint, Tensor) -> candle_core::Result<()>,
+    ) -> Result<(), String> {
         self.model
             .transformer
             .forward_chunked(
                 &t.ids,
                 self.micro_batch,
                 Padding::Right,
-                &hooks,
+                hooks,
                 Unembed::None,
-                |_, batch| {
-                    let a = &batch.captures[&hook];
-                    for (r, len) in batch.layout.lengths.iter().enumerate() {
-                        let row = a
-                            .get(r)
-                            .and_then(|x| x.narrow(0, 0, *len))
-                            .map_err(|e| probes::RunError::Batch(e.to_string()))?;
-                        let x = at_position(&row, position).ok_or_else(|| {
-                            probes::RunError::Batch("position outside a prompt".into())
-                        })?;
-                        out.push(dot(&x, unit));
+                |_, out| {
+                    for (h, a) in &out.captures {
+                        for (r, len) in out.layout.lengths.iter().enumerate() {
+                            a.get(r)
+                                .and_then(|x| x.narrow(0, 0, *len))
+                                .and_then(|x| each(*h, x))
+                                .map_err(|e| probes::RunError::Batch(e.to_string()))?;
+                        }
                     }
                     Ok(())
                 },
             )
-            .map_err(|e| e.to_string())?;
-        Ok(out)
+            .map_err(|e| format!("forward pass over `{}`: {e}", t.name))
     }
 
     /// The vector an intervention adds (or ablates), with its hook, and the hooks at `coeff`.
