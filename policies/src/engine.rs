@@ -1160,9 +1160,6 @@ impl<'m> Engine<'m> {
         Ok(Finding::new(status, explanation, metrics, evidence))
     }
 
-    /// Latents of `s` ranked by activation times the gradient of the projection onto `unit`
-    /// (which is `unit` itself): `act_i * (W_dec[i] . unit)`, averaged over the prompts of `t`
-    /// at `position`.
     /// The SAE latents behind a direction's projection at `position` of each prompt in `t`.
     ///
     /// With the SAE at the direction's own hook: activation x gradient of the projection (the
@@ -1223,7 +1220,11 @@ impl<'m> Engine<'m> {
                     }
                 }
             }
-            let clean = self.projections(t, dir_hook, unit, position, &Hooks::new())?;
+            let clean: Vec<f64> = self
+                .acts(t, dir_hook)?
+                .iter()
+                .map(|a| at_position(a, position).map_or(f64::NAN, |x| dot(&x, unit)))
+                .collect();
             let mut effects = BTreeMap::new();
             for l in candidates {
                 let edit = probes::sae::LatentEdit::Scale {
@@ -1970,7 +1971,6 @@ fn visible(token: &str) -> String {
     }
 }
 
-/// The activation row at `position` (negative counts from the end) of `a` `[len, d]`.
 /// Latents tried by cross-layer attribution, from each of its two rankings.
 const ATTRIBUTION_CANDIDATES: usize = 6;
 
@@ -1981,6 +1981,7 @@ fn by_magnitude(scores: BTreeMap<u32, f64>) -> Vec<(u32, f64)> {
     ranked
 }
 
+/// The activation row at `position` (negative counts from the end) of `a` `[len, d]`.
 fn at_position(a: &Tensor, position: i64) -> Option<Tensor> {
     let len = a.dim(0).ok()? as i64;
     let i = if position < 0 {

