@@ -1728,7 +1728,8 @@ impl<'m> Engine<'m> {
         let base: Option<&RunResult> = match baseline {
             Baseline::LastPass => opts.last_pass,
             Baseline::File { path, rel } => {
-                let text = std::fs::read(path).map_err(|e| format!("baseline `{rel}`: {e}"))?;
+                let text = probes::files::read_regular(path)
+                    .map_err(|e| format!("baseline `{rel}`: {e}"))?;
                 loaded = serde_json::from_slice::<RunResult>(&text)
                     .map_err(|e| format!("baseline `{rel}` is not a mechwatch JSON result: {e}"))?;
                 Some(&loaded)

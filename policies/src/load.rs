@@ -269,7 +269,8 @@ impl Policy {
     /// Parse and validate one policy file, reporting every error found (each with its line
     /// and column), not only the first.
     pub fn load(path: &Path) -> Result<Self, Vec<PolicyError>> {
-        let bytes = std::fs::read(path).map_err(|e| vec![PolicyError::io(path, e)])?;
+        let bytes =
+            probes::files::read_regular(path).map_err(|e| vec![PolicyError::io(path, e)])?;
         let text = String::from_utf8(bytes.clone())
             .map_err(|_| vec![PolicyError::at(path, None, "not UTF-8 text")])?;
         Self::parse(path, &text, &sha256_hex(&bytes))
@@ -287,11 +288,10 @@ impl Policy {
         })?;
         let mut v = Validator {
             path,
-            dir: path
-                .parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            dir: policy_dir(path),
             text,
             errors: Vec::new(),
+            broken: BTreeSet::new(),
             inputs: vec![InputFile {
                 kind: "policy".into(),
                 path: path
@@ -323,6 +323,9 @@ struct Validator<'a> {
     dir: PathBuf,
     text: &'a str,
     errors: Vec<PolicyError>,
+    /// Definitions (kind, name) that had errors of their own: references to them are not
+    /// reported again as undefined, so each root cause is reported once.
+    broken: BTreeSet<(&'static str, String)>,
     inputs: Vec<InputFile>,
 }
 
@@ -364,11 +367,13 @@ impl Validator<'_> {
             .iter()
             .filter_map(|(name, spec)| self.prompt_set(name, spec).map(|s| (name.clone(), s)))
             .collect::<BTreeMap<_, _>>();
+        self.mark_broken("prompt set", &f.prompts, &prompt_sets);
         let saes = f
             .saes
             .iter()
             .filter_map(|(name, spec)| self.sae(name, spec).map(|s| (name.clone(), s)))
             .collect::<BTreeMap<_, _>>();
+        self.mark_broken("SAE", &f.saes, &saes);
         let directions = f
             .directions
             .iter()
@@ -377,6 +382,7 @@ impl Validator<'_> {
                     .map(|d| (name.clone(), d))
             })
             .collect::<BTreeMap<_, _>>();
+        self.mark_broken("direction", &f.directions, &directions);
         let names = Names {
             prompts: &prompt_sets,
             saes: &saes,
@@ -456,7 +462,11 @@ impl Validator<'_> {
 
     fn read(&mut self, rel: &Spanned<String>, kind: &str) -> Option<(PathBuf, Vec<u8>)> {
         let full = self.confined(rel)?;
-        match std::fs::read(&full) {
+        if let Err(why) = single_link(&full) {
+            self.err(rel, why);
+            return None;
+        }
+        match probes::files::read_regular(&full) {
             Ok(bytes) => {
                 self.inputs.push(InputFile {
                     kind: kind.into(),
@@ -687,6 +697,17 @@ impl Validator<'_> {
     }
 
     /// Hook names are checked for form here and against the model when it is known.
+    /// Remember the definitions of `kind` that failed validation (defined but not valid).
+    fn mark_broken<A, B>(
+        &mut self,
+        kind: &'static str,
+        defined: &BTreeMap<String, A>,
+        valid: &BTreeMap<String, B>,
+    ) {
+        let failed = defined.keys().filter(|n| !valid.contains_key(*n));
+        self.broken.extend(failed.map(|n| (kind, n.clone())));
+    }
+
     fn hook_syntax(&mut self, hook: &Spanned<String>) {
         // The layer count is known only with the model; any layer number is accepted here.
         if let Err(e) = probes::HookPoint::parse(hook.get_ref(), 10_000) {
@@ -701,6 +722,11 @@ impl Validator<'_> {
     ) -> Option<String> {
         if sets.contains_key(name.get_ref()) {
             Some(name.get_ref().clone())
+        } else if self
+            .broken
+            .contains(&("prompt set", name.get_ref().clone()))
+        {
+            None
         } else {
             self.err(
                 name,
@@ -716,12 +742,14 @@ impl Validator<'_> {
 
     fn named<T>(
         &mut self,
-        what: &str,
+        what: &'static str,
         name: &Spanned<String>,
         map: &BTreeMap<String, T>,
     ) -> Option<String> {
         if map.contains_key(name.get_ref()) {
             Some(name.get_ref().clone())
+        } else if self.broken.contains(&(what, name.get_ref().clone())) {
+            None
         } else {
             self.err(
                 name,
@@ -1097,6 +1125,32 @@ struct Names<'a> {
     prompts: &'a BTreeMap<String, PromptSet>,
     saes: &'a BTreeMap<String, SaeEntry>,
     directions: &'a BTreeMap<String, Direction>,
+}
+
+/// The folder a policy's files are named relative to: its parent, or the working
+/// directory for a bare file name (whose parent is the empty path).
+fn policy_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Files a policy reads must have one name only. A hard link is a second name for a file
+/// that may live outside the policy's folder, which the path check cannot see: the link's
+/// path is inside, its content is not. Refused rather than trusted.
+fn single_link(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.nlink() > 1 => Err(format!(
+            "`{}` has {} hard links; a policy's files must have one name only, since a hard \
+             link can bring in a file from outside the policy's directory (copy the file \
+             instead)",
+            path.display(),
+            m.nlink()
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {

@@ -336,10 +336,13 @@ fn an_sae_must_match_its_pinned_digest() {
 
 #[test]
 fn every_error_is_reported_not_only_the_first() {
-    let body = format!("{HEAD}{PROBE}")
-        .replace("prompts/a.txt", "prompts/missing.txt")
-        .replace("min_auroc = 0.8", "min_auroc = 1.5");
-    assert!(errors(&body).len() >= 2);
+    // Two root causes: a missing prompt file and a duplicate check id. References to the
+    // broken prompt set are not reported again as undefined names.
+    let body = format!("{HEAD}{PROBE}{PROBE}").replace("prompts/a.txt", "prompts/missing.txt");
+    let shown: Vec<String> = errors(&body).iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 2, "{shown:#?}");
+    assert!(shown[0].contains("missing.txt"), "{shown:#?}");
+    assert!(shown[1].contains("duplicate check id"), "{shown:#?}");
 }
 
 #[test]
@@ -369,4 +372,43 @@ fn the_shipped_policies_validate_and_ship_enough_prompts() {
             .join(rel);
         assert_eq!(&std::fs::read_to_string(repo).unwrap(), text, "{rel}");
     }
+}
+
+#[test]
+fn a_prompt_file_hard_linked_from_outside_the_folder_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "a line from outside\n").unwrap();
+    let (tmp, path) = folder(&format!("{HEAD}{PROBE}"));
+    let linked = tmp.path().join("prompts/a.txt");
+    std::fs::remove_file(&linked).unwrap();
+    std::fs::hard_link(&secret, &linked).unwrap();
+    let errs = Policy::load(&path).unwrap_err();
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.contains("prompts/a.txt") && e.contains("2 hard links")),
+        "{shown:#?}"
+    );
+}
+
+#[test]
+fn a_fifo_as_a_prompt_file_is_refused_without_blocking() {
+    let (tmp, path) = folder(&format!("{HEAD}{PROBE}"));
+    let fifo = tmp.path().join("prompts/a.txt");
+    std::fs::remove_file(&fifo).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let errs = Policy::load(&path).unwrap_err();
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.contains("prompts/a.txt") && e.contains("FIFO")),
+        "{shown:#?}"
+    );
 }

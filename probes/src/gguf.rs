@@ -219,7 +219,7 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
 
 impl GgufFile {
     pub fn read(path: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        let bytes = crate::files::read_regular(path).map_err(|source| LoadError::Io {
             path: path.to_path_buf(),
             source,
         })?;

@@ -6,6 +6,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod fetch;
+pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod hooks;

@@ -42,7 +42,7 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     /// Read and validate `path`.
     pub fn read(path: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        let bytes = crate::files::read_regular(path).map_err(|source| LoadError::Io {
             path: path.to_path_buf(),
             source,
         })?;

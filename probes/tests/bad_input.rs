@@ -247,3 +247,31 @@ fn truncated_and_corrupted_gguf_never_panics() {
         let _ = Model::load_path(&path, &LoadOptions::default());
     }
 }
+
+fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+#[test]
+fn a_fifo_as_a_weight_tokenizer_or_config_file_is_refused_without_blocking() {
+    for name in ["model.safetensors", "tokenizer.json", "config.json"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tiny(tmp.path());
+        std::fs::remove_file(dir.join(name)).unwrap();
+        mkfifo(&dir.join(name));
+        let e = load_err(&dir);
+        assert!(
+            e.to_string().contains(name) && e.to_string().contains("FIFO"),
+            "{name}: {e}"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("model.gguf");
+    mkfifo(&gguf);
+    let e = load_err(&gguf);
+    assert!(e.to_string().contains("FIFO"), "{e}");
+}

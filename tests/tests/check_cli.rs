@@ -627,3 +627,41 @@ fn directions_are_attributed_to_latents_of_an_earlier_sae() {
         stderr(&o)
     );
 }
+
+#[test]
+fn check_out_to_a_missing_folder_fails_before_the_audit_with_an_error_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("key.pem");
+    let made = mechwatch(&["key", "generate", "--out", key.to_str().unwrap()]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let db = tmp.path().join("log.db");
+    let out = tmp.path().join("missing/report.json");
+    let o = mechwatch(&[
+        "check",
+        "--policy",
+        "default",
+        "--out",
+        out.to_str().unwrap(),
+        "--log",
+        db.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("does not exist"), "{err}");
+    // Refused before the model was loaded: no audit was spent on it.
+    assert!(!err.contains("loading model"), "{err}");
+    let v = mechwatch(&[
+        "log",
+        "verify",
+        "--db",
+        db.to_str().unwrap(),
+        "--pubkey",
+        &format!("{}.pub", key.display()),
+    ]);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    assert!(stdout(&v).contains("1 records"), "{}", stdout(&v));
+    let show = mechwatch(&["log", "show", "--db", db.to_str().unwrap()]);
+    assert!(stdout(&show).contains("write_output"), "{}", stdout(&show));
+}

@@ -56,7 +56,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
         Some(db) => Some(open_log(db, a.key.as_deref())?),
         None => None,
     };
-    let outcome = audit(&a, log.as_mut());
+    let outcome = writable_out(a.out.as_deref()).and_then(|()| audit(&a, log.as_mut()));
     let (result, model) = match outcome {
         Ok(r) => r,
         Err((stage, model, e)) => {
@@ -78,16 +78,18 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
         Format::Junit => crate::gate::junit(&result),
         Format::Sarif => serde_json::to_string_pretty(&crate::gate::sarif(&result))? + "\n",
     };
-    match &a.out {
-        Some(path) => std::fs::write(path, &rendered)
-            .with_context(|| format!("writing {}", path.display()))?,
-        None => print!("{rendered}"),
-    }
+    // The audit happened, so its record is appended before the report is written: a report
+    // that cannot be written does not lose the signed result.
     if let Some(log) = log.as_mut() {
         let r = log.append(audit_record(&result, model)?)?;
         if !a.quiet {
             eprintln!("signed record appended at seq {} ({})", r.seq, r.hash);
         }
+    }
+    match &a.out {
+        Some(path) => std::fs::write(path, &rendered)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{rendered}"),
     }
     Ok(exit_code(result.verdict, a.fail_on_warn))
 }
@@ -107,6 +109,28 @@ fn open_log(db: &Path, key: Option<&Path>) -> anyhow::Result<AuditLog> {
 }
 
 type Failure = (&'static str, Option<ModelSubject>, anyhow::Error);
+
+/// Refuse an `--out` whose folder does not exist before spending an audit on it.
+fn writable_out(out: Option<&Path>) -> Result<(), Failure> {
+    let Some(out) = out else { return Ok(()) };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if parent.is_dir() {
+        Ok(())
+    } else {
+        Err((
+            "write_output",
+            None,
+            anyhow::anyhow!(
+                "cannot write the report to {}: the folder {} does not exist",
+                out.display(),
+                parent.display()
+            ),
+        ))
+    }
+}
 
 /// Load, validate and run. Errors carry the stage they happened at.
 fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelSubject), Failure> {

@@ -12,7 +12,7 @@ use crate::digest::Manifest;
 use crate::safetensors::SafetensorsFile;
 
 fn read(path: &Path, manifest: &mut Manifest, root: &Path) -> Result<Vec<u8>, SaeError> {
-    let bytes = std::fs::read(path).map_err(|source| SaeError::Io {
+    let bytes = crate::files::read_regular(path).map_err(|source| SaeError::Io {
         path: path.to_path_buf(),
         source,
     })?;

@@ -89,30 +89,50 @@ pub type NpzContents = (Vec<(String, Tensor)>, Vec<u8>);
 
 /// Every array of an `.npz` archive, with the archive's bytes for digesting.
 pub fn read_npz(path: &Path) -> Result<NpzContents, SaeError> {
-    let bytes = std::fs::read(path).map_err(|source| SaeError::Io {
+    let bytes = crate::files::read_regular(path).map_err(|source| SaeError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    Ok((parse_npz(path, &bytes)?, bytes))
+}
+
+/// The most an archive's entries may inflate to, in total, per byte of the archive. Deflate
+/// cannot exceed about 1,032:1; stored entries are 1:1.
+const MAX_INFLATION: u64 = 1_100;
+
+/// Every array of the `.npz` archive `bytes`; `path` only labels errors. Entry sizes are
+/// never trusted for allocation: an entry is read as far as it really inflates, and all
+/// entries together may not inflate past [`MAX_INFLATION`] times the archive's size.
+pub fn parse_npz(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, SaeError> {
     let mut zip =
-        zip::ZipArchive::new(std::io::Cursor::new(&bytes)).map_err(|e| SaeError::Format {
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| SaeError::Format {
             path: path.to_path_buf(),
             detail: format!("not an .npz (zip) archive: {e}"),
         })?;
+    let mut budget = (bytes.len() as u64).saturating_mul(MAX_INFLATION);
     let mut out = Vec::new();
     for i in 0..zip.len() {
-        let mut f = zip
+        let f = zip
             .by_index(i)
             .map_err(|e| format_err(path, "?", e.to_string()))?;
         let name = f.name().trim_end_matches(".npy").to_string();
-        if f.size() > 1 << 34 {
-            return Err(format_err(path, &name, "entry larger than 16 GiB"));
-        }
-        let mut blob = Vec::with_capacity(f.size() as usize);
-        f.read_to_end(&mut blob)
+        let mut blob = Vec::new();
+        f.take(budget + 1)
+            .read_to_end(&mut blob)
             .map_err(|e| format_err(path, &name, e.to_string()))?;
+        if blob.len() as u64 > budget {
+            return Err(format_err(
+                path,
+                &name,
+                format!(
+                    "the archive inflates past {MAX_INFLATION} times its own size (a zip bomb?)"
+                ),
+            ));
+        }
+        budget -= blob.len() as u64;
         out.push((name.clone(), parse_npy(path, &name, &blob)?));
     }
-    Ok((out, bytes))
+    Ok(out)
 }
 
 /// Write arrays as an `.npz` (used by tests to produce Gemma Scope files).
