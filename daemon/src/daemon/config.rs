@@ -218,6 +218,19 @@ mod tests {
     }
 
     #[test]
+    fn the_audit_memory_limit_is_the_watch_s_then_the_global_then_from_the_estimate() {
+        let text = "state_dir = \"/x\"\naudit_memory_limit_mb = 900\ntrusted_pubkey = \"/k.pub\"\n\
+                    [[watch]]\npath = \"/a\"\npolicies = \"default\"\naudit_memory_limit_mb = 300\n\
+                    [[watch]]\npath = \"/b\"\npolicies = \"default\"\n";
+        let mut cfg: Config = toml::from_str(text).unwrap();
+        assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[0], 1000), 300);
+        assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[1], 1000), 900);
+        cfg.audit_memory_limit_mb = None;
+        assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[1], 1000), 6096);
+        assert_eq!(cfg.trusted_pubkey.as_deref(), Some(Path::new("/k.pub")));
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let e =
             toml::from_str::<Config>("state_dir = \"/x\"\nwatch = []\nquiet = 3\n").unwrap_err();
