@@ -38,6 +38,9 @@ enum Command {
     Check(cmd::check::CheckArgs),
     /// Watch checkpoint directories and audit each complete checkpoint (a systemd service).
     Daemon(cmd::daemon::DaemonArgs),
+    /// One audit in a child process of the daemon (internal).
+    #[command(hide = true)]
+    DaemonAudit(cmd::daemon::DaemonAuditArgs),
     /// The daemon's queue, its last audits and the log head.
     Status(cmd::daemon::StatusArgs),
     /// A self-contained HTML (or Markdown) report of signed records, verified as it is made.
@@ -70,7 +73,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // The daemon sets up its own (journald-friendly) logging from its config.
-    if !matches!(cli.command, Command::Daemon(_)) {
+    if !matches!(cli.command, Command::Daemon(_) | Command::DaemonAudit(_)) {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Daemon(a) => cmd::daemon::run(a),
+        Command::DaemonAudit(a) => cmd::daemon::audit_child(a),
         Command::Report(a) => cmd::report::run(a),
         Command::Status(a) => cmd::daemon::status(a),
         Command::Key(c) => cmd::key::run(c),

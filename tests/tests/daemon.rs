@@ -409,8 +409,282 @@ fn a_checkpoint_changed_mid_audit_is_requeued_and_sigterm_abandons_after_its_dea
     site.verify();
 }
 
-/// The daemon's digest of a single-file checkpoint: sha256 over the file's raw digest.
+/// The daemon's digest of a single-file checkpoint: sha256 over `sha256sum`'s line for the
+/// file read as standard input (`<hex>  -`).
 fn site_digest(p: &Path) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(hex::decode(sha256_file(p)).unwrap()))
+    hex::encode(Sha256::digest(format!("{}  -\n", sha256_file(p))))
+}
+
+/// The default model with `n` zero bytes appended: still loadable, another digest.
+fn model_variant(site: &Site, n: usize) -> PathBuf {
+    let mut bytes = std::fs::read(default_model()).unwrap();
+    bytes.extend(std::iter::repeat_n(0u8, n));
+    let p = site.root().join(format!("variant-{n}.bin"));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn mkfifo(p: &Path) {
+    // The `mkfifo` command keeps the tests free of unsafe code.
+    assert!(std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn stop(mut d: DaemonProcess) {
+    d.signal(15);
+    assert_eq!(d.wait(Duration::from_secs(60)), Some(0), "{}", d.logs());
+}
+
+#[test]
+fn the_daemon_trusts_unverified_rows() {
+    let _serial = serial();
+    let model = default_model();
+    let site = Site::new(1.0, false);
+    let d = site.start();
+    drop_atomically(&model, &site.models().join("a.gguf"));
+    let recs = site.wait_records(1, 120);
+    stop(d);
+    // A plain INSERT, unsigned, naming another checkpoint's digest as already audited.
+    let other = model_variant(&site, 4096);
+    let forged_digest = site_digest(&other);
+    let conn = rusqlite::Connection::open(site.db()).unwrap();
+    let (bytes, key_id): (Vec<u8>, String) = conn
+        .query_row("SELECT bytes, key_id FROM records WHERE seq = 0", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let forged = text.replace(input(&recs[0], "checkpoint"), &forged_digest);
+    assert_ne!(forged, text);
+    conn.execute(
+        "INSERT INTO records (seq, bytes, sig, key_id, kind, subject) VALUES (1, ?1, ?2, ?3, 'audit', 'x')",
+        rusqlite::params![forged.as_bytes(), vec![0u8; 64], key_id],
+    )
+    .unwrap();
+    drop(conn);
+    drop_atomically(&other, &site.models().join("other.gguf"));
+    // The daemon refuses to start on a log that does not verify: exit 2, and says why.
+    let mut d = DaemonProcess::start(&site.config(), &site.root().join("daemon.log"));
+    assert_eq!(d.wait(Duration::from_secs(60)), Some(2), "{}", d.logs());
+    assert!(
+        d.logs().contains("does not verify") && d.logs().contains("seq 1: bad signature"),
+        "{}",
+        d.logs()
+    );
+    assert!(!d.logs().contains("audit skipped"), "{}", d.logs());
+}
+
+#[test]
+fn some_checkpoints_are_never_seen() {
+    let _serial = serial();
+    let model = default_model();
+    let site = Site::new(1.0, false);
+    site.write_config(1.0, "reconcile_interval_secs = 2\n");
+    let d = site.start();
+    // A symlinked .gguf is followed.
+    std::os::unix::fs::symlink(&model, site.models().join("link.gguf")).unwrap();
+    let recs = site.wait_records(1, 120);
+    assert!(
+        matches!(&recs[0], RecordBody::Audit { .. }),
+        "{:?}",
+        recs[0]
+    );
+    // A checkpoint 9 directories deep is reported, once, however many scans pass.
+    let mut deep = site.models();
+    for i in 0..9 {
+        deep.push(format!("d{i}"));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::copy(&model, deep.join("deep.gguf")).unwrap();
+    wait_for(30, "the deep directory to be reported", || {
+        d.logs().contains("more than 8 directories").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(5)); // at least two more reconciles
+    assert_eq!(
+        d.logs().matches("more than 8 directories").count(),
+        1,
+        "{}",
+        d.logs()
+    );
+    assert!(d.logs().contains("d8"), "{}", d.logs());
+    stop(d);
+
+    // The watched directory removed and re-created: watched again at once, not at the next
+    // reconcile (five minutes away here).
+    site.write_config(1.0, "");
+    let d = site.start();
+    std::fs::remove_dir_all(site.models()).unwrap();
+    wait_for(30, "the removal to be noticed", || {
+        d.logs().contains("watched directory is gone").then_some(())
+    });
+    std::fs::create_dir_all(site.models()).unwrap();
+    wait_for(30, "the new directory to be watched", || {
+        d.logs()
+            .contains("watched directory re-created; watching it again")
+            .then_some(())
+    });
+    let variant = model_variant(&site, 4096);
+    drop_atomically(&variant, &site.models().join("after.gguf"));
+    let recs = site.wait_records(2, 120);
+    assert!(
+        matches!(&recs[1], RecordBody::Audit { model, .. } if model.path.ends_with("after.gguf")),
+        "{:?}",
+        recs[1]
+    );
+    site.verify();
+}
+
+#[test]
+fn an_abort_kills_the_daemon() {
+    let _serial = serial();
+    let site = Site::new(1.0, false);
+    // A second watched directory whose audits may use only 300 MB of address space: loading
+    // the model there fails an allocation, which aborts the process.
+    let cramped = site.root().join("cramped");
+    std::fs::create_dir_all(&cramped).unwrap();
+    let r = site.root().display();
+    std::fs::write(
+        site.config(),
+        format!(
+            "state_dir = \"{r}/state\"\nkey = \"{r}/key.pem\"\nquiet_period_secs = 1\nshutdown_deadline_secs = 5\n\n[[watch]]\npath = \"{r}/models\"\npolicies = \"{r}/policy\"\n\n[[watch]]\npath = \"{r}/cramped\"\npolicies = \"{r}/policy\"\naudit_memory_limit_mb = 300\n"
+        ),
+    )
+    .unwrap();
+    let d = site.start();
+    let bad = model_variant(&site, 0);
+    drop_atomically(&bad, &cramped.join("bad.gguf"));
+    let good = model_variant(&site, 4096);
+    drop_atomically(&good, &site.models().join("good.gguf"));
+    let recs = site.wait_records(2, 240);
+    // Queued together, so in either order.
+    let error = recs
+        .iter()
+        .find(|r| matches!(r, RecordBody::Error { .. }))
+        .unwrap_or_else(|| panic!("no error record: {recs:?}"));
+    let RecordBody::Error { stage, message, .. } = error else {
+        unreachable!()
+    };
+    assert_eq!(stage, "audit_process", "{message}");
+    // Killed by the abort of a failed allocation, not a load error the child reported.
+    assert!(
+        message.contains("SIGABRT") && message.contains("300 MB"),
+        "{message}"
+    );
+    assert_eq!(input(error, "checkpoint"), site_digest(&bad));
+    assert!(
+        recs.iter()
+            .any(|r| matches!(r, RecordBody::Audit { verdict, .. } if verdict == "pass")),
+        "{recs:?}"
+    );
+    assert!(d.logs().contains("audit recorded"), "{}", d.logs());
+    stop(d);
+    // A restart writes nothing new: the crashed checkpoint is quarantined by its digest.
+    let d = site.start();
+    wait_for(60, "both checkpoints to be skipped", || {
+        (d.logs().matches("already audited").count() >= 2).then_some(())
+    });
+    assert_eq!(site.records().len(), 2, "{}", d.logs());
+    site.verify();
+}
+
+#[test]
+fn a_panic_writes_a_new_error_record_on_every_restart() {
+    let _serial = serial();
+    let site = Site::new(1.0, false);
+    let d = site.start();
+    // A checkpoint whose content cannot be hashed (a FIFO) is keyed by its state.
+    mkfifo(&site.models().join("stuck.gguf"));
+    let recs = site.wait_records(1, 60);
+    let RecordBody::Error { stage, message, .. } = &recs[0] else {
+        panic!("not an error record: {:?}", recs[0]);
+    };
+    assert_eq!(stage, "hash");
+    assert!(
+        message.contains("stuck.gguf") && message.contains("FIFO"),
+        "{message}"
+    );
+    assert_eq!(input(&recs[0], "checkpoint_state").len(), 64);
+    stop(d);
+    for _ in 0..2 {
+        let d = site.start();
+        wait_for(60, "the checkpoint to be skipped", || {
+            d.logs()
+                .contains("unreadable checkpoint state already has an error record")
+                .then_some(())
+        });
+        stop(d);
+    }
+    assert_eq!(site.records().len(), 1);
+    site.verify();
+}
+
+#[test]
+fn a_fifo_blocks_a_worker_forever() {
+    let _serial = serial();
+    let model = default_model();
+    let site = Site::new(1.0, false);
+    let d = site.start();
+    mkfifo(&site.models().join("fifo.gguf"));
+    drop_atomically(&model, &site.models().join("good.gguf"));
+    let recs = site.wait_records(2, 120);
+    let error = recs
+        .iter()
+        .find_map(|r| match r {
+            RecordBody::Error { message, .. } => Some(message),
+            _ => None,
+        })
+        .expect("an error record");
+    assert!(error.contains("fifo.gguf"), "{error}");
+    assert!(
+        recs.iter()
+            .any(|r| matches!(r, RecordBody::Audit { verdict, .. } if verdict == "pass")),
+        "{recs:?}"
+    );
+    drop(d);
+}
+
+#[test]
+fn an_hf_index_that_names_a_dot_file_shard_makes_a_requeue_loop() {
+    let _serial = serial();
+    let model = default_model();
+    let site = Site::new(1.0, false);
+    // The default model as an HF directory whose index names a hidden shard.
+    let hf = site.root().join("hf");
+    let o = mechwatch(&[
+        "model",
+        "convert",
+        model.to_str().unwrap(),
+        hf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::rename(hf.join("model.safetensors"), hf.join(".hidden.safetensors")).unwrap();
+    let bytes = std::fs::read(hf.join(".hidden.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .map(|k| (k.clone(), ".hidden.safetensors".into()))
+        .collect();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(hf.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    // A visible shard, so that the directory is a checkpoint to the scanner.
+    std::fs::write(hf.join("unused.safetensors"), b"").unwrap();
+    let d = site.start();
+    std::fs::rename(&hf, site.models().join("hf")).unwrap();
+    let recs = site.wait_records(1, 120);
+    let RecordBody::Error { stage, message, .. } = &recs[0] else {
+        panic!("not an error record: {:?}", recs[0]);
+    };
+    assert_eq!(stage, "manifest");
+    assert!(message.contains(".hidden.safetensors"), "{message}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(site.records().len(), 1);
+    assert_eq!(d.logs().matches("audit started").count(), 1, "{}", d.logs());
 }

@@ -1,4 +1,5 @@
-//! `mechwatch daemon` and `mechwatch status`.
+//! `mechwatch daemon`, `mechwatch status`, and the hidden `mechwatch daemon-audit` that the
+//! daemon runs for each audit (see `daemon::audit`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,18 @@ pub struct DaemonArgs {
     /// The TOML configuration (see systemd/mechwatch.toml).
     #[arg(long)]
     pub config: PathBuf,
+}
+
+/// The daemon's audit child: reads its request on standard input, writes progress and the
+/// finding as JSON lines on standard output. Not for direct use.
+#[derive(Args)]
+pub struct DaemonAuditArgs {
+    /// The address-space limit (RLIMIT_AS) the child sets on itself first, in MB.
+    #[arg(long)]
+    pub memory_limit_mb: u64,
+    /// `text` or `json`, as the daemon logs.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
 }
 
 #[derive(Args)]
@@ -26,20 +39,26 @@ pub struct StatusArgs {
 }
 
 pub fn run(a: DaemonArgs) -> anyhow::Result<ExitCode> {
-    init_logging(&a.config);
-    crate::daemon::run(&a.config)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Logs for journald: no colours, and no timestamps when journald adds its own; or JSON.
-fn init_logging(config: &std::path::Path) {
-    let format = std::fs::read_to_string(config)
+    let format = std::fs::read_to_string(&a.config)
         .ok()
         .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
         .and_then(|t| {
             t.get("log_format")
                 .and_then(|v| v.as_str().map(str::to_string))
         });
+    init_logging(format.as_deref());
+    crate::daemon::run(&a.config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn audit_child(a: DaemonAuditArgs) -> anyhow::Result<ExitCode> {
+    init_logging(Some(&a.log_format));
+    crate::daemon::audit::child_main(a.memory_limit_mb)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs for journald: no colours, and no timestamps when journald adds its own; or JSON.
+fn init_logging(format: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
@@ -48,7 +67,7 @@ fn init_logging(config: &std::path::Path) {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false);
-    if format.as_deref() == Some("json") {
+    if format == Some("json") {
         b.json().init();
     } else if journald {
         b.without_time().init();

@@ -30,6 +30,17 @@ pub struct Config {
     /// record instead.
     #[serde(default)]
     pub memory_limit_mb: Option<u64>,
+    /// Each audit runs in a child process that limits its own address space to this many MB
+    /// (RLIMIT_AS); past it, an allocation fails and the child aborts, and the daemon records
+    /// an error for that checkpoint. Default: twice the checkpoint's estimated need plus
+    /// 4096 MB. A `[[watch]]` may set its own.
+    #[serde(default)]
+    pub audit_memory_limit_mb: Option<u64>,
+    /// The public key (SPKI PEM, or 64 hex digits) that signed the log's first record. The
+    /// daemon verifies the whole log against it at start and refuses to start if it does not
+    /// verify. Default: the signing key's own public key, right until the key is rotated.
+    #[serde(default)]
+    pub trusted_pubkey: Option<PathBuf>,
     /// On SIGTERM, running audits get this long to finish; then they are abandoned and
     /// requeued for the next start.
     #[serde(default = "defaults::shutdown")]
@@ -44,7 +55,7 @@ pub struct Config {
     pub watch: Vec<Watch>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Watch {
     /// A directory watched recursively for checkpoints: `*.gguf` files, and directories
@@ -55,6 +66,9 @@ pub struct Watch {
     /// The model lineage for drift checks (default: each checkpoint's own name).
     #[serde(default)]
     pub lineage: Option<String>,
+    /// This directory's own `audit_memory_limit_mb`.
+    #[serde(default)]
+    pub audit_memory_limit_mb: Option<u64>,
 }
 
 mod defaults {
@@ -86,6 +100,21 @@ pub struct LoadedWatch {
     /// sha256 over the digests of every file the policies read: audits are deduplicated on
     /// (checkpoint digest, this).
     pub policy_key: String,
+}
+
+impl LoadedWatch {
+    /// Load `watch`'s policies.
+    pub fn load(watch: &Watch) -> anyhow::Result<Self> {
+        let dir = crate::cmd::policy::resolve(&watch.policies)?;
+        let policies = policies::load_policies(&dir)
+            .map_err(|e| anyhow::Error::new(policies::PolicyErrors(e)))
+            .with_context(|| format!("policies for {}", watch.path.display()))?;
+        Ok(Self {
+            policy_key: policy_key(&policies),
+            watch: watch.clone(),
+            policies: std::sync::Arc::new(policies),
+        })
+    }
 }
 
 impl Config {
@@ -134,15 +163,7 @@ impl Config {
                     w.path.display()
                 );
             }
-            let dir = crate::cmd::policy::resolve(&w.policies)?;
-            let policies = policies::load_policies(&dir)
-                .map_err(|e| anyhow::Error::new(policies::PolicyErrors(e)))
-                .with_context(|| format!("policies for {}", w.path.display()))?;
-            loaded.push(LoadedWatch {
-                policy_key: policy_key(&policies),
-                watch: w.clone(),
-                policies: std::sync::Arc::new(policies),
-            });
+            loaded.push(LoadedWatch::load(w)?);
         }
         Ok((cfg, loaded))
     }
@@ -158,6 +179,14 @@ impl Config {
     }
     pub fn stall_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.stall_timeout_secs)
+    }
+
+    /// The address-space limit of the child that audits a checkpoint of `estimated_mb`.
+    pub fn audit_memory_limit_mb(&self, watch: &Watch, estimated_mb: u64) -> u64 {
+        watch
+            .audit_memory_limit_mb
+            .or(self.audit_memory_limit_mb)
+            .unwrap_or(estimated_mb.saturating_mul(2).saturating_add(4096))
     }
 }
 
@@ -186,6 +215,19 @@ mod tests {
         assert_eq!(cfg.concurrency, 1);
         assert_eq!(cfg.watch.len(), 1);
         assert_eq!(cfg.watch[0].policies, "default");
+    }
+
+    #[test]
+    fn the_audit_memory_limit_is_the_watch_s_then_the_global_then_from_the_estimate() {
+        let text = "state_dir = \"/x\"\naudit_memory_limit_mb = 900\ntrusted_pubkey = \"/k.pub\"\n\
+                    [[watch]]\npath = \"/a\"\npolicies = \"default\"\naudit_memory_limit_mb = 300\n\
+                    [[watch]]\npath = \"/b\"\npolicies = \"default\"\n";
+        let mut cfg: Config = toml::from_str(text).unwrap();
+        assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[0], 1000), 300);
+        assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[1], 1000), 900);
+        cfg.audit_memory_limit_mb = None;
+        assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[1], 1000), 6096);
+        assert_eq!(cfg.trusted_pubkey.as_deref(), Some(Path::new("/k.pub")));
     }
 
     #[test]

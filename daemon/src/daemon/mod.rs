@@ -3,8 +3,15 @@
 //! One thread runs the main loop: it receives filesystem events (debounced), signals and
 //! worker results on one channel, blocking with a timeout (no polling while idle); it scans,
 //! queues, dispatches, appends records (the log's single writer) and talks to systemd. Worker
-//! threads run audits. State that must survive a restart lives in SQLite: the job queue in
-//! `state.db`, the records in `audit.db`; which checkpoints were audited is read from the log.
+//! threads run audits, each in a child process (see [`audit`]). State that must survive a
+//! restart lives in SQLite: the job queue in `state.db`, the records in `audit.db`; which
+//! checkpoints were audited is read from the log, verified as a whole at start (a log that
+//! does not verify stops the daemon from starting), and kept up to date by the daemon as the
+//! log's single writer.
+//!
+//! What the scan passes over (symlinked directories, directories too deep, special files) is
+//! logged once per path and reason. A watched directory that is removed and re-created is
+//! watched again as soon as it reappears (the kernel watch died with the old directory).
 
 pub mod audit;
 pub mod config;
@@ -12,7 +19,7 @@ pub mod jobs;
 pub mod scan;
 pub mod sd_notify;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -23,7 +30,7 @@ use audit_log::store::AuditLog;
 use notify::RecursiveMode;
 use tracing::{error, info, warn};
 
-use self::audit::{Audited, Outcome};
+use self::audit::{Audited, Children, Outcome};
 use self::config::{Config, LoadedWatch};
 use self::jobs::{Job, Jobs};
 use self::scan::Snapshot;
@@ -59,6 +66,14 @@ pub struct Daemon {
     audited: Audited,
     seen: HashMap<PathBuf, Seen>,
     running: HashMap<i64, Running>,
+    children: Children,
+    /// Scan skips already logged.
+    warned: HashSet<scan::Skip>,
+    /// Identity (device, inode) of each watched directory when it was watched; `None` while
+    /// it is missing.
+    roots: Vec<Option<(u64, u64)>>,
+    /// Requeues of one checkpoint state: (path, digest) -> count.
+    requeues: HashMap<(String, String), u32>,
     tx: Sender<Msg>,
     rx: Receiver<Msg>,
     work_tx: Option<Sender<(Job, audit::Context)>>,
@@ -87,9 +102,18 @@ impl Daemon {
         let requeued = jobs.requeue_running()?;
         let log_db = config.state_dir.join("audit.db");
         let signer = crate::cmd::key::load_signer(config.key.as_deref())?;
+        let trusted = match &config.trusted_pubkey {
+            Some(p) => audit_log::keys::load_public(p)
+                .with_context(|| format!("reading trusted_pubkey {}", p.display()))?,
+            None => signer.public(),
+        };
         let log = AuditLog::open(&log_db, Some(signer))
             .with_context(|| format!("opening {}", log_db.display()))?;
-        let audited = Arc::new(Mutex::new(audit::audited_from_log(log.connection())?));
+        let audited = Arc::new(Mutex::new(audit::audited_from_log(
+            log.connection(),
+            &log_db,
+            &trusted,
+        )?));
         let (tx, rx) = channel();
         let mut d = Self {
             config_path: config_path.to_path_buf(),
@@ -101,6 +125,10 @@ impl Daemon {
             audited,
             seen: HashMap::new(),
             running: HashMap::new(),
+            children: Arc::new(Mutex::new(HashMap::new())),
+            warned: HashSet::new(),
+            roots: Vec::new(),
+            requeues: HashMap::new(),
             tx,
             rx,
             work_tx: None,
@@ -159,7 +187,8 @@ impl Daemon {
         self.work_tx = Some(work_tx);
     }
 
-    /// (Re)create the filesystem watcher for the configured directories.
+    /// (Re)create the filesystem watcher for the configured directories. A directory that is
+    /// missing is left out and watched once it reappears.
     fn watch(&mut self) -> anyhow::Result<()> {
         self._debouncer = None;
         let tx = self.tx.clone();
@@ -170,15 +199,50 @@ impl Daemon {
                 let _ = tx.send(Msg::Fs(r));
             },
         )?;
+        self.roots.clear();
         for w in &self.watches {
-            deb.watch(&w.watch.path, RecursiveMode::Recursive)
-                .with_context(|| format!("watching {}", w.watch.path.display()))?;
+            let id = identity(&w.watch.path);
+            if id.is_some() {
+                deb.watch(&w.watch.path, RecursiveMode::Recursive)
+                    .with_context(|| format!("watching {}", w.watch.path.display()))?;
+            }
+            self.roots.push(id);
         }
         self._debouncer = Some(deb);
         Ok(())
     }
 
+    /// Watch again any watched directory that was removed and re-created (or replaced);
+    /// whether one is missing now. True in `.1` when the watches were renewed.
+    fn check_roots(&mut self) -> (bool, bool) {
+        let now: Vec<_> = self
+            .watches
+            .iter()
+            .map(|w| identity(&w.watch.path))
+            .collect();
+        let missing = now.iter().any(Option::is_none);
+        if now == self.roots {
+            return (missing, false);
+        }
+        for ((w, before), after) in self.watches.iter().zip(&self.roots).zip(&now) {
+            match (before, after) {
+                (Some(_), None) => {
+                    warn!(dir = %w.watch.path.display(), "watched directory is gone; watching for it to reappear")
+                }
+                (_, Some(_)) if before != after => {
+                    info!(dir = %w.watch.path.display(), "watched directory re-created; watching it again")
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = self.watch() {
+            error!(error = %format!("{e:#}"), "cannot watch the directories again");
+        }
+        (missing, true)
+    }
+
     fn main_loop(&mut self) -> anyhow::Result<()> {
+        self.check_roots();
         self.scan_all();
         self.notifier.send("READY=1");
         let watchdog = sd_notify::Notifier::watchdog_interval();
@@ -198,6 +262,12 @@ impl Daemon {
                     break;
                 }
                 if Instant::now() >= deadline {
+                    if let Ok(mut children) = self.children.lock() {
+                        for (_, mut c) in children.drain() {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                        }
+                    }
                     for (id, r) in self.running.drain() {
                         warn!(job = id, checkpoint = %r.path, "shutdown deadline passed; audit abandoned and requeued");
                         self.jobs.requeue(id, "abandoned at shutdown")?;
@@ -223,6 +293,10 @@ impl Daemon {
             }
             if let Some(d) = draining {
                 timeout = timeout.min(d.saturating_duration_since(Instant::now()));
+            }
+            if self.roots.iter().any(Option::is_none) {
+                // A watched directory is gone: look for it again every second.
+                timeout = timeout.min(Duration::from_secs(1));
             }
             match self.rx.recv_timeout(timeout.max(Duration::from_millis(10))) {
                 Ok(Msg::Fs(Ok(events))) => {
@@ -257,6 +331,9 @@ impl Daemon {
                 Ok(Msg::Done(outcome)) => self.finish(outcome)?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if self.check_roots().1 {
+                dirty = true;
             }
             if dirty || last_reconcile.elapsed() >= self.config.reconcile_interval() {
                 self.scan_all();
@@ -305,13 +382,26 @@ impl Daemon {
 
     fn scan_all(&mut self) {
         let mut present = Vec::new();
+        let mut skipped = HashSet::new();
         for w in &self.watches {
-            present.extend(scan::checkpoints(&w.watch.path));
+            let found = scan::checkpoints(&w.watch.path);
+            present.extend(found.checkpoints);
+            skipped.extend(found.skipped);
         }
         self.seen.retain(|p, _| present.contains(p));
         for p in present {
             self.observe(p);
         }
+        for s in self.seen.values() {
+            skipped.extend(s.snapshot.skipped.iter().cloned());
+        }
+        for s in &skipped {
+            if !self.warned.contains(s) {
+                warn!(path = %s.path.display(), reason = %s.reason, "scan skipped a path");
+            }
+        }
+        // Forget what is no longer skipped, so it is reported again if it comes back.
+        self.warned = skipped;
     }
 
     /// Re-stat the checkpoints that have not settled yet.
@@ -408,11 +498,16 @@ impl Daemon {
                     last_progress: Instant::now(),
                 },
             );
+            let config = self.config.clone();
+            let w = watch.watch.clone();
             let ctx = audit::Context {
                 watch,
                 audited: Arc::clone(&self.audited),
+                children: Arc::clone(&self.children),
                 log_db: self.log_db.clone(),
                 memory_limit_mb: self.config.memory_limit_mb,
+                audit_memory_limit_mb: Arc::new(move |need| config.audit_memory_limit_mb(&w, need)),
+                log_format: self.config.log_format.clone(),
             };
             if let Some(tx) = &self.work_tx {
                 tx.send((job, ctx)).context("the workers are gone")?;
@@ -430,6 +525,7 @@ impl Daemon {
                 key,
             } => {
                 self.running.remove(&job.id);
+                self.requeues.retain(|(p, _), _| *p != job.path);
                 let receipt = self.log.append(*body)?;
                 if let Ok(mut a) = self.audited.lock() {
                     a.insert(key);
@@ -449,7 +545,26 @@ impl Daemon {
                 self.jobs
                     .finish(job.id, "skipped", None, None, Some(&why))?;
             }
-            Outcome::Requeue { job, why } => {
+            Outcome::Requeue {
+                job,
+                why,
+                key,
+                give_up,
+            } => {
+                let n = self
+                    .requeues
+                    .entry((job.path.clone(), key.0.clone()))
+                    .or_insert(0);
+                *n += 1;
+                if *n > audit::MAX_REQUEUES {
+                    self.requeues.remove(&(job.path.clone(), key.0.clone()));
+                    return self.finish(Outcome::Record {
+                        job,
+                        body: give_up,
+                        verdict: "error".into(),
+                        key,
+                    });
+                }
                 self.running.remove(&job.id);
                 warn!(checkpoint = %job.path, reason = %why, "audit aborted; queued again once the checkpoint settles");
                 self.jobs
@@ -494,4 +609,13 @@ impl Daemon {
         }
         self.notifier.send("READY=1");
     }
+}
+
+/// The (device, inode) of a directory, or `None` if it is not one now.
+fn identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
 }
