@@ -122,24 +122,43 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<(Self, Vec<LoadedWatch>)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| {
+        let cfg = Self::parse(path, &text)?;
+        let mut loaded = Vec::new();
+        for w in &cfg.watch {
+            if !w.path.is_dir() {
+                bail!(
+                    "{}: watched path {} is not a directory",
+                    path.display(),
+                    w.path.display()
+                );
+            }
+            loaded.push(LoadedWatch::load(w)?);
+        }
+        Ok((cfg, loaded))
+    }
+
+    /// Parse and validate the text of `path` without touching the file system (the fuzz
+    /// target `daemon_config` calls this); `path` only labels errors.
+    pub fn parse(path: &Path, text: &str) -> anyhow::Result<Self> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
             let at = e
                 .span()
                 .map(|s| {
-                    let loc = policies::Loc::of(&text, s.start);
+                    let loc = policies::Loc::of(text, s.start);
                     format!("{}:{}:", loc.line, loc.col)
                 })
                 .unwrap_or_default();
             anyhow::anyhow!("{}:{at} {}", path.display(), e.message().trim_end())
         })?;
         let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
-            if !(v.is_finite() && v >= 0.0) {
-                bail!(
-                    "{}: `{name}` must be a non-negative number of seconds",
+            // try_from: a finite number of seconds past u64::MAX would panic in from_secs_f64.
+            match Duration::try_from_secs_f64(v) {
+                Ok(d) => Ok(d),
+                Err(_) => bail!(
+                    "{}: `{name}` must be a non-negative number of seconds below 2^64",
                     path.display()
-                );
+                ),
             }
-            Ok(Duration::from_secs_f64(v))
         };
         secs("quiet_period_secs", cfg.quiet_period_secs)?;
         secs("reconcile_interval_secs", cfg.reconcile_interval_secs)?;
@@ -154,18 +173,7 @@ impl Config {
         if cfg.watch.is_empty() {
             bail!("{}: no [[watch]] directories", path.display());
         }
-        let mut loaded = Vec::new();
-        for w in &cfg.watch {
-            if !w.path.is_dir() {
-                bail!(
-                    "{}: watched path {} is not a directory",
-                    path.display(),
-                    w.path.display()
-                );
-            }
-            loaded.push(LoadedWatch::load(w)?);
-        }
-        Ok((cfg, loaded))
+        Ok(cfg)
     }
 
     pub fn quiet_period(&self) -> Duration {
@@ -228,6 +236,43 @@ mod tests {
         cfg.audit_memory_limit_mb = None;
         assert_eq!(cfg.audit_memory_limit_mb(&cfg.watch[1], 1000), 6096);
         assert_eq!(cfg.trusted_pubkey.as_deref(), Some(Path::new("/k.pub")));
+    }
+
+    /// Every input under `fuzz/regressions/daemon_config/` (seeds, the fuzzer's corpus and
+    /// inputs that once crashed) goes through the fuzz target's own check: parsed, or refused
+    /// with the file named; never a panic.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/daemon_config");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{} holds no inputs", dir.display());
+        let label = Path::new("/etc/mechwatch/fuzz-input.toml");
+        for f in files {
+            eprintln!("replaying {}", f.display());
+            let Ok(text) = String::from_utf8(std::fs::read(&f).unwrap()) else {
+                continue;
+            };
+            match Config::parse(label, &text) {
+                Ok(cfg) => {
+                    let _ = (cfg.quiet_period(), cfg.stall_timeout());
+                }
+                Err(e) => assert!(format!("{e:#}").contains("fuzz-input.toml"), "{e:#}"),
+            }
+        }
+    }
+
+    /// Found by the `daemon_config` fuzz target's check: 1e300 seconds is finite and
+    /// non-negative, and `Duration::from_secs_f64` panicked on it.
+    #[test]
+    fn regression_huge_seconds_are_an_error_not_a_panic() {
+        let text = "state_dir = \"/x\"\nquiet_period_secs = 1e300\n\
+                    [[watch]]\npath = \"/a\"\npolicies = \"default\"\n";
+        let e = Config::parse(Path::new("/c.toml"), text).unwrap_err();
+        assert!(e.to_string().contains("/c.toml: `quiet_period_secs`"), "{e}");
     }
 
     #[test]
