@@ -73,8 +73,14 @@ pub fn gguf_metadata(data: &[u8]) {
     if let Ok(cfg) = probes::ModelConfig::from_gguf(&g) {
         assert!(cfg.n_heads > 0 && cfg.n_kv_heads > 0, "{cfg:?}");
         assert!(cfg.n_heads.is_multiple_of(cfg.n_kv_heads), "{cfg:?}");
-        assert!(cfg.head_dim > 0 && cfg.head_dim.is_multiple_of(2), "{cfg:?}");
-        assert!(cfg.vocab_size > 0 && cfg.d_mlp > 0 && cfg.n_layers > 0, "{cfg:?}");
+        assert!(
+            cfg.head_dim > 0 && cfg.head_dim.is_multiple_of(2),
+            "{cfg:?}"
+        );
+        assert!(
+            cfg.vocab_size > 0 && cfg.d_mlp > 0 && cfg.n_layers > 0,
+            "{cfg:?}"
+        );
         assert!(cfg.norm_eps > 0.0 && cfg.norm_eps.is_finite(), "{cfg:?}");
         let _ = cfg.to_hf_json();
     }
@@ -169,6 +175,9 @@ pub fn record_reader_verifies(data: &[u8]) -> bool {
     let path = scratch("record-reader").join("log.db");
     std::fs::write(&path, empty_log()).expect("writing the log");
     let conn = rusqlite::Connection::open(&path).expect("opening the log");
+    // A scratch copy: no fsync per input (the reads under test do not depend on it).
+    conn.pragma_update(None, "synchronous", "OFF")
+        .expect("synchronous=OFF");
     let sig = signer.sign(&pae(IN_TOTO_PAYLOAD_TYPE, data));
     let st = serde_json::from_slice::<Statement>(data).ok();
     conn.execute(

@@ -107,10 +107,12 @@ fn seeds_reach_past_the_header() {
     .unwrap();
     assert_eq!(st.tensors.len(), 1);
 
-    let npz = probes::sae::npy::parse_npz(Path::new("seed.npz"), &read("npz", "seed-two-arrays.npz"))
-        .unwrap();
+    let npz =
+        probes::sae::npy::parse_npz(Path::new("seed.npz"), &read("npz", "seed-two-arrays.npz"))
+            .unwrap();
     assert_eq!(npz.len(), 2);
-    probes::sae::npy::parse_npy(Path::new("seed.npy"), "a", &read("npz", "seed-array.npy")).unwrap();
+    probes::sae::npy::parse_npy(Path::new("seed.npy"), "a", &read("npz", "seed-array.npy"))
+        .unwrap();
 
     assert!(checks::record_reader_verifies(&read(
         "record_reader",
@@ -148,8 +150,16 @@ fn write_fuzz_seeds() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), bytes).unwrap();
     };
-    write("gguf_metadata", "seed-llama-tokenizer.gguf", &seeds::llama_gguf());
-    write("checkpoint_header", "seed-f32-tensor.gguf", &seeds::tensor_gguf());
+    write(
+        "gguf_metadata",
+        "seed-llama-tokenizer.gguf",
+        &seeds::llama_gguf(),
+    );
+    write(
+        "checkpoint_header",
+        "seed-f32-tensor.gguf",
+        &seeds::tensor_gguf(),
+    );
     write(
         "checkpoint_header",
         "seed-f32-tensor.safetensors",
@@ -270,7 +280,19 @@ mod seeds {
     /// and a nested metadata array.
     pub fn llama_gguf() -> Vec<u8> {
         let tokens = [
-            "a", "b", "ab", "ba", "Ġ", "1", "2", "Ċ", "<|im_start|>", "<|im_end|>", "u", "s", "e",
+            "a",
+            "b",
+            "ab",
+            "ba",
+            "Ġ",
+            "1",
+            "2",
+            "Ċ",
+            "<|im_start|>",
+            "<|im_end|>",
+            "u",
+            "s",
+            "e",
             "r",
         ];
         let mut types = vec![1; tokens.len()];
@@ -335,7 +357,7 @@ mod seeds {
 
     pub fn npy() -> Vec<u8> {
         let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 1), }".to_string();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');

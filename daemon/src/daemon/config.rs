@@ -272,7 +272,10 @@ mod tests {
         let text = "state_dir = \"/x\"\nquiet_period_secs = 1e300\n\
                     [[watch]]\npath = \"/a\"\npolicies = \"default\"\n";
         let e = Config::parse(Path::new("/c.toml"), text).unwrap_err();
-        assert!(e.to_string().contains("/c.toml: `quiet_period_secs`"), "{e}");
+        assert!(
+            e.to_string().contains("/c.toml: `quiet_period_secs`"),
+            "{e}"
+        );
     }
 
     #[test]
