@@ -6,6 +6,7 @@ mod cmd;
 mod daemon;
 mod gate;
 mod report;
+mod verified;
 
 use std::process::ExitCode;
 
