@@ -725,8 +725,11 @@ impl AuditLog {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql("opening the audit log"))?;
-        configure(&conn)?;
+        // Before `configure`, which would switch a foreign database to WAL mode.
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql("busy_timeout"))?;
         check_schema(&conn, path)?;
+        configure(&conn)?;
         migrate(&mut conn)?;
         let log_id = log_id(&conn)?;
         let mut log = Self {
