@@ -1,6 +1,11 @@
 //! Whole-log verification: signatures (batched), sequence without gaps, hash links, key
 //! rotations, stored checkpoints, and consistency with an exported (off-host) checkpoint.
-//! Signatures are checked before any record is parsed.
+//! Signatures are checked before any record is parsed. Given the writer's head witness
+//! (`<db>.head`), the log must also extend it, or it was rolled back.
+//!
+//! Only evidence about the log's contents is a [`Failure`] that counts as tampering; a
+//! database that cannot be read (I/O error, locked, a missing `-shm`) is
+//! [`Reason::Unreadable`]: could not check, not tampered.
 
 use std::fmt;
 
@@ -21,11 +26,28 @@ use crate::store::{self, StoredRecord, NOTE_KEY_NAME};
 pub enum Reason {
     BadSignature,
     BrokenLink,
-    Gap { expected: u64 },
-    UnknownKey { key_id: String },
+    Gap {
+        expected: u64,
+    },
+    UnknownKey {
+        key_id: String,
+    },
     InconsistentWithCheckpoint(String),
+    /// The log does not extend the head witness its writer left beside it.
+    RolledBack(String),
     Malformed(String),
+    /// SQLite found the file corrupt: evidence that it was changed.
     Database(String),
+    /// The database could not be read (I/O error, busy, cannot open): nothing was checked.
+    Unreadable(String),
+}
+
+impl Reason {
+    /// Whether this is evidence against the log (exit 1), rather than a failure to check it
+    /// (exit 2).
+    pub fn is_evidence(&self) -> bool {
+        !matches!(self, Reason::Unreadable(_))
+    }
 }
 
 /// The first problem found, with the `seq` it concerns where there is one.
@@ -49,6 +71,8 @@ impl fmt::Display for Failure {
             Reason::Gap { expected } => write!(f, "gap: expected seq {expected}"),
             Reason::UnknownKey { key_id } => write!(f, "unknown key {key_id}"),
             Reason::InconsistentWithCheckpoint(d) => write!(f, "inconsistent with checkpoint: {d}"),
+            Reason::RolledBack(d) => write!(f, "rolled back: {d}"),
+            Reason::Unreadable(d) => write!(f, "could not read the database: {d}"),
             Reason::Malformed(d) => write!(f, "malformed record: {d}"),
             Reason::Database(d) => write!(f, "database: {d}"),
         }
@@ -63,6 +87,8 @@ pub struct Report {
     pub root: Hash,
     pub stored_checkpoints: usize,
     pub external_checkpoint: Option<u64>,
+    /// Size of the head witness the log was checked against.
+    pub head_witness: Option<u64>,
     /// Key ids in the order they signed.
     pub keys: Vec<String>,
 }
@@ -72,7 +98,36 @@ fn fail(seq: Option<u64>, reason: Reason) -> Failure {
 }
 
 fn db(e: LogError) -> Failure {
-    fail(None, Reason::Database(e.to_string()))
+    let corrupt = matches!(&e, LogError::Sqlite { source, .. } if is_corruption(source));
+    let d = e.to_string();
+    fail(
+        None,
+        if corrupt {
+            Reason::Database(d)
+        } else {
+            Reason::Unreadable(d)
+        },
+    )
+}
+
+fn sqlite(e: rusqlite::Error) -> Failure {
+    let d = e.to_string();
+    fail(
+        None,
+        if is_corruption(&e) {
+            Reason::Database(d)
+        } else {
+            Reason::Unreadable(d)
+        },
+    )
+}
+
+/// SQLite's verdicts on the file's contents, as opposed to failures to read it.
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 const BATCH: usize = 512;
@@ -84,9 +139,20 @@ pub fn verify_log(
     trusted: &VerifyingKey,
     external: Option<&str>,
 ) -> Result<Report, Failure> {
+    verify_log_witnessed(conn, trusted, external, None)
+}
+
+/// [`verify_log`], and the log must extend `head`, the head witness (a signed checkpoint
+/// note) its writer left in `<db>.head`.
+pub fn verify_log_witnessed(
+    conn: &Connection,
+    trusted: &VerifyingKey,
+    external: Option<&str>,
+    head: Option<&str>,
+) -> Result<Report, Failure> {
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| fail(None, Reason::Database(e.to_string())))?;
+        .map_err(sqlite)?;
     if check != "ok" {
         return Err(fail(
             None,
@@ -99,7 +165,7 @@ pub fn verify_log(
             [],
             |r| r.get(0),
         )
-        .map_err(|e| fail(None, Reason::Database(e.to_string())))?;
+        .map_err(sqlite)?;
     if !has_schema {
         return Err(fail(
             None,
@@ -255,12 +321,32 @@ pub fn verify_log(
             Some(cp.size)
         }
     };
+    let head_witness = match head {
+        None => None,
+        Some(note) => {
+            let rolled = |d: String| fail(None, Reason::RolledBack(d));
+            let cp = keys
+                .iter()
+                .find_map(|(_, k)| Checkpoint::verify(note, NOTE_KEY_NAME, k).ok())
+                .ok_or_else(|| {
+                    rolled("the head witness is not signed by any key of this log".into())
+                })?;
+            check_checkpoint(&cp, &log_id, &leaves, "the head witness").map_err(|f| {
+                rolled(match f.reason {
+                    Reason::InconsistentWithCheckpoint(d) => d,
+                    other => format!("{other:?}"),
+                })
+            })?;
+            Some(cp.size)
+        }
+    };
     Ok(Report {
         log_id,
         records: size,
         root: frontier.root(),
         stored_checkpoints: stored.len(),
         external_checkpoint,
+        head_witness,
         keys: keys.into_iter().map(|(id, _)| id).collect(),
     })
 }

@@ -56,7 +56,7 @@ pub fn run(cmd: KeyCmd) -> anyhow::Result<ExitCode> {
             let old = load_signer(key.as_deref())?;
             let new = Signer::load(&new_key)?;
             let new_id = new.id().to_string();
-            let mut log = AuditLog::open(&db, Some(old))?;
+            let mut log = AuditLog::open_existing(&db, Some(old))?;
             let r = log.rotate_key(new)?;
             println!("rotated to key {new_id} at seq {}", r.seq);
         }
