@@ -378,7 +378,7 @@ fn check_statement(
     if st.statement_type != STATEMENT_TYPE || st.predicate_type != PREDICATE_TYPE {
         return bad("not a mechwatch in-toto statement".into());
     }
-    if st.predicate.version != RECORD_VERSION {
+    if !SUPPORTED_RECORD_VERSIONS.contains(&st.predicate.version) {
         return bad(format!("record version {}", st.predicate.version));
     }
     if st.predicate.log.id != log_id {
@@ -401,7 +401,8 @@ fn check_statement(
             st.predicate.key_id
         ));
     }
-    if st.subject != vec![st.predicate.record.subject()] {
+    // Each version's own subject rule, so records written before version 2 still verify.
+    if st.subject != st.predicate.record.subjects(st.predicate.version) {
         return bad("subject does not match the record".into());
     }
     Ok(())

@@ -243,15 +243,15 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
         LogCmd::Proof { db, seq } => {
             let conn = store::open_reader(&db)?;
             let (leaf, proof, root, size) = audit_log::verify::inclusion(&conn, seq)?;
-            let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+            // Digests in lowercase hex, as everywhere a person reads them.
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "seq": seq,
                     "tree_size": size,
-                    "leaf_hash": b64(&leaf),
-                    "root_hash": b64(&root),
-                    "inclusion_path": proof.iter().map(|h| b64(h)).collect::<Vec<_>>(),
+                    "leaf_hash": hex::encode(leaf),
+                    "root_hash": hex::encode(root),
+                    "inclusion_path": proof.iter().map(hex::encode).collect::<Vec<_>>(),
                 }))?
             );
             Ok(ExitCode::SUCCESS)
