@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::pkcs8::{
     DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
 };
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+pub use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::{Signer as _, SigningKey};
 use sha2::{Digest, Sha256};
 
 use crate::error::LogError;
