@@ -16,8 +16,8 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum KeyCmd {
-    /// Create an Ed25519 signing key (PKCS#8 PEM, mode 0600) and print its public key (SPKI PEM,
-    /// also written to FILE.pub).
+    /// Create an Ed25519 signing key (PKCS#8 v1 PEM, mode 0600) and print its public key (SPKI
+    /// PEM, also written to FILE.pub); the key id and checkpoint note verifier key go to stderr.
     Generate {
         #[arg(long)]
         out: PathBuf,
