@@ -21,4 +21,6 @@ pub use error::LogError;
 pub use keys::Signer;
 pub use record::{FileDigest, InputDigest, ModelSubject, RecordBody, Statement};
 pub use store::{AuditLog, CheckpointPolicy, Receipt, StoredRecord};
-pub use verify::{verify_log, verify_log_witnessed, Failure, Reason, Report};
+pub use verify::{
+    verify_export, verify_log, verify_log_witnessed, ExportReport, Failure, Reason, Report,
+};

@@ -879,7 +879,7 @@ impl AuditLog {
             for body in bodies {
                 let statement = Statement {
                     statement_type: STATEMENT_TYPE.into(),
-                    subject: vec![body.subject()],
+                    subject: body.subjects(RECORD_VERSION),
                     predicate_type: PREDICATE_TYPE.into(),
                     predicate: Predicate {
                         version: RECORD_VERSION,
@@ -897,7 +897,7 @@ impl AuditLog {
                 };
                 let bytes = serde_json::to_vec(&statement).expect("records serialise");
                 let sig = signer.sign(&pae(IN_TOTO_PAYLOAD_TYPE, &bytes));
-                let subject = statement.subject[0].digest["sha256"].clone();
+                let subject = statement.predicate.record.index_digest();
                 insert
                     .execute(params![
                         seq as i64,

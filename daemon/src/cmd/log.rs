@@ -2,7 +2,9 @@
 //!
 //! Only `log init` and the writers start a log, and only where nothing exists; the read-only
 //! commands never create a file. `log verify` exits 1 only on evidence against the log, and 2
-//! when it could not read it.
+//! when it could not read it; with `--export` it verifies a DSSE export and a checkpoint
+//! without the database. Digests are printed in lowercase hex; base64 appears only where a
+//! format mandates it (DSSE payloads and signatures, checkpoint notes).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,9 +30,17 @@ pub enum LogCmd {
     /// Verify signatures, the hash chain, key rotations, stored checkpoints, the writer's head
     /// witness (DB.head) when present and, given an exported checkpoint, consistency with it.
     /// Exit 0 only if the whole log verifies, 1 on evidence against it, 2 if it cannot be read.
+    ///
+    /// With --export instead of --db: verify a DSSE export (`log export --format dsse`) without
+    /// the database: every envelope's signature, the hash chain from seq 0, and that the Merkle
+    /// root of the first N exported records equals the root the checkpoint (size N) signs.
     Verify {
-        #[arg(long)]
-        db: PathBuf,
+        #[arg(long, required_unless_present = "export", conflicts_with = "export")]
+        db: Option<PathBuf>,
+        /// A DSSE export (one envelope per line) to verify instead of a database; needs
+        /// --checkpoint.
+        #[arg(long, requires = "checkpoint")]
+        export: Option<PathBuf>,
         /// The log's initial public key (SPKI PEM or hex).
         #[arg(long)]
         pubkey: PathBuf,
@@ -58,10 +68,13 @@ pub enum LogCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Export every record: DSSE envelopes around in-toto statements, or JSONL.
+    /// Export every record: DSSE envelopes around in-toto statements (one per line), or JSONL.
+    /// With --seq, only that record: one DSSE envelope (a JSON object) or one JSONL line.
     Export {
         #[arg(long)]
         db: PathBuf,
+        #[arg(long)]
+        seq: Option<u64>,
         #[arg(long, value_enum)]
         format: ExportFormat,
         #[arg(long)]
@@ -106,10 +119,16 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
         }
         LogCmd::Verify {
             db,
+            export,
             pubkey,
             checkpoint,
         } => {
             let key = audit_log::keys::load_public(&pubkey)?;
+            if let Some(export) = export {
+                let cp_path = checkpoint.context("--export needs --checkpoint")?;
+                return verify_export(&export, &cp_path, &key);
+            }
+            let db = db.context("pass --db LOG or --export FILE")?;
             let conn = store::open_reader(&db)?;
             let head = store::read_head(&db)?;
             let external = checkpoint
@@ -208,14 +227,27 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             print!("{note}");
             Ok(ExitCode::SUCCESS)
         }
-        LogCmd::Export { db, format, out } => {
+        LogCmd::Export {
+            db,
+            seq,
+            format,
+            out,
+        } => {
             let conn = store::open_reader(&db)?;
             let n = store::record_count(&conn)?;
+            let (from, to) = match seq {
+                Some(s) if s >= n => bail!(
+                    "{}: no record with seq {s} (the log holds {n} records)",
+                    db.display()
+                ),
+                Some(s) => (s, s + 1),
+                None => (0, n),
+            };
             let mut w = std::io::BufWriter::new(
                 std::fs::File::create(&out)
                     .with_context(|| format!("creating {}", out.display()))?,
             );
-            for r in store::read_records(&conn, 0, n)? {
+            for r in store::read_records(&conn, from, to)? {
                 let line = match format {
                     ExportFormat::Dsse => {
                         let sig = ed25519_dalek_sig(&r)?;
@@ -237,21 +269,21 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                 writeln!(w, "{line}")?;
             }
             w.flush()?;
-            eprintln!("exported {n} records to {}", out.display());
+            eprintln!("exported {} records to {}", to - from, out.display());
             Ok(ExitCode::SUCCESS)
         }
         LogCmd::Proof { db, seq } => {
             let conn = store::open_reader(&db)?;
             let (leaf, proof, root, size) = audit_log::verify::inclusion(&conn, seq)?;
-            let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+            // Digests in lowercase hex, as everywhere a person reads them.
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "seq": seq,
                     "tree_size": size,
-                    "leaf_hash": b64(&leaf),
-                    "root_hash": b64(&root),
-                    "inclusion_path": proof.iter().map(|h| b64(h)).collect::<Vec<_>>(),
+                    "leaf_hash": hex::encode(leaf),
+                    "root_hash": hex::encode(root),
+                    "inclusion_path": proof.iter().map(hex::encode).collect::<Vec<_>>(),
                 }))?
             );
             Ok(ExitCode::SUCCESS)
@@ -270,6 +302,49 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                 out.flush()?;
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `log verify --export FILE --checkpoint CP`: exit 0 verified, 1 evidence, 2 unreadable.
+fn verify_export(
+    export: &std::path::Path,
+    checkpoint: &std::path::Path,
+    key: &ed25519_dalek::VerifyingKey,
+) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(export)
+        .with_context(|| format!("reading the export {}", export.display()))?;
+    let note = std::fs::read_to_string(checkpoint)
+        .with_context(|| format!("reading the checkpoint {}", checkpoint.display()))?;
+    let envelopes: Vec<Result<Envelope, String>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
+        .collect();
+    match audit_log::verify_export(&envelopes, key, &note) {
+        Ok(r) => {
+            println!(
+                "ok: {} exported records of log {} verify; the first {} match the checkpoint \
+                 (root {}){}, keys {}",
+                r.records,
+                r.log_id,
+                r.checkpoint_size,
+                hex::encode(r.checkpoint_root),
+                if r.records > r.checkpoint_size {
+                    format!(
+                        "; {} later records are signed and chained but no checkpoint covers them",
+                        r.records - r.checkpoint_size
+                    )
+                } else {
+                    String::new()
+                },
+                r.keys.join(" -> ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            println!("FAILED: {}: {f}", export.display());
+            Ok(ExitCode::from(1))
         }
     }
 }
