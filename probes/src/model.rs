@@ -104,6 +104,7 @@ impl Model {
         let file = GgufFile::read(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let codec = TextCodec::from_gguf(&file)?;
+        check_vocab(path, &codec, &config)?;
         let transformer = weights::build(
             &GgufSource {
                 file: &file,
@@ -155,6 +156,7 @@ impl Model {
         })?;
         let config = ModelConfig::from_hf_json(&config_path, &config_text)?;
         let codec = TextCodec::from_hf_dir(dir, &mut read)?;
+        check_vocab(&dir.join("tokenizer.json"), &codec, &config)?;
 
         let shard_names: Vec<String> = match read("model.safetensors.index.json")? {
             Some(index) => {
@@ -275,6 +277,26 @@ impl Model {
         stops.dedup();
         stops
     }
+}
+
+/// Every token the tokenizer can produce must have a row in the embedding.
+fn check_vocab(path: &Path, codec: &TextCodec, config: &ModelConfig) -> Result<(), LoadError> {
+    let vocab = codec.tokenizer.get_vocab(true);
+    if let Some((token, &id)) = vocab
+        .iter()
+        .filter(|(_, &id)| id as usize >= config.vocab_size)
+        .max_by_key(|(_, &id)| id)
+    {
+        return Err(LoadError::Tokenizer {
+            path: path.to_path_buf(),
+            detail: format!(
+                "token {token:?} has id {id}, outside the model's vocabulary of {} ({} tokens)",
+                config.vocab_size,
+                vocab.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn is_plain_file_name(f: &str) -> bool {

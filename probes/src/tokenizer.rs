@@ -1,5 +1,9 @@
 //! Tokenizers (the `tokenizers` crate, from `tokenizer.json` or GGUF metadata) and chat
 //! templates rendered with a real Jinja engine (minijinja).
+//!
+//! A chat template is code from the checkpoint: its rendering is bounded in instructions
+//! (minijinja fuel) and in output bytes, so a template that loops (`range(9999)` nested) fails
+//! with an error instead of running for minutes or filling memory.
 
 use std::path::Path;
 
@@ -12,6 +16,32 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use crate::error::{LoadError, RunError};
 use crate::gguf::GgufFile;
+
+/// Template instructions allowed per render, plus [`TEMPLATE_FUEL_PER_MESSAGE`] per message.
+/// Real chat templates use a few hundred per message.
+pub const TEMPLATE_FUEL: u64 = 200_000;
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 20_000;
+/// Rendered bytes allowed beyond the messages' own text (which is allowed four times over).
+pub const TEMPLATE_OUTPUT_ALLOWANCE: usize = 64 * 1024;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Reads a file of the checkpoint directory by name (`None` when absent), recording its digest.
 pub type FileReader<'a> = dyn FnMut(&str) -> Result<Option<Vec<u8>>, LoadError> + 'a;
@@ -94,34 +124,47 @@ impl TextCodec {
                 "tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"
             )));
         }
-        let strings = |key: &str| -> Result<Vec<String>, LoadError> {
+        let strings = |key: &str| -> Result<&[String], LoadError> {
             g.meta(key)
                 .map_err(|_| err(format!("GGUF has no {key}")))?
                 .as_array()
-                .ok_or_else(|| err(format!("{key} is not an array")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| err(format!("{key} holds a non-string")))
-                })
-                .collect()
+                .and_then(|a| a.as_strings().or(a.is_empty().then_some(&[][..])))
+                .ok_or_else(|| err(format!("{key} is not an array of strings")))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() || u32::try_from(tokens.len()).is_err() {
+            return Err(err(format!(
+                "tokenizer.ggml.tokens holds {} tokens",
+                tokens.len()
+            )));
+        }
         let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
+            .iter()
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .ok_or_else(|| err(format!("merge `{m}` has no space")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let types: Vec<u64> = match g
-            .metadata
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
-            Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+        let types: Vec<u64> = match g.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => {
+                let a = v
+                    .as_array()
+                    .filter(|a| a.len() == tokens.len())
+                    .ok_or_else(|| {
+                        err(format!(
+                            "tokenizer.ggml.token_type is not an array of {} integers",
+                            tokens.len()
+                        ))
+                    })?;
+                (0..a.len())
+                    .map(|i| {
+                        a.u64_at(i).ok_or_else(|| {
+                            err(format!("tokenizer.ggml.token_type[{i}] is not a token type"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             None => vec![1; tokens.len()],
         };
         let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -157,21 +200,36 @@ impl TextCodec {
         tokenizer
             .add_special_tokens(special)
             .map_err(|e| err(format!("adding special tokens: {e}")))?;
-        let id_str = |key: &str| {
-            g.metadata
-                .get(key)
-                .and_then(|v| v.as_u64())
-                .and_then(|i| tokens.get(i as usize).cloned())
+        let id_str = |key: &str| -> Result<Option<String>, LoadError> {
+            match g.metadata.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|i| tokens.get(usize::try_from(i).ok()?))
+                    .map(|t| Some(t.clone()))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{key} = {v:?} is not a token id below {}",
+                            tokens.len()
+                        ))
+                    }),
+            }
+        };
+        let bos_token = id_str("tokenizer.ggml.bos_token_id")?;
+        let eos_token = id_str("tokenizer.ggml.eos_token_id")?;
+        let chat_template = match g.metadata.get("tokenizer.chat_template") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| err("tokenizer.chat_template is not a string".into()))?
+                    .to_string(),
+            ),
         };
         Ok(Self {
             tokenizer,
-            chat_template: g
-                .metadata
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-            bos_token: id_str("tokenizer.ggml.bos_token_id"),
-            eos_token: id_str("tokenizer.ggml.eos_token_id"),
+            chat_template,
+            bos_token,
+            eos_token,
         })
     }
 
@@ -214,18 +272,50 @@ impl TextCodec {
                 ))
             },
         );
+        let n = messages.len() as u64;
+        let fuel = TEMPLATE_FUEL.saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(n));
+        env.set_fuel(Some(fuel));
         env.add_template("chat", template)
             .map_err(|e| RunError::Tokenizer(format!("chat template: {e}")))?;
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
+        let text: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        let limit = text
+            .saturating_mul(4)
+            .saturating_add(TEMPLATE_OUTPUT_ALLOWANCE);
+        let mut out = BoundedOutput {
+            buf: Vec::new(),
+            limit,
+        };
+        let rendered = env.get_template("chat").and_then(|t| {
+            t.render_captured_to(
+                minijinja::context! {
                     messages => messages,
                     add_generation_prompt => true,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
-            })
-            .map_err(|e| RunError::Tokenizer(format!("chat template: {e}")))
+                },
+                &mut out,
+            )
+            .map(drop)
+        });
+        match rendered {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| RunError::Tokenizer("chat template rendered invalid UTF-8".into())),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(RunError::Tokenizer(
+                format!(
+                    "chat template ran more than {fuel} instructions for {n} message(s): \
+                     does it loop?"
+                ),
+            )),
+            Err(e) if e.kind() == minijinja::ErrorKind::WriteFailure => {
+                Err(RunError::Tokenizer(format!(
+                    "chat template output exceeds {limit} bytes for {text} bytes of messages"
+                )))
+            }
+            Err(e) => Err(RunError::Tokenizer(format!("chat template: {e}"))),
+        }
     }
 
     /// Token id of a special token string, if the vocabulary has it.
