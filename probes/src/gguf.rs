@@ -706,6 +706,7 @@ mod tests {
     fn lying_string_length_is_refused() {
         let mut bytes = header(0, 1);
         bytes.extend((1u64 << 40).to_le_bytes());
+        bytes.extend([0u8; 16]);
         let e = GgufFile::parse(Path::new("m.gguf"), bytes)
             .unwrap_err()
             .to_string();
@@ -746,6 +747,72 @@ mod tests {
         assert!(e.contains("aligned"), "{e}");
         let ok = GgufFile::parse(Path::new("m.gguf"), one_tensor(&[32], 3, 32)).unwrap();
         assert_eq!(ok.load_f32(&ok.tensors[0]).unwrap().dims(), [32]);
+    }
+
+    fn kv(b: &mut Vec<u8>, key: &str, ty: u32, value: &[u8]) {
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key.as_bytes());
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
+    }
+
+    /// A one-byte array element cost a 32-byte `GgufValue`: 100 MB of file, 3 GB of memory.
+    #[test]
+    fn regression_metadata_array_is_held_at_its_element_size() {
+        let n = 1usize << 22;
+        let mut b = header(0, 1);
+        let mut v = 0u32.to_le_bytes().to_vec(); // u8 items
+        v.extend((n as u64).to_le_bytes());
+        v.resize(v.len() + n, 7);
+        kv(&mut b, "big", 9, &v);
+        let g = GgufFile::parse(Path::new("m.gguf"), b).unwrap();
+        match g.metadata["big"].as_array() {
+            Some(GgufArray::U8(v)) => assert_eq!(v.len(), n),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Many tiny keys cost more heap (a map slot each) than the bound allows: refused by the
+    /// accounting, before the map outgrows it.
+    #[test]
+    fn metadata_beyond_the_memory_bound_is_refused() {
+        let n = 200_000u64;
+        let mut b = header(0, n);
+        for i in 0..n {
+            let k = [b'a' + (i % 26) as u8, b'a' + (i / 26 % 26) as u8, b'a' + (i / 676 % 26) as u8, b'0' + (i / 17576) as u8];
+            kv(&mut b, std::str::from_utf8(&k).unwrap(), 0, &[1]);
+        }
+        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        assert!(e.contains("more memory than 8 bytes per byte"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_tensors_and_bad_names_are_refused() {
+        let mut b = header(2, 0);
+        for name in ["a", "b"] {
+            b.extend(1u64.to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend(1u32.to_le_bytes());
+            b.extend(8u64.to_le_bytes());
+            b.extend(0u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        b.resize(b.len().div_ceil(32) * 32 + 64, 0);
+        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        assert!(e.contains("tensor `b`") && e.contains("overlaps tensor `a`"), "{e}");
+
+        let mut b = header(0, 1);
+        kv(&mut b, "", 0, &[1]);
+        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        assert!(e.contains("metadata key #0"), "{e}");
+
+        let long = "x".repeat(64);
+        let mut b = header(1, 0);
+        b.extend((long.len() as u64).to_le_bytes());
+        b.extend(long.as_bytes());
+        b.resize(b.len() + 64, 0);
+        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        assert!(e.contains("longer than 63 bytes"), "{e}");
     }
 
     #[test]
