@@ -463,7 +463,7 @@ impl ModelConfig {
         // The forward pass multiplies these; none of the products may wrap.
         let products = [
             ("attention heads x head_dim", self.n_heads, self.head_dim),
-            ("query heads + 2 key/value heads", self.n_heads, self.n_kv_heads),
+            ("attention heads x key/value heads", self.n_heads, self.n_kv_heads),
             ("vocab size x model width", self.vocab_size, self.d_model),
             ("MLP width x model width", self.d_mlp, self.d_model),
             ("context x model width", self.max_positions, self.d_model),
@@ -484,16 +484,14 @@ impl ModelConfig {
                 self.max_positions
             )));
         }
-        if let Some(&id) = self
-            .bos_token_id
-            .iter()
-            .chain(&self.eos_token_ids)
-            .find(|&&id| id as usize >= self.vocab_size)
-        {
-            return Err(err(format!(
-                "special token id {id} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
+        let special = [("bos_token_id", self.bos_token_id.as_slice()), ("eos_token_id", &self.eos_token_ids)];
+        for (key, ids) in special {
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+                return Err(err(format!(
+                    "{key} {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                )));
+            }
         }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return Err(err(format!(
