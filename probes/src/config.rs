@@ -206,9 +206,9 @@ impl ModelConfig {
                 head_dim: d_model / n_heads,
                 d_mlp: match c.n_inner {
                     Some(n) => n,
-                    None => d_model.checked_mul(4).ok_or_else(|| {
-                        err(format!("`n_embd` = {d_model} overflows 4 * n_embd"))
-                    })?,
+                    None => d_model
+                        .checked_mul(4)
+                        .ok_or_else(|| err(format!("`n_embd` = {d_model} overflows 4 * n_embd")))?,
                 },
                 vocab_size: need(c.vocab_size, "vocab_size")?,
                 norm_eps: c.layer_norm_epsilon.unwrap_or(1e-5),
@@ -357,7 +357,9 @@ impl ModelConfig {
         let d_model = g.meta_usize("llama.embedding_length")?;
         let n_heads = g.meta_usize("llama.attention.head_count")?;
         if n_heads == 0 {
-            return Err(err("GGUF metadata `llama.attention.head_count` is zero".into()));
+            return Err(err(
+                "GGUF metadata `llama.attention.head_count` is zero".into()
+            ));
         }
         let head_dim = match opt_usize("llama.attention.key_length")? {
             Some(k) => k,
@@ -463,7 +465,11 @@ impl ModelConfig {
         // The forward pass multiplies these; none of the products may wrap.
         let products = [
             ("attention heads x head_dim", self.n_heads, self.head_dim),
-            ("attention heads x key/value heads", self.n_heads, self.n_kv_heads),
+            (
+                "attention heads x key/value heads",
+                self.n_heads,
+                self.n_kv_heads,
+            ),
             ("vocab size x model width", self.vocab_size, self.d_model),
             ("MLP width x model width", self.d_mlp, self.d_model),
             ("context x model width", self.max_positions, self.d_model),
@@ -484,7 +490,10 @@ impl ModelConfig {
                 self.max_positions
             )));
         }
-        let special = [("bos_token_id", self.bos_token_id.as_slice()), ("eos_token_id", &self.eos_token_ids)];
+        let special = [
+            ("bos_token_id", self.bos_token_id.as_slice()),
+            ("eos_token_id", &self.eos_token_ids),
+        ];
         for (key, ids) in special {
             if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
                 return Err(err(format!(

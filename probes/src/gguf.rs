@@ -779,10 +779,17 @@ mod tests {
         let n = 200_000u64;
         let mut b = header(0, n);
         for i in 0..n {
-            let k = [b'a' + (i % 26) as u8, b'a' + (i / 26 % 26) as u8, b'a' + (i / 676 % 26) as u8, b'0' + (i / 17576) as u8];
+            let k = [
+                b'a' + (i % 26) as u8,
+                b'a' + (i / 26 % 26) as u8,
+                b'a' + (i / 676 % 26) as u8,
+                b'0' + (i / 17576) as u8,
+            ];
             kv(&mut b, std::str::from_utf8(&k).unwrap(), 0, &[1]);
         }
-        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more memory than 8 bytes per byte"), "{e}");
     }
 
@@ -798,12 +805,19 @@ mod tests {
             b.extend(0u64.to_le_bytes());
         }
         b.resize(b.len().div_ceil(32) * 32 + 64, 0);
-        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
-        assert!(e.contains("tensor `b`") && e.contains("overlaps tensor `a`"), "{e}");
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor `b`") && e.contains("overlaps tensor `a`"),
+            "{e}"
+        );
 
         let mut b = header(0, 1);
         kv(&mut b, "", 0, &[1]);
-        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("metadata key #0"), "{e}");
 
         let long = "x".repeat(64);
@@ -811,7 +825,9 @@ mod tests {
         b.extend((long.len() as u64).to_le_bytes());
         b.extend(long.as_bytes());
         b.resize(b.len() + 64, 0);
-        let e = GgufFile::parse(Path::new("m.gguf"), b).unwrap_err().to_string();
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("longer than 63 bytes"), "{e}");
     }
 

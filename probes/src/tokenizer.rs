@@ -160,7 +160,9 @@ impl TextCodec {
                 (0..a.len())
                     .map(|i| {
                         a.u64_at(i).ok_or_else(|| {
-                            err(format!("tokenizer.ggml.token_type[{i}] is not a token type"))
+                            err(format!(
+                                "tokenizer.ggml.token_type[{i}] is not a token type"
+                            ))
                         })
                     })
                     .collect::<Result<_, _>>()?
@@ -303,17 +305,15 @@ impl TextCodec {
         match rendered {
             Ok(_) => String::from_utf8(out.buf)
                 .map_err(|_| RunError::Tokenizer("chat template rendered invalid UTF-8".into())),
-            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(RunError::Tokenizer(
-                format!(
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+                Err(RunError::Tokenizer(format!(
                     "chat template ran more than {fuel} instructions for {n} message(s): \
                      does it loop?"
-                ),
-            )),
-            Err(e) if e.kind() == minijinja::ErrorKind::WriteFailure => {
-                Err(RunError::Tokenizer(format!(
-                    "chat template output exceeds {limit} bytes for {text} bytes of messages"
                 )))
             }
+            Err(e) if e.kind() == minijinja::ErrorKind::WriteFailure => Err(RunError::Tokenizer(
+                format!("chat template output exceeds {limit} bytes for {text} bytes of messages"),
+            )),
             Err(e) => Err(RunError::Tokenizer(format!("chat template: {e}"))),
         }
     }

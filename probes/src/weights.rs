@@ -140,10 +140,7 @@ impl TensorSource for SafetensorsShards {
             return Err(LoadError::Tensor {
                 path: f.path.clone(),
                 tensor: name.to_string(),
-                detail: format!(
-                    "dtype {:?} is not a floating-point weight type",
-                    info.dtype
-                ),
+                detail: format!("dtype {:?} is not a floating-point weight type", info.dtype),
             });
         }
         f.load_f32(info, &Device::Cpu).map(Some)
@@ -410,7 +407,10 @@ impl Loader<'_> {
         };
         let name = format!("{prefix}.attn.bias");
         if self.src.has(&name) {
-            let t = self.src.load(&name)?.ok_or_else(|| bad(&name, "vanished"))?;
+            let t = self
+                .src
+                .load(&name)?
+                .ok_or_else(|| bad(&name, "vanished"))?;
             self.used.borrow_mut().insert(name.clone());
             let n = match *t.dims() {
                 [1, 1, a, b] if a == b && a >= self.cfg.max_positions => a,
@@ -434,9 +434,15 @@ impl Loader<'_> {
         }
         let name = format!("{prefix}.attn.masked_bias");
         if self.src.has(&name) {
-            let t = self.src.load(&name)?.ok_or_else(|| bad(&name, "vanished"))?;
+            let t = self
+                .src
+                .load(&name)?
+                .ok_or_else(|| bad(&name, "vanished"))?;
             self.used.borrow_mut().insert(name.clone());
-            let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(candle_err(&name))?;
+            let v: Vec<f32> = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(candle_err(&name))?;
             // Masked scores become this value before the softmax: a large negative one is the
             // same as the -inf used here.
             if v.len() != 1 || v[0] > -1e4 {

@@ -298,7 +298,11 @@ fn with_config(root: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value
     dir
 }
 
-fn gguf_with(root: &Path, name: &str, edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors)) -> PathBuf {
+fn gguf_with(
+    root: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors),
+) -> PathBuf {
     let path = root.join(name);
     llama_gguf_with(&path, 3, GgmlDType::Q8_0, edit);
     path
@@ -315,7 +319,11 @@ fn a_layer_count_of_2_pow_40_is_refused_before_allocating() {
         ("hidden_size", huge, "hidden_size"),
         ("vocab_size", huge, "implies"),
         ("intermediate_size", huge, "implies"),
-        ("num_attention_heads", 3, "not divisible by `num_attention_heads`"),
+        (
+            "num_attention_heads",
+            3,
+            "not divisible by `num_attention_heads`",
+        ),
         ("max_position_embeddings", huge, "context length"),
         ("eos_token_id", 1000, "outside the vocabulary"),
     ] {
@@ -323,16 +331,27 @@ fn a_layer_count_of_2_pow_40_is_refused_before_allocating() {
         let e = load_err(&dir);
         assert!(matches!(e, LoadError::Config { .. }), "{key}: {e}");
         let e = e.to_string();
-        assert!(e.contains("config.json") && e.contains(expect), "{key}: {e}");
+        assert!(
+            e.contains("config.json") && e.contains(expect),
+            "{key}: {e}"
+        );
     }
     for (key, value, expect) in [
         ("llama.block_count", V::U64(huge), "layers need at least"),
-        ("llama.embedding_length", V::U64(huge), "head dimension 274877906944"),
+        (
+            "llama.embedding_length",
+            V::U64(huge),
+            "head dimension 274877906944",
+        ),
         ("llama.vocab_size", V::U64(huge), "implies"),
         ("llama.attention.head_count", V::U32(3), "not divisible"),
         ("llama.context_length", V::U64(huge), "context length"),
         // A wrong type used to fall back to the default silently.
-        ("llama.attention.head_count_kv", V::String("2".into()), "head_count_kv"),
+        (
+            "llama.attention.head_count_kv",
+            V::String("2".into()),
+            "head_count_kv",
+        ),
         ("tokenizer.ggml.eos_token_id", V::U32(5000), "eos_token_id"),
     ] {
         let path = gguf_with(tmp.path(), "m.gguf", |m, _| set_meta(m, key, value));
@@ -342,7 +361,10 @@ fn a_layer_count_of_2_pow_40_is_refused_before_allocating() {
     // The tokenizer's ids must fit the embedding.
     let dir = with_config(tmp.path(), "small_vocab", |c| c["vocab_size"] = 50.into());
     let e = load_err(&dir).to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("outside the model's vocabulary of 50"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("outside the model's vocabulary of 50"),
+        "{e}"
+    );
 }
 
 /// `hidden_act: "relu"` ran SiLU; other behaviour fields were dropped the same way.
@@ -351,13 +373,19 @@ fn hidden_act_relu_is_refused_not_run_as_silu() {
     let tmp = tempfile::tempdir().unwrap();
     for (key, value) in [
         ("hidden_act", serde_json::json!("relu")),
-        ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0})),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        ),
         ("partial_rotary_factor", serde_json::json!(0.5)),
         ("final_logit_softcapping", serde_json::json!(30.0)),
     ] {
         let dir = with_config(tmp.path(), key, |c| c[key] = value.clone());
         let e = load_err(&dir).to_string();
-        assert!(e.contains("config.json") && e.contains(&format!("`{key}`")), "{key}: {e}");
+        assert!(
+            e.contains("config.json") && e.contains(&format!("`{key}`")),
+            "{key}: {e}"
+        );
     }
     for (key, value) in [
         ("llama.rope.scaling.type", V::String("linear".into())),
@@ -394,9 +422,18 @@ fn with_attention_bias(t: &mut Vec<(String, Tensor)>, o_scale: f32) {
     let mut r = Rand::new(9);
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}.self_attn");
-        t.push((format!("{p}.q_proj.bias"), r.tensor(&[HEADS * HEAD_DIM], 0.2)));
-        t.push((format!("{p}.k_proj.bias"), r.tensor(&[KV_HEADS * HEAD_DIM], 0.2)));
-        t.push((format!("{p}.v_proj.bias"), r.tensor(&[KV_HEADS * HEAD_DIM], 0.2)));
+        t.push((
+            format!("{p}.q_proj.bias"),
+            r.tensor(&[HEADS * HEAD_DIM], 0.2),
+        ));
+        t.push((
+            format!("{p}.k_proj.bias"),
+            r.tensor(&[KV_HEADS * HEAD_DIM], 0.2),
+        ));
+        t.push((
+            format!("{p}.v_proj.bias"),
+            r.tensor(&[KV_HEADS * HEAD_DIM], 0.2),
+        ));
         let o = (r.tensor(&[D], 1.0) * f64::from(o_scale)).unwrap();
         t.push((format!("{p}.o_proj.bias"), o));
     }
@@ -414,7 +451,11 @@ fn attention_bias_true_runs_with_the_bias_tensors() {
     let llama = tmp.path().join("llama");
     write_dir(&llama, &cfg, &t);
     let qwen = tmp.path().join("qwen");
-    let no_o: Vec<_> = t.iter().filter(|(n, _)| !n.contains("o_proj.bias")).cloned().collect();
+    let no_o: Vec<_> = t
+        .iter()
+        .filter(|(n, _)| !n.contains("o_proj.bias"))
+        .cloned()
+        .collect();
     write_dir(&qwen, &llama_config("Qwen2ForCausalLM"), &no_o);
     let p = Rand::new(3).tokens(10);
     assert!(rel_err(&logits(&load(&llama), &p), &logits(&load(&qwen), &p)) < 1e-5);
@@ -426,7 +467,10 @@ fn attention_bias_true_runs_with_the_bias_tensors() {
     // Bias tensors without `attention_bias` are not dropped: they are refused.
     write_dir(&llama, &llama_config("LlamaForCausalLM"), &t2);
     let e = load_err(&llama).to_string();
-    assert!(e.contains("model.layers.0.self_attn.k_proj.bias") && e.contains("not used"), "{e}");
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.bias") && e.contains("not used"),
+        "{e}"
+    );
 }
 
 /// `num_hidden_layers: 1` with tensors for two layers ran one layer; extra tensors and
@@ -436,14 +480,20 @@ fn fewer_layers_than_tensors_extra_tensors_and_integer_weights_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = with_config(tmp.path(), "layers", |c| c["num_hidden_layers"] = 1.into());
     let e = load_err(&dir).to_string();
-    assert!(e.contains("model.layers.1.") && e.contains("not used"), "{e}");
+    assert!(
+        e.contains("model.layers.1.") && e.contains("not used"),
+        "{e}"
+    );
 
     let dir = tmp.path().join("extra");
     let mut t = llama_tensors(3, false);
     t.push(("model.extra_scale".into(), Rand::new(1).tensor(&[D], 1.0)));
     write_dir(&dir, &llama_config("LlamaForCausalLM"), &t);
     let e = load_err(&dir).to_string();
-    assert!(e.contains("`model.extra_scale`") && e.contains("not used"), "{e}");
+    assert!(
+        e.contains("`model.extra_scale`") && e.contains("not used"),
+        "{e}"
+    );
 
     let dir = tmp.path().join("int");
     let mut t = llama_tensors(3, false);
@@ -454,7 +504,9 @@ fn fewer_layers_than_tensors_extra_tensors_and_integer_weights_are_refused() {
     assert!(e.contains(&name) && e.contains("U32"), "{e}");
 
     // A tied unembedding that is not the embedding.
-    let dir = with_config(tmp.path(), "tied", |c| c["tie_word_embeddings"] = true.into());
+    let dir = with_config(tmp.path(), "tied", |c| {
+        c["tie_word_embeddings"] = true.into()
+    });
     let e = load_err(&dir).to_string();
     assert!(e.contains("`lm_head.weight`") && e.contains("tie"), "{e}");
 
@@ -466,10 +518,16 @@ fn fewer_layers_than_tensors_extra_tensors_and_integer_weights_are_refused() {
     assert!(e.contains("blk.1.") && e.contains("not used"), "{e}");
     let path = gguf_with(tmp.path(), "extra.gguf", |_, t| {
         let f = Tensor::ones(HEAD_DIM / 2, candle_core::DType::F32, &Device::Cpu).unwrap();
-        t.push(("rope_freqs.weight".into(), QTensor::quantize(&f, GgmlDType::F32).unwrap()));
+        t.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&f, GgmlDType::F32).unwrap(),
+        ));
     });
     let e = load_err(&path).to_string();
-    assert!(e.contains("`rope_freqs.weight`") && e.contains("not used"), "{e}");
+    assert!(
+        e.contains("`rope_freqs.weight`") && e.contains("not used"),
+        "{e}"
+    );
 }
 
 /// Mistral's sliding window was ignored; within the window it is plain causal attention, so it
@@ -486,10 +544,18 @@ fn mistral_sliding_window_bounds_the_context() {
     let p = Rand::new(1).tokens(17);
     let e = m
         .transformer
-        .forward(&[p], probes::Padding::Left, &probes::Hooks::new(), probes::Unembed::Last)
+        .forward(
+            &[p],
+            probes::Padding::Left,
+            &probes::Hooks::new(),
+            probes::Unembed::Last,
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("prompt 0 has 17 tokens") && e.contains("context length of 16"), "{e}");
+    assert!(
+        e.contains("prompt 0 has 17 tokens") && e.contains("context length of 16"),
+        "{e}"
+    );
 }
 
 /// A prompt longer than the context allocated gigabytes of attention buffers.
@@ -502,21 +568,41 @@ fn a_prompt_longer_than_the_context_is_refused_naming_its_index() {
     let hooks = probes::Hooks::new();
     let e = m
         .transformer
-        .forward(&prompts, probes::Padding::Left, &hooks, probes::Unembed::Last)
+        .forward(
+            &prompts,
+            probes::Padding::Left,
+            &hooks,
+            probes::Unembed::Last,
+        )
         .unwrap_err()
         .to_string();
-    let want = format!("prompt 2 has {} tokens, more than the model's context length of {POSITIONS}", POSITIONS + 1);
+    let want = format!(
+        "prompt 2 has {} tokens, more than the model's context length of {POSITIONS}",
+        POSITIONS + 1
+    );
     assert!(e.contains(&want), "{e}");
     // Micro-batches of one still name the prompt's index in the whole set.
     let e = m
         .transformer
-        .forward_chunked(&prompts, 1, probes::Padding::Left, &hooks, probes::Unembed::Last, |_, _| Ok(()))
+        .forward_chunked(
+            &prompts,
+            1,
+            probes::Padding::Left,
+            &hooks,
+            probes::Unembed::Last,
+            |_, _| Ok(()),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains(&want), "{e}");
-    let e = probes::generate(&m.transformer, &prompts[2..], &hooks, &probes::GenerateOptions::default())
-        .unwrap_err()
-        .to_string();
+    let e = probes::generate(
+        &m.transformer,
+        &prompts[2..],
+        &hooks,
+        &probes::GenerateOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("prompt 0 has"), "{e}");
     assert!(m.transformer.check_prompts(&prompts[..2]).is_ok());
 }
