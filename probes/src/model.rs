@@ -248,13 +248,14 @@ impl Model {
         }
     }
 
-    /// Tokenise `text`, through the chat template when `chat` is set.
+    /// Tokenise `text`, through the chat template when `chat` is set; plain text gets the
+    /// special tokens the tokenizer adds (see [`TextCodec::encode_text`]).
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>, RunError> {
         if chat {
             let rendered = self.codec.apply_chat_template(&[Message::user(text)])?;
             self.codec.encode(&rendered)
         } else {
-            self.codec.encode(text)
+            self.codec.encode_text(text)
         }
     }
 
@@ -340,8 +341,41 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
     )
     .map_err(io(&config_path))?;
     let tok_path = out_dir.join("tokenizer.json");
-    codec
-        .tokenizer
+    let tok_err = |detail: String| LoadError::Tokenizer {
+        path: gguf.to_path_buf(),
+        detail,
+    };
+    let mut tokenizer = codec.tokenizer.clone();
+    // GGUF's add_bos_token / add_eos_token become tokenizer.json's post-processor, which is
+    // how an HF directory says the same.
+    if codec.add_bos.is_some() || codec.add_eos.is_some() {
+        let mut single = Vec::new();
+        let mut specials = Vec::new();
+        let mut special = |id: u32, single: &mut Vec<String>| -> Result<(), LoadError> {
+            let t = codec
+                .tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| tok_err(format!("special token id {id} has no text")))?;
+            single.push(t.clone());
+            specials.push((t, id));
+            Ok(())
+        };
+        if let Some(b) = codec.add_bos {
+            special(b, &mut single)?;
+        }
+        single.push("$A".to_string());
+        if let Some(e) = codec.add_eos {
+            special(e, &mut single)?;
+        }
+        let processor = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(single.join(" "))
+            .map_err(|e| tok_err(format!("post-processor template: {e}")))?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| tok_err(format!("post-processor: {e}")))?;
+        tokenizer.with_post_processor(Some(processor));
+    }
+    tokenizer
         .save(&tok_path, false)
         .map_err(|e| LoadError::Tokenizer {
             path: tok_path.clone(),

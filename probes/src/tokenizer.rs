@@ -15,7 +15,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use crate::error::{LoadError, RunError};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, GgufValue};
 
 /// Template instructions allowed per render, plus [`TEMPLATE_FUEL_PER_MESSAGE`] per message.
 /// Real chat templates use a few hundred per message.
@@ -52,6 +52,10 @@ pub struct TextCodec {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// Token ids that plain-text prompts start and end with (GGUF `tokenizer.ggml.add_bos_token`
+    /// and `add_eos_token`; `tokenizer.json` says the same with its post-processor).
+    pub add_bos: Option<u32>,
+    pub add_eos: Option<u32>,
 }
 
 /// One chat message.
@@ -87,6 +91,8 @@ impl TextCodec {
             chat_template: None,
             bos_token: None,
             eos_token: None,
+            add_bos: None,
+            add_eos: None,
         };
         if let Some(cfg) = read("tokenizer_config.json")? {
             let cfg_path = dir.join("tokenizer_config.json");
@@ -219,6 +225,28 @@ impl TextCodec {
         };
         let bos_token = id_str("tokenizer.ggml.bos_token_id")?;
         let eos_token = id_str("tokenizer.ggml.eos_token_id")?;
+        // What llama.cpp does with plain text: add BOS / EOS when the file says so.
+        let add = |flag: &str, id_key: &str| -> Result<Option<u32>, LoadError> {
+            match g.metadata.get(flag) {
+                None | Some(GgufValue::Bool(false)) => Ok(None),
+                Some(GgufValue::Bool(true)) => g
+                    .metadata
+                    .get(id_key)
+                    .and_then(|v| v.as_u64())
+                    .and_then(|i| u32::try_from(i).ok())
+                    .map(Some)
+                    .ok_or_else(|| err(format!("{flag} is set but {id_key} is missing"))),
+                Some(v) => Err(err(format!("{flag} = {v:?} is not a bool"))),
+            }
+        };
+        let add_bos = add(
+            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.bos_token_id",
+        )?;
+        let add_eos = add(
+            "tokenizer.ggml.add_eos_token",
+            "tokenizer.ggml.eos_token_id",
+        )?;
         let chat_template = match g.metadata.get("tokenizer.chat_template") {
             None => None,
             Some(v) => Some(
@@ -232,6 +260,8 @@ impl TextCodec {
             chat_template,
             bos_token,
             eos_token,
+            add_bos,
+            add_eos,
         })
     }
 
@@ -241,6 +271,24 @@ impl TextCodec {
             .encode(text, false)
             .map_err(|e| RunError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenise plain text as the checkpoint asks: `tokenizer.json`'s post-processor (HF's
+    /// `add_special_tokens=True`) and GGUF's `add_bos_token` / `add_eos_token` apply. Chat
+    /// templates write their own special tokens, so rendered chats go through [`Self::encode`].
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, RunError> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| RunError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let Some(bos) = self.add_bos.filter(|&b| ids.first() != Some(&b)) {
+            ids.insert(0, bos);
+        }
+        if let Some(eos) = self.add_eos.filter(|&e| ids.last() != Some(&e)) {
+            ids.push(eos);
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, RunError> {

@@ -701,3 +701,31 @@ fn one_huge_gguf_metadata_array_costs_memory_proportional_to_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// GGUF's `tokenizer.ggml.add_bos_token` was ignored: plain-text prompts ran without the BOS
+/// token the model was trained with, and `model convert` dropped the flag too.
+#[test]
+fn gguf_add_bos_token_is_honoured_and_survives_conversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = gguf_with(tmp.path(), "plain.gguf", |_, _| {});
+    assert_eq!(
+        load(&plain).encode_prompt("", false).unwrap(),
+        Vec::<u32>::new()
+    );
+    let path = gguf_with(tmp.path(), "bos.gguf", |m, _| {
+        set_meta(m, "tokenizer.ggml.add_bos_token", V::Bool(true));
+        set_meta(m, "tokenizer.ggml.add_eos_token", V::Bool(true));
+    });
+    let m = load(&path);
+    assert_eq!(m.encode_prompt("", false).unwrap(), vec![1, 2]);
+    // Rendered chats carry their own special tokens.
+    assert_eq!(m.codec.encode("").unwrap(), Vec::<u32>::new());
+    let out = tmp.path().join("converted");
+    probes::convert_gguf(&path, &out).unwrap();
+    assert_eq!(load(&out).encode_prompt("", false).unwrap(), vec![1, 2]);
+    let path = gguf_with(tmp.path(), "bad.gguf", |m, _| {
+        set_meta(m, "tokenizer.ggml.add_bos_token", V::U8(1));
+    });
+    let e = load_err(&path).to_string();
+    assert!(e.contains("bad.gguf") && e.contains("add_bos_token"), "{e}");
+}
