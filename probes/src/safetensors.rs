@@ -2,7 +2,8 @@
 //!
 //! It rejects everything the reference parser rejects (oversized or out-of-file headers,
 //! offsets that are not sorted and contiguous from 0, sizes that disagree with shape x dtype,
-//! trailing bytes) and, unlike it, duplicate JSON keys. The bytes parsed are the bytes hashed:
+//! trailing bytes) and, unlike it, duplicate JSON keys at any depth (two tensors of one name,
+//! or two `"shape"`s in one tensor's entry). The bytes parsed are the bytes hashed:
 //! the whole file is read once into memory, so a writer changing the file cannot make the
 //! digest and the weights disagree.
 
