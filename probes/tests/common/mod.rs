@@ -203,6 +203,20 @@ pub fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
 
 /// A tiny llama GGUF with the given tensor type for the 2-D weights.
 pub fn llama_gguf(path: &Path, seed: u64, dtype: GgmlDType) {
+    llama_gguf_with(path, seed, dtype, |_, _| {});
+}
+
+/// GGUF metadata and tensors as [`llama_gguf_with`] hands them to its `edit`.
+pub type GgufMeta = Vec<(String, gguf_file::Value)>;
+pub type GgufTensors = Vec<(String, QTensor)>;
+
+/// [`llama_gguf`], with `edit` changing the metadata and tensors before they are written.
+pub fn llama_gguf_with(
+    path: &Path,
+    seed: u64,
+    dtype: GgmlDType,
+    edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors),
+) {
     use gguf_file::Value as V;
     let tensors = llama_tensors(seed, false);
     let gguf_name = |n: &str| -> String {
@@ -261,10 +275,20 @@ pub fn llama_gguf(path: &Path, seed: u64, dtype: GgmlDType) {
         ("tokenizer.ggml.bos_token_id", V::U32(1)),
         ("tokenizer.ggml.eos_token_id", V::U32(2)),
     ];
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let mut meta: GgufMeta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    edit(&mut meta, &mut q);
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+}
+
+/// Set (or add) GGUF metadata `key`.
+pub fn set_meta(meta: &mut GgufMeta, key: &str, value: gguf_file::Value) {
+    match meta.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = value,
+        None => meta.push((key.to_string(), value)),
+    }
 }
 
 /// max |a - b| / max |b|
