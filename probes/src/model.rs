@@ -69,14 +69,10 @@ pub struct ModelInfo {
 }
 
 impl Model {
-    /// Load a GGUF file, an HF directory, or `default` (the cached SmolLM2 model, fetched
-    /// on first use).
+    /// Load a GGUF file, an HF directory, or a known model by name (`default`, the cached
+    /// SmolLM2 model, is fetched on first use; see [`crate::fetch::resolve`]).
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self, LoadError> {
-        let path = if spec == "default" {
-            crate::fetch::fetch_default()?
-        } else {
-            PathBuf::from(spec)
-        };
+        let path = crate::fetch::resolve(spec)?;
         Self::load_path(&path, opts)
     }
 

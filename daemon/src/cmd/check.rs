@@ -23,7 +23,7 @@ pub enum Format {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// A GGUF file, an HF directory, or `default`.
+    /// A GGUF file, an HF directory, or a name from `mechwatch model list` (`default`).
     #[arg(long, default_value = "default")]
     pub model: String,
     /// A policy file, a directory of them, or `default` (the shipped policies).
