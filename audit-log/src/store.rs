@@ -890,7 +890,7 @@ impl AuditLog {
                         },
                         time: now_rfc3339(),
                         host: hostname(),
-                        mechwatch_version: env!("CARGO_PKG_VERSION").into(),
+                        mechwatch_version: crate::BUILD_VERSION.into(),
                         key_id: signer.id().into(),
                         record: body,
                     },

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "mechwatch",
-    version,
+    version = audit_log::BUILD_VERSION,
     about = "Safety-audit compliance daemon built on mechanistic interpretability"
 )]
 struct Cli {
