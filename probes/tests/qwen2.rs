@@ -438,3 +438,81 @@ fn real_qwen2_5_coder_answers_and_refuses() {
         "expected a refusal: {answer:?}"
     );
 }
+
+// --- biases in other GGUFs, conversion ---------------------------------------------------
+
+/// A `llama` GGUF with attention biases (HF `attention_bias`): llama.cpp's converter permutes
+/// the q/k biases with their weights, and the loader must undo both.
+#[test]
+fn llama_gguf_with_attention_biases_runs_as_its_hf_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = Rand::new(21);
+    let mut biases = Vec::new();
+    for l in 0..LAYERS {
+        for (proj, gg, n, heads) in [
+            ("q_proj", "attn_q", HEADS * HEAD_DIM, Some(HEADS)),
+            ("k_proj", "attn_k", KV_HEADS * HEAD_DIM, Some(KV_HEADS)),
+            ("v_proj", "attn_v", KV_HEADS * HEAD_DIM, None),
+            ("o_proj", "attn_output", D, None),
+        ] {
+            let b = r.tensor(&[n], 0.3);
+            let stored = match heads {
+                Some(h) => permute_for_gguf(&b.unsqueeze(1).unwrap(), h)
+                    .squeeze(1)
+                    .unwrap(),
+                None => b.clone(),
+            };
+            biases.push((
+                format!("model.layers.{l}.self_attn.{proj}.bias"),
+                format!("blk.{l}.{gg}.bias"),
+                b,
+                stored,
+            ));
+        }
+    }
+    let mut hf_tensors = llama_tensors(22, false);
+    hf_tensors.extend(biases.iter().map(|(n, _, b, _)| (n.clone(), b.clone())));
+    let mut cfg = llama_config("LlamaForCausalLM");
+    cfg["attention_bias"] = true.into();
+    let dir = tmp.path().join("hf");
+    write_dir(&dir, &cfg, &hf_tensors);
+    let gguf = tmp.path().join("biased.gguf");
+    llama_gguf_with(&gguf, 22, GgmlDType::F32, |_, t| {
+        for (_, g, _, stored) in &biases {
+            t.push((
+                g.clone(),
+                QTensor::quantize(stored, GgmlDType::F32).unwrap(),
+            ));
+        }
+    });
+    let gg = load(&gguf);
+    assert!(gg.config().qkv_bias && gg.config().o_bias);
+    let hf = load(&dir);
+    for p in prompts() {
+        let e = rel_err(&ours_last(&gg, &p), &ours_last(&hf, &p));
+        assert!(e < TOL, "{} tokens: relative error {e}", p.len());
+    }
+}
+
+/// `model convert` of a Qwen2 GGUF writes its biases and the qwen2 pre-tokenizer.
+#[test]
+fn qwen2_gguf_converts_to_an_hf_directory_that_runs_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("q.gguf");
+    qwen2_gguf_with(&gguf, 23, GgmlDType::Q8_0, |_, _| {});
+    let dir = tmp.path().join("hf");
+    probes::convert_gguf(&gguf, &dir).unwrap();
+    let converted = load(&dir);
+    let original = load(&gguf);
+    assert_eq!(converted.config().architecture, probes::Architecture::Qwen2);
+    assert!(converted.config().qkv_bias);
+    for p in prompts() {
+        let e = rel_err(&ours_last(&converted, &p), &ours_last(&original, &p));
+        assert!(e < TOL, "{} tokens: relative error {e}", p.len());
+    }
+    let pre = converted.codec.tokenizer.get_pre_tokenizer().unwrap();
+    let hf: tokenizers::PreTokenizerWrapper = serde_json::from_str(HF_QWEN2_PRE).unwrap();
+    for text in TEXTS {
+        assert_eq!(splits(pre, text), splits(&hf, text), "{text:?}");
+    }
+}
