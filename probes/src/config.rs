@@ -25,7 +25,8 @@ pub enum Architecture {
 }
 
 pub const SUPPORTED_ARCHITECTURES: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, GGUF `llama`";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, GGUF `llama`, \
+     GGUF `qwen2`";
 
 impl Architecture {
     pub fn name(self) -> &'static str {
@@ -301,16 +302,25 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Read the configuration of a GGUF file (`general.architecture = llama`).
+    /// Read the configuration of a GGUF file (`general.architecture` `llama` or `qwen2`).
+    ///
+    /// Both families share llama.cpp's key layout under their own prefix (`qwen2.block_count`,
+    /// ...); the differences are behaviour fields: Qwen2 always has q/k/v biases, a Llama GGUF
+    /// has them when its tensors do.
     pub fn from_gguf(g: &GgufFile) -> Result<Self, LoadError> {
         let arch = g.meta_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(LoadError::UnsupportedArchitecture {
-                path: g.path.clone(),
-                arch: arch.to_string(),
-                supported: SUPPORTED_ARCHITECTURES,
-            });
-        }
+        let architecture = match arch {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            _ => {
+                return Err(LoadError::UnsupportedArchitecture {
+                    path: g.path.clone(),
+                    arch: arch.to_string(),
+                    supported: SUPPORTED_ARCHITECTURES,
+                })
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
         let err = |detail: String| LoadError::Config {
             path: g.path.clone(),
             detail,
@@ -323,67 +333,67 @@ impl ModelConfig {
                  does not implement"
             )))
         };
-        for key in [
-            "llama.attention.clamp_kqv",
-            "llama.attention.scale",
-            "llama.attention.layer_norm_epsilon",
-            "llama.logit_scale",
-            "llama.embedding_scale",
-            "llama.residual_scale",
-            "llama.attn_logit_softcapping",
-            "llama.final_logit_softcapping",
-            "llama.use_parallel_residual",
-            "llama.rope.scaling.original_context_length",
+        for k in [
+            "attention.clamp_kqv",
+            "attention.scale",
+            "attention.layer_norm_epsilon",
+            "logit_scale",
+            "embedding_scale",
+            "residual_scale",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "use_parallel_residual",
+            "rope.scaling.original_context_length",
         ] {
-            if let Some(v) = g.metadata.get(key) {
-                return refuse(key, v);
+            if let Some(v) = g.metadata.get(&key(k)) {
+                return refuse(&key(k), v);
             }
         }
-        if let Some(v) = g.metadata.get("llama.rope.scaling.type") {
+        if let Some(v) = g.metadata.get(&key("rope.scaling.type")) {
             if v.as_str() != Some("none") {
-                return refuse("llama.rope.scaling.type", v);
+                return refuse(&key("rope.scaling.type"), v);
             }
         }
-        for key in ["llama.rope.scaling.factor", "llama.rope.scale_linear"] {
-            if let Some(f) = opt_f64(key)? {
+        for k in ["rope.scaling.factor", "rope.scale_linear"] {
+            if let Some(f) = opt_f64(&key(k))? {
                 if f != 1.0 && f != 0.0 {
-                    return refuse(key, &GgufValue::F64(f));
+                    return refuse(&key(k), &GgufValue::F64(f));
                 }
             }
         }
-        if let Some(n) = opt_usize("llama.expert_count")?.filter(|&n| n > 0) {
-            return refuse("llama.expert_count", &GgufValue::U64(n as u64));
+        if let Some(n) = opt_usize(&key("expert_count"))?.filter(|&n| n > 0) {
+            return refuse(&key("expert_count"), &GgufValue::U64(n as u64));
         }
-        let d_model = g.meta_usize("llama.embedding_length")?;
-        let n_heads = g.meta_usize("llama.attention.head_count")?;
+        let d_model = g.meta_usize(&key("embedding_length"))?;
+        let n_heads = g.meta_usize(&key("attention.head_count"))?;
         if n_heads == 0 {
-            return Err(err(
-                "GGUF metadata `llama.attention.head_count` is zero".into()
-            ));
+            return Err(err(format!(
+                "GGUF metadata `{arch}.attention.head_count` is zero"
+            )));
         }
-        let head_dim = match opt_usize("llama.attention.key_length")? {
+        let head_dim = match opt_usize(&key("attention.key_length"))? {
             Some(k) => k,
             None if d_model.is_multiple_of(n_heads) => d_model / n_heads,
             None => {
                 return Err(err(format!(
-                    "GGUF metadata `llama.embedding_length` {d_model} is not divisible by \
-                     `llama.attention.head_count` {n_heads}"
+                    "GGUF metadata `{arch}.embedding_length` {d_model} is not divisible by \
+                     `{arch}.attention.head_count` {n_heads}"
                 )))
             }
         };
-        if let Some(v) = opt_usize("llama.attention.value_length")?.filter(|&v| v != head_dim) {
+        if let Some(v) = opt_usize(&key("attention.value_length"))?.filter(|&v| v != head_dim) {
             return Err(err(format!(
-                "GGUF metadata `llama.attention.value_length` {v} differs from the key length \
+                "GGUF metadata `{arch}.attention.value_length` {v} differs from the key length \
                  {head_dim}, which mechwatch does not implement"
             )));
         }
-        if let Some(r) = opt_usize("llama.rope.dimension_count")?.filter(|&r| r != head_dim) {
+        if let Some(r) = opt_usize(&key("rope.dimension_count"))?.filter(|&r| r != head_dim) {
             return Err(err(format!(
-                "GGUF metadata `llama.rope.dimension_count` {r} differs from the head \
+                "GGUF metadata `{arch}.rope.dimension_count` {r} differs from the head \
                  dimension {head_dim} (partial rotary embeddings are not implemented)"
             )));
         }
-        let vocab_size = match opt_usize("llama.vocab_size")? {
+        let vocab_size = match opt_usize(&key("vocab_size"))? {
             Some(v) => v,
             None => g
                 .metadata
@@ -399,30 +409,32 @@ impl ModelConfig {
                 })
                 .transpose()
         };
-        let mut max_positions = opt_usize("llama.context_length")?.unwrap_or(4096);
-        if let Some(w) = opt_usize("llama.attention.sliding_window")? {
+        let mut max_positions = opt_usize(&key("context_length"))?.unwrap_or(4096);
+        if let Some(w) = opt_usize(&key("attention.sliding_window"))? {
             max_positions = max_positions.min(w);
         }
         let cfg = ModelConfig {
-            architecture: Architecture::Llama,
-            n_layers: g.meta_usize("llama.block_count")?,
+            architecture,
+            n_layers: g.meta_usize(&key("block_count"))?,
             d_model,
             n_heads,
-            n_kv_heads: opt_usize("llama.attention.head_count_kv")?.unwrap_or(n_heads),
+            n_kv_heads: opt_usize(&key("attention.head_count_kv"))?.unwrap_or(n_heads),
             head_dim,
-            d_mlp: g.meta_usize("llama.feed_forward_length")?,
+            d_mlp: g.meta_usize(&key("feed_forward_length"))?,
             vocab_size,
-            norm_eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon")?,
-            rope_theta: opt_f64("llama.rope.freq_base")?.unwrap_or(10_000.0),
+            norm_eps: g.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             max_positions,
             tie_embeddings: g.get("output.weight").is_none(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
                 .into_iter()
                 .collect(),
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
+            // llama.cpp requires Qwen2's q/k/v biases; a Llama GGUF may carry them (HF
+            // `attention_bias`), and then carries an output bias too.
+            qkv_bias: architecture == Architecture::Qwen2 || g.get("blk.0.attn_q.bias").is_some(),
+            o_bias: g.get("blk.0.attn_output.bias").is_some(),
+            mlp_bias: g.get("blk.0.ffn_up.bias").is_some(),
             activation: Activation::Silu,
         };
         cfg.validate(&g.path)?;

@@ -101,13 +101,7 @@ impl Model {
         let config = ModelConfig::from_gguf(&file)?;
         let codec = TextCodec::from_gguf(&file)?;
         check_vocab(path, &codec, &config)?;
-        let transformer = weights::build(
-            &GgufSource {
-                file: &file,
-                config: &config,
-            },
-            &config,
-        )?;
+        let transformer = weights::build(&GgufSource::new(&file, &config), &config)?;
         let mut manifest = Manifest::default();
         let name = path
             .file_name()
@@ -306,10 +300,7 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
     let file = GgufFile::read(gguf)?;
     let config = ModelConfig::from_gguf(&file)?;
     let codec = TextCodec::from_gguf(&file)?;
-    let src = GgufSource {
-        file: &file,
-        config: &config,
-    };
+    let src = GgufSource::new(&file, &config);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LoadError::Io { path, source }

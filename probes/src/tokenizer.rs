@@ -12,7 +12,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{LoadError, RunError};
 use crate::gguf::{GgufFile, GgufValue};
@@ -40,6 +41,49 @@ impl std::io::Write for BoundedOutput {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Qwen2's pre-tokenizer regex (HF `tokenizer.json` `Split`; llama.cpp `qwen2`): like GPT-2's,
+/// but single digits, letters glued to one leading non-letter, and newlines kept apart.
+pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's pre-tokenizer regex (llama.cpp `llama-bpe`): Qwen2's with digits in runs of three.
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The `tokenizer.ggml.pre` values mechwatch implements.
+pub const SUPPORTED_PRE_TOKENIZERS: &str =
+    "default, gpt-2, smollm, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3";
+
+/// The pre-tokenizer llama.cpp uses for GGUF `tokenizer.ggml.pre` = `pre`; `None` when mechwatch
+/// does not implement it.
+pub fn gguf_pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
+    // Regex splitting first, then bytes to GPT-2's printable alphabet.
+    let split_then_bytes = |pattern: &str| -> Option<PreTokenizerWrapper> {
+        let split = Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .ok()?;
+        Some(
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into(),
+        )
+    };
+    match pre {
+        "default" | "gpt-2" => Some(ByteLevel::new(false, true, true).into()),
+        "smollm" => Some(
+            Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+        ),
+        "qwen2" | "deepseek-r1-qwen" => split_then_bytes(QWEN2_PATTERN),
+        "llama-bpe" | "llama3" | "llama-v3" => split_then_bytes(LLAMA3_PATTERN),
+        _ => None,
     }
 }
 
@@ -113,6 +157,16 @@ impl TextCodec {
             codec.bos_token = token("bos_token");
             codec.eos_token = token("eos_token");
         }
+        // Current transformers saves the template beside the config instead of inside it.
+        if codec.chat_template.is_none() {
+            if let Some(t) = read("chat_template.jinja")? {
+                let t = String::from_utf8(t).map_err(|_| LoadError::Tokenizer {
+                    path: dir.join("chat_template.jinja"),
+                    detail: "not UTF-8".into(),
+                })?;
+                codec.chat_template = Some(t);
+            }
+        }
         Ok(codec)
     }
 
@@ -185,29 +239,40 @@ impl TextCodec {
             .build()
             .map_err(|e| err(format!("building BPE: {e}")))?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre = g
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .unwrap_or("gpt2");
-        let pre: PreTokenizerWrapper = if pre == "smollm" {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        } else {
-            byte_level.into()
+        // Files written before llama.cpp recorded the pre-tokenizer get its `default` (GPT-2's
+        // regex), as llama.cpp gives them; a value we do not implement is refused, since
+        // splitting with another regex gives other tokens without any error.
+        let pre = match g.metadata.get("tokenizer.ggml.pre") {
+            None => "default",
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| err(format!("tokenizer.ggml.pre = {v:?} is not a string")))?,
         };
-        tokenizer.with_pre_tokenizer(Some(pre));
+        let pre_tokenizer = gguf_pre_tokenizer(pre).ok_or_else(|| {
+            err(format!(
+                "tokenizer.ggml.pre `{pre}` is not supported (supported: \
+                 {SUPPORTED_PRE_TOKENIZERS})"
+            ))
+        })?;
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens (type 3) such as <|im_start|> must match as single tokens.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(_, &t)| t == 3)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
+        // Control tokens (type 3) such as <|im_start|> must match as single tokens; so must
+        // user-defined ones (type 4, e.g. Qwen's `<tool_call>`), which llama.cpp also matches
+        // before splitting but, not being special, keeps when decoding.
+        let added = |ty: u64, special: bool| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(types.iter())
+                .filter(|(_, &t)| t == ty)
+                .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
+                .collect()
+        };
         tokenizer
-            .add_special_tokens(special)
+            .add_special_tokens(added(3, true))
             .map_err(|e| err(format!("adding special tokens: {e}")))?;
+        tokenizer
+            .add_tokens(added(4, false))
+            .map_err(|e| err(format!("adding user-defined tokens: {e}")))?;
         let id_str = |key: &str| -> Result<Option<String>, LoadError> {
             match g.metadata.get(key) {
                 None => Ok(None),

@@ -147,13 +147,25 @@ impl TensorSource for SafetensorsShards {
     }
 }
 
-/// A GGUF file seen through HF tensor names, with the q/k RoPE permutation undone.
+/// A GGUF file seen through HF tensor names, with the q/k RoPE permutation undone where the
+/// family's converter applied one.
 pub(crate) struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
+    /// llama.cpp's converter interleaves the q/k rows of `llama` checkpoints for its
+    /// "normal" RoPE; `qwen2` uses the NeoX RoPE and keeps HF's half-split layout.
+    pub permuted_qk: bool,
 }
 
-impl GgufSource<'_> {
+impl<'a> GgufSource<'a> {
+    pub fn new(file: &'a GgufFile, config: &'a ModelConfig) -> Self {
+        Self {
+            file,
+            config,
+            permuted_qk: config.architecture == Architecture::Llama,
+        }
+    }
+
     fn gguf_name(name: &str) -> Option<(String, Option<bool>)> {
         let direct = match name {
             "model.embed_tokens.weight" => Some("token_embd.weight"),
@@ -173,9 +185,16 @@ impl GgufSource<'_> {
             "self_attn.k_proj.weight" => ("attn_k.weight", Some(false)),
             "self_attn.v_proj.weight" => ("attn_v.weight", None),
             "self_attn.o_proj.weight" => ("attn_output.weight", None),
+            "self_attn.q_proj.bias" => ("attn_q.bias", Some(true)),
+            "self_attn.k_proj.bias" => ("attn_k.bias", Some(false)),
+            "self_attn.v_proj.bias" => ("attn_v.bias", None),
+            "self_attn.o_proj.bias" => ("attn_output.bias", None),
             "mlp.gate_proj.weight" => ("ffn_gate.weight", None),
             "mlp.up_proj.weight" => ("ffn_up.weight", None),
             "mlp.down_proj.weight" => ("ffn_down.weight", None),
+            "mlp.gate_proj.bias" => ("ffn_gate.bias", None),
+            "mlp.up_proj.bias" => ("ffn_up.bias", None),
+            "mlp.down_proj.bias" => ("ffn_down.bias", None),
             _ => return None,
         };
         Some((format!("blk.{layer}.{gg}"), permute))
@@ -216,7 +235,7 @@ impl TensorSource for GgufSource<'_> {
             return Ok(None);
         };
         let t = self.file.load_f32(info)?;
-        let Some(is_q) = permute else {
+        let Some(is_q) = permute.filter(|_| self.permuted_qk) else {
             return Ok(Some(t));
         };
         // GGUF stores q/k rows interleaved for its RoPE; go back to the HF (half-split) layout.
@@ -230,7 +249,12 @@ impl TensorSource for GgufSource<'_> {
             context: format!("un-permuting `{gg}`"),
             source: Box::new(source),
         };
-        let (out, d_in) = t.dims2().map_err(candle_err)?;
+        // A bias permutes as a weight with one input column.
+        let dims = t.dims().to_vec();
+        let (out, d_in) = match dims[..] {
+            [out] => (out, 1),
+            _ => t.dims2().map_err(candle_err)?,
+        };
         if out % (heads * 2) != 0 {
             return Err(LoadError::Shape {
                 path: self.file.path.clone(),
@@ -242,7 +266,7 @@ impl TensorSource for GgufSource<'_> {
         let hd = out / heads;
         t.reshape((heads, hd / 2, 2, d_in))
             .and_then(|t| t.transpose(1, 2))
-            .and_then(|t| t.reshape((out, d_in)))
+            .and_then(|t| t.reshape(dims))
             .and_then(|t| t.contiguous())
             .map(Some)
             .map_err(candle_err)
@@ -648,6 +672,26 @@ pub(crate) fn llama_tensor_names(cfg: &ModelConfig) -> Vec<String> {
             "mlp.down_proj.weight",
         ] {
             names.push(format!("model.layers.{l}.{t}"));
+        }
+        let biases = [
+            (
+                cfg.qkv_bias,
+                &["q_proj", "k_proj", "v_proj"][..],
+                "self_attn",
+            ),
+            (cfg.o_bias, &["o_proj"][..], "self_attn"),
+            (
+                cfg.mlp_bias,
+                &["gate_proj", "up_proj", "down_proj"][..],
+                "mlp",
+            ),
+        ];
+        for (on, projections, module) in biases {
+            if on {
+                for p in projections {
+                    names.push(format!("model.layers.{l}.{module}.{p}.bias"));
+                }
+            }
         }
     }
     names.push("model.norm.weight".into());
