@@ -323,7 +323,8 @@ impl<'de> Visitor<'de> for UniqueValueVisitor {
     }
 }
 
-/// Write tensors (F32, or U32 for token ids) as a safetensors file, atomically.
+/// Write tensors (F16 as F16, U32 token ids as U32, anything else as F32) as a safetensors
+/// file, atomically.
 pub fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -353,6 +354,14 @@ pub fn write(
             DType::U32 => (
                 "U32",
                 flat.to_vec1::<u32>()
+                    .map_err(candle_err)?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                "F16",
+                flat.to_vec1::<half::f16>()
                     .map_err(candle_err)?
                     .iter()
                     .flat_map(|v| v.to_le_bytes())

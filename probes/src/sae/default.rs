@@ -1,5 +1,5 @@
-//! The default SAE for the default model: a reproducible recipe, trained on first use and
-//! cached under `$MECHWATCH_HOME/sae/`.
+//! The default SAE's recipe: reproducible training for any model, cached under
+//! `$MECHWATCH_HOME/sae/`. For the default model its result ships ([`super::shipped`]).
 //!
 //! Corpus: text the default model writes itself, sampled with a fixed seed from 256 prompts we
 //! wrote (`probes/data/sae-corpus-seeds.txt`). The public text we could fetch here (Django's
@@ -225,8 +225,22 @@ pub fn sample(
     Ok(out)
 }
 
-/// The default SAE's folder, training it first if it is not cached.
+/// The default SAE's folder: the shipped SAE for the default model (see [`super::shipped`]),
+/// otherwise the recipe's SAE for `model`, trained first if it is not cached.
 pub fn ensure(
+    model: &Model,
+    corpus_progress: impl FnMut(usize, usize),
+    train_progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
+) -> Result<PathBuf, SaeError> {
+    if super::shipped::applies_to(model) {
+        return super::shipped::folder();
+    }
+    train_recipe(model, corpus_progress, train_progress)
+}
+
+/// The recipe's SAE for `model`, trained (about 25 minutes for the default model on two
+/// cores) unless it is cached.
+pub fn train_recipe(
     model: &Model,
     mut corpus_progress: impl FnMut(usize, usize),
     train_progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
