@@ -8,7 +8,10 @@
 //! — <key name> <base64(key id (4 bytes) || Ed25519 signature)>
 //! ```
 //!
-//! The Ed25519 note key id is `SHA-256(name || 0x0A || 0x01 || public key)[:4]`.
+//! The Ed25519 note key id is `SHA-256(name || 0x0A || 0x01 || public key)[:4]`, as C2SP
+//! signed-note specifies and Go's `golang.org/x/mod/sumdb/note` computes; [`note_verifier`]
+//! prints the verifier key that Go's `note.NewVerifier` reads. The root hash is base64 here
+//! because tlog-checkpoint mandates it; everywhere else mechwatch shows digests in hex.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -33,6 +36,18 @@ pub fn note_key_id(name: &str, key: &VerifyingKey) -> [u8; 4] {
     h.update([0x0A, 0x01]);
     h.update(key.as_bytes());
     h.finalize()[..4].try_into().expect("4 bytes")
+}
+
+/// The C2SP signed-note verifier key of `key` under `name`:
+/// `<name>+<hex key id>+<base64(0x01 || public key)>`, the string Go's `note.NewVerifier` takes.
+pub fn note_verifier(name: &str, key: &VerifyingKey) -> String {
+    let mut typed = vec![0x01];
+    typed.extend_from_slice(key.as_bytes());
+    format!(
+        "{name}+{:08x}+{}",
+        u32::from_be_bytes(note_key_id(name, key)),
+        STANDARD.encode(typed)
+    )
 }
 
 impl Checkpoint {
@@ -88,6 +103,15 @@ impl Checkpoint {
         Self::parse_body(&body)
     }
 
+    /// Parse a signed note without checking its signature: for a writer comparing its own
+    /// head witness with the database, where a forged note can only cause a refusal.
+    pub fn parse_unverified(note: &str) -> Result<Self, LogError> {
+        let (body, _) = note.split_once("\n\n").ok_or_else(|| {
+            LogError::Format("checkpoint: no blank line before signatures".into())
+        })?;
+        Self::parse_body(&format!("{body}\n"))
+    }
+
     fn parse_body(body: &str) -> Result<Self, LogError> {
         let bad = |what: &str| LogError::Format(format!("checkpoint: {what}"));
         let mut lines = body.lines();
@@ -135,5 +159,35 @@ mod tests {
         let other = Signer::generate();
         assert!(Checkpoint::verify(&note, "mechwatch", &other.public()).is_err());
         assert!(Checkpoint::verify("garbage", "mechwatch", &s.public()).is_err());
+    }
+
+    #[test]
+    fn the_note_key_id_and_verifier_key_follow_c2sp() {
+        // Known answer for the all-zero seed, computed from the spec's definitions:
+        // key id = SHA-256("mechwatch" || 0x0A || 0x01 || public key)[:4].
+        let s = Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&[0u8; 32]));
+        let public = s.public();
+        let mut h = Sha256::new();
+        h.update(b"mechwatch\n\x01");
+        h.update(public.as_bytes());
+        let want: [u8; 4] = h.finalize()[..4].try_into().unwrap();
+        assert_eq!(note_key_id("mechwatch", &public), want);
+        let v = note_verifier("mechwatch", &public);
+        let parts: Vec<&str> = v.split('+').collect();
+        assert_eq!(parts.len(), 3, "{v}");
+        assert_eq!(parts[0], "mechwatch");
+        assert_eq!(parts[1], hex::encode(want));
+        let raw = STANDARD.decode(parts[2]).unwrap();
+        assert_eq!(raw[0], 0x01);
+        assert_eq!(&raw[1..], public.as_bytes());
+        // The signature line carries the same 4 bytes.
+        let note = Checkpoint {
+            origin: "o".into(),
+            size: 1,
+            root: [0; 32],
+        }
+        .sign("mechwatch", &s);
+        let b64 = note.lines().last().unwrap().rsplit(' ').next().unwrap();
+        assert_eq!(STANDARD.decode(b64).unwrap()[..4], want);
     }
 }

@@ -27,6 +27,59 @@ pub enum LogError {
     Format(String),
     #[error("invalid signature")]
     Signature,
+    /// There is no file at the path. Read-only commands never create a log; writers start
+    /// one only at a path where nothing exists. A typo in the path is the usual cause.
+    #[error("{path}: no such audit log")]
+    Missing { path: PathBuf },
+    /// Something other than a mechwatch log is at the path: a zero-byte file (a truncated
+    /// log), a foreign SQLite database, or a file that is not SQLite at all. It is never
+    /// turned into a log.
+    #[error("{path}: {what}")]
+    NotALog { path: PathBuf, what: String },
+    /// `log init` on a path where a file already exists.
+    #[error(
+        "{path}: already exists ({what}); a new log starts only at a path where nothing exists"
+    )]
+    Exists { path: PathBuf, what: String },
+    /// The signing key is not the log's current key: records it signed would never verify.
+    /// A wrong `--key`, or a key retired by a rotation.
+    #[error(
+        "{path}: the log's current signing key is {current}, but the given key is {given}; \
+         records signed by it would make every later `log verify` fail. Use key {current}, or \
+         hand the log over with `mechwatch key rotate --db {path} --key <key {current}> --new-key <new key>`"
+    )]
+    WrongKey {
+        path: PathBuf,
+        current: String,
+        given: String,
+    },
+    /// The log holds fewer records than this host's writer last wrote, or different ones:
+    /// records were deleted, or the database was replaced by an older copy.
+    #[error(
+        "{path}: the log was rolled back: {detail}. Do not append to it: keep copies of the \
+         database and of {head}, run `mechwatch log verify` against your exported checkpoints \
+         and look for who changed the file. Only once that is understood, move {head} aside to \
+         accept the log as it is"
+    )]
+    RolledBack {
+        path: PathBuf,
+        head: PathBuf,
+        detail: String,
+    },
+    /// The head witness beside the log cannot be read or parsed.
+    #[error("{path}: unreadable head witness: {detail}")]
+    Witness { path: PathBuf, detail: String },
+    /// The log's newest records are in its write-ahead log (`-wal`), which SQLite reads only
+    /// through a shared-memory index (`-shm`) that cannot be created here: read-only media or
+    /// someone else's copy without write access to its directory.
+    #[error(
+        "{path}: the log has a write-ahead log ({path}-wal) that SQLite can read only through \
+         {path}-shm, which cannot be created here (read-only directory?); reading the main file \
+         alone would verify a stale view. Copy {path}-shm along with it, or copy the database and \
+         its -wal file to a writable directory, or on the host run `sqlite3 {path} 'PRAGMA wal_checkpoint(TRUNCATE)'` \
+         before copying"
+    )]
+    WalUnreadable { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

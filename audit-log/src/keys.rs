@@ -1,13 +1,21 @@
-//! Ed25519 signing keys: PKCS#8 PEM private keys (mode 0600, refused when readable by group
-//! or others), SPKI PEM public keys that OpenSSL reads, and key ids.
+//! Ed25519 signing keys in the files other tools read: private keys as RFC 8410 PKCS#8 v1
+//! `PrivateKeyInfo` PEM (no embedded public key; what `openssl genpkey -algorithm ed25519`
+//! writes, and what OpenSSL 3 and Python `cryptography` load), mode 0600, refused when readable
+//! by group or others; public keys as SPKI PEM. Private keys written by older mechwatch
+//! versions (PKCS#8 v2 `OneAsymmetricKey`, with the public key embedded) still load.
 //!
-//! The private key never appears in logs or errors: `Signer`'s `Debug` prints the key id only.
+//! A public key given where a private key is expected, or the reverse, is refused with a
+//! message that says which file to pass instead. The private key never appears in logs or
+//! errors: `Signer`'s `Debug` prints the key id only.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
+pub use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::{Signer as _, SigningKey};
 use sha2::{Digest, Sha256};
 
 use crate::error::LogError;
@@ -53,16 +61,26 @@ impl Signer {
         self.key.sign(msg)
     }
 
-    /// Load a PKCS#8 PEM private key, refusing files readable by group or others.
+    /// Load a PKCS#8 PEM private key (v1, or the v2 files older versions wrote), refusing
+    /// files readable by group or others.
     pub fn load(path: &Path) -> Result<Self, LogError> {
+        let text = read_key_file(path, "private")?;
+        if text.contains("-----BEGIN PUBLIC KEY-----") {
+            return Err(LogError::Key {
+                path: path.to_path_buf(),
+                detail: "this is a public key, but a private (signing) key is needed here; pass \
+                         the private key file `mechwatch key generate --out FILE` wrote (FILE, not \
+                         FILE.pub)"
+                    .into(),
+            });
+        }
         check_private_mode(path)?;
-        let pem = std::fs::read_to_string(path).map_err(|source| LogError::Io {
+        let key = SigningKey::from_pkcs8_pem(text.trim()).map_err(|_| LogError::Key {
             path: path.to_path_buf(),
-            source,
-        })?;
-        let key = SigningKey::from_pkcs8_pem(&pem).map_err(|_| LogError::Key {
-            path: path.to_path_buf(),
-            detail: "not an Ed25519 PKCS#8 PEM private key".into(),
+            detail: "not an Ed25519 PKCS#8 PEM private key (-----BEGIN PRIVATE KEY-----); make \
+                     one with `mechwatch key generate --out FILE` or `openssl genpkey -algorithm \
+                     ed25519`"
+                .into(),
         })?;
         Ok(Self::from_signing_key(key))
     }
@@ -75,10 +93,14 @@ impl Signer {
             path: path.to_path_buf(),
             source,
         };
-        let pem = self
-            .key
-            .to_pkcs8_pem(Default::default())
-            .map_err(|_| LogError::Format("encoding the private key".into()))?;
+        // PKCS#8 v1 (RFC 8410 `PrivateKeyInfo`): OpenSSL 3 refuses the v2 encoding with the
+        // embedded public key.
+        let pem = KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(Default::default())
+        .map_err(|_| LogError::Format("encoding the private key".into()))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -97,12 +119,43 @@ pub fn public_pem(key: &VerifyingKey) -> String {
         .expect("an Ed25519 public key always encodes")
 }
 
+/// Read a key file, turning "no such file" into a message that says where keys come from.
+fn read_key_file(path: &Path, which: &str) -> Result<String, LogError> {
+    match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| LogError::Key {
+            path: path.to_path_buf(),
+            detail: format!("not a PEM file (not text); expected an Ed25519 {which} key"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LogError::Key {
+            path: path.to_path_buf(),
+            detail: if which == "private" {
+                "no such key file; create a signing key with `mechwatch key generate --out FILE`"
+                    .into()
+            } else {
+                "no such key file; the public key is FILE.pub beside the key that `mechwatch key \
+                 generate --out FILE` wrote, or re-derive it with `mechwatch key public --key FILE`"
+                    .into()
+            },
+        }),
+        Err(source) => Err(LogError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Read a public key: SPKI PEM, or 64 hex digits of the raw key.
 pub fn load_public(path: &Path) -> Result<VerifyingKey, LogError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LogError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = read_key_file(path, "public")?;
+    if text.contains("PRIVATE KEY-----") {
+        return Err(LogError::Key {
+            path: path.to_path_buf(),
+            detail: "this is a private key, but a public key is expected here; pass its public \
+                     key instead (FILE.pub, or make one with `mechwatch key public --key FILE \
+                     --out FILE.pub`) and keep the private key off the verifying machine"
+                .into(),
+        });
+    }
     parse_public(text.trim()).ok_or_else(|| LogError::Key {
         path: path.to_path_buf(),
         detail: "not an Ed25519 public key (SPKI PEM or 64 hex digits)".into(),
@@ -163,5 +216,80 @@ mod tests {
         assert!(!e.contains("BEGIN"), "{e}");
         // Never overwrite an existing key.
         assert!(Signer::generate().write_new(&path).is_err());
+    }
+
+    #[test]
+    fn regression_openssl_rejects_the_private_key_files_we_write() {
+        // PKCS#8 v1 is a SEQUENCE of version 0, the algorithm and the key, nothing after:
+        // 30 2e 02 01 00 30 05 06 03 2b 65 70 04 22 04 20 <32 bytes>.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k.pem");
+        let s = Signer::generate();
+        s.write_new(&path).unwrap();
+        let pem = std::fs::read_to_string(&path).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        use base64::Engine;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(der.len(), 48);
+        assert_eq!(
+            der[..16],
+            [
+                0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+                0x04, 0x20
+            ]
+        );
+        assert_eq!(der[16..], s.key.to_bytes());
+        assert_eq!(Signer::load(&path).unwrap().public(), s.public());
+    }
+
+    #[test]
+    fn private_keys_written_by_older_versions_still_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("old.pem");
+        let s = Signer::generate();
+        // What earlier mechwatch versions wrote: PKCS#8 v2 with the public key embedded.
+        let v2 = s.key.to_pkcs8_pem(Default::default()).unwrap();
+        assert!(v2.len() > 130, "v2 carries the public key too");
+        std::fs::write(&path, v2.as_bytes()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(Signer::load(&path).unwrap().id(), s.id());
+    }
+
+    #[test]
+    fn a_key_of_the_wrong_kind_or_at_a_missing_path_says_what_to_pass() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("k.pem");
+        let public = tmp.path().join("k.pem.pub");
+        let s = Signer::generate();
+        std::fs::write(&public, s.write_new(&private).unwrap()).unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let e = Signer::load(&public).unwrap_err().to_string();
+        assert!(
+            e.contains("this is a public key") && e.contains("k.pem.pub"),
+            "{e}"
+        );
+        let e = load_public(&private).unwrap_err().to_string();
+        assert!(
+            e.contains("this is a private key") && e.contains("key public"),
+            "{e}"
+        );
+        assert!(!e.contains("BEGIN"), "{e}");
+        let missing = tmp.path().join("nope.pem");
+        let e = Signer::load(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("nope.pem: no such key file") && e.contains("key generate"),
+            "{e}"
+        );
+        let e = load_public(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("nope.pem: no such key file") && e.contains("key public"),
+            "{e}"
+        );
     }
 }

@@ -21,4 +21,17 @@ pub use error::LogError;
 pub use keys::Signer;
 pub use record::{FileDigest, InputDigest, ModelSubject, RecordBody, Statement};
 pub use store::{AuditLog, CheckpointPolicy, Receipt, StoredRecord};
-pub use verify::{verify_log, Failure, Reason, Report};
+pub use verify::{
+    verify_export, verify_log, verify_log_witnessed, ExportReport, Failure, Reason, Report,
+};
+
+/// The git commit this build came from (full hash), or `None` for a build from source
+/// without git metadata.
+pub const GIT_COMMIT: Option<&str> = match env!("MECHWATCH_GIT_COMMIT").as_bytes() {
+    [] => None,
+    _ => Some(env!("MECHWATCH_GIT_COMMIT")),
+};
+
+/// The version every signed record and `mechwatch --version` carry: the package version and
+/// the commit, e.g. `0.1.0 (git 1a2b3c…)`, or a plain statement that the commit is unknown.
+pub const BUILD_VERSION: &str = env!("MECHWATCH_BUILD_VERSION");

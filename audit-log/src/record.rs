@@ -1,5 +1,14 @@
-//! The audit record: an in-toto Statement v1 whose subject is the checkpoint's root digest
-//! and whose predicate carries the log position, provenance and the engine's run result.
+//! The audit record: an in-toto Statement v1 whose subjects are the audited checkpoint's
+//! files and whose predicate carries the log position, provenance and the engine's run result.
+//!
+//! **Subjects.** Each file of the checkpoint is one subject (an in-toto `ResourceDescriptor`),
+//! named by its path relative to the checkpoint directory and digested by its own sha256, so
+//! a verifier matches them to the artifact it holds the way `sha256sum -c` does. Each carries
+//! the checkpoint's root digest (sha256 over the `sha256sum`-style manifest) in its
+//! `annotations` as `checkpoint_root_sha256`. Records of version 1, written before this, have
+//! one subject: the root digest, named by the checkpoint's absolute host path. They still
+//! verify: verification checks signatures over the stored bytes and compares each record's
+//! subjects with what its own version prescribes; nothing is rewritten.
 //!
 //! The stored bytes are exactly the bytes signed (Ed25519 over their DSSE PAE with payload
 //! type `application/vnd.in-toto+json`), so a DSSE export reuses the stored signature and
@@ -11,14 +20,32 @@ use serde::{Deserialize, Serialize};
 
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const PREDICATE_TYPE: &str = "https://mechwatch.dev/audit-record/v1";
-pub const RECORD_VERSION: u32 = 1;
+/// The version written now: subjects are the checkpoint's files.
+pub const RECORD_VERSION: u32 = 2;
+/// Versions that verify: 1 (one subject, the root digest under the host path) and 2.
+pub const SUPPORTED_RECORD_VERSIONS: [u32; 2] = [1, 2];
+/// The annotation on each file subject that holds the checkpoint's root digest (hex).
+pub const ROOT_ANNOTATION: &str = "checkpoint_root_sha256";
 /// `prev` of the first record.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// An in-toto `ResourceDescriptor` as a statement subject.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subject {
     pub name: String,
     pub digest: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Subject {
+    fn sha256(name: String, sha256: String) -> Self {
+        Self {
+            name,
+            digest: BTreeMap::from([("sha256".to_string(), sha256)]),
+            annotations: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,9 +133,47 @@ pub enum RecordBody {
 }
 
 impl RecordBody {
-    /// The in-toto subject: the checkpoint root digest, or the new key for a rotation.
-    pub fn subject(&self) -> Subject {
-        let (name, sha) = match self {
+    /// The in-toto subjects a record of `version` carries: one per checkpoint file (version 2),
+    /// or the root digest under the host path (version 1); for a rotation, the new key.
+    pub fn subjects(&self, version: u32) -> Vec<Subject> {
+        match self {
+            RecordBody::Audit { model, .. }
+            | RecordBody::Error {
+                model: Some(model), ..
+            } if version >= 2 => {
+                let annotate = |mut s: Subject| {
+                    s.annotations
+                        .insert(ROOT_ANNOTATION.to_string(), model.root_sha256.clone());
+                    s
+                };
+                if model.files.is_empty() {
+                    // No file list to name: the root alone, under the directory's name.
+                    let name = std::path::Path::new(&model.path)
+                        .file_name()
+                        .map_or_else(|| model.path.clone(), |n| n.to_string_lossy().into_owned());
+                    return vec![annotate(Subject::sha256(name, model.root_sha256.clone()))];
+                }
+                model
+                    .files
+                    .iter()
+                    .map(|f| annotate(Subject::sha256(f.path.clone(), f.sha256.clone())))
+                    .collect()
+            }
+            _ => {
+                let (name, sha) = self.legacy_subject();
+                vec![Subject::sha256(name, sha)]
+            }
+        }
+    }
+
+    /// The digest the store indexes a record by: the checkpoint root, or the new key's.
+    pub fn index_digest(&self) -> String {
+        self.legacy_subject().1
+    }
+
+    /// Version 1's single subject: (name, sha256 hex).
+    fn legacy_subject(&self) -> (String, String) {
+        match self {
             RecordBody::Audit { model, .. }
             | RecordBody::Error {
                 model: Some(model), ..
@@ -126,10 +191,6 @@ impl RecordBody {
                     hex::decode(new_public_key).unwrap_or_default(),
                 )),
             ),
-        };
-        Subject {
-            name,
-            digest: BTreeMap::from([("sha256".to_string(), sha)]),
         }
     }
 

@@ -1,8 +1,41 @@
 //! The SQLite store: WAL, `synchronous=FULL`, one writer using `BEGIN IMMEDIATE`, versioned
 //! migrations, and triggers that refuse UPDATE and DELETE (a guard against accidents, not a
 //! security boundary: the signatures, the chain and exported checkpoints are).
+//!
+//! **What may become a log.** Only a path where nothing exists: a writer creates the database
+//! under a temporary name, initialises it, and links it into place, so a writer killed while
+//! creating leaves either no log or a complete empty one, never a zero-byte file. Anything
+//! already at the path must be a mechwatch log; a zero-byte file (a truncated log), a foreign
+//! SQLite database and a non-SQLite file are refused with what they are, never initialised.
+//! Readers ([`open_reader`], [`AuditLog::open_existing`]) never create anything.
+//!
+//! **Keys.** A writer refuses a signing key that is not the log's current key (the key of the
+//! newest record, or the new key of a rotation record), at open and again at each append:
+//! one record signed by another key would make every later verification fail.
+//!
+//! **Head witness.** After each durable append the writer replaces `<db>.head` (mode 0600,
+//! written to a temporary file, fsynced, renamed) with a signed checkpoint note of the size
+//! and Merkle root it just wrote, and it keeps the same in memory. It refuses to append when
+//! the log holds fewer records than the witness, or when the first `size` records no longer
+//! have the witnessed root: someone deleted the tail (and the stored checkpoints that would
+//! show it) or put back an older copy. `log verify` checks the witness too. It is a local
+//! witness only: whoever can delete rows can delete or replace this file as well; only a
+//! checkpoint exported off the host proves what it covers. The directory is not fsynced per
+//! append: after a power loss the witness may lag by a batch, which makes it weaker, never
+//! wrong (any earlier head of an honest log is a prefix of it).
+//!
+//! **Reading read-only copies.** [`open_reader`] opens with `SQLITE_OPEN_READ_ONLY`. In WAL mode
+//! a reader still needs the shared-memory index `-shm`, which it creates when the directory is
+//! writable (so it sees records a live writer has in the `-wal`). When that cannot be created
+//! (read-only media, another user's copy) and there is no `-wal` file, every committed record
+//! is in the main file, and the reader opens it with SQLite's `immutable=1`: no locks, no
+//! `-shm`, nothing written. When a `-wal` exists but cannot be read that way, the reader
+//! refuses with [`LogError::WalUnreadable`] rather than verify a stale view.
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -84,6 +117,7 @@ pub struct Receipt {
 }
 
 pub struct AuditLog {
+    path: PathBuf,
     conn: Connection,
     signer: Option<Signer>,
     log_id: String,
@@ -91,6 +125,216 @@ pub struct AuditLog {
     last_checkpoint: Instant,
     /// Merkle frontier of the records this writer knows; rebuilt if another writer appended.
     frontier: merkle::Frontier,
+    /// Leaf hash of the newest record the frontier covers.
+    tip: Option<Hash>,
+    /// The head this writer last wrote or checked: (size, root). The log must always extend it.
+    head: Option<(u64, Hash)>,
+}
+
+/// The head witness of the log at `db`: `<db>.head`.
+pub fn head_path(db: &Path) -> PathBuf {
+    let mut s: OsString = db.as_os_str().to_owned();
+    s.push(".head");
+    PathBuf::from(s)
+}
+
+fn sidecar(db: &Path, suffix: &str) -> PathBuf {
+    let mut s: OsString = db.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Whether `path` holds nothing (`Ok(false)`) or an SQLite file (`Ok(true)`); anything else
+/// is refused, saying what it is.
+fn inspect(path: &Path) -> Result<bool, LogError> {
+    let not_a_log = |what: &str| LogError::NotALog {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(path)(e)),
+    };
+    if meta.is_dir() {
+        return Err(not_a_log("a directory, not a mechwatch log"));
+    }
+    if meta.len() == 0 {
+        return Err(not_a_log(
+            "zero-byte file, not a mechwatch log (truncated?)",
+        ));
+    }
+    let mut magic = [0u8; 16];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(io(path))?;
+        let mut n = 0;
+        while n < magic.len() {
+            match f.read(&mut magic[n..]).map_err(io(path))? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
+    };
+    if n < magic.len() || &magic != SQLITE_MAGIC {
+        return Err(not_a_log("not an SQLite database, so not a mechwatch log"));
+    }
+    Ok(true)
+}
+
+/// Refuse an SQLite database that lacks the log's tables or its id.
+fn check_schema(conn: &Connection, path: &Path) -> Result<(), LogError> {
+    let tables: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' \
+             AND name IN ('meta', 'records', 'checkpoints')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql("reading the schema"))?;
+    let id: Option<String> = if tables == 3 {
+        conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql("reading log id"))?
+    } else {
+        None
+    };
+    if id.is_none() {
+        return Err(LogError::NotALog {
+            path: path.to_path_buf(),
+            what: "SQLite database without mechwatch's tables, not a mechwatch log".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Temporary files beside the log: `.<name>.<what>.<pid>.<n>`, unique per process and call.
+fn temp_name(db: &Path, what: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = db.file_name().unwrap_or_default().to_string_lossy();
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    db.with_file_name(format!(".{name}.{what}.{}.{n}", std::process::id()))
+}
+
+/// Remove temporary files (and their SQLite sidecars) left by killed processes.
+fn remove_stale_temps(db: &Path, what: &str) {
+    let Some(dir) = db.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    }) else {
+        return;
+    };
+    if !Path::new("/proc/self").exists() {
+        return; // no way to tell a live writer's file from a dead one's
+    }
+    let prefix = format!(
+        ".{}.{what}.",
+        db.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn sync_dir(db: &Path) -> Result<(), LogError> {
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Create an empty log at `path` atomically: initialise it under a temporary name, then
+/// link it into place. Returns `Ok(false)` when another writer created it first.
+fn create(path: &Path, key_id: Option<&str>) -> Result<bool, LogError> {
+    let head = head_path(path);
+    if head.exists() {
+        return Err(LogError::RolledBack {
+            path: path.to_path_buf(),
+            head: head.clone(),
+            detail: "the database is missing but its head witness exists, so the log was \
+                     deleted or moved"
+                .into(),
+        });
+    }
+    remove_stale_temps(path, "init");
+    let tmp = temp_name(path, "init");
+    let result = (|| {
+        let mut conn = Connection::open(&tmp).map_err(sql("creating the audit log"))?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        if let Some(id) = key_id {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('key_id', ?1)",
+                params![id],
+            )
+            .map_err(sql("writing the initial key id"))?;
+        }
+        conn.close()
+            .map_err(|(_, e)| sql("closing the new audit log")(e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            // A file system without hard links: rename, which is not exclusive.
+            Err(_) if !path.exists() => std::fs::rename(&tmp, path).map(|_| true).map_err(io(path)),
+            Err(e) => Err(io(path)(e)),
+        }
+    })();
+    for f in [sidecar(&tmp, "-wal"), sidecar(&tmp, "-shm"), tmp] {
+        let _ = std::fs::remove_file(f);
+    }
+    let created = result?;
+    sync_dir(path)?;
+    Ok(created)
+}
+
+/// `path` as an SQLite URI filename (`file:` with `%`-escapes) plus `query`.
+fn uri(path: &Path, query: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut u = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            u.push(b as char);
+        } else {
+            u.push_str(&format!("%{b:02X}"));
+        }
+    }
+    u.push('?');
+    u.push_str(query);
+    u
 }
 
 fn configure(conn: &Connection) -> Result<(), LogError> {
@@ -142,35 +386,193 @@ fn migrate(conn: &mut Connection) -> Result<(), LogError> {
     tx.commit().map_err(sql("committing migration"))
 }
 
-fn build_frontier(conn: &Connection) -> Result<merkle::Frontier, LogError> {
-    let mut f = merkle::Frontier::default();
+/// The frontier over every record, the newest leaf, and the root of the first `at` records
+/// (`None` when the log holds fewer).
+struct Rebuilt {
+    frontier: merkle::Frontier,
+    tip: Option<Hash>,
+    root_at: Option<Hash>,
+}
+
+fn build_frontier(conn: &Connection, at: Option<u64>) -> Result<Rebuilt, LogError> {
+    let mut frontier = merkle::Frontier::default();
+    let mut tip = None;
+    let mut root_at = (at == Some(0)).then(merkle::empty_root);
     let mut stmt = conn
         .prepare("SELECT bytes FROM records ORDER BY seq")
         .map_err(sql("reading records"))?;
     let mut rows = stmt.query([]).map_err(sql("reading records"))?;
     while let Some(row) = rows.next().map_err(sql("reading records"))? {
         let bytes: Vec<u8> = row.get(0).map_err(sql("reading records"))?;
-        f.push(merkle::leaf_hash(&bytes));
+        let leaf = merkle::leaf_hash(&bytes);
+        frontier.push(leaf);
+        tip = Some(leaf);
+        if Some(frontier.size()) == at {
+            root_at = Some(frontier.root());
+        }
     }
-    Ok(f)
+    Ok(Rebuilt {
+        frontier,
+        tip,
+        root_at,
+    })
 }
 
-/// Open a database read-only for readers (show, report, verify).
-pub fn open_reader(path: &Path) -> Result<Connection, LogError> {
-    if !path.exists() {
-        return Err(LogError::Io {
+/// Refuse a signer that is not the log's current key.
+fn check_key(conn: &Connection, path: &Path, signer: Option<&Signer>) -> Result<(), LogError> {
+    let Some(signer) = signer else {
+        return Ok(());
+    };
+    match current_key_id(conn)? {
+        Some(current) if current != signer.id() => Err(LogError::WrongKey {
             path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such audit log"),
+            current,
+            given: signer.id().to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Rebuild the frontier from the database, checking that it still extends `head`, the head
+/// this writer last wrote or checked.
+fn resync(conn: &Connection, path: &Path, head: Option<(u64, Hash)>) -> Result<Rebuilt, LogError> {
+    let rebuilt = build_frontier(conn, head.map(|(s, _)| s))?;
+    let Some((size, root)) = head else {
+        return Ok(rebuilt);
+    };
+    let have = rebuilt.frontier.size();
+    let detail = match rebuilt.root_at {
+        None => format!("it holds {have} records, but this host's writer wrote {size}"),
+        Some(r) if r != root => format!(
+            "its first {size} records are not the ones this host's writer wrote (it holds \
+             {have}: records were deleted and others appended)"
+        ),
+        Some(_) => return Ok(rebuilt),
+    };
+    tracing::error!(log = %path.display(), witnessed = size, found = have, "audit log rolled back");
+    Err(LogError::RolledBack {
+        path: path.to_path_buf(),
+        head: head_path(path),
+        detail,
+    })
+}
+
+/// Open a log read-only for readers (show, report, verify, export). Never creates or writes
+/// anything; see the module documentation for read-only media.
+#[tracing::instrument(skip_all, fields(path = %path.display()), err(level = "debug"))]
+pub fn open_reader(path: &Path) -> Result<Connection, LogError> {
+    use rusqlite::OpenFlags;
+    if !inspect(path)? {
+        return Err(LogError::Missing {
+            path: path.to_path_buf(),
         });
     }
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(sql("opening the audit log"))?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(sql("opening the audit log"))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(sql("busy_timeout"))?;
+    // SQLite opens lazily: the first read is where a missing `-shm` shows.
+    let conn = match conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(_) => conn,
+        Err(e) if cannot_open_wal_index(&e) => {
+            drop(conn);
+            if sidecar(path, "-wal").exists() {
+                return Err(LogError::WalUnreadable {
+                    path: path.to_path_buf(),
+                });
+            }
+            tracing::debug!("no -shm can be created and there is no -wal: opening immutable");
+            Connection::open_with_flags(
+                uri(path, "immutable=1"),
+                flags | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .map_err(sql("opening the audit log (immutable)"))?
+        }
+        Err(e) => return Err(sql("opening the audit log")(e)),
+    };
+    check_schema(&conn, path)?;
     Ok(conn)
+}
+
+/// The error SQLite gives a read-only connection that cannot create the WAL index.
+fn cannot_open_wal_index(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+    )
+}
+
+/// The key that must sign the next record: the new key of a newest rotation record, the key
+/// of the newest record, or for an empty log the key named at `log init` (if any).
+pub fn current_key_id(conn: &Connection) -> Result<Option<String>, LogError> {
+    let last: Option<(i64, String, String, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, key_id, kind, bytes FROM records ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+        .map_err(sql("reading the log head"))?;
+    match last {
+        Some((seq, key_id, kind, bytes)) => {
+            if kind != "key_rotation" {
+                return Ok(Some(key_id));
+            }
+            let st: Statement = serde_json::from_slice(&bytes).map_err(|e| {
+                LogError::Format(format!(
+                    "seq {seq}: the newest record is unreadable ({e}); run `log verify`"
+                ))
+            })?;
+            match st.predicate.record {
+                RecordBody::KeyRotation { new_key_id, .. } => Ok(Some(new_key_id)),
+                _ => Err(LogError::Format(format!(
+                    "seq {seq}: stored as a key rotation but is not one; run `log verify`"
+                ))),
+            }
+        }
+        None => conn
+            .query_row("SELECT value FROM meta WHERE key = 'key_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql("reading the initial key id")),
+    }
+}
+
+/// Read the head witness beside `db`, if there is one: the checkpoint note it holds,
+/// unverified (the writer compares it with the database; `verify` checks its signature).
+pub fn read_head(db: &Path) -> Result<Option<String>, LogError> {
+    let head = head_path(db);
+    match std::fs::read_to_string(&head) {
+        Ok(note) => Ok(Some(note)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LogError::Witness {
+            path: head,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Replace the head witness: a temporary file (0600), fsynced, renamed over `<db>.head`.
+fn write_head(db: &Path, note: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = temp_name(db, "head");
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(note.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, head_path(db))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 pub fn log_id(conn: &Connection) -> Result<String, LogError> {
@@ -255,22 +657,154 @@ pub fn origin(log_id: &str) -> String {
     format!("mechwatch/{log_id}")
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    /// Writers: start a log where nothing exists.
+    IfMissing,
+    /// The log must exist.
+    Never,
+    /// `log init`: nothing may exist yet.
+    Only,
+}
+
 impl AuditLog {
-    /// Open (creating and migrating) the log at `path`. A `signer` is needed to append.
+    /// Open the log at `path` to append to it, starting a new one if nothing exists there.
+    /// A `signer` is needed to append, and must be the log's current key.
     pub fn open(path: &Path, signer: Option<Signer>) -> Result<Self, LogError> {
-        let mut conn = Connection::open(path).map_err(sql("opening the audit log"))?;
+        Self::open_with(path, signer, Create::IfMissing)
+    }
+
+    /// Open an existing log (`log checkpoint`, `key rotate`); never creates one.
+    pub fn open_existing(path: &Path, signer: Option<Signer>) -> Result<Self, LogError> {
+        Self::open_with(path, signer, Create::Never)
+    }
+
+    /// Start a new, empty log at `path`, where nothing may exist yet. With a signer, the log
+    /// accepts only that key for its first record.
+    pub fn init(path: &Path, signer: Option<Signer>) -> Result<Self, LogError> {
+        Self::open_with(path, signer, Create::Only)
+    }
+
+    #[tracing::instrument(skip_all, fields(path = %path.display()), err(level = "debug"))]
+    fn open_with(path: &Path, signer: Option<Signer>, mode: Create) -> Result<Self, LogError> {
+        let exists = inspect(path)?;
+        match (exists, mode) {
+            (false, Create::Never) => {
+                return Err(LogError::Missing {
+                    path: path.to_path_buf(),
+                })
+            }
+            (false, _) => {
+                let created = create(path, signer.as_ref().map(Signer::id))?;
+                if !created && mode == Create::Only {
+                    return Err(LogError::Exists {
+                        path: path.to_path_buf(),
+                        what: "another process created it just now".into(),
+                    });
+                }
+                if created {
+                    tracing::info!(log = %path.display(), "audit log created");
+                }
+            }
+            (true, Create::Only) => {
+                let what = match Self::open_with(path, None, Create::Never) {
+                    Ok(log) => {
+                        format!("a mechwatch log, id {}, {} records", log.log_id, log.len()?)
+                    }
+                    Err(e) => e.to_string(),
+                };
+                return Err(LogError::Exists {
+                    path: path.to_path_buf(),
+                    what,
+                });
+            }
+            (true, _) => {}
+        }
+        let mut conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("opening the audit log"))?;
+        // Before `configure`, which would switch a foreign database to WAL mode.
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql("busy_timeout"))?;
+        check_schema(&conn, path)?;
         configure(&conn)?;
         migrate(&mut conn)?;
         let log_id = log_id(&conn)?;
-        let frontier = build_frontier(&conn)?;
-        Ok(Self {
+        let mut log = Self {
+            path: path.to_path_buf(),
             conn,
             signer,
             log_id,
             policy: CheckpointPolicy::default(),
             last_checkpoint: Instant::now(),
-            frontier,
-        })
+            frontier: merkle::Frontier::default(),
+            tip: None,
+            head: None,
+        };
+        if log.signer.is_some() {
+            remove_stale_temps(path, "head");
+            log.head = log.witnessed_head()?;
+            check_key(&log.conn, path, log.signer.as_ref())?;
+        }
+        let r = resync(&log.conn, path, log.head)?;
+        (log.frontier, log.tip) = (r.frontier, r.tip);
+        if log.signer.is_some() && log.head.is_none() {
+            log.head = Some((log.frontier.size(), log.frontier.root()));
+            log.publish_head();
+        }
+        Ok(log)
+    }
+
+    /// The head recorded in `<db>.head`, if any; it must belong to this log.
+    fn witnessed_head(&self) -> Result<Option<(u64, Hash)>, LogError> {
+        let Some(note) = read_head(&self.path)? else {
+            return Ok(None);
+        };
+        let head = head_path(&self.path);
+        let cp = Checkpoint::parse_unverified(&note).map_err(|e| LogError::Witness {
+            path: head.clone(),
+            detail: e.to_string(),
+        })?;
+        if cp.origin != origin(&self.log_id) {
+            return Err(LogError::RolledBack {
+                path: self.path.clone(),
+                head,
+                detail: format!(
+                    "the head witness is of {}, but the database holds {}: the database was \
+                     replaced",
+                    cp.origin,
+                    origin(&self.log_id)
+                ),
+            });
+        }
+        Ok(Some((cp.size, cp.root)))
+    }
+
+    /// Record the current head in memory and in `<db>.head`. The records are already durable,
+    /// so failing to write the witness only weakens it: warn, do not fail the append.
+    fn publish_head(&mut self) {
+        let Some(signer) = &self.signer else {
+            return;
+        };
+        let cp = Checkpoint {
+            origin: origin(&self.log_id),
+            size: self.frontier.size(),
+            root: self.frontier.root(),
+        };
+        self.head = Some((cp.size, cp.root));
+        let first = !head_path(&self.path).exists();
+        let written = write_head(&self.path, &cp.sign(NOTE_KEY_NAME, signer)).and_then(|()| {
+            if first {
+                sync_dir(&self.path).map_err(std::io::Error::other)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            tracing::warn!(head = %head_path(&self.path).display(), error = %e, "could not write the head witness");
+        }
     }
 
     pub fn with_checkpoint_policy(mut self, policy: CheckpointPolicy) -> Self {
@@ -323,14 +857,20 @@ impl AuditLog {
             )
             .optional()
             .map_err(sql("reading the log head"))?;
+        let tip = last.as_ref().map(|(_, b)| merkle::leaf_hash(b));
         let (mut seq, mut prev) = match last {
             Some((s, b)) => (s as u64 + 1, hex::encode(Sha256::digest(&b))),
             None => (0, GENESIS_PREV.to_string()),
         };
-        if self.frontier.size() != seq {
-            self.frontier = build_frontier(&tx)?;
+        // Another writer appended, or the log changed under us: check it still extends
+        // our head, and that our key is still the current one.
+        if self.frontier.size() != seq || self.tip != tip {
+            let r = resync(&tx, &self.path, self.head)?;
+            (self.frontier, self.tip) = (r.frontier, r.tip);
         }
+        check_key(&tx, &self.path, self.signer.as_ref())?;
         let mut frontier = self.frontier.clone();
+        let mut tip = self.tip;
         let mut receipts = Vec::with_capacity(bodies.len());
         {
             let mut insert = tx
@@ -339,7 +879,7 @@ impl AuditLog {
             for body in bodies {
                 let statement = Statement {
                     statement_type: STATEMENT_TYPE.into(),
-                    subject: vec![body.subject()],
+                    subject: body.subjects(RECORD_VERSION),
                     predicate_type: PREDICATE_TYPE.into(),
                     predicate: Predicate {
                         version: RECORD_VERSION,
@@ -350,14 +890,14 @@ impl AuditLog {
                         },
                         time: now_rfc3339(),
                         host: hostname(),
-                        mechwatch_version: env!("CARGO_PKG_VERSION").into(),
+                        mechwatch_version: crate::BUILD_VERSION.into(),
                         key_id: signer.id().into(),
                         record: body,
                     },
                 };
                 let bytes = serde_json::to_vec(&statement).expect("records serialise");
                 let sig = signer.sign(&pae(IN_TOTO_PAYLOAD_TYPE, &bytes));
-                let subject = statement.subject[0].digest["sha256"].clone();
+                let subject = statement.predicate.record.index_digest();
                 insert
                     .execute(params![
                         seq as i64,
@@ -369,7 +909,9 @@ impl AuditLog {
                     ])
                     .map_err(sql("appending"))?;
                 prev = hex::encode(Sha256::digest(&bytes));
-                frontier.push(merkle::leaf_hash(&bytes));
+                let leaf = merkle::leaf_hash(&bytes);
+                frontier.push(leaf);
+                tip = Some(leaf);
                 receipts.push(Receipt {
                     seq,
                     hash: prev.clone(),
@@ -379,6 +921,8 @@ impl AuditLog {
         }
         tx.commit().map_err(sql("committing append"))?;
         self.frontier = frontier;
+        self.tip = tip;
+        self.publish_head();
         self.maybe_checkpoint(seq)?;
         Ok(receipts)
     }
@@ -404,9 +948,19 @@ impl AuditLog {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("starting checkpoint"))?;
         let size = record_count(&tx)?;
-        if self.frontier.size() != size {
-            self.frontier = build_frontier(&tx)?;
+        let tip: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT bytes FROM records ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("reading the log head"))?;
+        if self.frontier.size() != size || self.tip != tip.map(|b| merkle::leaf_hash(&b)) {
+            let r = resync(&tx, &self.path, self.head)?;
+            (self.frontier, self.tip) = (r.frontier, r.tip);
         }
+        check_key(&tx, &self.path, self.signer.as_ref())?;
         let cp = Checkpoint {
             origin: origin(&self.log_id),
             size,

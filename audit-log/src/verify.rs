@@ -1,6 +1,15 @@
 //! Whole-log verification: signatures (batched), sequence without gaps, hash links, key
 //! rotations, stored checkpoints, and consistency with an exported (off-host) checkpoint.
-//! Signatures are checked before any record is parsed.
+//! Signatures are checked before any record is parsed. Given the writer's head witness
+//! (`<db>.head`), the log must also extend it, or it was rolled back.
+//!
+//! [`verify_export`] does the same for a DSSE export without the database: the envelopes'
+//! signatures, the chain, and the Merkle root of the exported records at an exported
+//! checkpoint's size.
+//!
+//! Only evidence about the log's contents is a [`Failure`] that counts as tampering; a
+//! database that cannot be read (I/O error, locked, a missing `-shm`) is
+//! [`Reason::Unreadable`]: could not check, not tampered.
 
 use std::fmt;
 
@@ -9,7 +18,7 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
-use crate::dsse::{pae, IN_TOTO_PAYLOAD_TYPE};
+use crate::dsse::{decode_b64, pae, Envelope, IN_TOTO_PAYLOAD_TYPE};
 use crate::error::LogError;
 use crate::keys::key_id;
 use crate::merkle::{self, Hash};
@@ -21,11 +30,28 @@ use crate::store::{self, StoredRecord, NOTE_KEY_NAME};
 pub enum Reason {
     BadSignature,
     BrokenLink,
-    Gap { expected: u64 },
-    UnknownKey { key_id: String },
+    Gap {
+        expected: u64,
+    },
+    UnknownKey {
+        key_id: String,
+    },
     InconsistentWithCheckpoint(String),
+    /// The log does not extend the head witness its writer left beside it.
+    RolledBack(String),
     Malformed(String),
+    /// SQLite found the file corrupt: evidence that it was changed.
     Database(String),
+    /// The database could not be read (I/O error, busy, cannot open): nothing was checked.
+    Unreadable(String),
+}
+
+impl Reason {
+    /// Whether this is evidence against the log (exit 1), rather than a failure to check it
+    /// (exit 2).
+    pub fn is_evidence(&self) -> bool {
+        !matches!(self, Reason::Unreadable(_))
+    }
 }
 
 /// The first problem found, with the `seq` it concerns where there is one.
@@ -49,6 +75,8 @@ impl fmt::Display for Failure {
             Reason::Gap { expected } => write!(f, "gap: expected seq {expected}"),
             Reason::UnknownKey { key_id } => write!(f, "unknown key {key_id}"),
             Reason::InconsistentWithCheckpoint(d) => write!(f, "inconsistent with checkpoint: {d}"),
+            Reason::RolledBack(d) => write!(f, "rolled back: {d}"),
+            Reason::Unreadable(d) => write!(f, "could not read the database: {d}"),
             Reason::Malformed(d) => write!(f, "malformed record: {d}"),
             Reason::Database(d) => write!(f, "database: {d}"),
         }
@@ -63,6 +91,8 @@ pub struct Report {
     pub root: Hash,
     pub stored_checkpoints: usize,
     pub external_checkpoint: Option<u64>,
+    /// Size of the head witness the log was checked against.
+    pub head_witness: Option<u64>,
     /// Key ids in the order they signed.
     pub keys: Vec<String>,
 }
@@ -72,7 +102,36 @@ fn fail(seq: Option<u64>, reason: Reason) -> Failure {
 }
 
 fn db(e: LogError) -> Failure {
-    fail(None, Reason::Database(e.to_string()))
+    let corrupt = matches!(&e, LogError::Sqlite { source, .. } if is_corruption(source));
+    let d = e.to_string();
+    fail(
+        None,
+        if corrupt {
+            Reason::Database(d)
+        } else {
+            Reason::Unreadable(d)
+        },
+    )
+}
+
+fn sqlite(e: rusqlite::Error) -> Failure {
+    let d = e.to_string();
+    fail(
+        None,
+        if is_corruption(&e) {
+            Reason::Database(d)
+        } else {
+            Reason::Unreadable(d)
+        },
+    )
+}
+
+/// SQLite's verdicts on the file's contents, as opposed to failures to read it.
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 const BATCH: usize = 512;
@@ -84,9 +143,20 @@ pub fn verify_log(
     trusted: &VerifyingKey,
     external: Option<&str>,
 ) -> Result<Report, Failure> {
+    verify_log_witnessed(conn, trusted, external, None)
+}
+
+/// [`verify_log`], and the log must extend `head`, the head witness (a signed checkpoint
+/// note) its writer left in `<db>.head`.
+pub fn verify_log_witnessed(
+    conn: &Connection,
+    trusted: &VerifyingKey,
+    external: Option<&str>,
+    head: Option<&str>,
+) -> Result<Report, Failure> {
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| fail(None, Reason::Database(e.to_string())))?;
+        .map_err(sqlite)?;
     if check != "ok" {
         return Err(fail(
             None,
@@ -99,7 +169,7 @@ pub fn verify_log(
             [],
             |r| r.get(0),
         )
-        .map_err(|e| fail(None, Reason::Database(e.to_string())))?;
+        .map_err(sqlite)?;
     if !has_schema {
         return Err(fail(
             None,
@@ -255,12 +325,172 @@ pub fn verify_log(
             Some(cp.size)
         }
     };
+    let head_witness = match head {
+        None => None,
+        Some(note) => {
+            let rolled = |d: String| fail(None, Reason::RolledBack(d));
+            let cp = keys
+                .iter()
+                .find_map(|(_, k)| Checkpoint::verify(note, NOTE_KEY_NAME, k).ok())
+                .ok_or_else(|| {
+                    rolled("the head witness is not signed by any key of this log".into())
+                })?;
+            check_checkpoint(&cp, &log_id, &leaves, "the head witness").map_err(|f| {
+                rolled(match f.reason {
+                    Reason::InconsistentWithCheckpoint(d) => d,
+                    other => format!("{other:?}"),
+                })
+            })?;
+            Some(cp.size)
+        }
+    };
     Ok(Report {
         log_id,
         records: size,
         root: frontier.root(),
         stored_checkpoints: stored.len(),
         external_checkpoint,
+        head_witness,
+        keys: keys.into_iter().map(|(id, _)| id).collect(),
+    })
+}
+
+/// What a verified export covered.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub log_id: String,
+    /// Records in the export, all signed and chained from seq 0.
+    pub records: u64,
+    /// Size and root of the checkpoint they were checked against.
+    pub checkpoint_size: u64,
+    pub checkpoint_root: Hash,
+    /// Key ids in the order they signed.
+    pub keys: Vec<String>,
+}
+
+/// Verify a DSSE export (one envelope per record, from seq 0 in order, as `log export
+/// --format dsse` writes it) against the log's initial public key and a signed checkpoint:
+/// every envelope's signature over its payload (following key rotations), the statement's log
+/// position and hash link, and that the Merkle root of the first `size` payloads equals the
+/// checkpoint's root. Each line is `Err` when it is not an envelope.
+pub fn verify_export(
+    envelopes: &[Result<Envelope, String>],
+    trusted: &VerifyingKey,
+    checkpoint: &str,
+) -> Result<ExportReport, Failure> {
+    let mut keys: Vec<(String, VerifyingKey)> = vec![(key_id(trusted), *trusted)];
+    let mut current = 0usize;
+    let mut prev = GENESIS_PREV.to_string();
+    let mut log_id: Option<String> = None;
+    let mut leaves: Vec<Hash> = Vec::with_capacity(envelopes.len());
+    for (i, env) in envelopes.iter().enumerate() {
+        let seq = i as u64;
+        let env = env.as_ref().map_err(|e| {
+            fail(
+                Some(seq),
+                Reason::Malformed(format!("not a DSSE envelope: {e}")),
+            )
+        })?;
+        // Only the current key may sign: the export is the log, so the same rule holds.
+        let trusted_now = [keys[current].clone()];
+        let bytes = env
+            .verify(&trusted_now, 1, &[IN_TOTO_PAYLOAD_TYPE])
+            .map_err(|_| {
+                let other = env
+                    .signatures
+                    .iter()
+                    .filter_map(|s| s.keyid.as_ref())
+                    .find(|k| !keys.iter().any(|(id, _)| id == *k));
+                fail(
+                    Some(seq),
+                    match other {
+                        Some(k) => Reason::UnknownKey { key_id: k.clone() },
+                        None => Reason::BadSignature,
+                    },
+                )
+            })?;
+        let st: Statement = serde_json::from_slice(&bytes)
+            .map_err(|e| fail(Some(seq), Reason::Malformed(e.to_string())))?;
+        let id = log_id
+            .get_or_insert_with(|| st.predicate.log.id.clone())
+            .clone();
+        let sig = env
+            .signatures
+            .first()
+            .and_then(|s| decode_b64(&s.sig))
+            .unwrap_or_default();
+        let r = StoredRecord {
+            seq,
+            bytes,
+            sig,
+            key_id: keys[current].0.clone(),
+        };
+        check_statement(&st, &r, &id, &keys[current].0)?;
+        if st.predicate.log.prev != prev {
+            return Err(fail(Some(seq), Reason::BrokenLink));
+        }
+        if let RecordBody::KeyRotation {
+            new_key_id,
+            new_public_key,
+            new_key_signature,
+        } = &st.predicate.record
+        {
+            let new_key = rotation_key(
+                &id,
+                seq,
+                &keys[current].0,
+                new_key_id,
+                new_public_key,
+                new_key_signature,
+            )
+            .ok_or_else(|| fail(Some(seq), Reason::BadSignature))?;
+            keys.push((new_key_id.clone(), new_key));
+            current = keys.len() - 1;
+        }
+        prev = r.hash_hex();
+        leaves.push(r.leaf());
+    }
+    let incons = |d: String| fail(None, Reason::InconsistentWithCheckpoint(d));
+    let cp = keys
+        .iter()
+        .find_map(|(_, k)| Checkpoint::verify(checkpoint, NOTE_KEY_NAME, k).ok())
+        .ok_or_else(|| {
+            incons("the checkpoint's signature does not verify with any key of this log".into())
+        })?;
+    let log_id = match log_id {
+        Some(id) => id,
+        // An empty export matches only the checkpoint of an empty log.
+        None => cp
+            .origin
+            .strip_prefix("mechwatch/")
+            .unwrap_or(&cp.origin)
+            .to_string(),
+    };
+    if cp.origin != store::origin(&log_id) {
+        return Err(incons(format!(
+            "the checkpoint is for {}, but the records are of {}",
+            cp.origin,
+            store::origin(&log_id)
+        )));
+    }
+    let m = cp.size as usize;
+    if m > leaves.len() {
+        return Err(incons(format!(
+            "the checkpoint covers {m} records but the export holds {}: records are missing",
+            leaves.len()
+        )));
+    }
+    if merkle::root(&leaves[..m]) != cp.root {
+        return Err(incons(format!(
+            "the Merkle root of the first {m} exported records is not the checkpoint's root: \
+             records were changed, removed or reordered"
+        )));
+    }
+    Ok(ExportReport {
+        log_id,
+        records: leaves.len() as u64,
+        checkpoint_size: cp.size,
+        checkpoint_root: cp.root,
         keys: keys.into_iter().map(|(id, _)| id).collect(),
     })
 }
@@ -292,7 +522,7 @@ fn check_statement(
     if st.statement_type != STATEMENT_TYPE || st.predicate_type != PREDICATE_TYPE {
         return bad("not a mechwatch in-toto statement".into());
     }
-    if st.predicate.version != RECORD_VERSION {
+    if !SUPPORTED_RECORD_VERSIONS.contains(&st.predicate.version) {
         return bad(format!("record version {}", st.predicate.version));
     }
     if st.predicate.log.id != log_id {
@@ -315,7 +545,8 @@ fn check_statement(
             st.predicate.key_id
         ));
     }
-    if st.subject != vec![st.predicate.record.subject()] {
+    // Each version's own subject rule, so records written before version 2 still verify.
+    if st.subject != st.predicate.record.subjects(st.predicate.version) {
         return bad("subject does not match the record".into());
     }
     Ok(())

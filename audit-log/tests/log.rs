@@ -2,7 +2,7 @@
 //! rotations are followed, exported checkpoints catch truncation, readers see a consistent log.
 
 use audit_log::record::{FileDigest, ModelSubject, RecordBody};
-use audit_log::{verify_log, AuditLog, CheckpointPolicy, Reason, Signer};
+use audit_log::{verify_log, AuditLog, CheckpointPolicy, LogError, Reason, Signer};
 use rusqlite::{params, Connection};
 
 fn body(i: u64) -> RecordBody {
@@ -183,17 +183,17 @@ fn rotated_keys_are_followed_and_the_old_key_stops_counting() {
     let r = verify(&path, &key, Some(&exported)).unwrap();
     assert_eq!(r.keys.len(), 2);
     assert_eq!(r.records, 11);
-    // A record appended with the retired key after the rotation is refused.
-    let mut stale = AuditLog::open(
+    // The retired key can no longer open the log to append (issue 22, item 8).
+    let e = AuditLog::open(
         &path,
         Some(Signer::from_signing_key(
             ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)),
         )),
     )
-    .unwrap();
-    stale.append(body(999)).unwrap();
-    let e = verify(&path, &key, None).unwrap_err();
-    assert_eq!(e.seq, Some(11), "{e}");
+    .err()
+    .expect("the retired key was accepted");
+    assert!(matches!(e, LogError::WrongKey { .. }), "{e}");
+    assert_eq!(verify(&path, &key, None).unwrap().records, 11);
     let _ = new_bytes;
 }
 
@@ -228,24 +228,244 @@ fn readers_are_not_blocked_by_a_writer_transaction() {
     writer.execute_batch("ROLLBACK").unwrap();
 }
 
-/// Found by the crash test: a writer killed before its first commit leaves a database with no
-/// schema. Verification must say so, not report a SQL error about a missing table.
+/// Found by the crash test: a writer killed before its first commit left a database with no
+/// schema. Such a file is now never produced (a log is created under a temporary name and
+/// linked into place); one left by an older mechwatch is refused, by readers and writers
+/// alike, with what it is, rather than initialised or reported as a SQL error.
 #[test]
 fn regression_verify_on_a_database_without_schema() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("new.db");
     Connection::open(&path)
         .unwrap()
-        .execute_batch("PRAGMA user_version = 0")
+        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA user_version = 0")
         .unwrap();
-    let key = Signer::generate();
-    let e = verify(&path, &key, None).unwrap_err();
+    let e = audit_log::store::open_reader(&path)
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.to_string()
-            .contains("not an initialised mechwatch audit log"),
+        e.contains("SQLite database without mechwatch's tables"),
         "{e}"
     );
-    // Opening it as a writer initialises it, and the empty log verifies.
-    drop(AuditLog::open(&path, None).unwrap());
-    assert_eq!(verify(&path, &key, None).unwrap().records, 0);
+    let e = AuditLog::open(&path, Some(Signer::generate()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("SQLite database without mechwatch's tables"),
+        "{e}"
+    );
+}
+
+fn tables(path: &std::path::Path) -> Vec<String> {
+    let c = Connection::open(path).unwrap();
+    let mut s = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap();
+    let names = s.query_map([], |r| r.get(0)).unwrap();
+    names.collect::<Result<_, _>>().unwrap()
+}
+
+/// Issue 22, item 8: a writer with a key that is not the log's current key was accepted, and
+/// every later verification failed. Refused at open and, for a writer that was already open
+/// when another rotated the key, at append.
+#[test]
+fn regression_appending_with_a_key_that_is_not_the_logs_current_key_corrupts_the_log() {
+    let (_t, path, key) = log_with(3);
+    let other = Signer::generate();
+    let other_id = other.id().to_string();
+    let e = AuditLog::open(&path, Some(other)).err().unwrap();
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, LogError::WrongKey { current, given, .. } if *current == key.id() && *given == other_id),
+        "{msg}"
+    );
+    assert!(msg.contains("mechwatch key rotate"), "{msg}");
+
+    // A writer opened with the right key; then the key is rotated by another writer.
+    let same =
+        || Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)));
+    let mut early = AuditLog::open(&path, Some(same())).unwrap();
+    let new = Signer::generate();
+    let new_id = new.id().to_string();
+    AuditLog::open(&path, Some(same()))
+        .unwrap()
+        .rotate_key(new)
+        .unwrap();
+    let e = early.append(body(7)).unwrap_err();
+    assert!(
+        matches!(&e, LogError::WrongKey { current, .. } if *current == new_id),
+        "{e}"
+    );
+    // `checkpoint` signs too: the same refusal.
+    assert!(matches!(early.checkpoint(), Err(LogError::WrongKey { .. })));
+    let r = verify(&path, &key, None).unwrap();
+    assert_eq!(r.records, 4);
+
+    // `log init --key`: an empty log accepts only the key it was made for.
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("fresh.db");
+    drop(AuditLog::init(&fresh, Some(same())).unwrap());
+    let e = AuditLog::open(&fresh, Some(Signer::generate()))
+        .err()
+        .unwrap();
+    assert!(matches!(e, LogError::WrongKey { .. }), "{e}");
+    AuditLog::open(&fresh, Some(same()))
+        .unwrap()
+        .append(body(1))
+        .unwrap();
+}
+
+/// Issue 22, item 9: a zero-byte file, a foreign SQLite database and a file that is not SQLite
+/// at all each became a new log. Each is now refused, saying what it is, and left unchanged;
+/// a path where nothing exists is opened only by writers.
+#[test]
+fn regression_an_existing_file_that_is_not_a_mechwatch_log_starts_a_new_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zero = tmp.path().join("zero.db");
+    std::fs::write(&zero, b"").unwrap();
+    let foreign = tmp.path().join("foreign.db");
+    Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (x TEXT); INSERT INTO notes VALUES ('mine')")
+        .unwrap();
+    let text = tmp.path().join("text.db");
+    std::fs::write(&text, b"not a database at all\n").unwrap();
+    for (path, what) in [
+        (&zero, "zero-byte file, not a mechwatch log (truncated?)"),
+        (&foreign, "SQLite database without mechwatch's tables"),
+        (&text, "not an SQLite database"),
+    ] {
+        let before = std::fs::read(path).unwrap();
+        let e = AuditLog::open(path, Some(Signer::generate()))
+            .err()
+            .unwrap();
+        assert!(matches!(e, LogError::NotALog { .. }), "{e}");
+        assert!(e.to_string().contains(what), "{e}");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        let e = audit_log::store::open_reader(path).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+        let e = AuditLog::init(path, None).err().unwrap().to_string();
+        assert!(e.contains(what), "{e}");
+        assert!(
+            std::fs::read(path).unwrap() == before,
+            "{} changed",
+            path.display()
+        );
+    }
+    assert_eq!(tables(&foreign), vec!["notes".to_string()]);
+
+    // Nothing at the path: readers and `open_existing` refuse and create nothing.
+    let typo = tmp.path().join("typo.db");
+    let e = audit_log::store::open_reader(&typo).unwrap_err();
+    assert!(matches!(e, LogError::Missing { .. }), "{e}");
+    let e = AuditLog::open_existing(&typo, None).err().unwrap();
+    assert!(matches!(e, LogError::Missing { .. }), "{e}");
+    assert!(!typo.exists());
+    // A writer starts a log there, complete from the first moment, and leaves no temporaries.
+    let mut log = AuditLog::open(&typo, Some(Signer::generate())).unwrap();
+    log.append(body(0)).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("typo") || n.starts_with(".typo"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["typo.db", "typo.db-shm", "typo.db-wal", "typo.db.head"]
+    );
+    assert!(AuditLog::init(&typo, None).is_err());
+}
+
+/// Issue 22, item 10: a read-only copy could not be verified (WAL mode wanted a writable
+/// `-shm`). The reader's connection is read-only, and on a log with no `-wal` in a directory
+/// where no `-shm` can be made it opens the file immutable; the end-to-end test runs `log
+/// verify` as an unprivileged user on a read-only directory.
+#[test]
+fn regression_a_read_only_copy_of_a_log_cannot_be_verified() {
+    let (_t, path, key) = log_with(5);
+    let c = audit_log::store::open_reader(&path).unwrap();
+    assert!(c.is_readonly(rusqlite::DatabaseName::Main).unwrap());
+    let e = c
+        .execute("INSERT INTO meta (key, value) VALUES ('x', 'y')", [])
+        .unwrap_err();
+    assert_eq!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::ReadOnly));
+    drop(c);
+    // An I/O failure is "could not check", never evidence of tampering.
+    assert!(!Reason::Unreadable("disk I/O error".into()).is_evidence());
+    assert!(Reason::Database("malformed".into()).is_evidence());
+    assert_eq!(verify(&path, &key, None).unwrap().records, 5);
+}
+
+/// Issue 22, item 11: after the tail and the stored checkpoints that would show it were
+/// deleted, the next append reused sequence numbers and `verify` passed. The writer's head
+/// witness catches it: a live writer from memory, a new one and `verify` from `<db>.head`.
+#[test]
+fn regression_the_writer_does_not_notice_a_shrunken_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_t, path, key) = log_with(20);
+    let same =
+        || Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)));
+    let head = audit_log::store::head_path(&path);
+    let mode = std::fs::metadata(&head).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let witnessed = |p: &std::path::Path| {
+        let note = audit_log::store::read_head(p).unwrap();
+        let c = audit_log::store::open_reader(p).unwrap();
+        audit_log::verify_log_witnessed(&c, &key.public(), None, note.as_deref())
+    };
+    assert_eq!(witnessed(&path).unwrap().head_witness, Some(20));
+    let mut live = AuditLog::open(&path, Some(same())).unwrap();
+
+    let c = raw(&path);
+    c.execute("DELETE FROM records WHERE seq >= 12", [])
+        .unwrap();
+    c.execute("DELETE FROM checkpoints WHERE size > 12", [])
+        .unwrap();
+    drop(c);
+    // Without the witness nothing shows it (as before).
+    verify(&path, &key, None).unwrap();
+    let e = witnessed(&path).unwrap_err();
+    assert!(matches!(e.reason, Reason::RolledBack(_)), "{e}");
+    assert!(e.to_string().contains("log holds 12"), "{e}");
+    let e = AuditLog::open(&path, Some(same())).err().unwrap();
+    assert!(matches!(e, LogError::RolledBack { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("holds 12 records, but this host's writer wrote 20"),
+        "{e}"
+    );
+    // The live writer notices from memory, even with the witness file gone.
+    std::fs::rename(&head, path.with_extension("aside")).unwrap();
+    let e = live.append(body(50)).unwrap_err();
+    assert!(matches!(e, LogError::RolledBack { .. }), "{e}");
+    assert_eq!(
+        audit_log::store::record_count(live.connection()).unwrap(),
+        12
+    );
+    drop(live);
+
+    // Regrown to the same length with other records: the root at the witnessed size differs.
+    {
+        let mut log = AuditLog::open(&path, Some(same())).unwrap();
+        for i in 0..8 {
+            log.append(body(100 + i)).unwrap();
+        }
+    }
+    std::fs::rename(path.with_extension("aside"), &head).unwrap();
+    let e = AuditLog::open(&path, Some(same())).err().unwrap();
+    assert!(
+        e.to_string().contains("first 20 records are not the ones"),
+        "{e}"
+    );
+    let e = witnessed(&path).unwrap_err();
+    assert!(matches!(e.reason, Reason::RolledBack(_)), "{e}");
+
+    // The database deleted outright: no writer starts a new log over its witness.
+    std::fs::remove_file(&path).unwrap();
+    let _ = std::fs::remove_file(path.with_extension("db-wal"));
+    let e = AuditLog::open(&path, Some(same())).err().unwrap();
+    assert!(e.to_string().contains("deleted or moved"), "{e}");
+    assert!(!path.exists());
 }

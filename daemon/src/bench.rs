@@ -481,6 +481,8 @@ fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
     };
     let path = dir.join("bench.db");
     let _ = std::fs::remove_file(&path);
+    // A head witness without its log refuses a new log there (a deleted log).
+    let _ = std::fs::remove_file(audit_log::store::head_path(&path));
     let signer = audit_log::Signer::generate();
     let public = signer.public();
     let size = serde_json::to_vec(&realistic_record(0))?.len();

@@ -209,6 +209,7 @@ pub fn sarif(r: &RunResult) -> serde_json::Value {
             "tool": { "driver": {
                 "name": "mechwatch",
                 "version": env!("CARGO_PKG_VERSION"),
+                "fullName": format!("mechwatch {}", audit_log::BUILD_VERSION),
                 "informationUri": "https://mechwatch.dev",
                 "rules": rules,
             }},

@@ -6,6 +6,7 @@ mod cmd;
 mod daemon;
 mod gate;
 mod report;
+mod verified;
 
 use std::process::ExitCode;
 
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "mechwatch",
-    version,
+    version = audit_log::BUILD_VERSION,
     about = "Safety-audit compliance daemon built on mechanistic interpretability"
 )]
 struct Cli {
@@ -61,9 +62,9 @@ enum Command {
 
 /// How long candle's barrier-pool workers spin for work before they sleep (candle's default is
 /// 25,000 rounds). Our batch passes run one micro-batch per core, so a spinning worker takes
-/// a core from the other micro-batch: at 2,000, `bench forward` ran 1.09x faster hooked and
-/// 1.1x faster with early exit, and single-row decode, whose matmuls come quickly one after
-/// another, kept its speed (2026-11-25, 2 cores). A value in the environment wins.
+/// a core from the other micro-batch. Single-row decode, whose matmuls come quickly one after
+/// another, wants some spinning; 2,000 serves both (docs/lab/performance.md, "The barrier
+/// pool's spin limit"). A value in the environment wins.
 const BARRIER_POOL_SPIN_LIMIT: &str = "2000";
 
 fn main() -> ExitCode {

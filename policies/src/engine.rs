@@ -549,6 +549,17 @@ impl<'m> Engine<'m> {
                 i + 1
             ));
         }
+        // Every prompt against the context once, before any chunking, so the error names the
+        // prompt's place in its set (numbered from 0 by the check, from 1 here).
+        let context = self.model.config().max_positions;
+        if let Some(i) = ids.iter().position(|p| p.len() > context) {
+            return Err(format!(
+                "prompt set `{name}`: prompt {} has {} tokens, more than the model's context \
+                 length of {context}",
+                i + 1,
+                ids[i].len()
+            ));
+        }
         let prefix = if set.chat { self.chat_prefix()? } else { 0 };
         let mut hasher_input = String::from(if set.chat { "chat\0" } else { "raw\0" });
         for s in &set.prompts {

@@ -60,9 +60,9 @@ pub enum LoadError {
     /// No usable tokenizer: `tokenizer.json` is absent or the GGUF has no tokenizer metadata.
     #[error("{path}: tokenizer: {detail}")]
     Tokenizer { path: PathBuf, detail: String },
-    /// The default model download or extraction failed.
-    #[error("default model: {detail}")]
-    Fetch { detail: String },
+    /// A known model could not be fetched, verified or found in the cache.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
     /// A tensor operation failed while materialising weights.
     #[error("{path}: {context}: {source}")]
     Candle {

@@ -25,7 +25,7 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     } else {
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("not a regular file ({})", describe(kind)),
+            format!("not a regular file ({})", kind_of(kind)),
         ))
     }
 }
@@ -45,7 +45,8 @@ pub fn read_regular_to_string(path: &Path) -> io::Result<String> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
-fn describe(kind: std::fs::FileType) -> &'static str {
+/// What kind of file this is, in words with an article ("a FIFO").
+pub fn kind_of(kind: std::fs::FileType) -> &'static str {
     if kind.is_dir() {
         "a directory"
     } else if kind.is_fifo() {

@@ -1,9 +1,15 @@
 //! A bounds-checked GGUF reader (v2 and v3).
 //!
 //! Every count and offset in a GGUF header is untrusted: lengths are checked against the bytes
-//! that remain before anything is allocated, tensor sizes use checked arithmetic, and tensor
-//! data must lie inside the file. The file is read once into memory and those bytes are both
-//! hashed and parsed.
+//! that remain before anything is allocated, tensor sizes use checked arithmetic, tensor data
+//! must lie inside the file and tensors must not overlap. The file is read once into memory and
+//! those bytes are both hashed and parsed.
+//!
+//! Memory bound: besides the file's own bytes, parsing the header allocates at most
+//! [`HEAP_PER_FILE_BYTE`] bytes per byte of file, plus [`HEAP_ALLOWANCE`]. Arrays are held as
+//! typed vectors (a `u8` array costs one byte per element, as in the file), and every
+//! allocation is charged against that budget *before* it is made; a header that would exceed
+//! it is refused with an error naming the metadata key or tensor.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,20 @@ use candle_core::{Device, Tensor};
 use crate::error::LoadError;
 
 const MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
+
+/// Heap bytes the header parser may allocate per byte of file.
+pub const HEAP_PER_FILE_BYTE: usize = 8;
+/// Heap bytes the header parser may allocate whatever the file's size.
+pub const HEAP_ALLOWANCE: usize = 1 << 20;
+/// Allocator bookkeeping charged per heap allocation (glibc: 32-byte minimum chunks, 16-byte
+/// rounding with an 8-byte header).
+const ALLOC_OVERHEAD: usize = 32;
+/// Longest tensor name, as in ggml (`GGML_MAX_NAME` including the terminator).
+const MAX_TENSOR_NAME: usize = 63;
+/// Longest metadata key, as in the GGUF specification.
+const MAX_KEY: usize = 65_535;
+/// Arrays of arrays of arrays is as deep as any GGUF writer goes.
+const MAX_ARRAY_DEPTH: u32 = 2;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +50,73 @@ pub enum GgufValue {
     F64(f64),
     Bool(bool),
     String(String),
-    Array(Vec<GgufValue>),
+    Array(GgufArray),
+}
+
+/// A metadata array, held as a vector of its element type (not of [`GgufValue`], which would
+/// cost 32 bytes per one-byte element).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufArray {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    Array(Vec<GgufArray>),
+}
+
+impl GgufArray {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::U8(v) => v.len(),
+            Self::I8(v) => v.len(),
+            Self::U16(v) => v.len(),
+            Self::I16(v) => v.len(),
+            Self::U32(v) => v.len(),
+            Self::I32(v) => v.len(),
+            Self::U64(v) => v.len(),
+            Self::I64(v) => v.len(),
+            Self::F32(v) => v.len(),
+            Self::F64(v) => v.len(),
+            Self::Bool(v) => v.len(),
+            Self::String(v) => v.len(),
+            Self::Array(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements of a string array.
+    pub fn as_strings(&self) -> Option<&[String]> {
+        match self {
+            Self::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Element `i` of an integer array as u64, if it exists and is non-negative.
+    pub fn u64_at(&self, i: usize) -> Option<u64> {
+        match self {
+            Self::U8(v) => v.get(i).map(|&x| x.into()),
+            Self::U16(v) => v.get(i).map(|&x| x.into()),
+            Self::U32(v) => v.get(i).map(|&x| x.into()),
+            Self::U64(v) => v.get(i).copied(),
+            Self::I8(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Self::I16(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Self::I32(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Self::I64(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            _ => None,
+        }
+    }
 }
 
 impl GgufValue {
@@ -64,7 +150,7 @@ impl GgufValue {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
+    pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
             Self::Array(v) => Some(v),
             _ => None,
@@ -105,9 +191,30 @@ struct Cursor<'a> {
     path: &'a Path,
     bytes: &'a [u8],
     pos: usize,
+    /// Heap bytes the parser may still allocate.
+    budget: usize,
+}
+
+/// Bytes one array element of GGUF type `ty` takes in the file, at least, and the heap bytes
+/// its slot takes in the typed vector.
+fn element_sizes(ty: u32) -> Option<(usize, usize)> {
+    use std::mem::size_of;
+    Some(match ty {
+        0 | 1 | 7 => (1, 1),
+        2 | 3 => (2, 2),
+        4..=6 => (4, 4),
+        10..=12 => (8, 8),
+        8 => (8, size_of::<String>()),
+        9 => (12, size_of::<GgufArray>()),
+        _ => return None,
+    })
 }
 
 impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], LoadError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let Some(end) = end else {
@@ -125,8 +232,25 @@ impl<'a> Cursor<'a> {
         Ok(out)
     }
 
+    /// Charge `n` heap bytes for `what` before allocating them.
+    fn charge(&mut self, n: Option<usize>, what: &str) -> Result<(), LoadError> {
+        match n.filter(|&n| n <= self.budget) {
+            Some(n) => {
+                self.budget -= n;
+                Ok(())
+            }
+            None => Err(self.header(format!(
+                "{what}: the header needs more memory than {HEAP_PER_FILE_BYTE} bytes per byte \
+                 of file (plus {HEAP_ALLOWANCE}) allows"
+            ))),
+        }
+    }
+
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], LoadError> {
-        Ok(self.take(N, what)?.try_into().expect("length checked"))
+        let raw = self.take(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(raw);
+        Ok(out)
     }
     fn u32(&mut self, what: &str) -> Result<u32, LoadError> {
         Ok(u32::from_le_bytes(self.array(what)?))
@@ -134,27 +258,33 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self, what: &str) -> Result<u64, LoadError> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
-    fn len(&mut self, what: &str) -> Result<usize, LoadError> {
+    /// A count of items each taking at least `min_bytes` of the file.
+    fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize, LoadError> {
         let n = self.u64(what)?;
-        let remaining = self.bytes.len() - self.pos;
+        let remaining = self.remaining();
         usize::try_from(n)
             .ok()
-            .filter(|&n| n <= remaining)
+            .filter(|&n| n.checked_mul(min_bytes).is_some_and(|b| b <= remaining))
             .ok_or_else(|| LoadError::Truncated {
                 path: self.path.to_path_buf(),
-                detail: format!("{what} claims length {n} but only {remaining} bytes remain"),
+                detail: format!(
+                    "{what} claims {n} items of at least {min_bytes} bytes but only {remaining} \
+                     bytes remain"
+                ),
             })
     }
     fn string(&mut self, what: &str) -> Result<String, LoadError> {
-        let n = self.len(what)?;
+        let n = self.count(what, 1)?;
         let raw = self.take(n, what)?;
+        let heap = if n == 0 { 0 } else { n + ALLOC_OVERHEAD };
+        self.charge(Some(heap), what)?;
         String::from_utf8(raw.to_vec()).map_err(|_| LoadError::Header {
             path: self.path.to_path_buf(),
             detail: format!("{what} is not UTF-8"),
         })
     }
 
-    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<GgufValue, LoadError> {
+    fn value(&mut self, ty: u32, key: &str) -> Result<GgufValue, LoadError> {
         use GgufValue as V;
         Ok(match ty {
             0 => V::U8(self.array::<1>(key)?[0]),
@@ -164,29 +294,89 @@ impl<'a> Cursor<'a> {
             4 => V::U32(self.u32(key)?),
             5 => V::I32(i32::from_le_bytes(self.array(key)?)),
             6 => V::F32(f32::from_le_bytes(self.array(key)?)),
-            7 => match self.array::<1>(key)?[0] {
-                0 => V::Bool(false),
-                1 => V::Bool(true),
-                b => return Err(self.header(format!("key `{key}`: bool byte {b}"))),
-            },
+            7 => V::Bool(self.bool(key)?),
             8 => V::String(self.string(key)?),
-            9 => {
-                if depth > 2 {
-                    return Err(self.header(format!("key `{key}`: arrays nested too deeply")));
-                }
-                let item_ty = self.u32(key)?;
-                // Each item takes at least one byte, so `len` bounds the allocation.
-                let n = self.len(key)?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(item_ty, key, depth + 1)?);
-                }
-                V::Array(items)
-            }
+            9 => V::Array(self.gguf_array(key, 0)?),
             10 => V::U64(self.u64(key)?),
             11 => V::I64(i64::from_le_bytes(self.array(key)?)),
             12 => V::F64(f64::from_le_bytes(self.array(key)?)),
             t => return Err(self.header(format!("key `{key}`: unknown value type {t}"))),
+        })
+    }
+
+    fn bool(&mut self, key: &str) -> Result<bool, LoadError> {
+        match self.array::<1>(key)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(self.header(format!("key `{key}`: bool byte {b}"))),
+        }
+    }
+
+    /// `n` fixed-size numbers of `N` bytes each, decoded by `f`.
+    fn numbers<T, const N: usize>(
+        &mut self,
+        n: usize,
+        key: &str,
+        f: fn([u8; N]) -> T,
+    ) -> Result<Vec<T>, LoadError> {
+        let raw = self.take(n * N, key)?;
+        Ok(raw
+            .chunks_exact(N)
+            .map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                f(a)
+            })
+            .collect())
+    }
+
+    fn gguf_array(&mut self, key: &str, depth: u32) -> Result<GgufArray, LoadError> {
+        use GgufArray as A;
+        if depth > MAX_ARRAY_DEPTH {
+            return Err(self.header(format!("key `{key}`: arrays nested too deeply")));
+        }
+        let ty = self.u32(key)?;
+        let (file_size, heap_size) = element_sizes(ty)
+            .ok_or_else(|| self.header(format!("key `{key}`: unknown array item type {ty}")))?;
+        let n = self.count(key, file_size)?;
+        // The vector's slots, charged before the vector exists.
+        self.charge(
+            n.checked_mul(heap_size)
+                .and_then(|b| b.checked_add(ALLOC_OVERHEAD)),
+            &format!("key `{key}`"),
+        )?;
+        Ok(match ty {
+            0 => A::U8(self.numbers(n, key, |[b]| b)?),
+            1 => A::I8(self.numbers(n, key, |[b]| b as i8)?),
+            2 => A::U16(self.numbers(n, key, u16::from_le_bytes)?),
+            3 => A::I16(self.numbers(n, key, i16::from_le_bytes)?),
+            4 => A::U32(self.numbers(n, key, u32::from_le_bytes)?),
+            5 => A::I32(self.numbers(n, key, i32::from_le_bytes)?),
+            6 => A::F32(self.numbers(n, key, f32::from_le_bytes)?),
+            10 => A::U64(self.numbers(n, key, u64::from_le_bytes)?),
+            11 => A::I64(self.numbers(n, key, i64::from_le_bytes)?),
+            12 => A::F64(self.numbers(n, key, f64::from_le_bytes)?),
+            7 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.bool(key)?);
+                }
+                A::Bool(v)
+            }
+            8 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.string(key)?);
+                }
+                A::String(v)
+            }
+            _ => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.gguf_array(key, depth + 1)?);
+                }
+                A::Array(v)
+            }
         })
     }
 
@@ -232,6 +422,10 @@ impl GgufFile {
             path,
             bytes: &bytes,
             pos: 0,
+            budget: bytes
+                .len()
+                .saturating_mul(HEAP_PER_FILE_BYTE)
+                .saturating_add(HEAP_ALLOWANCE),
         };
         let magic = c.u32("magic")?;
         if magic != MAGIC {
@@ -242,24 +436,64 @@ impl GgufFile {
             return Err(c.header(format!("GGUF version {version} (supported: 2, 3)")));
         }
         let n_tensors = c.u64("tensor count")?;
-        let n_kv = c.u64("metadata count")?;
+        // A key-value pair takes at least 13 bytes (key length, type, one-byte value) and a
+        // tensor entry at least 33 (name length, one name byte, rank, one dim, type, offset).
+        let n_kv = c.count("metadata count", 13)?;
+        let header_room = c.remaining().saturating_sub(n_kv * 13) as u64;
+        if n_tensors.checked_mul(33).is_none_or(|b| b > header_room) {
+            return Err(LoadError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "tensor count {n_tensors} needs at least 33 bytes each but only \
+                     {header_room} bytes remain after the metadata"
+                ),
+            });
+        }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
+            if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
+                return Err(c.header(format!(
+                    "metadata key #{i} {key:?} is empty, longer than {MAX_KEY} bytes or holds \
+                     control characters"
+                )));
+            }
+            // A B-tree node slot, with nodes at least half full.
+            c.charge(
+                Some(2 * std::mem::size_of::<(String, GgufValue)>() + ALLOC_OVERHEAD),
+                &format!("metadata key `{key}`"),
+            )?;
             let ty = c.u32(&key)?;
-            let value = c.value(ty, &key, 0)?;
-            if metadata.insert(key.clone(), value).is_some() {
+            let value = c.value(ty, &key)?;
+            if metadata.contains_key(&key) {
                 return Err(c.header(format!("duplicate metadata key `{key}`")));
             }
+            metadata.insert(key, value);
         }
-        let mut infos = Vec::new();
+        // Bounded by the check above: at most one entry per 33 bytes of file.
+        let mut infos = Vec::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor name #{i}"))?;
+            if name.is_empty() || name.len() > MAX_TENSOR_NAME {
+                return Err(c.header(format!(
+                    "tensor name #{i} {name:?} is empty or longer than {MAX_TENSOR_NAME} bytes"
+                )));
+            }
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > 4 {
                 return Err(c.header(format!("tensor `{name}`: {n_dims} dimensions")));
             }
-            let mut dims = Vec::new();
+            c.charge(
+                // Its slot in `infos` and in `tensors`, its dims, and its index when sorting.
+                Some(
+                    std::mem::size_of::<GgufTensorInfo>()
+                        + std::mem::size_of::<(String, Vec<usize>, GgmlDType, u64)>()
+                        + 5 * std::mem::size_of::<usize>()
+                        + ALLOC_OVERHEAD,
+                ),
+                &format!("tensor `{name}`"),
+            )?;
+            let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 let d = c.u64(&name)?;
                 dims.push(
@@ -286,16 +520,12 @@ impl GgufFile {
         };
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = Vec::with_capacity(infos.len());
-        let mut names = std::collections::HashSet::new();
         for (name, dims, dtype, offset) in infos {
             let terr = |detail: String| LoadError::Tensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
                 detail,
             };
-            if !names.insert(name.clone()) {
-                return Err(terr("duplicate tensor name".into()));
-            }
             if dims.contains(&0) {
                 return Err(terr(format!("dims {dims:?} hold a zero")));
             }
@@ -339,6 +569,33 @@ impl GgufFile {
                 begin,
                 end,
             });
+        }
+        // Names are unique and data ranges disjoint: two names for one tensor, or one byte in
+        // two tensors, would make the digest cover weights other than those that run.
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by(|&a, &b| tensors[a].name.cmp(&tensors[b].name));
+        for w in order.windows(2) {
+            if tensors[w[0]].name == tensors[w[1]].name {
+                return Err(LoadError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: tensors[w[1]].name.clone(),
+                    detail: "duplicate tensor name".into(),
+                });
+            }
+        }
+        order.sort_by_key(|&i| (tensors[i].begin, tensors[i].end));
+        for w in order.windows(2) {
+            let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
+            if b.begin < a.end {
+                return Err(LoadError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: b.name.clone(),
+                    detail: format!(
+                        "data {}..{} overlaps tensor `{}` at {}..{}",
+                        b.begin, b.end, a.name, a.begin, a.end
+                    ),
+                });
+            }
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -449,10 +706,11 @@ mod tests {
     fn lying_string_length_is_refused() {
         let mut bytes = header(0, 1);
         bytes.extend((1u64 << 40).to_le_bytes());
+        bytes.extend([0u8; 16]);
         let e = GgufFile::parse(Path::new("m.gguf"), bytes)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("claims length"), "{e}");
+        assert!(e.contains("claims 1099511627776"), "{e}");
     }
 
     fn one_tensor(dims: &[u64], ty: u32, offset: u64) -> Vec<u8> {
@@ -489,6 +747,88 @@ mod tests {
         assert!(e.contains("aligned"), "{e}");
         let ok = GgufFile::parse(Path::new("m.gguf"), one_tensor(&[32], 3, 32)).unwrap();
         assert_eq!(ok.load_f32(&ok.tensors[0]).unwrap().dims(), [32]);
+    }
+
+    fn kv(b: &mut Vec<u8>, key: &str, ty: u32, value: &[u8]) {
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key.as_bytes());
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
+    }
+
+    /// A one-byte array element cost a 32-byte `GgufValue`: 100 MB of file, 3 GB of memory.
+    #[test]
+    fn regression_metadata_array_is_held_at_its_element_size() {
+        let n = 1usize << 22;
+        let mut b = header(0, 1);
+        let mut v = 0u32.to_le_bytes().to_vec(); // u8 items
+        v.extend((n as u64).to_le_bytes());
+        v.resize(v.len() + n, 7);
+        kv(&mut b, "big", 9, &v);
+        let g = GgufFile::parse(Path::new("m.gguf"), b).unwrap();
+        match g.metadata["big"].as_array() {
+            Some(GgufArray::U8(v)) => assert_eq!(v.len(), n),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Many tiny keys cost more heap (a map slot each) than the bound allows: refused by the
+    /// accounting, before the map outgrows it.
+    #[test]
+    fn metadata_beyond_the_memory_bound_is_refused() {
+        let n = 200_000u64;
+        let mut b = header(0, n);
+        for i in 0..n {
+            let k = [
+                b'a' + (i % 26) as u8,
+                b'a' + (i / 26 % 26) as u8,
+                b'a' + (i / 676 % 26) as u8,
+                b'0' + (i / 17576) as u8,
+            ];
+            kv(&mut b, std::str::from_utf8(&k).unwrap(), 0, &[1]);
+        }
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more memory than 8 bytes per byte"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_tensors_and_bad_names_are_refused() {
+        let mut b = header(2, 0);
+        for name in ["a", "b"] {
+            b.extend(1u64.to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend(1u32.to_le_bytes());
+            b.extend(8u64.to_le_bytes());
+            b.extend(0u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        b.resize(b.len().div_ceil(32) * 32 + 64, 0);
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor `b`") && e.contains("overlaps tensor `a`"),
+            "{e}"
+        );
+
+        let mut b = header(0, 1);
+        kv(&mut b, "", 0, &[1]);
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metadata key #0"), "{e}");
+
+        let long = "x".repeat(64);
+        let mut b = header(1, 0);
+        b.extend((long.len() as u64).to_le_bytes());
+        b.extend(long.as_bytes());
+        b.resize(b.len() + 64, 0);
+        let e = GgufFile::parse(Path::new("m.gguf"), b)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than 63 bytes"), "{e}");
     }
 
     #[test]

@@ -69,14 +69,10 @@ pub struct ModelInfo {
 }
 
 impl Model {
-    /// Load a GGUF file, an HF directory, or `default` (the cached SmolLM2 model, fetched
-    /// on first use).
+    /// Load a GGUF file, an HF directory, or a known model by name (`default`, the cached
+    /// SmolLM2 model, is fetched on first use; see [`crate::fetch::resolve`]).
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self, LoadError> {
-        let path = if spec == "default" {
-            crate::fetch::fetch_default()?
-        } else {
-            PathBuf::from(spec)
-        };
+        let path = crate::fetch::resolve(spec)?;
         Self::load_path(&path, opts)
     }
 
@@ -104,13 +100,8 @@ impl Model {
         let file = GgufFile::read(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let codec = TextCodec::from_gguf(&file)?;
-        let transformer = weights::build(
-            &GgufSource {
-                file: &file,
-                config: &config,
-            },
-            &config,
-        )?;
+        check_vocab(path, &codec, &config)?;
+        let transformer = weights::build(&GgufSource::new(&file, &config), &config)?;
         let mut manifest = Manifest::default();
         let name = path
             .file_name()
@@ -155,6 +146,7 @@ impl Model {
         })?;
         let config = ModelConfig::from_hf_json(&config_path, &config_text)?;
         let codec = TextCodec::from_hf_dir(dir, &mut read)?;
+        check_vocab(&dir.join("tokenizer.json"), &codec, &config)?;
 
         let shard_names: Vec<String> = match read("model.safetensors.index.json")? {
             Some(index) => {
@@ -246,13 +238,14 @@ impl Model {
         }
     }
 
-    /// Tokenise `text`, through the chat template when `chat` is set.
+    /// Tokenise `text`, through the chat template when `chat` is set; plain text gets the
+    /// special tokens the tokenizer adds (see [`TextCodec::encode_text`]).
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>, RunError> {
         if chat {
             let rendered = self.codec.apply_chat_template(&[Message::user(text)])?;
             self.codec.encode(&rendered)
         } else {
-            self.codec.encode(text)
+            self.codec.encode_text(text)
         }
     }
 
@@ -277,6 +270,26 @@ impl Model {
     }
 }
 
+/// Every token the tokenizer can produce must have a row in the embedding.
+fn check_vocab(path: &Path, codec: &TextCodec, config: &ModelConfig) -> Result<(), LoadError> {
+    let vocab = codec.tokenizer.get_vocab(true);
+    if let Some((token, &id)) = vocab
+        .iter()
+        .filter(|(_, &id)| id as usize >= config.vocab_size)
+        .max_by_key(|(_, &id)| id)
+    {
+        return Err(LoadError::Tokenizer {
+            path: path.to_path_buf(),
+            detail: format!(
+                "token {token:?} has id {id}, outside the model's vocabulary of {} ({} tokens)",
+                config.vocab_size,
+                vocab.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn is_plain_file_name(f: &str) -> bool {
     !f.is_empty() && !f.contains('/') && !f.contains('\\') && f != "." && f != ".."
 }
@@ -287,10 +300,7 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
     let file = GgufFile::read(gguf)?;
     let config = ModelConfig::from_gguf(&file)?;
     let codec = TextCodec::from_gguf(&file)?;
-    let src = GgufSource {
-        file: &file,
-        config: &config,
-    };
+    let src = GgufSource::new(&file, &config);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LoadError::Io { path, source }
@@ -318,8 +328,41 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
     )
     .map_err(io(&config_path))?;
     let tok_path = out_dir.join("tokenizer.json");
-    codec
-        .tokenizer
+    let tok_err = |detail: String| LoadError::Tokenizer {
+        path: gguf.to_path_buf(),
+        detail,
+    };
+    let mut tokenizer = codec.tokenizer.clone();
+    // GGUF's add_bos_token / add_eos_token become tokenizer.json's post-processor, which is
+    // how an HF directory says the same.
+    if codec.add_bos.is_some() || codec.add_eos.is_some() {
+        let mut single = Vec::new();
+        let mut specials = Vec::new();
+        let mut special = |id: u32, single: &mut Vec<String>| -> Result<(), LoadError> {
+            let t = codec
+                .tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| tok_err(format!("special token id {id} has no text")))?;
+            single.push(t.clone());
+            specials.push((t, id));
+            Ok(())
+        };
+        if let Some(b) = codec.add_bos {
+            special(b, &mut single)?;
+        }
+        single.push("$A".to_string());
+        if let Some(e) = codec.add_eos {
+            special(e, &mut single)?;
+        }
+        let processor = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(single.join(" "))
+            .map_err(|e| tok_err(format!("post-processor template: {e}")))?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| tok_err(format!("post-processor: {e}")))?;
+        tokenizer.with_post_processor(Some(processor));
+    }
+    tokenizer
         .save(&tok_path, false)
         .map_err(|e| LoadError::Tokenizer {
             path: tok_path.clone(),

@@ -2,7 +2,8 @@
 //!
 //! It rejects everything the reference parser rejects (oversized or out-of-file headers,
 //! offsets that are not sorted and contiguous from 0, sizes that disagree with shape x dtype,
-//! trailing bytes) and, unlike it, duplicate JSON keys. The bytes parsed are the bytes hashed:
+//! trailing bytes) and, unlike it, duplicate JSON keys at any depth (two tensors of one name,
+//! or two `"shape"`s in one tensor's entry). The bytes parsed are the bytes hashed:
 //! the whole file is read once into memory, so a writer changing the file cannot make the
 //! digest and the weights disagree.
 
@@ -231,8 +232,9 @@ fn parse_entry(path: &Path, name: &str, value: serde_json::Value) -> Result<Tens
     })
 }
 
-/// Parse a JSON object into its entries, refusing duplicate keys (serde_json keeps the last one,
-/// which lets two parsers disagree about the same file).
+/// Parse a JSON object into its entries, refusing duplicate keys at every depth (serde_json
+/// keeps the last one, which lets two parsers disagree about the same file). A duplicate inside
+/// an entry (two `"shape"`s in one tensor) names the entry and the key.
 pub fn parse_unique_object(json: &str) -> Result<Vec<(String, serde_json::Value)>, String> {
     struct UniqueMap;
     impl<'de> Visitor<'de> for UniqueMap {
@@ -243,11 +245,15 @@ pub fn parse_unique_object(json: &str) -> Result<Vec<(String, serde_json::Value)
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut seen = std::collections::HashSet::new();
             let mut out = Vec::new();
-            while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+            while let Some(k) = map.next_key::<String>()? {
                 if !seen.insert(k.clone()) {
                     return Err(serde::de::Error::custom(format!("duplicate key `{k}`")));
                 }
-                out.push((k, v));
+                let what = if k == "__metadata__" { "" } else { "tensor " };
+                let v = map
+                    .next_value::<UniqueValue>()
+                    .map_err(|e| serde::de::Error::custom(format!("{what}`{k}`: {e}")))?;
+                out.push((k, v.0));
             }
             Ok(out)
         }
@@ -260,7 +266,65 @@ pub fn parse_unique_object(json: &str) -> Result<Vec<(String, serde_json::Value)
     Ok(entries)
 }
 
-/// Write tensors (F32, or U32 for token ids) as a safetensors file, atomically.
+/// A JSON value whose objects, at any depth, hold each key once.
+struct UniqueValue(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueValueVisitor).map(UniqueValue)
+    }
+}
+
+struct UniqueValueVisitor;
+
+impl<'de> Visitor<'de> for UniqueValueVisitor {
+    type Value = serde_json::Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<UniqueValue>()? {
+            out.push(v.0);
+        }
+        Ok(out.into())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{k}`")));
+            }
+            let v = map.next_value::<UniqueValue>()?;
+            out.insert(k, v.0);
+        }
+        Ok(out.into())
+    }
+}
+
+/// Write tensors (F16 as F16, U32 token ids as U32, anything else as F32) as a safetensors
+/// file, atomically.
 pub fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -290,6 +354,14 @@ pub fn write(
             DType::U32 => (
                 "U32",
                 flat.to_vec1::<u32>()
+                    .map_err(candle_err)?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                "F16",
+                flat.to_vec1::<half::f16>()
                     .map_err(candle_err)?
                     .iter()
                     .flat_map(|v| v.to_le_bytes())
@@ -361,6 +433,21 @@ mod tests {
         let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
         let e = parse(file(h, &[0u8; 8])).unwrap_err().to_string();
         assert!(e.contains("duplicate key `a`"), "{e}");
+    }
+
+    /// The docs promised duplicate keys are rejected, but two `"shape"`s inside one tensor's
+    /// entry went through serde_json, which keeps the last.
+    #[test]
+    fn regression_duplicate_key_inside_a_tensor_entry() {
+        let h = r#"{"a":{"dtype":"F32","shape":[1],"shape":[2],"data_offsets":[0,8]}}"#;
+        let e = parse(file(h, &[0u8; 8])).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor `a`") && e.contains("duplicate key `shape`"),
+            "{e}"
+        );
+        let h = r#"{"__metadata__":{"k":"v","k":"w"}}"#;
+        let e = parse(file(h, &[])).unwrap_err().to_string();
+        assert!(e.contains("`__metadata__`: duplicate key `k`"), "{e}");
     }
 
     #[test]

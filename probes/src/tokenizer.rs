@@ -1,5 +1,9 @@
 //! Tokenizers (the `tokenizers` crate, from `tokenizer.json` or GGUF metadata) and chat
 //! templates rendered with a real Jinja engine (minijinja).
+//!
+//! A chat template is code from the checkpoint: its rendering is bounded in instructions
+//! (minijinja fuel) and in output bytes, so a template that loops (`range(9999)` nested) fails
+//! with an error instead of running for minutes or filling memory.
 
 use std::path::Path;
 
@@ -8,10 +12,80 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{LoadError, RunError};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, GgufValue};
+
+/// Template instructions allowed per render, plus [`TEMPLATE_FUEL_PER_MESSAGE`] per message.
+/// Real chat templates use a few hundred per message.
+pub const TEMPLATE_FUEL: u64 = 200_000;
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 20_000;
+/// Rendered bytes allowed beyond the messages' own text (which is allowed four times over).
+pub const TEMPLATE_OUTPUT_ALLOWANCE: usize = 64 * 1024;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Qwen2's pre-tokenizer regex (HF `tokenizer.json` `Split`; llama.cpp `qwen2`): like GPT-2's,
+/// but single digits, letters glued to one leading non-letter, and newlines kept apart.
+pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's pre-tokenizer regex (llama.cpp `llama-bpe`): Qwen2's with digits in runs of three.
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The `tokenizer.ggml.pre` values mechwatch implements.
+pub const SUPPORTED_PRE_TOKENIZERS: &str =
+    "default, gpt-2, smollm, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3";
+
+/// The pre-tokenizer llama.cpp uses for GGUF `tokenizer.ggml.pre` = `pre`; `None` when mechwatch
+/// does not implement it.
+pub fn gguf_pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
+    // Regex splitting first, then bytes to GPT-2's printable alphabet.
+    let split_then_bytes = |pattern: &str| -> Option<PreTokenizerWrapper> {
+        let split = Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .ok()?;
+        Some(
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into(),
+        )
+    };
+    match pre {
+        "default" | "gpt-2" => Some(ByteLevel::new(false, true, true).into()),
+        "smollm" => Some(
+            Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+        ),
+        "qwen2" | "deepseek-r1-qwen" => split_then_bytes(QWEN2_PATTERN),
+        "llama-bpe" | "llama3" | "llama-v3" => split_then_bytes(LLAMA3_PATTERN),
+        _ => None,
+    }
+}
 
 /// Reads a file of the checkpoint directory by name (`None` when absent), recording its digest.
 pub type FileReader<'a> = dyn FnMut(&str) -> Result<Option<Vec<u8>>, LoadError> + 'a;
@@ -22,6 +96,10 @@ pub struct TextCodec {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// Token ids that plain-text prompts start and end with (GGUF `tokenizer.ggml.add_bos_token`
+    /// and `add_eos_token`; `tokenizer.json` says the same with its post-processor).
+    pub add_bos: Option<u32>,
+    pub add_eos: Option<u32>,
 }
 
 /// One chat message.
@@ -57,6 +135,8 @@ impl TextCodec {
             chat_template: None,
             bos_token: None,
             eos_token: None,
+            add_bos: None,
+            add_eos: None,
         };
         if let Some(cfg) = read("tokenizer_config.json")? {
             let cfg_path = dir.join("tokenizer_config.json");
@@ -77,6 +157,16 @@ impl TextCodec {
             codec.bos_token = token("bos_token");
             codec.eos_token = token("eos_token");
         }
+        // Current transformers saves the template beside the config instead of inside it.
+        if codec.chat_template.is_none() {
+            if let Some(t) = read("chat_template.jinja")? {
+                let t = String::from_utf8(t).map_err(|_| LoadError::Tokenizer {
+                    path: dir.join("chat_template.jinja"),
+                    detail: "not UTF-8".into(),
+                })?;
+                codec.chat_template = Some(t);
+            }
+        }
         Ok(codec)
     }
 
@@ -94,34 +184,49 @@ impl TextCodec {
                 "tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"
             )));
         }
-        let strings = |key: &str| -> Result<Vec<String>, LoadError> {
+        let strings = |key: &str| -> Result<&[String], LoadError> {
             g.meta(key)
                 .map_err(|_| err(format!("GGUF has no {key}")))?
                 .as_array()
-                .ok_or_else(|| err(format!("{key} is not an array")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| err(format!("{key} holds a non-string")))
-                })
-                .collect()
+                .and_then(|a| a.as_strings().or(a.is_empty().then_some(&[][..])))
+                .ok_or_else(|| err(format!("{key} is not an array of strings")))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() || u32::try_from(tokens.len()).is_err() {
+            return Err(err(format!(
+                "tokenizer.ggml.tokens holds {} tokens",
+                tokens.len()
+            )));
+        }
         let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
+            .iter()
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .ok_or_else(|| err(format!("merge `{m}` has no space")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let types: Vec<u64> = match g
-            .metadata
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
-            Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+        let types: Vec<u64> = match g.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => {
+                let a = v
+                    .as_array()
+                    .filter(|a| a.len() == tokens.len())
+                    .ok_or_else(|| {
+                        err(format!(
+                            "tokenizer.ggml.token_type is not an array of {} integers",
+                            tokens.len()
+                        ))
+                    })?;
+                (0..a.len())
+                    .map(|i| {
+                        a.u64_at(i).ok_or_else(|| {
+                            err(format!(
+                                "tokenizer.ggml.token_type[{i}] is not a token type"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             None => vec![1; tokens.len()],
         };
         let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -134,44 +239,94 @@ impl TextCodec {
             .build()
             .map_err(|e| err(format!("building BPE: {e}")))?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre = g
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .unwrap_or("gpt2");
-        let pre: PreTokenizerWrapper = if pre == "smollm" {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        } else {
-            byte_level.into()
+        // Files written before llama.cpp recorded the pre-tokenizer get its `default` (GPT-2's
+        // regex), as llama.cpp gives them; a value we do not implement is refused, since
+        // splitting with another regex gives other tokens without any error.
+        let pre = match g.metadata.get("tokenizer.ggml.pre") {
+            None => "default",
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| err(format!("tokenizer.ggml.pre = {v:?} is not a string")))?,
         };
-        tokenizer.with_pre_tokenizer(Some(pre));
+        let pre_tokenizer = gguf_pre_tokenizer(pre).ok_or_else(|| {
+            err(format!(
+                "tokenizer.ggml.pre `{pre}` is not supported (supported: \
+                 {SUPPORTED_PRE_TOKENIZERS})"
+            ))
+        })?;
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens (type 3) such as <|im_start|> must match as single tokens.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(_, &t)| t == 3)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
+        // Control tokens (type 3) such as <|im_start|> must match as single tokens; so must
+        // user-defined ones (type 4, e.g. Qwen's `<tool_call>`), which llama.cpp also matches
+        // before splitting but, not being special, keeps when decoding.
+        let added = |ty: u64, special: bool| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(types.iter())
+                .filter(|(_, &t)| t == ty)
+                .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
+                .collect()
+        };
         tokenizer
-            .add_special_tokens(special)
+            .add_special_tokens(added(3, true))
             .map_err(|e| err(format!("adding special tokens: {e}")))?;
-        let id_str = |key: &str| {
-            g.metadata
-                .get(key)
-                .and_then(|v| v.as_u64())
-                .and_then(|i| tokens.get(i as usize).cloned())
+        tokenizer
+            .add_tokens(added(4, false))
+            .map_err(|e| err(format!("adding user-defined tokens: {e}")))?;
+        let id_str = |key: &str| -> Result<Option<String>, LoadError> {
+            match g.metadata.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|i| tokens.get(usize::try_from(i).ok()?))
+                    .map(|t| Some(t.clone()))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{key} = {v:?} is not a token id below {}",
+                            tokens.len()
+                        ))
+                    }),
+            }
+        };
+        let bos_token = id_str("tokenizer.ggml.bos_token_id")?;
+        let eos_token = id_str("tokenizer.ggml.eos_token_id")?;
+        // What llama.cpp does with plain text: add BOS / EOS when the file says so.
+        let add = |flag: &str, id_key: &str| -> Result<Option<u32>, LoadError> {
+            match g.metadata.get(flag) {
+                None | Some(GgufValue::Bool(false)) => Ok(None),
+                Some(GgufValue::Bool(true)) => g
+                    .metadata
+                    .get(id_key)
+                    .and_then(|v| v.as_u64())
+                    .and_then(|i| u32::try_from(i).ok())
+                    .map(Some)
+                    .ok_or_else(|| err(format!("{flag} is set but {id_key} is missing"))),
+                Some(v) => Err(err(format!("{flag} = {v:?} is not a bool"))),
+            }
+        };
+        let add_bos = add(
+            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.bos_token_id",
+        )?;
+        let add_eos = add(
+            "tokenizer.ggml.add_eos_token",
+            "tokenizer.ggml.eos_token_id",
+        )?;
+        let chat_template = match g.metadata.get("tokenizer.chat_template") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| err("tokenizer.chat_template is not a string".into()))?
+                    .to_string(),
+            ),
         };
         Ok(Self {
             tokenizer,
-            chat_template: g
-                .metadata
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-            bos_token: id_str("tokenizer.ggml.bos_token_id"),
-            eos_token: id_str("tokenizer.ggml.eos_token_id"),
+            chat_template,
+            bos_token,
+            eos_token,
+            add_bos,
+            add_eos,
         })
     }
 
@@ -181,6 +336,24 @@ impl TextCodec {
             .encode(text, false)
             .map_err(|e| RunError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenise plain text as the checkpoint asks: `tokenizer.json`'s post-processor (HF's
+    /// `add_special_tokens=True`) and GGUF's `add_bos_token` / `add_eos_token` apply. Chat
+    /// templates write their own special tokens, so rendered chats go through [`Self::encode`].
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, RunError> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| RunError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let Some(bos) = self.add_bos.filter(|&b| ids.first() != Some(&b)) {
+            ids.insert(0, bos);
+        }
+        if let Some(eos) = self.add_eos.filter(|&e| ids.last() != Some(&e)) {
+            ids.push(eos);
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, RunError> {
@@ -214,18 +387,48 @@ impl TextCodec {
                 ))
             },
         );
+        let n = messages.len() as u64;
+        let fuel = TEMPLATE_FUEL.saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(n));
+        env.set_fuel(Some(fuel));
         env.add_template("chat", template)
             .map_err(|e| RunError::Tokenizer(format!("chat template: {e}")))?;
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
+        let text: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        let limit = text
+            .saturating_mul(4)
+            .saturating_add(TEMPLATE_OUTPUT_ALLOWANCE);
+        let mut out = BoundedOutput {
+            buf: Vec::new(),
+            limit,
+        };
+        let rendered = env.get_template("chat").and_then(|t| {
+            t.render_captured_to(
+                minijinja::context! {
                     messages => messages,
                     add_generation_prompt => true,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
-            })
-            .map_err(|e| RunError::Tokenizer(format!("chat template: {e}")))
+                },
+                &mut out,
+            )
+            .map(drop)
+        });
+        match rendered {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| RunError::Tokenizer("chat template rendered invalid UTF-8".into())),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+                Err(RunError::Tokenizer(format!(
+                    "chat template ran more than {fuel} instructions for {n} message(s): \
+                     does it loop?"
+                )))
+            }
+            Err(e) if e.kind() == minijinja::ErrorKind::WriteFailure => Err(RunError::Tokenizer(
+                format!("chat template output exceeds {limit} bytes for {text} bytes of messages"),
+            )),
+            Err(e) => Err(RunError::Tokenizer(format!("chat template: {e}"))),
+        }
     }
 
     /// Token id of a special token string, if the vocabulary has it.

@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use rayon::prelude::*;
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Activation, Architecture, ModelConfig};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Edit, HookPoint, Hooks, Positions};
 
@@ -103,10 +103,26 @@ impl Norm {
 }
 
 pub enum Mlp {
-    /// `down(silu(gate(x)) * up(x))`, with gate and up fused into one `[2 * d_mlp, d]` matmul.
-    Gated { gate_up: Linear, down: Linear },
-    /// `proj(gelu_tanh(fc(x)))`
-    Gelu { fc: Linear, proj: Linear },
+    /// `down(act(gate(x)) * up(x))`, with gate and up fused into one `[2 * d_mlp, d]` matmul.
+    Gated {
+        gate_up: Linear,
+        down: Linear,
+        activation: Activation,
+    },
+    /// `proj(act(fc(x)))`
+    Gelu {
+        fc: Linear,
+        proj: Linear,
+        activation: Activation,
+    },
+}
+
+fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+    match activation {
+        Activation::Silu => candle_nn::ops::silu(x),
+        Activation::GeluTanh => x.gelu(),
+        Activation::GeluErf => x.gelu_erf(),
+    }
 }
 
 pub struct Block {
@@ -357,6 +373,8 @@ impl Transformer {
         mut consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
     ) -> Result<(), RunError> {
         let micro_batch = micro_batch.max(1);
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.check_lengths(&lengths)?;
         let chunks: Vec<&[Vec<u32>]> = prompts.chunks(micro_batch).collect();
         let in_flight = rayon::current_num_threads().max(1);
         for (g, group) in chunks.chunks(in_flight).enumerate() {
@@ -371,16 +389,23 @@ impl Transformer {
         Ok(())
     }
 
+    /// Refuse any prompt longer than the model's context, naming its index in `prompts`. Callers
+    /// that split a prompt set into batches check the whole set first, so the index is theirs.
+    pub fn check_prompts(&self, prompts: &[Vec<u32>]) -> Result<(), RunError> {
+        self.check_lengths(&prompts.iter().map(Vec::len).collect::<Vec<_>>())
+    }
+
+    /// Refuse any prompt longer than the model's context: beyond it the attention buffers grow
+    /// quadratically (gigabytes for a long prompt file) and the positions mean nothing.
     fn check_lengths(&self, lengths: &[usize]) -> Result<(), RunError> {
-        if let Some(&max) = lengths.iter().max() {
-            if self.pos_embed.is_some() && max > self.config.max_positions {
-                return Err(RunError::Batch(format!(
-                    "a prompt of {max} tokens exceeds the model's {} positions",
-                    self.config.max_positions
-                )));
-            }
+        let context = self.config.max_positions;
+        match lengths.iter().position(|&n| n > context) {
+            Some(i) => Err(RunError::Batch(format!(
+                "prompt {i} has {} tokens, more than the model's context length of {context}",
+                lengths[i]
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Start a generation: prefill `prompts` (left-padded) into a fresh cache.
@@ -684,13 +709,21 @@ fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
 
 fn mlp(mlp: &Mlp, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
     match mlp {
-        Mlp::Gated { gate_up, down } => {
+        Mlp::Gated {
+            gate_up,
+            down,
+            activation,
+        } => {
             let h = gate_up.forward(x, decode)?;
             let half = h.dim(2)? / 2;
-            let g = candle_nn::ops::silu(&h.narrow(2, 0, half)?)?;
+            let g = activate(&h.narrow(2, 0, half)?, *activation)?;
             down.forward(&(g * h.narrow(2, half, half)?)?, decode)
         }
-        Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(x, decode)?.gelu()?, decode),
+        Mlp::Gelu {
+            fc,
+            proj,
+            activation,
+        } => proj.forward(&activate(&fc.forward(x, decode)?, *activation)?, decode),
     }
 }
 

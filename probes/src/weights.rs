@@ -2,8 +2,15 @@
 //!
 //! Every source (HF safetensors shards, GGUF) answers the same question, "give me the HF-named
 //! tensor as f32", so there is one loader per architecture and one shape check.
+//!
+//! Before anything is allocated, the configuration's counts are bounded by the checkpoint: the
+//! layer count by the tensors present, the implied parameter count by their bytes. After the
+//! build, every tensor of the checkpoint must have been used (or verified to hold what the
+//! forward pass computes anyway, such as RoPE frequencies or GPT-2's causal mask): leftover
+//! tensors are refused, never dropped.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -48,6 +55,12 @@ pub(crate) trait TensorSource {
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError>;
     /// The architecture's own tensors resolve to these names.
     fn has(&self, name: &str) -> bool;
+    /// The file whose configuration describes the model, for error messages.
+    fn config_path(&self) -> PathBuf;
+    /// How many tensors the checkpoint holds, and their total bytes.
+    fn totals(&self) -> (usize, usize);
+    /// The checkpoint's tensors (in its own naming) not among the HF names `used`.
+    fn leftovers(&self, used: &BTreeSet<String>) -> Vec<(PathBuf, String)>;
 }
 
 /// Safetensors shards of an HF directory.
@@ -85,23 +98,74 @@ impl TensorSource for SafetensorsShards {
     fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    fn totals(&self) -> (usize, usize) {
+        let tensors = self.files.iter().map(|f| f.tensors.len()).sum();
+        let bytes = self
+            .files
+            .iter()
+            .flat_map(|f| &f.tensors)
+            .map(|t| t.end - t.begin)
+            .sum();
+        (tensors, bytes)
+    }
+    fn leftovers(&self, used: &BTreeSet<String>) -> Vec<(PathBuf, String)> {
+        let mut left: Vec<(PathBuf, String)> = self
+            .index
+            .iter()
+            .filter(|(name, _)| !used.contains(*name))
+            .map(|(name, &i)| (self.files[i].path.clone(), name.clone()))
+            .collect();
+        left.sort();
+        left
+    }
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
         let Some(&i) = self.index.get(name) else {
             return Ok(None);
         };
         let f = &self.files[i];
-        let info = f.get(name).expect("indexed");
+        let Some(info) = f.get(name) else {
+            return Ok(None);
+        };
+        // Integer tensors are ids or counts, not weights: converting them would run garbage.
+        if !matches!(
+            info.dtype,
+            candle_core::DType::F32
+                | candle_core::DType::F16
+                | candle_core::DType::BF16
+                | candle_core::DType::F64
+        ) {
+            return Err(LoadError::Tensor {
+                path: f.path.clone(),
+                tensor: name.to_string(),
+                detail: format!("dtype {:?} is not a floating-point weight type", info.dtype),
+            });
+        }
         f.load_f32(info, &Device::Cpu).map(Some)
     }
 }
 
-/// A GGUF file seen through HF tensor names, with the q/k RoPE permutation undone.
+/// A GGUF file seen through HF tensor names, with the q/k RoPE permutation undone where the
+/// family's converter applied one.
 pub(crate) struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
+    /// llama.cpp's converter interleaves the q/k rows of `llama` checkpoints for its
+    /// "normal" RoPE; `qwen2` uses the NeoX RoPE and keeps HF's half-split layout.
+    pub permuted_qk: bool,
 }
 
-impl GgufSource<'_> {
+impl<'a> GgufSource<'a> {
+    pub fn new(file: &'a GgufFile, config: &'a ModelConfig) -> Self {
+        Self {
+            file,
+            config,
+            permuted_qk: config.architecture == Architecture::Llama,
+        }
+    }
+
     fn gguf_name(name: &str) -> Option<(String, Option<bool>)> {
         let direct = match name {
             "model.embed_tokens.weight" => Some("token_embd.weight"),
@@ -121,9 +185,16 @@ impl GgufSource<'_> {
             "self_attn.k_proj.weight" => ("attn_k.weight", Some(false)),
             "self_attn.v_proj.weight" => ("attn_v.weight", None),
             "self_attn.o_proj.weight" => ("attn_output.weight", None),
+            "self_attn.q_proj.bias" => ("attn_q.bias", Some(true)),
+            "self_attn.k_proj.bias" => ("attn_k.bias", Some(false)),
+            "self_attn.v_proj.bias" => ("attn_v.bias", None),
+            "self_attn.o_proj.bias" => ("attn_output.bias", None),
             "mlp.gate_proj.weight" => ("ffn_gate.weight", None),
             "mlp.up_proj.weight" => ("ffn_up.weight", None),
             "mlp.down_proj.weight" => ("ffn_down.weight", None),
+            "mlp.gate_proj.bias" => ("ffn_gate.bias", None),
+            "mlp.up_proj.bias" => ("ffn_up.bias", None),
+            "mlp.down_proj.bias" => ("ffn_down.bias", None),
             _ => return None,
         };
         Some((format!("blk.{layer}.{gg}"), permute))
@@ -137,6 +208,25 @@ impl TensorSource for GgufSource<'_> {
     fn has(&self, name: &str) -> bool {
         Self::gguf_name(name).is_some_and(|(g, _)| self.file.get(&g).is_some())
     }
+    fn config_path(&self) -> PathBuf {
+        self.file.path.clone()
+    }
+    fn totals(&self) -> (usize, usize) {
+        let bytes = self.file.tensors.iter().map(|t| t.end - t.begin).sum();
+        (self.file.tensors.len(), bytes)
+    }
+    fn leftovers(&self, used: &BTreeSet<String>) -> Vec<(PathBuf, String)> {
+        let used: BTreeSet<String> = used
+            .iter()
+            .filter_map(|n| Self::gguf_name(n).map(|(g, _)| g))
+            .collect();
+        self.file
+            .tensors
+            .iter()
+            .filter(|t| !used.contains(&t.name))
+            .map(|t| (self.file.path.clone(), t.name.clone()))
+            .collect()
+    }
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
         let Some((gg, permute)) = Self::gguf_name(name) else {
             return Ok(None);
@@ -145,7 +235,7 @@ impl TensorSource for GgufSource<'_> {
             return Ok(None);
         };
         let t = self.file.load_f32(info)?;
-        let Some(is_q) = permute else {
+        let Some(is_q) = permute.filter(|_| self.permuted_qk) else {
             return Ok(Some(t));
         };
         // GGUF stores q/k rows interleaved for its RoPE; go back to the HF (half-split) layout.
@@ -159,7 +249,12 @@ impl TensorSource for GgufSource<'_> {
             context: format!("un-permuting `{gg}`"),
             source: Box::new(source),
         };
-        let (out, d_in) = t.dims2().map_err(candle_err)?;
+        // A bias permutes as a weight with one input column.
+        let dims = t.dims().to_vec();
+        let (out, d_in) = match dims[..] {
+            [out] => (out, 1),
+            _ => t.dims2().map_err(candle_err)?,
+        };
         if out % (heads * 2) != 0 {
             return Err(LoadError::Shape {
                 path: self.file.path.clone(),
@@ -171,7 +266,7 @@ impl TensorSource for GgufSource<'_> {
         let hd = out / heads;
         t.reshape((heads, hd / 2, 2, d_in))
             .and_then(|t| t.transpose(1, 2))
-            .and_then(|t| t.reshape((out, d_in)))
+            .and_then(|t| t.reshape(dims))
             .and_then(|t| t.contiguous())
             .map(Some)
             .map_err(candle_err)
@@ -181,10 +276,13 @@ impl TensorSource for GgufSource<'_> {
 struct Loader<'a> {
     src: &'a dyn TensorSource,
     cfg: &'a ModelConfig,
+    /// HF names of the tensors loaded so far.
+    used: RefCell<BTreeSet<String>>,
 }
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        self.used.borrow_mut().insert(name.to_string());
         let t = self
             .src
             .load(name)?
@@ -254,10 +352,134 @@ impl Loader<'_> {
         })
     }
 
+    /// A stored copy of RoPE's inverse frequencies (older HF checkpoints keep one per layer):
+    /// accepted only if it holds what `rope_theta` and `head_dim` give.
+    fn rotary_inv_freq(&self, name: &str) -> Result<(), LoadError> {
+        if !self.src.has(name) {
+            return Ok(());
+        }
+        let c = self.cfg;
+        let half = c.head_dim / 2;
+        let t = self.get(name, &[half])?;
+        let stored: Vec<f32> = t.to_vec1().map_err(|source| LoadError::Candle {
+            path: self.src.path_of(name),
+            context: format!("reading `{name}`"),
+            source: Box::new(source),
+        })?;
+        for (i, &v) in stored.iter().enumerate() {
+            let want = 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64);
+            if (f64::from(v) - want).abs() > 1e-5 * want.abs().max(1e-12) + 1e-7 {
+                return Err(LoadError::Tensor {
+                    path: self.src.path_of(name),
+                    tensor: name.to_string(),
+                    detail: format!(
+                        "element {i} is {v}, but rope_theta {} gives {want}: scaled or custom \
+                         RoPE frequencies are not implemented",
+                        c.rope_theta
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A stored unembedding that the configuration ties to the embedding: accepted only if it
+    /// is the embedding.
+    fn tied_copy(&self, name: &str, embed: &Tensor) -> Result<(), LoadError> {
+        if !self.src.has(name) {
+            return Ok(());
+        }
+        let t = self.get(name, embed.dims())?;
+        let same = (&t - embed)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .map_err(|source| LoadError::Candle {
+                path: self.src.path_of(name),
+                context: format!("comparing `{name}` with the embedding"),
+                source: Box::new(source),
+            })?
+            == 0.0;
+        if !same {
+            return Err(LoadError::Tensor {
+                path: self.src.path_of(name),
+                tensor: name.to_string(),
+                detail: "differs from the embedding, but the configuration ties them \
+                         (tie_word_embeddings)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// GPT-2's stored causal-mask buffers (`attn.bias`, `attn.masked_bias`): accepted only if
+    /// they hold the causal mask the forward pass applies anyway.
+    fn causal_mask_buffers(&self, prefix: &str) -> Result<(), LoadError> {
+        let bad = |name: &str, detail: &str| LoadError::Tensor {
+            path: self.src.path_of(name),
+            tensor: name.to_string(),
+            detail: detail.to_string(),
+        };
+        let candle_err = |name: &str| {
+            let name = name.to_string();
+            let path = self.src.path_of(&name);
+            move |source| LoadError::Candle {
+                path,
+                context: format!("reading `{name}`"),
+                source: Box::new(source),
+            }
+        };
+        let name = format!("{prefix}.attn.bias");
+        if self.src.has(&name) {
+            let t = self
+                .src
+                .load(&name)?
+                .ok_or_else(|| bad(&name, "vanished"))?;
+            self.used.borrow_mut().insert(name.clone());
+            let n = match *t.dims() {
+                [1, 1, a, b] if a == b && a >= self.cfg.max_positions => a,
+                _ => return Err(bad(&name, "is not a [1, 1, n, n] causal mask")),
+            };
+            let rows: Vec<Vec<f32>> = t
+                .reshape((n, n))
+                .and_then(|t| t.to_vec2())
+                .map_err(candle_err(&name))?;
+            for (i, row) in rows.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    if v != f32::from(u8::from(j <= i)) {
+                        return Err(bad(
+                            &name,
+                            "is not the lower-triangular causal mask: custom attention masks \
+                             are not implemented",
+                        ));
+                    }
+                }
+            }
+        }
+        let name = format!("{prefix}.attn.masked_bias");
+        if self.src.has(&name) {
+            let t = self
+                .src
+                .load(&name)?
+                .ok_or_else(|| bad(&name, "vanished"))?;
+            self.used.borrow_mut().insert(name.clone());
+            let v: Vec<f32> = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(candle_err(&name))?;
+            // Masked scores become this value before the softmax: a large negative one is the
+            // same as the -inf used here.
+            if v.len() != 1 || v[0] > -1e4 {
+                return Err(bad(&name, "is not a large negative scalar"));
+            }
+        }
+        Ok(())
+    }
+
     fn llama(&self) -> Result<Transformer, LoadError> {
         let c = self.cfg;
         let d = c.d_model;
-        let qkv_bias = c.architecture == Architecture::Qwen2;
+        let qkv_bias = c.qkv_bias;
         let embed = self.get("model.embed_tokens.weight", &[c.vocab_size, d])?;
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
@@ -270,21 +492,25 @@ impl Loader<'_> {
                 self.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, qkv_bias)?,
             ];
             let gate_up = [
-                self.linear(&format!("{p}.mlp.gate_proj"), c.d_mlp, d, false)?,
-                self.linear(&format!("{p}.mlp.up_proj"), c.d_mlp, d, false)?,
+                self.linear(&format!("{p}.mlp.gate_proj"), c.d_mlp, d, c.mlp_bias)?,
+                self.linear(&format!("{p}.mlp.up_proj"), c.d_mlp, d, c.mlp_bias)?,
             ];
+            self.rotary_inv_freq(&format!("{p}.self_attn.rotary_emb.inv_freq"))?;
             blocks.push(Block {
                 ln1: self.rms(&format!("{p}.input_layernorm.weight"))?,
                 qkv: self.fuse(&format!("{p}.self_attn"), &qkv)?,
-                o: self.linear(&format!("{p}.self_attn.o_proj"), d, q_out, false)?,
+                o: self.linear(&format!("{p}.self_attn.o_proj"), d, q_out, c.o_bias)?,
                 ln2: self.rms(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp::Gated {
                     gate_up: self.fuse(&format!("{p}.mlp"), &gate_up)?,
-                    down: self.linear(&format!("{p}.mlp.down_proj"), d, c.d_mlp, false)?,
+                    down: self.linear(&format!("{p}.mlp.down_proj"), d, c.d_mlp, c.mlp_bias)?,
+                    activation: c.activation,
                 },
             });
         }
-        let unembed = if c.tie_embeddings && !self.src.has("lm_head.weight") {
+        self.rotary_inv_freq("model.rotary_emb.inv_freq")?;
+        let unembed = if c.tie_embeddings {
+            self.tied_copy("lm_head.weight", &embed)?;
             Linear::new(embed.clone(), None)
         } else {
             self.linear("lm_head", c.vocab_size, d, false)?
@@ -338,9 +564,12 @@ impl Loader<'_> {
                 mlp: Mlp::Gelu {
                     fc: self.conv1d(&format!("{p}.mlp.c_fc"), d, c.d_mlp)?,
                     proj: self.conv1d(&format!("{p}.mlp.c_proj"), c.d_mlp, d)?,
+                    activation: c.activation,
                 },
             });
+            self.causal_mask_buffers(&p)?;
         }
+        self.tied_copy("lm_head.weight", &embed)?;
         Ok(Transformer {
             config: c.clone(),
             unembed: Linear::new(embed.clone(), None),
@@ -356,10 +585,74 @@ impl Loader<'_> {
 
 /// Build the transformer for `cfg` from `src`.
 pub(crate) fn build(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<Transformer, LoadError> {
-    let loader = Loader { src, cfg };
-    match cfg.architecture {
+    check_counts(src, cfg)?;
+    let loader = Loader {
+        src,
+        cfg,
+        used: RefCell::new(BTreeSet::new()),
+    };
+    let t = match cfg.architecture {
         Architecture::Llama | Architecture::Qwen2 => loader.llama(),
         Architecture::Gpt2 => loader.gpt2(),
+    }?;
+    let left = src.leftovers(&loader.used.borrow());
+    if let Some((path, first)) = left.first() {
+        let more = match left.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        return Err(LoadError::Tensor {
+            path: path.clone(),
+            tensor: first.clone(),
+            detail: format!(
+                "not used by the {} forward pass that the configuration describes{more}: \
+                 refusing to drop it silently",
+                cfg.architecture.name()
+            ),
+        });
+    }
+    Ok(t)
+}
+
+/// Bound the configuration's counts by what the checkpoint holds, before any allocation
+/// sized by them.
+fn check_counts(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<(), LoadError> {
+    let err = |detail: String| LoadError::Config {
+        path: src.config_path(),
+        detail,
+    };
+    let (tensors, bytes) = src.totals();
+    // Each layer has at least its two norms and four projections.
+    let per_layer = 6;
+    if cfg.n_layers.saturating_mul(per_layer) > tensors {
+        return Err(err(format!(
+            "{} layers need at least {} tensors but the checkpoint holds {tensors}",
+            cfg.n_layers,
+            cfg.n_layers.saturating_mul(per_layer)
+        )));
+    }
+    // The fewest weights the configuration implies, at the fewest bytes a supported type
+    // stores one in (Q2_K: 2.625 bits, so more than a quarter byte).
+    let c = cfg;
+    let implied = (|| {
+        let q = c.n_heads.checked_mul(c.head_dim)?;
+        let kv = c.n_kv_heads.checked_mul(c.head_dim)?;
+        // q, k, v and o projections, then the two smallest MLP matrices.
+        let attn = q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?;
+        let per_layer = attn
+            .checked_mul(c.d_model)?
+            .checked_add(c.d_mlp.checked_mul(c.d_model)?.checked_mul(2)?)?;
+        c.n_layers
+            .checked_mul(per_layer)?
+            .checked_add(c.vocab_size.checked_mul(c.d_model)?)
+    })();
+    match implied {
+        Some(n) if n / 4 <= bytes => Ok(()),
+        _ => Err(err(format!(
+            "the configuration implies {} weights, more than the checkpoint's {bytes} bytes \
+             of tensor data can hold",
+            implied.map_or_else(|| "more than 2^64".into(), |n| n.to_string())
+        ))),
     }
 }
 
@@ -379,6 +672,26 @@ pub(crate) fn llama_tensor_names(cfg: &ModelConfig) -> Vec<String> {
             "mlp.down_proj.weight",
         ] {
             names.push(format!("model.layers.{l}.{t}"));
+        }
+        let biases = [
+            (
+                cfg.qkv_bias,
+                &["q_proj", "k_proj", "v_proj"][..],
+                "self_attn",
+            ),
+            (cfg.o_bias, &["o_proj"][..], "self_attn"),
+            (
+                cfg.mlp_bias,
+                &["gate_proj", "up_proj", "down_proj"][..],
+                "mlp",
+            ),
+        ];
+        for (on, projections, module) in biases {
+            if on {
+                for p in projections {
+                    names.push(format!("model.layers.{l}.{module}.{p}.bias"));
+                }
+            }
         }
     }
     names.push("model.norm.weight".into());

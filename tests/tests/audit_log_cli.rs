@@ -1,5 +1,6 @@
 //! The audit log through the real binary: keys, verification verdicts and exit codes, DSSE
-//! export verified by OpenSSL, a writer killed 200 times, and 1000 random tamperings.
+//! export verified by OpenSSL, a writer killed 200 times, 1000 random tamperings, and the
+//! issue 22 regressions (wrong keys, non-log files, read-only copies, rollbacks, forged rows).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -182,11 +183,13 @@ fn verify_show_proof_and_rotation() {
         "{}",
         stdout(&o)
     );
-    // The retired key can no longer append records that verify.
-    append(log.db.to_str().unwrap(), log.key.to_str().unwrap(), "1");
+    // The retired key can no longer append: refused, and the log still verifies.
+    let o = append(log.db.to_str().unwrap(), log.key.to_str().unwrap(), "1");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("key rotate"), "{}", stderr(&o));
     let o = verify(&log, &log.db, None);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("seq 9:"), "{}", stdout(&o));
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).contains("9 records"), "{}", stdout(&o));
 }
 
 #[test]
@@ -285,6 +288,7 @@ fn a_writer_killed_200_times_never_loses_an_acknowledged_record() {
     let log = new_log(0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(6962);
     let mut acked_max: Option<u64> = None;
+    let mut acked: Vec<(u64, String)> = Vec::new();
     for round in 0..200 {
         let mut child = Command::new(mechwatch_bin())
             .args([
@@ -303,20 +307,21 @@ fn a_writer_killed_200_times_never_loses_an_acknowledged_record() {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
-            let mut last = None;
+            let mut seen = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(seq) = line.strip_prefix("acked ") {
-                    last = Some(seq.parse::<u64>().unwrap());
+                if let Some(ack) = parse_ack(&line) {
+                    seen.push(ack);
                 }
             }
-            last
+            seen
         });
         std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(2..40)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        if let Some(last) = reader.join().unwrap() {
-            acked_max = Some(acked_max.map_or(last, |m: u64| m.max(last)));
+        for (seq, hash) in reader.join().unwrap() {
+            acked_max = Some(acked_max.map_or(seq, |m: u64| m.max(seq)));
+            acked.push((seq, hash));
         }
         // Restart the writer (it may have died before its first commit, even before the
         // schema existed), then verify.
@@ -349,6 +354,45 @@ fn a_writer_killed_200_times_never_loses_an_acknowledged_record() {
         acked_max.unwrap_or(0) > 200,
         "the writer barely ran; the test proved little"
     );
+    // Every acknowledged record is there with the bytes it was acknowledged with (a lost
+    // record whose seq a later writer reused would pass the count check above).
+    let stored = record_hashes(&log.db);
+    for (seq, hash) in &acked {
+        assert_eq!(
+            stored.get(*seq as usize),
+            Some(hash),
+            "acknowledged record {seq} is missing or different"
+        );
+    }
+    // Temporary files of killed writers were cleaned up by the restarts.
+    let left: Vec<String> = std::fs::read_dir(&log.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".audit.db."))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}
+
+/// `acked SEQ HASH` from `log stress-append`.
+fn parse_ack(line: &str) -> Option<(u64, String)> {
+    let mut w = line.strip_prefix("acked ")?.split(' ');
+    let seq = w.next()?.parse().ok()?;
+    let hash = w.next()?.to_string();
+    Some((seq, hash))
+}
+
+/// Hex SHA-256 of every stored record's bytes, by seq.
+fn record_hashes(db: &Path) -> Vec<String> {
+    use sha2::Digest;
+    contents(db)
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, (seq, bytes, _, _))| {
+            assert_eq!(*seq as usize, i, "gap at {i}");
+            hex::encode(sha2::Sha256::digest(bytes))
+        })
+        .collect()
 }
 
 /// A copy of `db` (with its WAL checkpointed into the main file) to mutate.
@@ -489,4 +533,346 @@ fn a_thousand_random_tamperings_are_all_detected() {
     }
     eprintln!("{detected} tamperings detected; {no_ops} touched no record (unused bytes)");
     assert!(detected >= 1000, "only {detected} detected");
+}
+
+/// The key id of a public key file.
+fn key_id_of(pubkey: &Path) -> String {
+    audit_log::keys::key_id(&audit_log::keys::load_public(pubkey).unwrap())
+}
+
+/// Issue 22, item 8: `stress-append` (like `check --log` and the daemon) accepted a key that
+/// was not the log's current key, and every later `log verify` failed.
+#[test]
+fn regression_appending_with_a_key_that_is_not_the_logs_current_key_corrupts_the_log() {
+    let log = new_log(3);
+    let other = log.dir.join("other.pem");
+    assert!(
+        mechwatch(&["key", "generate", "--out", other.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let (current, given) = (
+        key_id_of(&log.pubkey),
+        key_id_of(&log.dir.join("other.pem.pub")),
+    );
+    let o = append(log.db.to_str().unwrap(), other.to_str().unwrap(), "1");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    for want in [current.as_str(), given.as_str(), "mechwatch key rotate"] {
+        assert!(stderr(&o).contains(want), "{want}: {}", stderr(&o));
+    }
+    // A checkpoint signed by the wrong key would break verification the same way.
+    let o = mechwatch(&[
+        "log",
+        "checkpoint",
+        "--db",
+        log.db.to_str().unwrap(),
+        "--key",
+        other.to_str().unwrap(),
+        "--out",
+        log.dir.join("cp").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = verify(&log, &log.db, None);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("ok: 3 records"), "{}", stdout(&o));
+}
+
+/// Issue 22, item 9: a zero-byte file, a foreign SQLite database and a non-SQLite file were
+/// turned into logs, and `log checkpoint --db typo.db` created a log and exited 0.
+#[test]
+fn regression_an_existing_file_that_is_not_a_mechwatch_log_starts_a_new_log() {
+    let log = new_log(0);
+    let zero = log.dir.join("zero.db");
+    std::fs::write(&zero, b"").unwrap();
+    let foreign = log.dir.join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (x TEXT); INSERT INTO notes VALUES ('mine')")
+        .unwrap();
+    let text = log.dir.join("text.db");
+    std::fs::write(&text, b"hello\n").unwrap();
+    let (key, pubkey, out) = (
+        log.key.to_str().unwrap(),
+        log.pubkey.to_str().unwrap(),
+        log.dir.join("out"),
+    );
+    let out = out.to_str().unwrap();
+    let commands = |db: &str| -> Vec<Vec<String>> {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        vec![
+            v(&[
+                "log",
+                "stress-append",
+                "--db",
+                db,
+                "--key",
+                key,
+                "--count",
+                "1",
+            ]),
+            v(&["log", "verify", "--db", db, "--pubkey", pubkey]),
+            v(&["log", "show", "--db", db]),
+            v(&["log", "checkpoint", "--db", db, "--out", out]),
+            v(&["log", "checkpoint", "--db", db, "--key", key, "--out", out]),
+            v(&[
+                "log", "export", "--db", db, "--format", "jsonl", "--out", out,
+            ]),
+            v(&["log", "proof", "--db", db, "--seq", "0"]),
+            v(&["log", "init", "--db", db]),
+        ]
+    };
+    for (path, what) in [
+        (&zero, "zero-byte file, not a mechwatch log (truncated?)"),
+        (&foreign, "SQLite database without mechwatch's tables"),
+        (&text, "not an SQLite database"),
+    ] {
+        let before = std::fs::read(path).unwrap();
+        for args in commands(path.to_str().unwrap()) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let o = mechwatch(&args);
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+            assert!(
+                e.contains(what) && e.contains(path.to_str().unwrap()),
+                "{args:?}: {e}"
+            );
+            assert!(
+                std::fs::read(path).unwrap() == before,
+                "{args:?} changed {path:?}"
+            );
+        }
+    }
+    let c = rusqlite::Connection::open(&foreign).unwrap();
+    let tables: i64 = c
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 1, "our tables were added to a foreign database");
+
+    // A path where nothing exists: read-only commands fail and create nothing.
+    let typo = log.dir.join("typo.db");
+    for args in commands(typo.to_str().unwrap()).into_iter().skip(1).take(6) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = mechwatch(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no such audit log"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(!typo.exists(), "{args:?} created {typo:?}");
+    }
+    // `log init` starts one there, once.
+    let o = mechwatch(&["log", "init", "--db", typo.to_str().unwrap(), "--key", key]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = verify(&log, &typo, None);
+    assert!(stdout(&o).starts_with("ok: 0 records"), "{}", stdout(&o));
+    let o = mechwatch(&["log", "init", "--db", typo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+}
+
+/// Whether this process runs as root (which ignores permission bits).
+fn running_as_root(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let probe = dir.join(".uid-probe");
+    std::fs::write(&probe, b"").unwrap();
+    let root = std::fs::metadata(&probe).unwrap().uid() == 0;
+    std::fs::remove_file(&probe).unwrap();
+    root
+}
+
+/// Files in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 22, item 10: a read-only copy of a log could not be verified (WAL mode wanted a
+/// writable `-shm`), and the I/O failure exited 1, as if tampered. Root ignores permission
+/// bits, so when the tests run as root `log verify` runs as user 65534 (nobody) from a copy
+/// of the binary that user can reach; the test first checks that this user really cannot
+/// write in the directory. It proves that verification writes nothing and needs no write
+/// access: a log with no `-wal` verifies, a `-wal` with its `-shm` verifies, and a `-wal`
+/// without a `-shm` is refused with exit 2 and an explanation, not verified stale.
+#[test]
+fn regression_a_read_only_copy_of_a_log_cannot_be_verified() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let log = new_log(5);
+    // A second log with records in its -wal: a writer killed after a few acknowledgements.
+    let live = log.dir.join("live.db");
+    let mut child = Command::new(mechwatch_bin())
+        .args(["log", "stress-append", "--db", live.to_str().unwrap()])
+        .args(["--key", log.key.to_str().unwrap(), "--count", "100000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut last = 0;
+    while last < 5 {
+        last = parse_ack(&lines.next().unwrap().unwrap()).unwrap().0;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(log.dir.join("live.db-wal").exists());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_root = running_as_root(root);
+    let bin = root.join("mechwatch");
+    if std::fs::hard_link(mechwatch_bin(), &bin).is_err() {
+        std::fs::copy(mechwatch_bin(), &bin).unwrap();
+    }
+    let pubkey = root.join("signing.pem.pub");
+    std::fs::copy(&log.pubkey, &pubkey).unwrap();
+    std::fs::set_permissions(&pubkey, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let read_only_dir = |name: &str, files: &[(&Path, &str)]| -> PathBuf {
+        let d = root.join(name);
+        std::fs::create_dir(&d).unwrap();
+        for (src, dst) in files {
+            std::fs::copy(src, d.join(dst)).unwrap();
+            let perms = std::fs::Permissions::from_mode(0o444);
+            std::fs::set_permissions(d.join(dst), perms).unwrap();
+        }
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555)).unwrap();
+        d
+    };
+    let unprivileged = |program: &Path| {
+        let mut c = Command::new(program);
+        if as_root {
+            c.uid(65534).gid(65534);
+        }
+        c
+    };
+    let head = audit_log::store::head_path(&log.db);
+    let plain = read_only_dir("plain", &[(&log.db, "audit.db"), (&head, "audit.db.head")]);
+    let wal = |name| log.dir.join(format!("live.db{name}"));
+    let with_shm = read_only_dir(
+        "with-shm",
+        &[
+            (&live, "live.db"),
+            (&wal("-wal"), "live.db-wal"),
+            (&wal("-shm"), "live.db-shm"),
+        ],
+    );
+    let no_shm = read_only_dir(
+        "no-shm",
+        &[(&live, "live.db"), (&wal("-wal"), "live.db-wal")],
+    );
+
+    // The set-up is honest: the verifying user cannot write there.
+    let probe = unprivileged(Path::new("/bin/sh"))
+        .args(["-c", &format!("echo x > {}/probe", plain.display())])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        !probe.success(),
+        "the verifying user can write in {plain:?}"
+    );
+
+    let run_verify = |dir: &Path, db: &str| {
+        unprivileged(&bin)
+            .args(["log", "verify", "--db", dir.join(db).to_str().unwrap()])
+            .args(["--pubkey", pubkey.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    for (dir, db, records) in [(&plain, "audit.db", 5), (&with_shm, "live.db", last + 1)] {
+        let before = listing(dir);
+        let o = run_verify(dir, db);
+        assert!(o.status.success(), "{dir:?}: {}{}", stdout(&o), stderr(&o));
+        let n: u64 = stdout(&o)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n >= records, "{dir:?}: {}", stdout(&o));
+        assert_eq!(listing(dir), before, "verify wrote into {dir:?}");
+    }
+    let o = run_verify(&no_shm, "live.db");
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    assert!(!stdout(&o).contains("FAILED"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("write-ahead log"), "{}", stderr(&o));
+    assert_eq!(listing(&no_shm), ["live.db", "live.db-wal"]);
+    for d in [&plain, &with_shm, &no_shm] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// Issue 22, item 11: after the tail was deleted (triggers dropped, rows deleted) the next
+/// append reused sequence numbers and `verify` passed. The writer's head witness
+/// (`audit.db.head`) makes both refuse.
+#[test]
+fn regression_the_writer_does_not_notice_a_shrunken_log() {
+    let log = new_log(20);
+    let c = rusqlite::Connection::open(&log.db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER records_no_delete; DROP TRIGGER checkpoints_no_delete;
+         DELETE FROM records WHERE seq >= 12; DELETE FROM checkpoints WHERE size > 12;",
+    )
+    .unwrap();
+    drop(c);
+    let o = verify(&log, &log.db, None);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("rolled back"), "{}", stdout(&o));
+    let o = append(log.db.to_str().unwrap(), log.key.to_str().unwrap(), "1");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("rolled back") && stderr(&o).contains("audit.db.head"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(contents(&log.db).unwrap().len(), 12);
+}
+
+/// Issue 22, item 12a: `log show` panicked on a forged row whose digest was shorter than the
+/// 16 characters it prints. Forged rows (INSERT is not blocked) are flagged lines, exit 1.
+#[test]
+fn regression_log_show_panics_on_a_forged_row() {
+    let log = new_log(2);
+    let (_, bytes, _, key_id) = contents(&log.db).unwrap().remove(0);
+    let mut st: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    st["predicate"]["log"]["seq"] = 2.into();
+    st["predicate"]["record"] = serde_json::json!({
+        "kind": "audit",
+        "model": {"path": "/models/forged", "root_sha256": "abc", "files": []},
+        "inputs": [], "verdict": "pass", "result": {}
+    });
+    let c = rusqlite::Connection::open(&log.db).unwrap();
+    let insert = "INSERT INTO records (seq, bytes, sig, key_id, kind, subject) \
+                  VALUES (?1, ?2, ?3, ?4, 'audit', 'abc')";
+    let forged = serde_json::to_vec(&st).unwrap();
+    c.execute(insert, rusqlite::params![2, forged, vec![0u8; 64], key_id])
+        .unwrap();
+    c.execute(
+        insert,
+        rusqlite::params![3, b"not json".to_vec(), vec![0u8; 3], key_id],
+    )
+    .unwrap();
+    drop(c);
+    let db = log.db.to_str().unwrap();
+    let o = mechwatch(&["log", "show", "--db", db]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(out.contains("MALFORMED digest \"abc\""), "{out}");
+    assert!(
+        out.lines().nth(3).unwrap().contains("MALFORMED record"),
+        "{out}"
+    );
+    let o = mechwatch(&["log", "show", "--db", db, "--json", "--seq", "3"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).contains("\"malformed\""), "{}", stdout(&o));
+    let o = mechwatch(&["log", "show", "--db", db, "--seq", &u64::MAX.to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(verify(&log, &log.db, None).status.code(), Some(1));
 }

@@ -665,3 +665,37 @@ fn check_out_to_a_missing_folder_fails_before_the_audit_with_an_error_record() {
     let show = mechwatch(&["log", "show", "--db", db.to_str().unwrap()]);
     assert!(stdout(&show).contains("write_output"), "{}", stdout(&show));
 }
+
+#[test]
+fn a_prompt_longer_than_the_context_cannot_check_and_is_named() {
+    let model = default_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = small_policy(&tmp.path().join("p"), "");
+    // The second prompt of `neg` is longer than SmolLM2's 8,192-token context.
+    let long = "word ".repeat(9_000);
+    std::fs::write(
+        tmp.path().join("p/prompts/neg.txt"),
+        format!("{HARMLESS_SAMPLE}{long}\n"),
+    )
+    .unwrap();
+    let o = mechwatch(&[
+        "check",
+        "--model",
+        model.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = format!("{}{}", stdout(&o), stderr(&o));
+    let n = HARMLESS_SAMPLE
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+        + 1;
+    assert!(
+        e.contains(&format!("prompt set `neg`: prompt {n} has"))
+            && e.contains("context length of 8192"),
+        "{e}"
+    );
+}

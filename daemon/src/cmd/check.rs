@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use audit_log::record::{FileDigest, InputDigest, ModelSubject, RecordBody};
-use audit_log::store::{self, AuditLog};
+use audit_log::store::AuditLog;
 use clap::{Args, ValueEnum};
 use policies::result::{RunResult, Status};
 use probes::Model;
@@ -23,7 +23,7 @@ pub enum Format {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// A GGUF file, an HF directory, or `default`.
+    /// A GGUF file, an HF directory, or a name from `mechwatch model list` (`default`).
     #[arg(long, default_value = "default")]
     pub model: String,
     /// A policy file, a directory of them, or `default` (the shipped policies).
@@ -40,6 +40,10 @@ pub struct CheckArgs {
     /// The signing key (PKCS#8 PEM); without it, $CREDENTIALS_DIRECTORY/mechwatch-signing-key.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// The public key the log verifies against before its records are trusted as a drift
+    /// baseline: the log's first signing key (default: the signing key's own public key).
+    #[arg(long, value_name = "PUB")]
+    pub trusted_pubkey: Option<PathBuf>,
     /// Exit 1 on warnings too.
     #[arg(long)]
     pub fail_on_warn: bool,
@@ -158,7 +162,7 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
         .clone()
         .unwrap_or_else(|| policies::engine::lineage_of(&model));
     let last_pass = match log {
-        Some(log) => last_pass(log.connection(), &lineage)
+        Some(log) => verified_last_pass(a, log, &lineage)
             .map_err(|e| ("read_log", Some(subject.clone()), e))?,
         None => None,
     };
@@ -212,31 +216,18 @@ pub fn audit_record(result: &RunResult, model: ModelSubject) -> anyhow::Result<R
     })
 }
 
-/// The newest audit of `lineage` in the log whose verdict is pass or warn.
-pub fn last_pass(conn: &rusqlite::Connection, lineage: &str) -> anyhow::Result<Option<RunResult>> {
-    let mut end = store::record_count(conn)?;
-    while end > 0 {
-        let from = end.saturating_sub(256);
-        let rows = store::read_records(conn, from, end)?;
-        for row in rows.iter().rev() {
-            let Ok(st) = serde_json::from_slice::<audit_log::record::Statement>(&row.bytes) else {
-                continue;
-            };
-            if let RecordBody::Audit {
-                verdict, result, ..
-            } = st.predicate.record
-            {
-                if verdict != "pass" && verdict != "warn" {
-                    continue;
-                }
-                if let Ok(r) = serde_json::from_value::<RunResult>(result) {
-                    if r.model.lineage == lineage {
-                        return Ok(Some(r));
-                    }
-                }
-            }
-        }
-        end = from;
-    }
-    Ok(None)
+/// The newest passing audit of `lineage`, read from the log only once it has verified.
+fn verified_last_pass(
+    a: &CheckArgs,
+    log: &AuditLog,
+    lineage: &str,
+) -> anyhow::Result<Option<RunResult>> {
+    let db = a.log.as_deref().unwrap_or(Path::new("?"));
+    let trusted = match &a.trusted_pubkey {
+        Some(p) => audit_log::keys::load_public(p)
+            .with_context(|| format!("reading the trusted public key {}", p.display()))?,
+        None => super::key::load_signer(a.key.as_deref())?.public(),
+    };
+    let rows = crate::verified::rows(log.connection(), db, &trusted)?;
+    Ok(crate::verified::last_pass(&rows, lineage))
 }

@@ -9,7 +9,7 @@ use probes::{GenerateOptions, Hooks, Positions, Sampling};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A GGUF file, an HF directory, or `default`.
+    /// A GGUF file, an HF directory, or a name from `mechwatch model list` (`default`).
     #[arg(long, default_value = "default")]
     model: String,
     #[arg(long)]

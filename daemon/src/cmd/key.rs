@@ -1,19 +1,42 @@
-//! `mechwatch key generate | rotate`.
+//! `mechwatch key generate | public | rotate`.
+//!
+//! Keys are files other tools read: the private key is PKCS#8 v1 PEM (`openssl pkey -in`),
+//! the public key SPKI PEM (`openssl pkey -pubin -in`), and `key public --note-verifier` prints
+//! the C2SP signed-note verifier key that Go's `golang.org/x/mod/sumdb/note` takes to verify
+//! the log's checkpoints.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use audit_log::checkpoint::note_verifier;
+use audit_log::store::NOTE_KEY_NAME;
 use audit_log::{AuditLog, Signer};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum KeyCmd {
-    /// Create an Ed25519 signing key (PKCS#8 PEM, mode 0600) and print its public key (SPKI PEM,
-    /// also written to FILE.pub).
+    /// Create an Ed25519 signing key (PKCS#8 v1 PEM, mode 0600) and print its public key (SPKI
+    /// PEM, also written to FILE.pub); the key id and checkpoint note verifier key go to stderr.
     Generate {
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print the public key of a signing key (SPKI PEM), or with --note-verifier the C2SP
+    /// signed-note verifier key (`mechwatch+<key id>+<base64 key>`) for checkpoint verifiers.
+    Public {
+        /// The private signing key.
+        #[arg(long, required_unless_present = "pubkey", conflicts_with = "pubkey")]
+        key: Option<PathBuf>,
+        /// A public key (SPKI PEM or hex) instead, e.g. to get its note verifier key.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Print the signed-note verifier key instead of the PEM.
+        #[arg(long)]
+        note_verifier: bool,
+        /// Write to FILE instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Hand the log over to a new key: a rotation record signed by both keys.
     Rotate {
@@ -46,17 +69,42 @@ pub fn run(cmd: KeyCmd) -> anyhow::Result<ExitCode> {
             std::fs::write(&pub_path, &public)
                 .with_context(|| format!("writing {}", pub_path.display()))?;
             eprintln!(
-                "key id {}; private key in {} (mode 0600)",
+                "key id {}; private key in {} (mode 0600), public key in {}\n\
+                 checkpoint note verifier key: {}",
                 signer.id(),
-                out.display()
+                out.display(),
+                pub_path.display(),
+                note_verifier(NOTE_KEY_NAME, &signer.public())
             );
             print!("{public}");
+        }
+        KeyCmd::Public {
+            key,
+            pubkey,
+            note_verifier: note,
+            out,
+        } => {
+            let public = match (key, pubkey) {
+                (Some(k), _) => Signer::load(&k)?.public(),
+                (None, Some(p)) => audit_log::keys::load_public(&p)?,
+                (None, None) => anyhow::bail!("pass --key PRIVATE_KEY or --pubkey PUBLIC_KEY"),
+            };
+            let text = if note {
+                format!("{}\n", note_verifier(NOTE_KEY_NAME, &public))
+            } else {
+                audit_log::keys::public_pem(&public)
+            };
+            match out {
+                Some(path) => std::fs::write(&path, &text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
         }
         KeyCmd::Rotate { db, key, new_key } => {
             let old = load_signer(key.as_deref())?;
             let new = Signer::load(&new_key)?;
             let new_id = new.id().to_string();
-            let mut log = AuditLog::open(&db, Some(old))?;
+            let mut log = AuditLog::open_existing(&db, Some(old))?;
             let r = log.rotate_key(new)?;
             println!("rotated to key {new_id} at seq {}", r.seq);
         }

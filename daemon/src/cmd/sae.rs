@@ -20,17 +20,33 @@ pub enum SaeCmd {
     Search(SearchArgs),
     /// The top-activating examples of one latent over a corpus.
     Top(TopArgs),
-    /// Print the default SAE's folder for the default model, training it on first use
-    /// (corpus: text the model writes itself from our seed prompts).
+    /// Print the default SAE's folder: for the default model the SAE shipped in this binary,
+    /// for another model the recipe's SAE, trained on first use (corpus: text the model writes
+    /// itself from our seed prompts).
+    ///
+    /// Examples:
+    ///   mechwatch sae default --eval
+    ///   mechwatch sae default --retrain
     Default {
         #[arg(long, default_value = "default")]
         model: String,
         /// Then evaluate it on held-out text we wrote (`probes/data/sae-eval-text.txt`).
         #[arg(long)]
         eval: bool,
+        /// Train the recipe's SAE (about 25 minutes for the default model; cached afterwards)
+        /// instead of using the shipped one, write its f16 copy beside it and say whether it
+        /// is byte-identical to the shipped SAE.
+        #[arg(long)]
+        retrain: bool,
+        /// Print the recipe for this model as JSON, and do nothing else.
+        #[arg(long)]
+        recipe: bool,
         /// Print where the self-generated corpus is cached, and do nothing else.
         #[arg(long, hide = true)]
         corpus_dir: bool,
+        /// Print where the recipe's SAE is (or would be) cached, and do nothing else.
+        #[arg(long, hide = true)]
+        recipe_dir: bool,
     },
     /// Remove the default-SAE folders that older recipes left for this model under
     /// `$MECHWATCH_HOME/sae/`, and the corpora no remaining recipe uses.
@@ -296,9 +312,22 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
         SaeCmd::Default {
             model,
             eval,
+            retrain,
+            recipe,
             corpus_dir,
+            recipe_dir,
         } => {
             let model = super::load_model(&model)?;
+            if recipe_dir {
+                let r = probes::sae::default::Recipe::for_model(&model);
+                println!("{}", r.dir().display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            if recipe {
+                let r = probes::sae::default::Recipe::for_model(&model);
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             if corpus_dir {
                 println!(
                     "{}",
@@ -308,15 +337,33 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let dir = probes::sae::default::ensure(
-                &model,
-                |done, total| {
-                    eprint!("\rgenerating the SAE corpus: {done}/{total} samples   ");
-                    let _ = std::io::stderr().flush();
-                },
-                bar,
-            )?;
-            eprintln!();
+            let corpus_progress = |done, total| {
+                eprint!("\rgenerating the SAE corpus: {done}/{total} samples   ");
+                let _ = std::io::stderr().flush();
+            };
+            let dir = if retrain {
+                eprintln!("training the default SAE from its recipe: about 25 min on 2 cores");
+                let trained = probes::sae::default::train_recipe(&model, corpus_progress, bar)?;
+                eprintln!();
+                let f16 = trained.join("f16");
+                probes::sae::shipped::write_f16(&trained, &f16)?;
+                let weights = std::fs::read(f16.join("sae_weights.safetensors"))?;
+                let digest = probes::digest::sha256_hex(&weights);
+                if digest == probes::sae::shipped::WEIGHTS_SHA256 {
+                    eprintln!("the retrained f16 weights are byte-identical to the shipped SAE");
+                } else {
+                    eprintln!(
+                        "the retrained f16 weights differ from the shipped SAE (sha256 {digest}, \
+                         shipped {})",
+                        probes::sae::shipped::WEIGHTS_SHA256
+                    );
+                }
+                f16
+            } else {
+                let dir = probes::sae::default::ensure(&model, corpus_progress, bar)?;
+                eprintln!();
+                dir
+            };
             println!("{}", dir.display());
             if eval {
                 let sae = std::sync::Arc::new(probes::sae::load_sae(&dir)?);

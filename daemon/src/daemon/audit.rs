@@ -70,6 +70,8 @@ pub struct Context {
     pub audited: Audited,
     pub children: Children,
     pub log_db: PathBuf,
+    /// The key the log verifies against: decisions read only verified records.
+    pub trusted: ed25519_dalek::VerifyingKey,
     pub memory_limit_mb: Option<u64>,
     /// The child's address-space limit for a checkpoint of this estimated need (MB).
     pub audit_memory_limit_mb: Arc<dyn Fn(u64) -> u64 + Send + Sync>,
@@ -86,6 +88,8 @@ pub struct Request {
     /// The checkpoint as the daemon hashed it.
     pub manifest: Manifest,
     pub log_db: PathBuf,
+    /// The key the log verifies against (hex of the Ed25519 public key).
+    pub trusted_pubkey: String,
 }
 
 /// One line of the child's standard output.
@@ -285,6 +289,7 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
         policy_key: w.policy_key.clone(),
         manifest: manifest.clone(),
         log_db: ctx.log_db.clone(),
+        trusted_pubkey: hex::encode(ctx.trusted.as_bytes()),
     };
     let finding = match in_child(&job, ctx, &request, limit_mb, progress) {
         Ok(Some(f)) => f,
@@ -517,9 +522,23 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         .lineage
         .clone()
         .unwrap_or_else(|| policies::engine::lineage_of(&model));
-    let last_pass = audit_log::store::open_reader(&req.log_db)
+    // The drift baseline comes from verified records only; a log that does not verify is
+    // reported, not read around.
+    let trusted = match hex::decode(&req.trusted_pubkey)
         .ok()
-        .and_then(|conn| crate::cmd::check::last_pass(&conn, &lineage).ok().flatten());
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+    {
+        Some(k) => k,
+        None => return error("read_log", "the daemon sent a malformed trusted key".into()),
+    };
+    let last_pass = match audit_log::store::open_reader(&req.log_db)
+        .map_err(anyhow::Error::from)
+        .and_then(|conn| crate::verified::rows(&conn, &req.log_db, &trusted))
+    {
+        Ok(rows) => crate::verified::last_pass(&rows, &lineage),
+        Err(e) => return error("read_log", format!("{e:#}")),
+    };
     let mut opts = policies::engine::RunOptions {
         last_pass: last_pass.as_ref(),
         progress,
@@ -557,31 +576,7 @@ pub fn audited_from_log(
     db: &Path,
     trusted: &ed25519_dalek::VerifyingKey,
 ) -> anyhow::Result<HashSet<(String, String)>> {
-    let mut rows = Vec::new();
-    loop {
-        let batch = audit_log::store::read_records_from(conn, rows.len() as u64, 512)
-            .with_context(|| format!("reading {}", db.display()))?;
-        if batch.is_empty() {
-            break;
-        }
-        rows.extend(batch);
-    }
-    let report = audit_log::verify_log(conn, trusted, None).map_err(|f| {
-        anyhow::anyhow!(
-            "the audit log {} does not verify ({f}); the daemon decides what was already \
-             audited from verified records only, so it will not start on this log \
-             (`mechwatch log verify` shows the problem; `trusted_pubkey` names the log's \
-             first key if the signing key was rotated)",
-            db.display()
-        )
-    })?;
-    let leaves: Vec<_> = rows.iter().map(|r| r.leaf()).collect();
-    if report.records != rows.len() as u64 || audit_log::merkle::root(&leaves) != report.root {
-        anyhow::bail!(
-            "the audit log {} changed while it was verified; start again",
-            db.display()
-        );
-    }
+    let rows = crate::verified::rows(conn, db, trusted)?;
     let mut set = HashSet::new();
     for row in &rows {
         let Ok(st) = serde_json::from_slice::<audit_log::record::Statement>(&row.bytes) else {

@@ -14,7 +14,6 @@
 //! hashing it fail with an error naming the file: opening a FIFO would block a worker forever.
 
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -69,20 +68,6 @@ enum Entry {
     Skipped(String),
 }
 
-fn special_kind(ft: &std::fs::FileType) -> &'static str {
-    if ft.is_fifo() {
-        "FIFO"
-    } else if ft.is_socket() {
-        "socket"
-    } else if ft.is_block_device() {
-        "block device"
-    } else if ft.is_char_device() {
-        "character device"
-    } else {
-        "special file"
-    }
-}
-
 fn classify(p: &Path, ft: std::fs::FileType) -> Entry {
     if ft.is_symlink() {
         return match std::fs::metadata(p) {
@@ -91,7 +76,7 @@ fn classify(p: &Path, ft: std::fs::FileType) -> Entry {
                 "a symlinked directory; symlinked directories are not followed".into(),
             ),
             Ok(m) if m.is_file() => Entry::File,
-            Ok(m) => Entry::Special(special_kind(&m.file_type())),
+            Ok(m) => Entry::Special(probes::files::kind_of(m.file_type())),
         };
     }
     if ft.is_dir() {
@@ -99,7 +84,7 @@ fn classify(p: &Path, ft: std::fs::FileType) -> Entry {
     } else if ft.is_file() {
         Entry::File
     } else {
-        Entry::Special(special_kind(&ft))
+        Entry::Special(probes::files::kind_of(ft))
     }
 }
 
@@ -160,7 +145,7 @@ fn walk(dir: &Path, found: &mut Found, depth: usize) {
             Entry::Special(_) if name.ends_with(".gguf") => ggufs.push(p),
             Entry::Special(kind) => specials.push(Skip {
                 path: p,
-                reason: format!("a {kind}, not a regular file"),
+                reason: format!("{kind}, not a regular file"),
             }),
             Entry::Skipped(reason) => found.skipped.push(Skip { path: p, reason }),
         }
@@ -221,7 +206,7 @@ fn files(path: &Path) -> (Vec<Member>, Vec<Skip>) {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let special = (!m.is_file()).then(|| special_kind(&m.file_type()));
+            let special = (!m.is_file()).then(|| probes::files::kind_of(m.file_type()));
             out.push(Member {
                 rel: name,
                 path: path.to_path_buf(),
@@ -312,26 +297,10 @@ fn named(p: &Path, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
 }
 
-/// Open a checkpoint file for reading without ever blocking: `O_NONBLOCK` makes opening a
-/// FIFO return at once, and the opened file must be a regular file.
+/// Open a checkpoint file for reading without ever blocking on a FIFO; only a regular file
+/// opens ([`probes::files::open_regular`]).
 fn open_regular(p: &Path) -> std::io::Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(p)
-        .map_err(|e| named(p, e))?;
-    let m = f.metadata().map_err(|e| named(p, e))?;
-    if !m.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "{}: a {}, not a regular file",
-                p.display(),
-                special_kind(&m.file_type())
-            ),
-        ));
-    }
-    Ok(f)
+    probes::files::open_regular(p).map_err(|e| named(p, e))
 }
 
 /// sha256 of every file of the checkpoint, streamed, as a manifest. Fails, naming the file,
@@ -343,7 +312,7 @@ pub fn manifest(path: &Path) -> std::io::Result<Manifest> {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
-                    "`{}` ({}) is a {kind}, not a regular file",
+                    "`{}` ({}) is {kind}, not a regular file",
                     member.rel,
                     member.path.display()
                 ),

@@ -1,5 +1,5 @@
-//! The default SAE for the default model: a reproducible recipe, trained on first use and
-//! cached under `$MECHWATCH_HOME/sae/`.
+//! The default SAE's recipe: reproducible training for any model, cached under
+//! `$MECHWATCH_HOME/sae/`. For the default model its result ships ([`super::shipped`]).
 //!
 //! Corpus: text the default model writes itself, sampled with a fixed seed from 256 prompts we
 //! wrote (`probes/data/sae-corpus-seeds.txt`). The public text we could fetch here (Django's
@@ -24,9 +24,10 @@ pub const SEEDS: &str = include_str!("../../data/sae-corpus-seeds.txt");
 pub const EVAL_TEXT: &str = include_str!("../../data/sae-eval-text.txt");
 
 /// The hook the default SAE reads: the residual stream after the first two fifths of the
-/// blocks (`blocks.11.hook_resid_post` of 30). The same recipe reaches FVU 0.142 there, 0.162
-/// two blocks later and 0.176 at the exact middle (`blocks.15`), where 0.15 would take a
-/// larger SAE on several times the text (README, "The default SAE").
+/// blocks (`blocks.11.hook_resid_post` of 30). FVU rises with depth through the middle
+/// blocks, and this is the deepest hook where an SAE of this size on this much text stays
+/// under FVU 0.15; at the exact middle it would take a larger SAE on several times the text
+/// (docs/lab/default-sae.md, "Which layer").
 pub fn hook(n_layers: usize) -> String {
     format!(
         "blocks.{}.hook_resid_post",
@@ -57,15 +58,17 @@ pub struct Recipe {
 
 impl Recipe {
     pub fn for_model(model: &Model) -> Self {
-        // Five samples per prompt (about 240k tokens) seen 20 times (README, "The default
-        // SAE": distinct text is what lowers FVU most).
+        // Five samples per prompt (about 240k tokens), each token seen about 20 times over
+        // two grids of windows: distinct text is what lowers FVU most, and more of it would
+        // push training from nothing past half an hour (docs/lab/default-sae.md).
         let tokens = 4_800_000;
         Self {
             trainer_revision: 4,
             model_digest: model.manifest.root(),
             seeds_digest: crate::digest::sha256_hex(SEEDS.as_bytes()),
             samples_per_prompt: 5,
-            // 128 prompts per batch write 1.29x the tokens per second of 32 (`bench sae`, README).
+            // Larger batches write the corpus faster, at the cost of memory (peak RSS about
+            // 5 GB at 128; docs/lab/performance.md, "Corpus sampling").
             generation_batch: 128,
             max_new_tokens: 192,
             temperature: 0.9,
@@ -79,7 +82,7 @@ impl Recipe {
                 tokens,
                 context: 64,
                 // 8 windows (504 tokens) per step: four times the optimiser steps of 32 for
-                // the same tokens; FVU 0.26 against 0.31 on the held-out text at 256k tokens.
+                // the same tokens, which lowers FVU (docs/lab/default-sae.md).
                 windows_per_step: 8,
                 lr: 2e-3,
                 seed: 2026,
@@ -87,8 +90,8 @@ impl Recipe {
                 // About every 20 seconds: a checkpoint writes 64 MB.
                 checkpoint_every_steps: 400,
                 // Every token also seen half a window later, after other context, and a new
-                // order each epoch: FVU 0.183 against 0.188 on our prose, 0.170 against 0.174
-                // on the held-out answers (README).
+                // order each epoch: cheap, and it lowers FVU on both held-out sets
+                // (docs/lab/default-sae.md).
                 window_shifts: 2,
                 reshuffle_epochs: true,
             },
@@ -222,8 +225,22 @@ pub fn sample(
     Ok(out)
 }
 
-/// The default SAE's folder, training it first if it is not cached.
+/// The default SAE's folder: the shipped SAE for the default model (see [`super::shipped`]),
+/// otherwise the recipe's SAE for `model`, trained first if it is not cached.
 pub fn ensure(
+    model: &Model,
+    corpus_progress: impl FnMut(usize, usize),
+    train_progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,
+) -> Result<PathBuf, SaeError> {
+    if super::shipped::applies_to(model) {
+        return super::shipped::folder();
+    }
+    train_recipe(model, corpus_progress, train_progress)
+}
+
+/// The recipe's SAE for `model`, trained (about 25 minutes for the default model on two
+/// cores) unless it is cached.
+pub fn train_recipe(
     model: &Model,
     mut corpus_progress: impl FnMut(usize, usize),
     train_progress: impl FnMut(&Progress) -> std::ops::ControlFlow<()>,

