@@ -380,7 +380,7 @@ mod seeds {
         };
         let st = Statement {
             statement_type: STATEMENT_TYPE.into(),
-            subject: vec![record.subject()],
+            subject: record.subjects(RECORD_VERSION),
             predicate_type: PREDICATE_TYPE.into(),
             predicate: Predicate {
                 version: RECORD_VERSION,
