@@ -97,6 +97,12 @@ pub struct Report {
     pub keys: Vec<String>,
 }
 
+/// The checkpoint in `note` if any key the log has used signed it.
+fn signed_by_any(note: &str, keys: &[(String, VerifyingKey)]) -> Option<Checkpoint> {
+    keys.iter()
+        .find_map(|(_, k)| Checkpoint::verify(note, NOTE_KEY_NAME, k).ok())
+}
+
 fn fail(seq: Option<u64>, reason: Reason) -> Failure {
     Failure { seq, reason }
 }
@@ -317,10 +323,7 @@ pub fn verify_log_witnessed(
     let external_checkpoint = match external {
         None => None,
         Some(note) => {
-            let cp = keys
-                .iter()
-                .find_map(|(_, k)| Checkpoint::verify(note, NOTE_KEY_NAME, k).ok())
-                .ok_or_else(|| fail(None, Reason::InconsistentWithCheckpoint("the exported checkpoint's signature does not verify with any key of this log".into())))?;
+            let cp = signed_by_any(note, &keys).ok_or_else(|| fail(None, Reason::InconsistentWithCheckpoint("the exported checkpoint's signature does not verify with any key of this log".into())))?;
             check_checkpoint(&cp, &log_id, &leaves, "exported checkpoint")?;
             Some(cp.size)
         }
@@ -329,12 +332,9 @@ pub fn verify_log_witnessed(
         None => None,
         Some(note) => {
             let rolled = |d: String| fail(None, Reason::RolledBack(d));
-            let cp = keys
-                .iter()
-                .find_map(|(_, k)| Checkpoint::verify(note, NOTE_KEY_NAME, k).ok())
-                .ok_or_else(|| {
-                    rolled("the head witness is not signed by any key of this log".into())
-                })?;
+            let cp = signed_by_any(note, &keys).ok_or_else(|| {
+                rolled("the head witness is not signed by any key of this log".into())
+            })?;
             check_checkpoint(&cp, &log_id, &leaves, "the head witness").map_err(|f| {
                 rolled(match f.reason {
                     Reason::InconsistentWithCheckpoint(d) => d,
@@ -451,12 +451,9 @@ pub fn verify_export(
         leaves.push(r.leaf());
     }
     let incons = |d: String| fail(None, Reason::InconsistentWithCheckpoint(d));
-    let cp = keys
-        .iter()
-        .find_map(|(_, k)| Checkpoint::verify(checkpoint, NOTE_KEY_NAME, k).ok())
-        .ok_or_else(|| {
-            incons("the checkpoint's signature does not verify with any key of this log".into())
-        })?;
+    let cp = signed_by_any(checkpoint, &keys).ok_or_else(|| {
+        incons("the checkpoint's signature does not verify with any key of this log".into())
+    })?;
     let log_id = match log_id {
         Some(id) => id,
         // An empty export matches only the checkpoint of an empty log.

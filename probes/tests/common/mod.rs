@@ -210,6 +210,79 @@ pub fn llama_gguf(path: &Path, seed: u64, dtype: GgmlDType) {
 pub type GgufMeta = Vec<(String, gguf_file::Value)>;
 pub type GgufTensors = Vec<(String, QTensor)>;
 
+/// The GGUF name of a tiny model's HF tensor (`model.layers.0.self_attn.q_proj.bias` ->
+/// `blk.0.attn_q.bias`).
+fn gguf_tensor_name(n: &str) -> String {
+    match n {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = n.strip_prefix("model.layers.").unwrap();
+            let (l, tail) = rest.split_once('.').unwrap();
+            let (module, kind) = tail.rsplit_once('.').unwrap();
+            let g = match module {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => unreachable!("{n}"),
+            };
+            format!("blk.{l}.{g}.{kind}")
+        }
+    }
+}
+
+/// The tiny model's metadata under `arch`'s prefix, with a `VOCAB`-token GPT-2-style
+/// tokenizer; `rope_dim` and `pre` are written only when given.
+fn tiny_gguf_meta(arch: &str, rope_dim: Option<usize>, pre: Option<&str>) -> GgufMeta {
+    use gguf_file::Value as V;
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut meta: GgufMeta = vec![
+        ("general.architecture".into(), V::String(arch.into())),
+        (key("block_count"), V::U32(LAYERS as u32)),
+        (key("embedding_length"), V::U32(D as u32)),
+        (key("feed_forward_length"), V::U32(D_MLP as u32)),
+        (key("attention.head_count"), V::U32(HEADS as u32)),
+        (key("attention.head_count_kv"), V::U32(KV_HEADS as u32)),
+    ];
+    if let Some(d) = rope_dim {
+        meta.push((key("rope.dimension_count"), V::U32(d as u32)));
+    }
+    meta.extend([
+        (key("rope.freq_base"), V::F32(10000.0)),
+        (key("attention.layer_norm_rms_epsilon"), V::F32(1e-5)),
+        (key("context_length"), V::U32(POSITIONS as u32)),
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+    ]);
+    if let Some(p) = pre {
+        meta.push(("tokenizer.ggml.pre".into(), V::String(p.into())));
+    }
+    let tokens: Vec<V> = (0..VOCAB).map(|i| V::String(format!("w{i}"))).collect();
+    let types: Vec<V> = (0..VOCAB).map(|_| V::I32(1)).collect();
+    meta.extend([
+        ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), V::Array(types)),
+        ("tokenizer.ggml.merges".into(), V::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+    ]);
+    meta
+}
+
+fn write_gguf(path: &Path, meta: &GgufMeta, q: &GgufTensors) {
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+}
+
 /// [`llama_gguf`], with `edit` changing the metadata and tensors before they are written.
 pub fn llama_gguf_with(
     path: &Path,
@@ -217,32 +290,7 @@ pub fn llama_gguf_with(
     dtype: GgmlDType,
     edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors),
 ) {
-    use gguf_file::Value as V;
     let tensors = llama_tensors(seed, false);
-    let gguf_name = |n: &str| -> String {
-        match n {
-            "model.embed_tokens.weight" => "token_embd.weight".into(),
-            "model.norm.weight" => "output_norm.weight".into(),
-            "lm_head.weight" => "output.weight".into(),
-            _ => {
-                let rest = n.strip_prefix("model.layers.").unwrap();
-                let (l, tail) = rest.split_once('.').unwrap();
-                let g = match tail {
-                    "input_layernorm.weight" => "attn_norm.weight",
-                    "post_attention_layernorm.weight" => "ffn_norm.weight",
-                    "self_attn.q_proj.weight" => "attn_q.weight",
-                    "self_attn.k_proj.weight" => "attn_k.weight",
-                    "self_attn.v_proj.weight" => "attn_v.weight",
-                    "self_attn.o_proj.weight" => "attn_output.weight",
-                    "mlp.gate_proj.weight" => "ffn_gate.weight",
-                    "mlp.up_proj.weight" => "ffn_up.weight",
-                    "mlp.down_proj.weight" => "ffn_down.weight",
-                    _ => unreachable!("{n}"),
-                };
-                format!("blk.{l}.{g}")
-            }
-        }
-    };
     let mut q = Vec::new();
     for (name, t) in &tensors {
         let t = if name.ends_with("q_proj.weight") {
@@ -253,34 +301,11 @@ pub fn llama_gguf_with(
             t.clone()
         };
         let ty = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
-        q.push((gguf_name(name), QTensor::quantize(&t, ty).unwrap()));
+        q.push((gguf_tensor_name(name), QTensor::quantize(&t, ty).unwrap()));
     }
-    let tokens: Vec<V> = (0..VOCAB).map(|i| V::String(format!("w{i}"))).collect();
-    let types: Vec<V> = (0..VOCAB).map(|_| V::I32(1)).collect();
-    let meta: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String("llama".into())),
-        ("llama.block_count", V::U32(LAYERS as u32)),
-        ("llama.embedding_length", V::U32(D as u32)),
-        ("llama.feed_forward_length", V::U32(D_MLP as u32)),
-        ("llama.attention.head_count", V::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", V::U32(KV_HEADS as u32)),
-        ("llama.rope.dimension_count", V::U32(HEAD_DIM as u32)),
-        ("llama.rope.freq_base", V::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("llama.context_length", V::U32(POSITIONS as u32)),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        ("tokenizer.ggml.tokens", V::Array(tokens)),
-        ("tokenizer.ggml.token_type", V::Array(types)),
-        ("tokenizer.ggml.merges", V::Array(vec![])),
-        ("tokenizer.ggml.bos_token_id", V::U32(1)),
-        ("tokenizer.ggml.eos_token_id", V::U32(2)),
-    ];
-    let mut meta: GgufMeta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut meta = tiny_gguf_meta("llama", Some(HEAD_DIM), None);
     edit(&mut meta, &mut q);
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+    write_gguf(path, &meta, &q);
 }
 
 /// Set (or add) GGUF metadata `key`.
@@ -336,63 +361,14 @@ pub fn qwen2_gguf_with(
     dtype: GgmlDType,
     edit: impl FnOnce(&mut GgufMeta, &mut GgufTensors),
 ) {
-    use gguf_file::Value as V;
-    let gguf_name = |n: &str| -> String {
-        match n {
-            "model.embed_tokens.weight" => "token_embd.weight".into(),
-            "model.norm.weight" => "output_norm.weight".into(),
-            "lm_head.weight" => "output.weight".into(),
-            _ => {
-                let rest = n.strip_prefix("model.layers.").unwrap();
-                let (l, tail) = rest.split_once('.').unwrap();
-                let (module, kind) = tail.rsplit_once('.').unwrap();
-                let g = match module {
-                    "input_layernorm" => "attn_norm",
-                    "post_attention_layernorm" => "ffn_norm",
-                    "self_attn.q_proj" => "attn_q",
-                    "self_attn.k_proj" => "attn_k",
-                    "self_attn.v_proj" => "attn_v",
-                    "self_attn.o_proj" => "attn_output",
-                    "mlp.gate_proj" => "ffn_gate",
-                    "mlp.up_proj" => "ffn_up",
-                    "mlp.down_proj" => "ffn_down",
-                    _ => unreachable!("{n}"),
-                };
-                format!("blk.{l}.{g}.{kind}")
-            }
-        }
-    };
     let mut q = Vec::new();
     for (name, t) in &llama_tensors(seed, true) {
         let ty = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
-        q.push((gguf_name(name), QTensor::quantize(t, ty).unwrap()));
+        q.push((gguf_tensor_name(name), QTensor::quantize(t, ty).unwrap()));
     }
-    let tokens: Vec<V> = (0..VOCAB).map(|i| V::String(format!("w{i}"))).collect();
-    let types: Vec<V> = (0..VOCAB).map(|_| V::I32(1)).collect();
-    let meta: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String("qwen2".into())),
-        ("qwen2.block_count", V::U32(LAYERS as u32)),
-        ("qwen2.embedding_length", V::U32(D as u32)),
-        ("qwen2.feed_forward_length", V::U32(D_MLP as u32)),
-        ("qwen2.attention.head_count", V::U32(HEADS as u32)),
-        ("qwen2.attention.head_count_kv", V::U32(KV_HEADS as u32)),
-        ("qwen2.rope.freq_base", V::F32(10000.0)),
-        ("qwen2.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("qwen2.context_length", V::U32(POSITIONS as u32)),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        ("tokenizer.ggml.pre", V::String("qwen2".into())),
-        ("tokenizer.ggml.tokens", V::Array(tokens)),
-        ("tokenizer.ggml.token_type", V::Array(types)),
-        ("tokenizer.ggml.merges", V::Array(vec![])),
-        ("tokenizer.ggml.bos_token_id", V::U32(1)),
-        ("tokenizer.ggml.eos_token_id", V::U32(2)),
-    ];
-    let mut meta: GgufMeta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut meta = tiny_gguf_meta("qwen2", None, Some("qwen2"));
     edit(&mut meta, &mut q);
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+    write_gguf(path, &meta, &q);
 }
 
 /// A GGUF holding only `meta` (for tokenizer tests).
