@@ -1,5 +1,6 @@
-//! Tokenizers (the `tokenizers` crate, from `tokenizer.json` or GGUF metadata) and chat
-//! templates rendered with a real Jinja engine (minijinja).
+//! Tokenizers (the `tokenizers` crate from `tokenizer.json`; from GGUF metadata a byte-level
+//! BPE ([`bpe`]) or SentencePiece ([`spm`])) and chat templates rendered with a real Jinja
+//! engine (minijinja).
 //!
 //! A chat template is code from the checkpoint: its rendering is bounded in instructions
 //! (minijinja fuel) and in output bytes, so a template that loops (`range(9999)` nested) fails
@@ -7,16 +8,17 @@
 
 use std::path::Path;
 
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::Split;
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{LoadError, RunError};
-use crate::gguf::{GgufFile, GgufValue};
+use crate::gguf::GgufFile;
+
+pub mod bpe;
+pub mod spm;
+pub mod vocab;
+
+pub use bpe::{gguf_pre_tokenizer, LLAMA3_PATTERN, QWEN2_PATTERN, SUPPORTED_PRE_TOKENIZERS};
+use vocab::{GgufVocab, TokenType};
 
 /// Template instructions allowed per render, plus [`TEMPLATE_FUEL_PER_MESSAGE`] per message.
 /// Real chat templates use a few hundred per message.
@@ -44,49 +46,6 @@ impl std::io::Write for BoundedOutput {
     }
 }
 
-/// Qwen2's pre-tokenizer regex (HF `tokenizer.json` `Split`; llama.cpp `qwen2`): like GPT-2's,
-/// but single digits, letters glued to one leading non-letter, and newlines kept apart.
-pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-/// Llama 3's pre-tokenizer regex (llama.cpp `llama-bpe`): Qwen2's with digits in runs of three.
-pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-/// The `tokenizer.ggml.pre` values mechwatch implements.
-pub const SUPPORTED_PRE_TOKENIZERS: &str =
-    "default, gpt-2, smollm, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3";
-
-/// The pre-tokenizer llama.cpp uses for GGUF `tokenizer.ggml.pre` = `pre`; `None` when mechwatch
-/// does not implement it.
-pub fn gguf_pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
-    // Regex splitting first, then bytes to GPT-2's printable alphabet.
-    let split_then_bytes = |pattern: &str| -> Option<PreTokenizerWrapper> {
-        let split = Split::new(
-            tokenizers::pre_tokenizers::split::SplitPattern::Regex(pattern.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .ok()?;
-        Some(
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, false, false).into(),
-            ])
-            .into(),
-        )
-    };
-    match pre {
-        "default" | "gpt-2" => Some(ByteLevel::new(false, true, true).into()),
-        "smollm" => Some(
-            Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-        ),
-        "qwen2" | "deepseek-r1-qwen" => split_then_bytes(QWEN2_PATTERN),
-        "llama-bpe" | "llama3" | "llama-v3" => split_then_bytes(LLAMA3_PATTERN),
-        _ => None,
-    }
-}
-
 /// Reads a file of the checkpoint directory by name (`None` when absent), recording its digest.
 pub type FileReader<'a> = dyn FnMut(&str) -> Result<Option<Vec<u8>>, LoadError> + 'a;
 
@@ -100,6 +59,9 @@ pub struct TextCodec {
     /// and `add_eos_token`; `tokenizer.json` says the same with its post-processor).
     pub add_bos: Option<u32>,
     pub add_eos: Option<u32>,
+    /// A GGUF SentencePiece vocabulary encodes and decodes through this (`tokenizer` then
+    /// serves look-ups and conversion to `tokenizer.json`).
+    spm: Option<spm::Spm>,
 }
 
 /// One chat message.
@@ -137,6 +99,7 @@ impl TextCodec {
             eos_token: None,
             add_bos: None,
             add_eos: None,
+            spm: None,
         };
         if let Some(cfg) = read("tokenizer_config.json")? {
             let cfg_path = dir.join("tokenizer_config.json");
@@ -170,152 +133,107 @@ impl TextCodec {
         Ok(codec)
     }
 
-    /// Build a byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata.
+    /// Build the tokenizer GGUF `tokenizer.ggml.*` metadata describes: byte-level BPE
+    /// (`gpt2`) or SentencePiece (`llama`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self, LoadError> {
-        let err = |detail: String| LoadError::Tokenizer {
-            path: g.path.clone(),
-            detail,
-        };
+        let err = |detail: String| vocab::error(g, detail);
         let model = g
             .meta_str("tokenizer.ggml.model")
             .map_err(|_| err("GGUF has no tokenizer.ggml.model".into()))?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model `{model}` is not supported (only byte-level BPE `gpt2`)"
-            )));
-        }
-        let strings = |key: &str| -> Result<&[String], LoadError> {
-            g.meta(key)
-                .map_err(|_| err(format!("GGUF has no {key}")))?
-                .as_array()
-                .and_then(|a| a.as_strings().or(a.is_empty().then_some(&[][..])))
-                .ok_or_else(|| err(format!("{key} is not an array of strings")))
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        if tokens.is_empty() || u32::try_from(tokens.len()).is_err() {
-            return Err(err(format!(
-                "tokenizer.ggml.tokens holds {} tokens",
-                tokens.len()
-            )));
-        }
-        let merges = strings("tokenizer.ggml.merges")?
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let types: Vec<u64> = match g.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => {
-                let a = v
-                    .as_array()
-                    .filter(|a| a.len() == tokens.len())
-                    .ok_or_else(|| {
-                        err(format!(
-                            "tokenizer.ggml.token_type is not an array of {} integers",
-                            tokens.len()
-                        ))
+        let v = GgufVocab::read(g)?;
+        let bos = v.id(g, "tokenizer.ggml.bos_token_id")?;
+        let eos = v.id(g, "tokenizer.ggml.eos_token_id")?;
+        let (tokenizer, spm, add_bos_by_default) = match model {
+            "gpt2" => {
+                let merges = vocab::strings(g, "tokenizer.ggml.merges")?;
+                // Files written before llama.cpp recorded the pre-tokenizer get its `default`
+                // (GPT-2's regex), as llama.cpp gives them.
+                let pre = match g.metadata.get("tokenizer.ggml.pre") {
+                    None => "default",
+                    Some(p) => p.as_str().ok_or_else(|| {
+                        err(format!("tokenizer.ggml.pre = {p:?} is not a string"))
+                    })?,
+                };
+                let pre = bpe::pre_tokenizer(pre).ok_or_else(|| {
+                    err(format!(
+                        "tokenizer.ggml.pre `{pre}` is not supported (supported: \
+                         {SUPPORTED_PRE_TOKENIZERS})"
+                    ))
+                })?;
+                let mut tokenizer = bpe::build(v.tokens, merges, &pre).map_err(err)?;
+                // Control tokens (type 3) such as <|im_start|> must match as single tokens; so
+                // must user-defined ones (type 4, e.g. Qwen's `<tool_call>`), which llama.cpp
+                // also matches before splitting but, not being special, keeps when decoding.
+                let added = |ty: TokenType, special: bool| -> Vec<AddedToken> {
+                    v.of_type(ty)
+                        .map(|(_, s)| AddedToken::from(s.to_string(), special).normalized(false))
+                        .collect()
+                };
+                tokenizer
+                    .add_special_tokens(added(TokenType::Control, true))
+                    .map_err(|e| err(format!("adding special tokens: {e}")))?;
+                tokenizer
+                    .add_tokens(added(TokenType::UserDefined, false))
+                    .map_err(|e| err(format!("adding user-defined tokens: {e}")))?;
+                (tokenizer, None, pre.add_bos_by_default)
+            }
+            "llama" => {
+                let scores = v.scores.as_deref().ok_or_else(|| {
+                    err("a SentencePiece (`llama`) vocabulary needs tokenizer.ggml.scores".into())
+                })?;
+                let unk = match v.id(g, "tokenizer.ggml.unknown_token_id")? {
+                    Some(id) => Some(id),
+                    None => v.of_type(TokenType::Unknown).map(|(id, _)| id).next(),
+                };
+                // llama.cpp prefixes a space unless the file says otherwise.
+                let add_space_prefix =
+                    vocab::flag(g, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let spm = spm::Spm::new(v.tokens, &v.types, scores, unk, add_space_prefix)
+                    .map_err(|e| match e {
+                        spm::SpmError::NoFallback { byte } => err(format!(
+                            "the vocabulary has no byte token <0x{byte:02X}> and no unknown \
+                             token (tokenizer.ggml.unknown_token_id or a token of type 2) to \
+                             stand for it"
+                        )),
                     })?;
-                (0..a.len())
-                    .map(|i| {
-                        a.u64_at(i).ok_or_else(|| {
-                            err(format!(
-                                "tokenizer.ggml.token_type[{i}] is not a token type"
-                            ))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?
+                let tokenizer = spm.to_hf().map_err(err)?;
+                (tokenizer, Some(spm), true)
             }
-            None => vec![1; tokens.len()],
-        };
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(format!("building BPE: {e}")))?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        // Files written before llama.cpp recorded the pre-tokenizer get its `default` (GPT-2's
-        // regex), as llama.cpp gives them; a value we do not implement is refused, since
-        // splitting with another regex gives other tokens without any error.
-        let pre = match g.metadata.get("tokenizer.ggml.pre") {
-            None => "default",
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| err(format!("tokenizer.ggml.pre = {v:?} is not a string")))?,
-        };
-        let pre_tokenizer = gguf_pre_tokenizer(pre).ok_or_else(|| {
-            err(format!(
-                "tokenizer.ggml.pre `{pre}` is not supported (supported: \
-                 {SUPPORTED_PRE_TOKENIZERS})"
-            ))
-        })?;
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens (type 3) such as <|im_start|> must match as single tokens; so must
-        // user-defined ones (type 4, e.g. Qwen's `<tool_call>`), which llama.cpp also matches
-        // before splitting but, not being special, keeps when decoding.
-        let added = |ty: u64, special: bool| -> Vec<AddedToken> {
-            tokens
-                .iter()
-                .zip(types.iter())
-                .filter(|(_, &t)| t == ty)
-                .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
-                .collect()
-        };
-        tokenizer
-            .add_special_tokens(added(3, true))
-            .map_err(|e| err(format!("adding special tokens: {e}")))?;
-        tokenizer
-            .add_tokens(added(4, false))
-            .map_err(|e| err(format!("adding user-defined tokens: {e}")))?;
-        let id_str = |key: &str| -> Result<Option<String>, LoadError> {
-            match g.metadata.get(key) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|i| tokens.get(usize::try_from(i).ok()?))
-                    .map(|t| Some(t.clone()))
-                    .ok_or_else(|| {
-                        err(format!(
-                            "{key} = {v:?} is not a token id below {}",
-                            tokens.len()
-                        ))
-                    }),
+            _ => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model `{model}` is not supported (supported: gpt2 \
+                     (byte-level BPE), llama (SentencePiece))"
+                )))
             }
         };
-        let bos_token = id_str("tokenizer.ggml.bos_token_id")?;
-        let eos_token = id_str("tokenizer.ggml.eos_token_id")?;
-        // What llama.cpp does with plain text: add BOS / EOS when the file says so.
-        let add = |flag: &str, id_key: &str| -> Result<Option<u32>, LoadError> {
-            match g.metadata.get(flag) {
-                None | Some(GgufValue::Bool(false)) => Ok(None),
-                Some(GgufValue::Bool(true)) => g
-                    .metadata
-                    .get(id_key)
-                    .and_then(|v| v.as_u64())
-                    .and_then(|i| u32::try_from(i).ok())
+        let text = |id: Option<u32>| id.map(|i| v.tokens[i as usize].clone());
+        // What llama.cpp does with plain text: add BOS / EOS when the file says so (BOS by
+        // default for SentencePiece and some BPE pre-tokenizers, as llama.cpp).
+        let add =
+            |key: &str, id: Option<u32>, id_key: &str, default: bool| match vocab::flag(g, key)? {
+                Some(false) => Ok(None),
+                None if !default => Ok(None),
+                None => Ok(id),
+                Some(true) => id
                     .map(Some)
-                    .ok_or_else(|| err(format!("{flag} is set but {id_key} is missing"))),
-                Some(v) => Err(err(format!("{flag} = {v:?} is not a bool"))),
-            }
-        };
+                    .ok_or_else(|| err(format!("{key} is set but {id_key} is missing"))),
+            };
         let add_bos = add(
             "tokenizer.ggml.add_bos_token",
+            bos,
             "tokenizer.ggml.bos_token_id",
+            add_bos_by_default,
         )?;
         let add_eos = add(
             "tokenizer.ggml.add_eos_token",
+            eos,
             "tokenizer.ggml.eos_token_id",
+            false,
         )?;
         let chat_template = match g.metadata.get("tokenizer.chat_template") {
             None => None,
-            Some(v) => Some(
-                v.as_str()
+            Some(t) => Some(
+                t.as_str()
                     .ok_or_else(|| err("tokenizer.chat_template is not a string".into()))?
                     .to_string(),
             ),
@@ -323,14 +241,18 @@ impl TextCodec {
         Ok(Self {
             tokenizer,
             chat_template,
-            bos_token,
-            eos_token,
+            bos_token: text(bos),
+            eos_token: text(eos),
             add_bos,
             add_eos,
+            spm,
         })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, RunError> {
+        if let Some(spm) = &self.spm {
+            return Ok(spm.encode(text));
+        }
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -342,11 +264,15 @@ impl TextCodec {
     /// `add_special_tokens=True`) and GGUF's `add_bos_token` / `add_eos_token` apply. Chat
     /// templates write their own special tokens, so rendered chats go through [`Self::encode`].
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, RunError> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| RunError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.spm {
+            Some(spm) => spm.encode(text),
+            None => self
+                .tokenizer
+                .encode(text, true)
+                .map_err(|e| RunError::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec(),
+        };
         if let Some(bos) = self.add_bos.filter(|&b| ids.first() != Some(&b)) {
             ids.insert(0, bos);
         }
@@ -357,6 +283,9 @@ impl TextCodec {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, RunError> {
+        if let Some(spm) = &self.spm {
+            return Ok(spm.decode(ids, true));
+        }
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| RunError::Tokenizer(e.to_string()))
@@ -364,6 +293,9 @@ impl TextCodec {
 
     /// The text of one token id, special tokens included.
     pub fn token_text(&self, id: u32) -> String {
+        if let Some(spm) = &self.spm {
+            return spm.piece(id).unwrap_or_else(|| format!("<{id}>"));
+        }
         self.tokenizer
             .decode(&[id], false)
             .unwrap_or_else(|_| format!("<{id}>"))
