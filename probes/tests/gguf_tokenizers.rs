@@ -187,6 +187,10 @@ fn sentencepiece_vocabulary_encodes_and_decodes_as_sentencepiece() {
             *text,
             "decode(encode({text:?}))"
         );
+        // The `tokenizers` form (what `model convert` writes as tokenizer.json) agrees.
+        let hf = codec.tokenizer.encode(*text, false).unwrap();
+        assert_eq!(hf.get_ids(), &ids[..], "tokenizer.json ids of {text:?}");
+        assert_eq!(codec.tokenizer.decode(&ids, true).unwrap(), *text);
         assert_eq!(r.decoded[i], *text, "sentencepiece's decoding of {text:?}");
         // Plain text starts with BOS (llama.cpp's default for SentencePiece).
         let with_bos = codec.encode_text(text).unwrap();

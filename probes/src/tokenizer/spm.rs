@@ -31,6 +31,9 @@ use super::vocab::TokenType;
 /// SentencePiece's escaped space.
 pub const SPACE: char = '\u{2581}';
 
+/// Tokens longer than this get no merge in the `tokenizers` form (see [`Spm::to_hf`]).
+pub const MAX_MERGED_TOKEN_BYTES: usize = 512;
+
 /// A SentencePiece vocabulary and the settings llama.cpp reads with it.
 #[derive(Clone)]
 pub struct Spm {
@@ -275,18 +278,25 @@ impl Spm {
     }
 
     /// The text of `ids`. Byte tokens are joined before UTF-8 decoding (invalid sequences
-    /// become U+FFFD); control and unknown tokens are left out when `skip_special`; the space
-    /// added in front of the text is removed. Ids outside the vocabulary are skipped.
+    /// become U+FFFD); `▁` in normal tokens is a space; control and unknown tokens are left out
+    /// when `skip_special`; the space added in front of the text is removed. Ids outside the
+    /// vocabulary are skipped.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
         let mut bytes = Vec::new();
         for &id in ids {
             let Some(text) = self.tokens.get(id as usize) else {
                 continue;
             };
+            // As llama.cpp: user-defined and special tokens read as written, unused ones as
+            // nothing.
             match self.types[id as usize] {
                 TokenType::Byte => bytes.extend(self.byte_of(id)),
+                TokenType::Normal => Self::unescape(text, &mut bytes),
                 TokenType::Control | TokenType::Unknown if skip_special => {}
-                _ => Self::unescape(text, &mut bytes),
+                TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                    bytes.extend_from_slice(text.as_bytes())
+                }
+                TokenType::Unused | TokenType::Undefined => {}
             }
         }
         if self.add_space_prefix && bytes.first() == Some(&b' ') {
@@ -295,13 +305,15 @@ impl Spm {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// The text one token stands for (a byte token's byte, lossily), spaces unescaped.
+    /// The text one token stands for: a byte token's byte (lossily), a normal token with
+    /// `▁` as space, any other as written.
     pub fn piece(&self, id: u32) -> Option<String> {
         let text = self.tokens.get(id as usize)?;
         let mut bytes = Vec::new();
         match self.types[id as usize] {
             TokenType::Byte => bytes.extend(self.byte_of(id)),
-            _ => Self::unescape(text, &mut bytes),
+            TokenType::Normal => Self::unescape(text, &mut bytes),
+            _ => bytes.extend_from_slice(text.as_bytes()),
         }
         Some(String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -323,7 +335,7 @@ impl Spm {
     }
 
     /// The same vocabulary as a `tokenizers` BPE with byte fallback: a token made of two
-    /// tokens is a merge, ranked by its score.
+    /// tokens (and at most [`MAX_MERGED_TOKEN_BYTES`] long) is a merge, ranked by its score.
     pub fn to_hf(&self) -> Result<Tokenizer, String> {
         let mergeable = |i: usize| {
             matches!(
@@ -336,7 +348,9 @@ impl Spm {
         };
         let mut merges: Vec<(f32, u32, u32, usize)> = Vec::new();
         for (i, t) in self.tokens.iter().enumerate() {
-            if !mergeable(i) {
+            // Splitting costs the square of a token's length: a crafted file's megabyte-long
+            // token must not stall loading, and real vocabularies' tokens are far shorter.
+            if !mergeable(i) || t.len() > MAX_MERGED_TOKEN_BYTES {
                 continue;
             }
             for (cut, _) in t.char_indices().skip(1) {
@@ -475,6 +489,26 @@ mod tests {
         assert_eq!(v.decode(&[1, 6], true), "ab");
         // Unknown characters become the unknown token (no byte tokens here).
         assert_eq!(v.encode("xa"), [2, 0, 3]);
+    }
+
+    /// User-defined tokens match in text like control tokens and decode as written (no `▁`
+    /// unescaping); unused tokens decode as nothing, as in llama.cpp.
+    #[test]
+    fn user_defined_and_unused_tokens() {
+        let v = spm(
+            &[
+                ("<unk>", 0.0, Unknown),
+                ("\u{2581}", -1.0, Normal),
+                ("a", -1.0, Normal),
+                ("<x\u{2581}>", 0.0, TokenType::UserDefined),
+                ("[u]", 0.0, TokenType::Unused),
+            ],
+            true,
+        );
+        assert_eq!(v.encode("a<x\u{2581}>a"), [1, 2, 3, 1, 2]);
+        assert_eq!(v.decode(&[1, 2, 3, 1, 2, 4], true), "a<x\u{2581}> a");
+        assert_eq!(v.piece(3).unwrap(), "<x\u{2581}>");
+        assert_eq!(v.piece(1).unwrap(), " ");
     }
 
     #[test]
