@@ -4,6 +4,8 @@
 //! writes; its vocabulary, converted to GGUF metadata as llama.cpp's convert script does, must
 //! give sentencepiece's own ids and decodings. `MECHWATCH_SENTENCEPIECE_PYTHON` names a Python
 //! with `sentencepiece` installed (`scripts/test-all` makes one in the cache directory).
+//! With `MECHWATCH_SPM_KEEP=DIR` the test also leaves its vocabulary and our ids in `DIR` for a
+//! comparison with llama.cpp (`tests/python/spm_llamacpp.py`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -176,6 +178,9 @@ fn sentencepiece_vocabulary_encodes_and_decodes_as_sentencepiece() {
     let path = tmp.path().join("spm.gguf");
     write_gguf(&path, &meta);
     let codec = TextCodec::from_gguf(&GgufFile::read(&path).unwrap()).unwrap();
+    if let Some(dir) = std::env::var_os("MECHWATCH_SPM_KEEP") {
+        keep_for_llama_cpp(Path::new(&dir), &meta, &codec);
+    }
 
     let mut byte_fallbacks = 0;
     for (i, text) in TEXTS.iter().enumerate() {
@@ -208,6 +213,34 @@ fn sentencepiece_vocabulary_encodes_and_decodes_as_sentencepiece() {
     assert_eq!(codec.encode("<s>Hello</s>Hello").unwrap(), expected);
     assert_eq!(codec.token_id("<s>"), Some(r.bos));
     assert_eq!(codec.bos_token.as_deref(), Some("<s>"));
+}
+
+/// Leave the vocabulary (with the llama hyper-parameters llama.cpp's loader wants), the texts
+/// and our ids (with BOS) in `dir`, for `tests/python/spm_llamacpp.py DIR` to compare with
+/// llama.cpp (docs/lab/tokenizers.md).
+fn keep_for_llama_cpp(dir: &Path, meta: &[(String, V)], codec: &TextCodec) {
+    let mut m = meta.to_vec();
+    for (k, v) in [
+        ("general.architecture", V::String("llama".into())),
+        ("llama.context_length", V::U32(64)),
+        ("llama.embedding_length", V::U32(8)),
+        ("llama.block_count", V::U32(1)),
+        ("llama.feed_forward_length", V::U32(16)),
+        ("llama.attention.head_count", V::U32(2)),
+        ("llama.attention.head_count_kv", V::U32(2)),
+        ("llama.rope.dimension_count", V::U32(4)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+    ] {
+        set(&mut m, k, v);
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    write_gguf(&dir.join("spm.gguf"), &m);
+    let ours: Vec<Vec<u32>> = TEXTS
+        .iter()
+        .map(|t| codec.encode_text(t).unwrap())
+        .collect();
+    let json = serde_json::json!({ "texts": TEXTS, "ids": ours });
+    std::fs::write(dir.join("ours.json"), json.to_string()).unwrap();
 }
 
 /// `abc` is `ab c` or `a bc` depending only on which of `ab` and `bc` scores higher, through
