@@ -397,13 +397,11 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
         6 => GgmlDType::Q5_0,
         7 => GgmlDType::Q5_1,
         8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
         10 => GgmlDType::Q2K,
         11 => GgmlDType::Q3K,
         12 => GgmlDType::Q4K,
         13 => GgmlDType::Q5K,
         14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
         30 => GgmlDType::BF16,
         _ => return None,
     })
@@ -507,7 +505,10 @@ impl GgufFile {
             let dtype = ggml_dtype(ty).ok_or_else(|| LoadError::Tensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
-                detail: format!("unsupported ggml type {ty}"),
+                detail: format!(
+                    "unsupported ggml type {ty} (weights may be F32, F16, BF16, Q4_0, Q4_1, \
+                     Q5_0, Q5_1, Q8_0 or Q2_K to Q6_K: the types candle dequantizes)"
+                ),
             })?;
             let offset = c.u64(&name)?;
             infos.push((name, dims, dtype, offset));

@@ -710,3 +710,59 @@ fn gemma3_cached_generation_equals_full_forwards_past_the_window() {
         }
     }
 }
+
+/// Every tensor type candle can dequantize is read as weights, to the values candle's own
+/// dequantization gives; Q8_1 and Q8_K (llama.cpp's activation types, which candle cannot
+/// load) are refused naming the tensor.
+#[test]
+fn every_dequantizable_gguf_tensor_type_is_read() {
+    use candle_core::quantized::GgmlDType as T;
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |path: &std::path::Path, q: &[(String, QTensor)]| {
+        let meta = gguf_file::Value::String("llama".into());
+        let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &meta)], &q_refs).unwrap();
+    };
+    let types = [
+        T::F32,
+        T::F16,
+        T::BF16,
+        T::Q4_0,
+        T::Q4_1,
+        T::Q5_0,
+        T::Q5_1,
+        T::Q8_0,
+        T::Q2K,
+        T::Q3K,
+        T::Q4K,
+        T::Q5K,
+        T::Q6K,
+    ];
+    let x = Rand::new(41).tensor(&[2, 256], 1.0);
+    let q: Vec<(String, QTensor)> = types
+        .iter()
+        .map(|&t| (format!("{t:?}"), QTensor::quantize(&x, t).unwrap()))
+        .collect();
+    let path = tmp.path().join("types.gguf");
+    write(&path, &q);
+    let g = probes::gguf::GgufFile::read(&path).unwrap();
+    for (name, qt) in &q {
+        let info = g.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(info.dtype, qt.dtype());
+        let ours = g.load_f32(info).unwrap();
+        let want = qt.dequantize(&Device::Cpu).unwrap();
+        assert_eq!(rel_err(&ours, &want), 0.0, "{name}");
+        // And close to what was quantized: the type really is read as weights.
+        assert!(rel_err(&ours, &x) < 0.5, "{name}");
+    }
+    for t in [T::Q8_1, T::Q8K] {
+        let path = tmp.path().join(format!("{t:?}.gguf"));
+        write(&path, &[("w".into(), QTensor::quantize(&x, t).unwrap())]);
+        let e = probes::gguf::GgufFile::read(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("`w`") && e.contains("unsupported ggml type"),
+            "{e}"
+        );
+    }
+}
