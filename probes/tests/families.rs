@@ -711,6 +711,59 @@ fn gemma3_cached_generation_equals_full_forwards_past_the_window() {
     }
 }
 
+/// Padding shifts no window: a left- and a right-padded batch of prompts longer than the
+/// window give each prompt's logits alone, at every position.
+#[test]
+fn sliding_windows_in_padded_batches_equal_one_prompt_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = 6;
+    let parts = Parts {
+        layers,
+        gemma: true,
+        qk_norm: true,
+        tied: true,
+        ..Parts::default()
+    };
+    let dir = tmp.path().join("gemma3");
+    let config = merge(
+        base_config("Gemma3ForCausalLM", layers),
+        serde_json::json!({
+            "rope_theta": 1000000.0, "query_pre_attn_scalar": HEAD_DIM,
+            "sliding_window": WINDOW, "tie_word_embeddings": true
+        }),
+    );
+    write_dir(&dir, &config, &tensors(39, parts));
+    let m = load(&dir);
+    let mut r = Rand::new(9);
+    let batch = vec![r.tokens(3), r.tokens(2 * WINDOW + 3), r.tokens(WINDOW + 1)];
+    for padding in [Padding::Left, Padding::Right] {
+        let out = m
+            .transformer
+            .forward(&batch, padding, &Hooks::new(), Unembed::All)
+            .unwrap();
+        let logits = out.logits.unwrap();
+        for (row, p) in batch.iter().enumerate() {
+            let alone = m
+                .transformer
+                .forward(
+                    std::slice::from_ref(p),
+                    padding,
+                    &Hooks::new(),
+                    Unembed::All,
+                )
+                .unwrap()
+                .logits
+                .unwrap()
+                .i(0)
+                .unwrap();
+            let off = out.layout.offset(row);
+            let got = logits.i(row).unwrap().narrow(0, off, p.len()).unwrap();
+            let e = rel_err(&got, &alone);
+            assert!(e < TOL, "{padding:?}, row {row}: relative error {e}");
+        }
+    }
+}
+
 /// Every tensor type candle can dequantize is read as weights, to the values candle's own
 /// dequantization gives; Q8_1 and Q8_K (llama.cpp's activation types, which candle cannot
 /// load) are refused naming the tensor.
