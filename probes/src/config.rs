@@ -1,38 +1,56 @@
-//! The model configuration, read from an HF `config.json` or from GGUF metadata.
+//! The model configuration: shapes plus the behaviour fields that the forward pass reads.
 //!
-//! Every field that changes the computation is either honoured (biases, activation, sliding
-//! window as a context bound) or refused with an error naming it; none is dropped silently.
-//! Counts are bounded here (no product overflows, a plausible context length) and against the
-//! checkpoint's tensors when the weights are built.
+//! Each family module under [`crate::family`] maps its HF `config.json` or GGUF metadata onto
+//! one [`ModelConfig`]; the forward pass never compares architecture names. Every field that
+//! changes the computation is either honoured or refused with an error naming it; none is
+//! dropped silently. Counts are bounded here (no product overflows, a plausible context
+//! length) and against the checkpoint's tensors when the weights are built.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::LoadError;
-use crate::gguf::{GgufFile, GgufValue};
+use crate::family::{self, hf::HfConfig};
+use crate::gguf::GgufFile;
 
-/// The architecture families mechwatch runs.
+/// The model families mechwatch runs, one module each under [`crate::family`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
-    /// Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA: RMSNorm, RoPE, gated SiLU MLP.
+    /// Llama 2/3/3.1/3.2, SmolLM2, TinyLlama: RMSNorm, RoPE, gated SiLU MLP.
     Llama,
-    /// Qwen2: the Llama block with biases on q, k and v.
+    /// Mistral: the Llama block with a sliding attention window.
+    Mistral,
+    /// Qwen2/2.5: the Llama block with biases on q, k and v.
     Qwen2,
+    /// Qwen3: the Llama block with per-head RMSNorm on q and k.
+    Qwen3,
+    /// Gemma 2: sandwich norms, soft-capping, alternating sliding windows, GeGLU.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 plus q/k norms and a local RoPE base.
+    Gemma3,
+    /// Phi-3: the Llama block with fused qkv and gate_up projections.
+    Phi3,
     /// GPT-2: LayerNorm, learned positions, GELU MLP, Conv1D (transposed) weights.
     Gpt2,
 }
 
-pub const SUPPORTED_ARCHITECTURES: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, GGUF `llama`, \
-     GGUF `qwen2`";
+pub const SUPPORTED_ARCHITECTURES: &str = "LlamaForCausalLM, MistralForCausalLM, \
+     Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, \
+     Phi3ForCausalLM, GPT2LMHeadModel, GGUF `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, \
+     `phi3`";
 
 impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3",
+            Architecture::Phi3 => "phi3",
             Architecture::Gpt2 => "gpt2",
         }
     }
@@ -45,18 +63,75 @@ pub enum Activation {
     /// `silu` (Llama family, gated).
     #[default]
     Silu,
-    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`; Gemma's GeGLU).
     GeluTanh,
     /// Exact GELU with erf (`gelu`).
     GeluErf,
 }
 
+/// How positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionEncoding {
+    /// Rotary embeddings on q and k (half-split layout).
+    #[default]
+    Rotary,
+    /// A learned position table added to the embedding (GPT-2).
+    Learned,
+}
+
+/// How RoPE's frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.1's piecewise scaling: long wavelengths divided by `factor`, short ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// One divisor per frequency, as llama.cpp stores Llama 3.1's in `rope_freqs.weight`.
+    Divisors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// Frequency `i` (`inv_freq`) after scaling.
+    pub fn scale(&self, i: usize, inv_freq: f64) -> f64 {
+        match self {
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen < old / high_freq_factor {
+                    inv_freq
+                } else if wavelen > old / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+            RopeScaling::Divisors(d) => inv_freq / d.get(i).copied().unwrap_or(1.0),
+        }
+    }
+}
+
 /// Longest context accepted: beyond this a configuration is more likely corrupt than real.
 pub const MAX_CONTEXT: usize = 1 << 24;
 
-/// Everything the forward pass needs to know about the shapes.
+/// Everything the forward pass needs: shapes, then behaviour fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// The family (for names and records only: the forward pass reads the fields below).
     pub architecture: Architecture,
     pub n_layers: usize,
     pub d_model: usize,
@@ -66,7 +141,7 @@ pub struct ModelConfig {
     pub d_mlp: usize,
     pub vocab_size: usize,
     pub norm_eps: f64,
-    /// RoPE base; unused by GPT-2.
+    /// RoPE base; unused with learned positions.
     pub rope_theta: f64,
     /// Context length (GPT-2's learned position table size).
     pub max_positions: usize,
@@ -84,361 +159,152 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     #[serde(default)]
     pub activation: Activation,
+    /// Rotary or learned positions.
+    #[serde(default)]
+    pub positions: PositionEncoding,
+    /// RoPE frequency rescaling (global layers only when `rope_local_theta` is set).
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// RoPE base of the sliding-window layers, unscaled (Gemma 3's 10k local base).
+    #[serde(default)]
+    pub rope_local_theta: Option<f64>,
+    /// RMSNorms multiply by `norm_offset + w` (Gemma: 1).
+    #[serde(default)]
+    pub norm_offset: f64,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3).
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// Norms on the attention and MLP outputs before they join the residual (Gemma 2/3).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    /// Attention scores become `cap * tanh(scores / cap)` before masking (Gemma 2).
+    #[serde(default)]
+    pub attn_softcap: Option<f64>,
+    /// Logits become `cap * tanh(logits / cap)` (Gemma 2).
+    #[serde(default)]
+    pub final_softcap: Option<f64>,
+    /// Keys at most this many positions back (the query's own included) are attended.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// With a window: layer `l` is global when `(l + 1) % pattern == 0`, sliding otherwise
+    /// (Gemma 2: 2, Gemma 3: 6); without a pattern every layer slides.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// The embedding is multiplied by this (Gemma: `sqrt(d_model)`).
+    #[serde(default)]
+    pub embed_scale: Option<f64>,
+    /// Attention scores are scaled by `1 / sqrt(this)` instead of `1 / sqrt(head_dim)`
+    /// (Gemma's `query_pre_attn_scalar`).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
 }
 
-#[derive(Deserialize)]
-struct HfConfig {
-    architectures: Option<Vec<String>>,
-    model_type: Option<String>,
-    // llama / qwen2 / mistral
-    hidden_size: Option<usize>,
-    intermediate_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
-    rope_scaling: Option<serde_json::Value>,
-    max_position_embeddings: Option<usize>,
-    tie_word_embeddings: Option<bool>,
-    vocab_size: Option<usize>,
-    bos_token_id: Option<serde_json::Value>,
-    eos_token_id: Option<serde_json::Value>,
-    // gpt2
-    n_embd: Option<usize>,
-    n_layer: Option<usize>,
-    n_head: Option<usize>,
-    n_inner: Option<usize>,
-    n_positions: Option<usize>,
-    layer_norm_epsilon: Option<f64>,
-    activation_function: Option<String>,
-    scale_attn_weights: Option<bool>,
-    scale_attn_by_inverse_layer_idx: Option<bool>,
-    add_cross_attention: Option<bool>,
-    // behaviour fields of the Llama family
-    hidden_act: Option<String>,
-    attention_bias: Option<bool>,
-    mlp_bias: Option<bool>,
-    sliding_window: Option<serde_json::Value>,
-    use_sliding_window: Option<bool>,
-    partial_rotary_factor: Option<f64>,
-    attn_logit_softcapping: Option<serde_json::Value>,
-    final_logit_softcapping: Option<serde_json::Value>,
-    use_qk_norm: Option<bool>,
-}
-
-/// `bos_token_id` / `eos_token_id`: null, an id, or a list of ids.
-fn token_ids(v: &Option<serde_json::Value>, key: &str) -> Result<Vec<u32>, String> {
-    let id = |n: &serde_json::Value| {
-        n.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| format!("`{key}` holds {n}, not a token id"))
-    };
-    match v {
-        None | Some(serde_json::Value::Null) => Ok(vec![]),
-        Some(serde_json::Value::Array(a)) => a.iter().map(id).collect(),
-        Some(n) => Ok(vec![id(n)?]),
+impl ModelConfig {
+    /// A configuration with the given shapes and every behaviour field at the plain
+    /// Llama block's setting; family modules change what their block does differently.
+    pub(crate) fn plain(architecture: Architecture) -> Self {
+        Self {
+            architecture,
+            n_layers: 0,
+            d_model: 0,
+            n_heads: 0,
+            n_kv_heads: 0,
+            head_dim: 0,
+            d_mlp: 0,
+            vocab_size: 0,
+            norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_positions: 4096,
+            tie_embeddings: false,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            activation: Activation::Silu,
+            positions: PositionEncoding::Rotary,
+            rope_scaling: None,
+            rope_local_theta: None,
+            norm_offset: 0.0,
+            qk_norm: false,
+            sandwich_norms: false,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            sliding_window_pattern: None,
+            embed_scale: None,
+            query_pre_attn_scalar: None,
+        }
     }
 }
 
 impl ModelConfig {
-    /// Parse an HF `config.json`.
+    /// Parse an HF `config.json`: the family named by `architectures` (or `model_type`) maps
+    /// it (see [`crate::family`]).
     pub fn from_hf_json(path: &Path, text: &str) -> Result<Self, LoadError> {
         let err = |detail: String| LoadError::Config {
             path: path.to_path_buf(),
             detail,
         };
-        let c: HfConfig = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut c: HfConfig = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(text) {
+            c.keys = map.keys().cloned().collect();
+        }
         let arch_name = c
             .architectures
             .as_ref()
             .and_then(|a| a.first().cloned())
             .or_else(|| c.model_type.clone())
             .ok_or_else(|| err("neither `architectures` nor `model_type` is set".into()))?;
-        let architecture = match arch_name.as_str() {
-            "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => Architecture::Llama,
-            "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
-            "GPT2LMHeadModel" | "gpt2" => Architecture::Gpt2,
-            _ => {
-                return Err(LoadError::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    arch: arch_name,
-                    supported: SUPPORTED_ARCHITECTURES,
-                })
-            }
-        };
-        let need = |v: Option<usize>, key: &str| {
-            v.filter(|&v| v > 0)
-                .ok_or_else(|| err(format!("`{key}` is missing or zero")))
-        };
-        let refuse = |key: &str, value: &dyn std::fmt::Display| {
-            Err(err(format!(
-                "`{key}` = {value} changes the computation in a way mechwatch does not \
-                 implement"
-            )))
-        };
-        let bos = token_ids(&c.bos_token_id, "bos_token_id").map_err(err)?;
-        let eos = token_ids(&c.eos_token_id, "eos_token_id").map_err(err)?;
-        let cfg = if architecture == Architecture::Gpt2 {
-            let act = c.activation_function.as_deref().unwrap_or("gelu_new");
-            let activation = match act {
-                "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
-                "gelu" => Activation::GeluErf,
-                _ => return refuse("activation_function", &act),
-            };
-            if c.scale_attn_weights == Some(false) {
-                return refuse("scale_attn_weights", &false);
-            }
-            if c.scale_attn_by_inverse_layer_idx == Some(true) {
-                return refuse("scale_attn_by_inverse_layer_idx", &true);
-            }
-            if c.add_cross_attention == Some(true) {
-                return refuse("add_cross_attention", &true);
-            }
-            let d_model = need(c.n_embd, "n_embd")?;
-            let n_heads = need(c.n_head, "n_head")?;
-            ModelConfig {
-                architecture,
-                n_layers: need(c.n_layer, "n_layer")?,
-                d_model,
-                n_heads,
-                n_kv_heads: n_heads,
-                head_dim: d_model / n_heads,
-                d_mlp: match c.n_inner {
-                    Some(n) => n,
-                    None => d_model
-                        .checked_mul(4)
-                        .ok_or_else(|| err(format!("`n_embd` = {d_model} overflows 4 * n_embd")))?,
-                },
-                vocab_size: need(c.vocab_size, "vocab_size")?,
-                norm_eps: c.layer_norm_epsilon.unwrap_or(1e-5),
-                rope_theta: 0.0,
-                max_positions: need(c.n_positions, "n_positions")?,
-                tie_embeddings: true,
-                bos_token_id: bos.first().copied(),
-                eos_token_ids: eos,
-                qkv_bias: true,
-                o_bias: true,
-                mlp_bias: true,
-                activation,
-            }
-        } else {
-            if let Some(s) = c.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-                return refuse("rope_scaling", s);
-            }
-            let act = c.hidden_act.as_deref().unwrap_or("silu");
-            if !matches!(act, "silu" | "swish") {
-                return refuse("hidden_act", &format!("{act:?}"));
-            }
-            if let Some(f) = c.partial_rotary_factor.filter(|&f| f != 1.0) {
-                return refuse("partial_rotary_factor", &f);
-            }
-            for (key, v) in [
-                ("attn_logit_softcapping", &c.attn_logit_softcapping),
-                ("final_logit_softcapping", &c.final_logit_softcapping),
-            ] {
-                if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
-                    return refuse(key, v);
-                }
-            }
-            if c.use_qk_norm == Some(true) {
-                return refuse("use_qk_norm", &true);
-            }
-            let d_model = need(c.hidden_size, "hidden_size")?;
-            let n_heads = need(c.num_attention_heads, "num_attention_heads")?;
-            let head_dim = match c.head_dim {
-                Some(h) => h,
-                None if d_model.is_multiple_of(n_heads) => d_model / n_heads,
-                None => {
-                    return Err(err(format!(
-                        "`hidden_size` {d_model} is not divisible by `num_attention_heads` \
-                         {n_heads} (and `head_dim` is not set)"
-                    )))
-                }
-            };
-            let mut max_positions = c.max_position_embeddings.unwrap_or(4096);
-            // Mistral's window is on unless null; Qwen2's only with `use_sliding_window`.
-            let window_on = c
-                .use_sliding_window
-                .unwrap_or(architecture != Architecture::Qwen2);
-            match c.sliding_window.as_ref() {
-                None | Some(serde_json::Value::Null) => {}
-                Some(_) if !window_on => {}
-                Some(w) => {
-                    let w = w
-                        .as_u64()
-                        .and_then(|w| usize::try_from(w).ok())
-                        .filter(|&w| w > 0)
-                        .ok_or_else(|| err(format!("`sliding_window` = {w} is not a length")))?;
-                    // Within the window, sliding-window attention is full causal attention:
-                    // honour it by bounding the context.
-                    max_positions = max_positions.min(w);
-                }
-            }
-            let attention_bias = c.attention_bias.unwrap_or(false);
-            ModelConfig {
-                architecture,
-                n_layers: need(c.num_hidden_layers, "num_hidden_layers")?,
-                d_model,
-                n_heads,
-                n_kv_heads: c.num_key_value_heads.unwrap_or(n_heads),
-                head_dim,
-                d_mlp: need(c.intermediate_size, "intermediate_size")?,
-                vocab_size: need(c.vocab_size, "vocab_size")?,
-                norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
-                rope_theta: c.rope_theta.unwrap_or(10_000.0),
-                max_positions,
-                tie_embeddings: c.tie_word_embeddings.unwrap_or(false),
-                bos_token_id: bos.first().copied(),
-                eos_token_ids: eos,
-                qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
-                o_bias: attention_bias,
-                mlp_bias: c.mlp_bias.unwrap_or(false),
-                activation: Activation::Silu,
-            }
-        };
+        let family =
+            family::by_hf_name(&arch_name).ok_or_else(|| LoadError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                arch: arch_name.clone(),
+                supported: SUPPORTED_ARCHITECTURES,
+            })?;
+        let cfg = family.config_from_hf(&c).map_err(err)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
 
-    /// Read the configuration of a GGUF file (`general.architecture` `llama` or `qwen2`).
-    ///
-    /// Both families share llama.cpp's key layout under their own prefix (`qwen2.block_count`,
-    /// ...); the differences are behaviour fields: Qwen2 always has q/k/v biases, a Llama GGUF
-    /// has them when its tensors do.
+    /// Read the configuration of a GGUF file: the family named by `general.architecture`
+    /// maps its metadata (see [`crate::family`]).
     pub fn from_gguf(g: &GgufFile) -> Result<Self, LoadError> {
         let arch = g.meta_str("general.architecture")?;
-        let architecture = match arch {
-            "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            _ => {
-                return Err(LoadError::UnsupportedArchitecture {
-                    path: g.path.clone(),
-                    arch: arch.to_string(),
-                    supported: SUPPORTED_ARCHITECTURES,
-                })
-            }
-        };
-        let key = |k: &str| format!("{arch}.{k}");
-        let err = |detail: String| LoadError::Config {
-            path: g.path.clone(),
-            detail,
-        };
-        let opt_usize = |key: &str| g.metadata.get(key).map(|_| g.meta_usize(key)).transpose();
-        let opt_f64 = |key: &str| g.metadata.get(key).map(|_| g.meta_f64(key)).transpose();
-        let refuse = |key: &str, v: &GgufValue| {
-            Err(err(format!(
-                "GGUF metadata `{key}` = {v:?} changes the computation in a way mechwatch \
-                 does not implement"
-            )))
-        };
-        for k in [
-            "attention.clamp_kqv",
-            "attention.scale",
-            "attention.layer_norm_epsilon",
-            "logit_scale",
-            "embedding_scale",
-            "residual_scale",
-            "attn_logit_softcapping",
-            "final_logit_softcapping",
-            "use_parallel_residual",
-            "rope.scaling.original_context_length",
-        ] {
-            if let Some(v) = g.metadata.get(&key(k)) {
-                return refuse(&key(k), v);
-            }
-        }
-        if let Some(v) = g.metadata.get(&key("rope.scaling.type")) {
-            if v.as_str() != Some("none") {
-                return refuse(&key("rope.scaling.type"), v);
-            }
-        }
-        for k in ["rope.scaling.factor", "rope.scale_linear"] {
-            if let Some(f) = opt_f64(&key(k))? {
-                if f != 1.0 && f != 0.0 {
-                    return refuse(&key(k), &GgufValue::F64(f));
-                }
-            }
-        }
-        if let Some(n) = opt_usize(&key("expert_count"))?.filter(|&n| n > 0) {
-            return refuse(&key("expert_count"), &GgufValue::U64(n as u64));
-        }
-        let d_model = g.meta_usize(&key("embedding_length"))?;
-        let n_heads = g.meta_usize(&key("attention.head_count"))?;
-        if n_heads == 0 {
-            return Err(err(format!(
-                "GGUF metadata `{arch}.attention.head_count` is zero"
-            )));
-        }
-        let head_dim = match opt_usize(&key("attention.key_length"))? {
-            Some(k) => k,
-            None if d_model.is_multiple_of(n_heads) => d_model / n_heads,
-            None => {
-                return Err(err(format!(
-                    "GGUF metadata `{arch}.embedding_length` {d_model} is not divisible by \
-                     `{arch}.attention.head_count` {n_heads}"
-                )))
-            }
-        };
-        if let Some(v) = opt_usize(&key("attention.value_length"))?.filter(|&v| v != head_dim) {
-            return Err(err(format!(
-                "GGUF metadata `{arch}.attention.value_length` {v} differs from the key length \
-                 {head_dim}, which mechwatch does not implement"
-            )));
-        }
-        if let Some(r) = opt_usize(&key("rope.dimension_count"))?.filter(|&r| r != head_dim) {
-            return Err(err(format!(
-                "GGUF metadata `{arch}.rope.dimension_count` {r} differs from the head \
-                 dimension {head_dim} (partial rotary embeddings are not implemented)"
-            )));
-        }
-        let vocab_size = match opt_usize(&key("vocab_size"))? {
-            Some(v) => v,
-            None => g
-                .metadata
-                .get("tokenizer.ggml.tokens")
-                .and_then(|t| t.as_array())
-                .map_or(0, |t| t.len()),
-        };
-        let token_id = |key: &str| -> Result<Option<u32>, LoadError> {
-            opt_usize(key)?
-                .map(|v| {
-                    u32::try_from(v)
-                        .map_err(|_| err(format!("GGUF metadata `{key}` = {v} is not a token id")))
-                })
-                .transpose()
-        };
-        let mut max_positions = opt_usize(&key("context_length"))?.unwrap_or(4096);
-        if let Some(w) = opt_usize(&key("attention.sliding_window"))? {
-            max_positions = max_positions.min(w);
-        }
-        let cfg = ModelConfig {
-            architecture,
-            n_layers: g.meta_usize(&key("block_count"))?,
-            d_model,
-            n_heads,
-            n_kv_heads: opt_usize(&key("attention.head_count_kv"))?.unwrap_or(n_heads),
-            head_dim,
-            d_mlp: g.meta_usize(&key("feed_forward_length"))?,
-            vocab_size,
-            norm_eps: g.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            max_positions,
-            tie_embeddings: g.get("output.weight").is_none(),
-            bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
-                .into_iter()
-                .collect(),
-            // llama.cpp requires Qwen2's q/k/v biases; a Llama GGUF may carry them (HF
-            // `attention_bias`), and then carries an output bias too.
-            qkv_bias: architecture == Architecture::Qwen2 || g.get("blk.0.attn_q.bias").is_some(),
-            o_bias: g.get("blk.0.attn_output.bias").is_some(),
-            mlp_bias: g.get("blk.0.ffn_up.bias").is_some(),
-            activation: Activation::Silu,
-        };
+        let family =
+            family::by_gguf_arch(arch).ok_or_else(|| LoadError::UnsupportedArchitecture {
+                path: g.path.clone(),
+                arch: arch.to_string(),
+                supported: SUPPORTED_ARCHITECTURES,
+            })?;
+        let cfg = family.config_from_gguf(g)?;
         cfg.validate(&g.path)?;
         Ok(cfg)
+    }
+
+    /// Whether layer `layer` attends through the sliding window.
+    pub fn layer_is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some()
+            && self
+                .sliding_window_pattern
+                .is_none_or(|p| !(layer + 1).is_multiple_of(p))
+    }
+
+    /// RoPE inverse frequencies, `head_dim / 2` of them (empty for learned positions), of
+    /// the global layers or (`sliding`) of the sliding-window ones, which use the local base
+    /// unscaled when the model has one.
+    pub fn rope_inv_freqs(&self, sliding: bool) -> Vec<f64> {
+        if self.positions == PositionEncoding::Learned {
+            return Vec::new();
+        }
+        let local = self.rope_local_theta.filter(|_| sliding);
+        let theta = local.unwrap_or(self.rope_theta);
+        let d = self.head_dim as f64;
+        let base = (0..self.head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d));
+        match (&self.rope_scaling, local) {
+            (Some(s), None) => base.enumerate().map(|(i, f)| s.scale(i, f)).collect(),
+            _ => base.collect(),
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), LoadError> {
@@ -456,14 +322,16 @@ impl ModelConfig {
             )));
         }
         if self.head_dim == 0
-            || (self.architecture != Architecture::Gpt2 && !self.head_dim.is_multiple_of(2))
+            || (self.positions == PositionEncoding::Rotary && !self.head_dim.is_multiple_of(2))
         {
             return Err(err(format!(
                 "head_dim {} must be even and non-zero",
                 self.head_dim
             )));
         }
-        if self.architecture == Architecture::Gpt2 && self.head_dim * self.n_heads != self.d_model {
+        if self.positions == PositionEncoding::Learned
+            && self.head_dim * self.n_heads != self.d_model
+        {
             return Err(err(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.d_model, self.n_heads
@@ -514,6 +382,65 @@ impl ModelConfig {
                 )));
             }
         }
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let behaviour = [
+            ("attention soft-cap", self.attn_softcap),
+            ("final logit soft-cap", self.final_softcap),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("embedding scale", self.embed_scale),
+            ("local RoPE base", self.rope_local_theta),
+        ];
+        for (what, v) in behaviour {
+            if let Some(v) = v.filter(|&v| !positive(v)) {
+                return Err(err(format!("{what} {v} must be positive and finite")));
+            }
+        }
+        if self.positions == PositionEncoding::Rotary && !positive(self.rope_theta) {
+            return Err(err(format!(
+                "rope_theta {} must be positive and finite",
+                self.rope_theta
+            )));
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if !positive(*factor) => {
+                return Err(err(format!(
+                    "rope_scaling factor {factor} must be positive"
+                )));
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_position_embeddings: old,
+            }) if ![*factor, *lo, *hi, *old].into_iter().all(positive) || hi <= lo => {
+                return Err(err(format!(
+                    "rope_scaling llama3 needs positive factor ({factor}), \
+                     original_max_position_embeddings ({old}) and low_freq_factor ({lo}) < \
+                     high_freq_factor ({hi})"
+                )));
+            }
+            Some(RopeScaling::Divisors(d))
+                if d.len() != self.head_dim / 2 || !d.iter().copied().all(positive) =>
+            {
+                return Err(err(format!(
+                    "{} RoPE frequency divisors for head_dim {}, or one is not positive",
+                    d.len(),
+                    self.head_dim
+                )));
+            }
+            _ => {}
+        }
+        if self.sliding_window == Some(0) || self.sliding_window_pattern == Some(0) {
+            return Err(err(
+                "a sliding window and its layer pattern must be positive".into(),
+            ));
+        }
+        if !(self.norm_offset == 0.0 || self.norm_offset == 1.0) {
+            return Err(err(format!(
+                "norm offset {} is neither 0 nor 1",
+                self.norm_offset
+            )));
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return Err(err(format!(
                 "normalisation epsilon {} is invalid",
@@ -523,14 +450,18 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Config as HF `config.json` (written by `model convert`).
-    pub fn to_hf_json(&self) -> serde_json::Value {
+    /// Config as HF `config.json` (written by `model convert`), for the families whose
+    /// block is the plain Llama one (`llama`, `qwen2`); `None` for the others.
+    pub fn to_hf_json(&self) -> Option<serde_json::Value> {
         let arch = match self.architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
-            Architecture::Gpt2 => "GPT2LMHeadModel",
+            _ => return None,
         };
-        serde_json::json!({
+        if self.rope_scaling.is_some() || self.sliding_window.is_some() {
+            return None;
+        }
+        Some(serde_json::json!({
             "architectures": [arch],
             "model_type": self.architecture.name(),
             "hidden_size": self.d_model,
@@ -550,6 +481,6 @@ impl ModelConfig {
             "attention_bias": self.o_bias,
             "mlp_bias": self.mlp_bias,
             "torch_dtype": "float32",
-        })
+        }))
     }
 }

@@ -505,7 +505,10 @@ impl GgufFile {
             let dtype = ggml_dtype(ty).ok_or_else(|| LoadError::Tensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
-                detail: format!("unsupported ggml type {ty}"),
+                detail: format!(
+                    "unsupported ggml type {ty} (weights may be F32, F16, BF16, Q4_0, Q4_1, \
+                     Q5_0, Q5_1, Q8_0 or Q2_K to Q6_K: the types candle dequantizes)"
+                ),
             })?;
             let offset = c.u64(&name)?;
             infos.push((name, dims, dtype, offset));

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod digest;
 pub mod error;
+mod family;
 pub mod fetch;
 pub mod files;
 pub mod generate;

@@ -300,6 +300,14 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
     let file = GgufFile::read(gguf)?;
     let config = ModelConfig::from_gguf(&file)?;
     let codec = TextCodec::from_gguf(&file)?;
+    let hf_config = config.to_hf_json().ok_or_else(|| LoadError::Config {
+        path: gguf.to_path_buf(),
+        detail: format!(
+            "`model convert` writes plain Llama/Qwen2 checkpoints; this {} model's block \
+             (or its RoPE scaling or sliding window) does not convert",
+            config.architecture.name()
+        ),
+    })?;
     let src = GgufSource::new(&file, &config);
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -324,7 +332,7 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
     let config_path = out_dir.join("config.json");
     std::fs::write(
         &config_path,
-        serde_json::to_vec_pretty(&config.to_hf_json()).expect("json"),
+        serde_json::to_vec_pretty(&hf_config).expect("json"),
     )
     .map_err(io(&config_path))?;
     let tok_path = out_dir.join("tokenizer.json");

@@ -1,5 +1,7 @@
-//! The hooked transformer: one forward pass for Llama-family, Qwen2 and GPT-2 blocks, with
-//! TransformerLens hook points at which activations are captured or rewritten.
+//! The hooked transformer: one forward pass for every family's block, driven by the
+//! configuration's behaviour fields (norms and their offset, positions, q/k norms, sandwich
+//! norms, soft-caps, sliding windows, embedding scale), with TransformerLens hook points at
+//! which activations are captured or rewritten. It never looks at the architecture's name.
 //!
 //! Weights are f32 in HF layout (`[out, in]`). Batched prompt passes use real f32 matmuls;
 //! single-row decode steps may use a Q8_0 copy of the weights (built on first use), because a
@@ -12,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use rayon::prelude::*;
 
-use crate::config::{Activation, Architecture, ModelConfig};
+use crate::config::{Activation, ModelConfig, PositionEncoding};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Edit, HookPoint, Hooks, Positions};
 
@@ -86,7 +88,7 @@ impl Linear {
     }
 }
 
-/// RMSNorm (Llama, Qwen2) or LayerNorm (GPT-2).
+/// RMSNorm (weight already including any `1 + w` offset) or LayerNorm (GPT-2).
 pub struct Norm {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
@@ -110,7 +112,7 @@ pub enum Mlp {
         activation: Activation,
     },
     /// `proj(act(fc(x)))`
-    Gelu {
+    Plain {
         fc: Linear,
         proj: Linear,
         activation: Activation,
@@ -129,9 +131,16 @@ pub struct Block {
     pub(crate) ln1: Norm,
     /// q, k and v fused: `[(n_heads + 2 * n_kv_heads) * head_dim, d_model]`.
     pub(crate) qkv: Linear,
+    /// Per-head norms on q and k (`qk_norm`).
+    pub(crate) q_norm: Option<Norm>,
+    pub(crate) k_norm: Option<Norm>,
     pub(crate) o: Linear,
+    /// Norm on the attention output before the residual add (`sandwich_norms`).
+    pub(crate) post_attn_norm: Option<Norm>,
     pub(crate) ln2: Norm,
     pub(crate) mlp: Mlp,
+    /// Norm on the MLP output before the residual add (`sandwich_norms`).
+    pub(crate) post_mlp_norm: Option<Norm>,
 }
 
 /// The model's weights and configuration.
@@ -263,8 +272,12 @@ impl LayerKv {
 
 /// Per-pass positional bookkeeping.
 struct PassCtx {
-    /// `[batch, pos, head_dim/2]` each, for RoPE.
+    /// `[batch, pos, head_dim/2]` each, for RoPE in the global layers.
     rope: Option<(Tensor, Tensor)>,
+    /// The same for the sliding-window layers, when their frequencies differ.
+    rope_sliding: Option<(Tensor, Tensor)>,
+    /// `[batch, 1, pos, keys]` additive mask of the sliding-window layers.
+    sliding_mask: Option<Tensor>,
     /// `[batch, pos]` u32 absolute positions, for learned embeddings.
     pos_ids: Tensor,
     /// `[batch, 1, pos, keys]` additive mask.
@@ -461,6 +474,8 @@ impl Transformer {
         let mut abs = vec![vec![None; t]; b];
         let mut pos = vec![0u32; b * t];
         let mut mask = vec![f32::NEG_INFINITY; b * t * keys];
+        let window = self.config.sliding_window;
+        let mut sliding = window.map(|_| vec![f32::NEG_INFINITY; b * t * keys]);
         let mut totals = Vec::with_capacity(b);
         for r in 0..b {
             let off = layout.offset(r);
@@ -474,11 +489,32 @@ impl Transformer {
                 }
                 key_real.push(real);
             }
-            for j in 0..t {
-                let row = &mut mask[(r * t + j) * keys..(r * t + j + 1) * keys];
+            // Each real key's position, for the sliding window.
+            let mut key_pos = Vec::with_capacity(key_real.len());
+            let mut seen = 0usize;
+            for &real in &key_real {
+                key_pos.push(seen);
+                seen += usize::from(real);
+            }
+            for (j, &query) in abs[r].iter().enumerate() {
+                let rows = (r * t + j) * keys..(r * t + j + 1) * keys;
+                let row = &mut mask[rows.clone()];
                 for (k, m) in row.iter_mut().enumerate().take(past + j + 1) {
                     if key_real[k] || k == past + j {
                         *m = 0.0;
+                    }
+                }
+                if let (Some(w), Some(sliding)) = (window, sliding.as_mut()) {
+                    let row = &mut sliding[rows];
+                    for (k, m) in row.iter_mut().enumerate().take(past + j + 1) {
+                        let near = match query {
+                            // Keys strictly less than `w` positions back, as transformers.
+                            Some(q) => key_real[k] && q - key_pos[k] < w,
+                            None => false,
+                        };
+                        if near || k == past + j {
+                            *m = 0.0;
+                        }
                     }
                 }
             }
@@ -495,33 +531,42 @@ impl Transformer {
         let dev = &self.device;
         let pos_ids = Tensor::from_vec(pos.clone(), (b, t), dev).run_ctx("positions")?;
         let mask = Tensor::from_vec(mask, (b, 1, t, keys), dev).run_ctx("attention mask")?;
-        let rope = if self.config.architecture == Architecture::Gpt2 {
-            None
+        let sliding_mask = sliding
+            .map(|m| Tensor::from_vec(m, (b, 1, t, keys), dev))
+            .transpose()
+            .run_ctx("sliding-window mask")?;
+        let c = &self.config;
+        let (rope, rope_sliding) = if c.positions == PositionEncoding::Learned {
+            (None, None)
         } else {
-            let half = self.config.head_dim / 2;
-            let inv: Vec<f64> = (0..half)
-                .map(|i| {
-                    1.0 / self
-                        .config
-                        .rope_theta
-                        .powf(2.0 * i as f64 / self.config.head_dim as f64)
-                })
-                .collect();
-            let mut cos = Vec::with_capacity(b * t * half);
-            let mut sin = Vec::with_capacity(b * t * half);
-            for p in &pos {
-                for f in &inv {
-                    let angle = (*p as f64) * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
+            let global = c.rope_inv_freqs(false);
+            let local = c.rope_inv_freqs(true);
+            let tables = |inv: &[f64]| -> Result<(Tensor, Tensor), RunError> {
+                let half = inv.len();
+                let mut cos = Vec::with_capacity(b * t * half);
+                let mut sin = Vec::with_capacity(b * t * half);
+                for p in &pos {
+                    for f in inv {
+                        let angle = (*p as f64) * f;
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
                 }
-            }
-            let cos = Tensor::from_vec(cos, (b, t, half), dev).run_ctx("rope")?;
-            let sin = Tensor::from_vec(sin, (b, t, half), dev).run_ctx("rope")?;
-            Some((cos, sin))
+                let cos = Tensor::from_vec(cos, (b, t, half), dev).run_ctx("rope")?;
+                let sin = Tensor::from_vec(sin, (b, t, half), dev).run_ctx("rope")?;
+                Ok((cos, sin))
+            };
+            let sliding = if local != global {
+                Some(tables(&local)?)
+            } else {
+                None
+            };
+            (Some(tables(&global)?), sliding)
         };
         Ok(PassCtx {
             rope,
+            rope_sliding,
+            sliding_mask,
             pos_ids,
             mask,
             abs,
@@ -576,6 +621,9 @@ impl Transformer {
         };
 
         let mut x = embed(&self.embed, &ids).run_ctx("embedding")?; // [b, t, d]
+        if let Some(scale) = self.config.embed_scale {
+            x = (x * scale).run_ctx("embedding scale")?;
+        }
         x = pass.hook(HookPoint::Embed, x)?;
         if HookPoint::Embed.order() >= stop {
             return Ok(done(pass, None));
@@ -596,9 +644,12 @@ impl Transformer {
                 }
                 &mut c.layers[l]
             });
-            let attn = self.attention(block, l, &h, &mut pass, layer_cache, decode)?;
+            let mut attn = self.attention(block, l, &h, &mut pass, layer_cache, decode)?;
             if HookPoint::AttnPattern(l).order() >= stop {
                 return Ok(done(pass, None));
+            }
+            if let Some(n) = &block.post_attn_norm {
+                attn = n.forward(&attn).run_ctx("post-attention norm")?;
             }
             let attn = pass.hook(HookPoint::AttnOut(l), attn)?;
             if HookPoint::AttnOut(l).order() >= stop {
@@ -610,7 +661,10 @@ impl Transformer {
                 return Ok(done(pass, None));
             }
             let h = block.ln2.forward(&x).run_ctx("ln2")?;
-            let m = mlp(&block.mlp, &h, decode).run_ctx("mlp")?;
+            let mut m = mlp(&block.mlp, &h, decode).run_ctx("mlp")?;
+            if let Some(n) = &block.post_mlp_norm {
+                m = n.forward(&m).run_ctx("post-MLP norm")?;
+            }
             let m = pass.hook(HookPoint::MlpOut(l), m)?;
             if HookPoint::MlpOut(l).order() >= stop {
                 return Ok(done(pass, None));
@@ -640,6 +694,10 @@ impl Transformer {
                 Some(l.squeeze(1).run_ctx("unembed")?)
             }
         };
+        let logits = match (logits, self.config.final_softcap) {
+            (Some(l), Some(cap)) => Some(softcap(&l, cap).run_ctx("final logit soft-cap")?),
+            (l, _) => l,
+        };
         Ok(done(pass, logits))
     }
 
@@ -665,7 +723,18 @@ impl Transformer {
         let mut q = split(0, c.n_heads).run_ctx("query projection")?;
         let mut k = split(c.n_heads, c.n_kv_heads).run_ctx("key projection")?;
         let mut v = split(c.n_heads + c.n_kv_heads, c.n_kv_heads).run_ctx("value projection")?;
-        if let Some((cos, sin)) = &pass.ctx.rope {
+        if let Some(n) = &block.q_norm {
+            q = n.forward(&q).run_ctx("query norm")?;
+        }
+        if let Some(n) = &block.k_norm {
+            k = n.forward(&k).run_ctx("key norm")?;
+        }
+        let sliding = c.layer_is_sliding(layer);
+        let rope = match (&pass.ctx.rope_sliding, sliding) {
+            (Some(r), true) => Some(r),
+            _ => pass.ctx.rope.as_ref(),
+        };
+        if let Some((cos, sin)) = rope {
             q = candle_nn::rotary_emb::rope(&q, cos, sin).run_ctx("rope")?;
             k = candle_nn::rotary_emb::rope(&k, cos, sin).run_ctx("rope")?;
         }
@@ -678,12 +747,20 @@ impl Transformer {
         let qg = q
             .reshape((b, c.n_kv_heads, groups * t, hd))
             .run_ctx("grouped query")?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        let mask = match (&pass.ctx.sliding_mask, sliding) {
+            (Some(m), true) => m,
+            _ => &pass.ctx.mask,
+        };
         let scores = qg
             .matmul(&k.t().run_ctx("keys")?)
             .and_then(|s| s * scale)
+            .and_then(|s| match c.attn_softcap {
+                Some(cap) => softcap(&s, cap),
+                None => Ok(s),
+            })
             .and_then(|s| s.reshape((b, c.n_heads, t, keys)))
-            .and_then(|s| s.broadcast_add(&pass.ctx.mask))
+            .and_then(|s| s.broadcast_add(mask))
             .run_ctx("attention scores")?; // [b, h, t, keys]
         let pattern = candle_nn::ops::softmax_last_dim(&scores).run_ctx("softmax")?;
         let pattern = pass.hook(HookPoint::AttnPattern(layer), pattern)?;
@@ -696,6 +773,11 @@ impl Transformer {
             .run_ctx("attention output")?;
         block.o.forward(&out, decode).run_ctx("output projection")
     }
+}
+
+/// `cap * tanh(x / cap)`.
+fn softcap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 /// Rows of `table` `[n, d]` for `ids` `[b, t]` -> `[b, t, d]`.
@@ -719,7 +801,7 @@ fn mlp(mlp: &Mlp, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
             let g = activate(&h.narrow(2, 0, half)?, *activation)?;
             down.forward(&(g * h.narrow(2, half, half)?)?, decode)
         }
-        Mlp::Gelu {
+        Mlp::Plain {
             fc,
             proj,
             activation,

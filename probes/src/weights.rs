@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{ModelConfig, RopeScaling};
 use crate::error::LoadError;
+use crate::family::{self, Family};
 use crate::gguf::GgufFile;
 use crate::safetensors::SafetensorsFile;
-use crate::transformer::{Block, Linear, Mlp, Norm, Transformer};
+use crate::transformer::{Linear, Norm, Transformer};
 
 /// Refuse tensors holding NaN or Inf.
 pub(crate) fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<(), LoadError> {
@@ -61,6 +62,10 @@ pub(crate) trait TensorSource {
     fn totals(&self) -> (usize, usize);
     /// The checkpoint's tensors (in its own naming) not among the HF names `used`.
     fn leftovers(&self, used: &BTreeSet<String>) -> Vec<(PathBuf, String)>;
+    /// Whether RMSNorm weights are stored with the configuration's `norm_offset` added.
+    fn norm_offset_folded(&self) -> bool {
+        false
+    }
 }
 
 /// Safetensors shards of an HF directory.
@@ -147,14 +152,12 @@ impl TensorSource for SafetensorsShards {
     }
 }
 
-/// A GGUF file seen through HF tensor names, with the q/k RoPE permutation undone where the
-/// family's converter applied one.
+/// A GGUF file seen through HF tensor names (its family maps them), with the q/k RoPE
+/// permutation undone where the family's converter applied one.
 pub(crate) struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
-    /// llama.cpp's converter interleaves the q/k rows of `llama` checkpoints for its
-    /// "normal" RoPE; `qwen2` uses the NeoX RoPE and keeps HF's half-split layout.
-    pub permuted_qk: bool,
+    family: &'static dyn Family,
 }
 
 impl<'a> GgufSource<'a> {
@@ -162,42 +165,12 @@ impl<'a> GgufSource<'a> {
         Self {
             file,
             config,
-            permuted_qk: config.architecture == Architecture::Llama,
+            family: family::of(config.architecture),
         }
     }
 
-    fn gguf_name(name: &str) -> Option<(String, Option<bool>)> {
-        let direct = match name {
-            "model.embed_tokens.weight" => Some("token_embd.weight"),
-            "model.norm.weight" => Some("output_norm.weight"),
-            "lm_head.weight" => Some("output.weight"),
-            _ => None,
-        };
-        if let Some(d) = direct {
-            return Some((d.to_string(), None));
-        }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (layer, tail) = rest.split_once('.')?;
-        let (gg, permute) = match tail {
-            "input_layernorm.weight" => ("attn_norm.weight", None),
-            "post_attention_layernorm.weight" => ("ffn_norm.weight", None),
-            "self_attn.q_proj.weight" => ("attn_q.weight", Some(true)),
-            "self_attn.k_proj.weight" => ("attn_k.weight", Some(false)),
-            "self_attn.v_proj.weight" => ("attn_v.weight", None),
-            "self_attn.o_proj.weight" => ("attn_output.weight", None),
-            "self_attn.q_proj.bias" => ("attn_q.bias", Some(true)),
-            "self_attn.k_proj.bias" => ("attn_k.bias", Some(false)),
-            "self_attn.v_proj.bias" => ("attn_v.bias", None),
-            "self_attn.o_proj.bias" => ("attn_output.bias", None),
-            "mlp.gate_proj.weight" => ("ffn_gate.weight", None),
-            "mlp.up_proj.weight" => ("ffn_up.weight", None),
-            "mlp.down_proj.weight" => ("ffn_down.weight", None),
-            "mlp.gate_proj.bias" => ("ffn_gate.bias", None),
-            "mlp.up_proj.bias" => ("ffn_up.bias", None),
-            "mlp.down_proj.bias" => ("ffn_down.bias", None),
-            _ => return None,
-        };
-        Some((format!("blk.{layer}.{gg}"), permute))
+    fn gguf_name(&self, name: &str) -> Option<(String, Option<bool>)> {
+        self.family.gguf_tensor(name).map(|t| (t.name, t.rope_rows))
     }
 }
 
@@ -206,10 +179,14 @@ impl TensorSource for GgufSource<'_> {
         self.file.path.clone()
     }
     fn has(&self, name: &str) -> bool {
-        Self::gguf_name(name).is_some_and(|(g, _)| self.file.get(&g).is_some())
+        self.gguf_name(name)
+            .is_some_and(|(g, _)| self.file.get(&g).is_some())
     }
     fn config_path(&self) -> PathBuf {
         self.file.path.clone()
+    }
+    fn norm_offset_folded(&self) -> bool {
+        self.family.gguf_norms_hold_offset()
     }
     fn totals(&self) -> (usize, usize) {
         let bytes = self.file.tensors.iter().map(|t| t.end - t.begin).sum();
@@ -218,7 +195,7 @@ impl TensorSource for GgufSource<'_> {
     fn leftovers(&self, used: &BTreeSet<String>) -> Vec<(PathBuf, String)> {
         let used: BTreeSet<String> = used
             .iter()
-            .filter_map(|n| Self::gguf_name(n).map(|(g, _)| g))
+            .filter_map(|n| self.gguf_name(n).map(|(g, _)| g))
             .collect();
         self.file
             .tensors
@@ -228,14 +205,14 @@ impl TensorSource for GgufSource<'_> {
             .collect()
     }
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
-        let Some((gg, permute)) = Self::gguf_name(name) else {
+        let Some((gg, permute)) = self.gguf_name(name) else {
             return Ok(None);
         };
         let Some(info) = self.file.get(&gg) else {
             return Ok(None);
         };
         let t = self.file.load_f32(info)?;
-        let Some(is_q) = permute.filter(|_| self.permuted_qk) else {
+        let Some(is_q) = permute.filter(|_| self.family.gguf_permutes_qk()) else {
             return Ok(Some(t));
         };
         // GGUF stores q/k rows interleaved for its RoPE; go back to the HF (half-split) layout.
@@ -273,15 +250,17 @@ impl TensorSource for GgufSource<'_> {
     }
 }
 
-struct Loader<'a> {
-    src: &'a dyn TensorSource,
-    cfg: &'a ModelConfig,
+/// Loads HF-named tensors with their expected shapes, for a family's builder, recording which
+/// were used.
+pub(crate) struct Loader<'a> {
+    pub src: &'a dyn TensorSource,
+    pub cfg: &'a ModelConfig,
     /// HF names of the tensors loaded so far.
     used: RefCell<BTreeSet<String>>,
 }
 
 impl Loader<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
         self.used.borrow_mut().insert(name.to_string());
         let t = self
             .src
@@ -301,7 +280,7 @@ impl Loader<'_> {
         Ok(t)
     }
 
-    fn linear(
+    pub(crate) fn linear(
         &self,
         prefix: &str,
         out: usize,
@@ -318,7 +297,7 @@ impl Loader<'_> {
     }
 
     /// Stack linear layers that read the same input into one, so one matmul does their work.
-    fn fuse(&self, prefix: &str, parts: &[Linear]) -> Result<Linear, LoadError> {
+    pub(crate) fn fuse(&self, prefix: &str, parts: &[Linear]) -> Result<Linear, LoadError> {
         let candle_err = |source: candle_core::Error| LoadError::Candle {
             path: self.src.path_of(prefix),
             context: format!("fusing the projections of `{prefix}`"),
@@ -335,15 +314,36 @@ impl Loader<'_> {
         Ok(Linear::new(w, b))
     }
 
-    fn rms(&self, name: &str) -> Result<Norm, LoadError> {
+    pub(crate) fn rms(&self, name: &str) -> Result<Norm, LoadError> {
+        self.rms_sized(name, self.cfg.d_model)
+    }
+
+    /// An RMSNorm of width `n`, multiplying by `norm_offset + w` (unless the checkpoint
+    /// stores the offset already added).
+    pub(crate) fn rms_sized(&self, name: &str, n: usize) -> Result<Norm, LoadError> {
+        let w = self.get(name, &[n])?;
+        let offset = if self.src.norm_offset_folded() {
+            0.0
+        } else {
+            self.cfg.norm_offset
+        };
+        let weight = if offset == 0.0 {
+            w
+        } else {
+            (w + offset).map_err(|source| LoadError::Candle {
+                path: self.src.path_of(name),
+                context: format!("adding the norm offset to `{name}`"),
+                source: Box::new(source),
+            })?
+        };
         Ok(Norm {
-            weight: self.get(name, &[self.cfg.d_model])?,
+            weight,
             bias: None,
             eps: self.cfg.norm_eps as f32,
         })
     }
 
-    fn layer_norm(&self, prefix: &str) -> Result<Norm, LoadError> {
+    pub(crate) fn layer_norm(&self, prefix: &str) -> Result<Norm, LoadError> {
         let d = self.cfg.d_model;
         Ok(Norm {
             weight: self.get(&format!("{prefix}.weight"), &[d])?,
@@ -353,29 +353,27 @@ impl Loader<'_> {
     }
 
     /// A stored copy of RoPE's inverse frequencies (older HF checkpoints keep one per layer):
-    /// accepted only if it holds what `rope_theta` and `head_dim` give.
-    fn rotary_inv_freq(&self, name: &str) -> Result<(), LoadError> {
+    /// accepted only if it holds what the configuration gives for that kind of layer.
+    pub(crate) fn rotary_inv_freq(&self, name: &str, sliding: bool) -> Result<(), LoadError> {
         if !self.src.has(name) {
             return Ok(());
         }
-        let c = self.cfg;
-        let half = c.head_dim / 2;
-        let t = self.get(name, &[half])?;
+        let want = self.cfg.rope_inv_freqs(sliding);
+        let t = self.get(name, &[want.len()])?;
         let stored: Vec<f32> = t.to_vec1().map_err(|source| LoadError::Candle {
             path: self.src.path_of(name),
             context: format!("reading `{name}`"),
             source: Box::new(source),
         })?;
-        for (i, &v) in stored.iter().enumerate() {
-            let want = 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64);
+        for (i, (&v, &want)) in stored.iter().zip(&want).enumerate() {
             if (f64::from(v) - want).abs() > 1e-5 * want.abs().max(1e-12) + 1e-7 {
                 return Err(LoadError::Tensor {
                     path: self.src.path_of(name),
                     tensor: name.to_string(),
                     detail: format!(
-                        "element {i} is {v}, but rope_theta {} gives {want}: scaled or custom \
-                         RoPE frequencies are not implemented",
-                        c.rope_theta
+                        "element {i} is {v}, but rope_theta {} and rope_scaling give {want}: \
+                         custom RoPE frequencies are not implemented",
+                        self.cfg.rope_theta
                     ),
                 });
             }
@@ -383,9 +381,38 @@ impl Loader<'_> {
         Ok(())
     }
 
+    /// llama.cpp's `rope_freqs.weight`: accepted as what the configuration read from it.
+    pub(crate) fn rope_divisors(&self, name: &str) -> Result<(), LoadError> {
+        if !self.src.has(name) {
+            return Ok(());
+        }
+        let Some(RopeScaling::Divisors(want)) = &self.cfg.rope_scaling else {
+            return Err(LoadError::Tensor {
+                path: self.src.path_of(name),
+                tensor: name.to_string(),
+                detail: "RoPE frequency divisors, but the configuration scales RoPE otherwise"
+                    .into(),
+            });
+        };
+        let t = self.get(name, &[want.len()])?;
+        let stored: Vec<f32> = t.to_vec1().map_err(|source| LoadError::Candle {
+            path: self.src.path_of(name),
+            context: format!("reading `{name}`"),
+            source: Box::new(source),
+        })?;
+        if stored.iter().zip(want).any(|(&s, &w)| f64::from(s) != w) {
+            return Err(LoadError::Tensor {
+                path: self.src.path_of(name),
+                tensor: name.to_string(),
+                detail: "differs from the RoPE divisors the configuration was read with".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// A stored unembedding that the configuration ties to the embedding: accepted only if it
     /// is the embedding.
-    fn tied_copy(&self, name: &str, embed: &Tensor) -> Result<(), LoadError> {
+    pub(crate) fn tied_copy(&self, name: &str, embed: &Tensor) -> Result<(), LoadError> {
         if !self.src.has(name) {
             return Ok(());
         }
@@ -414,7 +441,7 @@ impl Loader<'_> {
 
     /// GPT-2's stored causal-mask buffers (`attn.bias`, `attn.masked_bias`): accepted only if
     /// they hold the causal mask the forward pass applies anyway.
-    fn causal_mask_buffers(&self, prefix: &str) -> Result<(), LoadError> {
+    pub(crate) fn causal_mask_buffers(&self, prefix: &str) -> Result<(), LoadError> {
         let bad = |name: &str, detail: &str| LoadError::Tensor {
             path: self.src.path_of(name),
             tensor: name.to_string(),
@@ -476,59 +503,13 @@ impl Loader<'_> {
         Ok(())
     }
 
-    fn llama(&self) -> Result<Transformer, LoadError> {
-        let c = self.cfg;
-        let d = c.d_model;
-        let qkv_bias = c.qkv_bias;
-        let embed = self.get("model.embed_tokens.weight", &[c.vocab_size, d])?;
-        let mut blocks = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
-            let p = format!("model.layers.{l}");
-            let q_out = c.n_heads * c.head_dim;
-            let kv_out = c.n_kv_heads * c.head_dim;
-            let qkv = [
-                self.linear(&format!("{p}.self_attn.q_proj"), q_out, d, qkv_bias)?,
-                self.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, qkv_bias)?,
-                self.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, qkv_bias)?,
-            ];
-            let gate_up = [
-                self.linear(&format!("{p}.mlp.gate_proj"), c.d_mlp, d, c.mlp_bias)?,
-                self.linear(&format!("{p}.mlp.up_proj"), c.d_mlp, d, c.mlp_bias)?,
-            ];
-            self.rotary_inv_freq(&format!("{p}.self_attn.rotary_emb.inv_freq"))?;
-            blocks.push(Block {
-                ln1: self.rms(&format!("{p}.input_layernorm.weight"))?,
-                qkv: self.fuse(&format!("{p}.self_attn"), &qkv)?,
-                o: self.linear(&format!("{p}.self_attn.o_proj"), d, q_out, c.o_bias)?,
-                ln2: self.rms(&format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp::Gated {
-                    gate_up: self.fuse(&format!("{p}.mlp"), &gate_up)?,
-                    down: self.linear(&format!("{p}.mlp.down_proj"), d, c.d_mlp, c.mlp_bias)?,
-                    activation: c.activation,
-                },
-            });
-        }
-        self.rotary_inv_freq("model.rotary_emb.inv_freq")?;
-        let unembed = if c.tie_embeddings {
-            self.tied_copy("lm_head.weight", &embed)?;
-            Linear::new(embed.clone(), None)
-        } else {
-            self.linear("lm_head", c.vocab_size, d, false)?
-        };
-        Ok(Transformer {
-            config: c.clone(),
-            embed,
-            pos_embed: None,
-            blocks,
-            ln_final: self.rms("model.norm.weight")?,
-            unembed,
-            device: Device::Cpu,
-            quantized_decode: false,
-        })
-    }
-
     /// GPT-2 Conv1D weight `[in, out]` as a Linear weight `[out, in]`.
-    fn conv1d(&self, prefix: &str, d_in: usize, out: usize) -> Result<Linear, LoadError> {
+    pub(crate) fn conv1d(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        out: usize,
+    ) -> Result<Linear, LoadError> {
         let w = self.get(&format!("{prefix}.weight"), &[d_in, out])?;
         let b = self.get(&format!("{prefix}.bias"), &[out])?;
         let w = w
@@ -541,46 +522,6 @@ impl Loader<'_> {
             })?;
         Ok(Linear::new(w, Some(b)))
     }
-
-    fn gpt2(&self) -> Result<Transformer, LoadError> {
-        let c = self.cfg;
-        let d = c.d_model;
-        // Checkpoints come with and without the `transformer.` prefix.
-        let root = if self.src.has("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        };
-        let embed = self.get(&format!("{root}wte.weight"), &[c.vocab_size, d])?;
-        let pos = self.get(&format!("{root}wpe.weight"), &[c.max_positions, d])?;
-        let mut blocks = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
-            let p = format!("{root}h.{l}");
-            blocks.push(Block {
-                ln1: self.layer_norm(&format!("{p}.ln_1"))?,
-                qkv: self.conv1d(&format!("{p}.attn.c_attn"), d, 3 * d)?,
-                o: self.conv1d(&format!("{p}.attn.c_proj"), d, d)?,
-                ln2: self.layer_norm(&format!("{p}.ln_2"))?,
-                mlp: Mlp::Gelu {
-                    fc: self.conv1d(&format!("{p}.mlp.c_fc"), d, c.d_mlp)?,
-                    proj: self.conv1d(&format!("{p}.mlp.c_proj"), c.d_mlp, d)?,
-                    activation: c.activation,
-                },
-            });
-            self.causal_mask_buffers(&p)?;
-        }
-        self.tied_copy("lm_head.weight", &embed)?;
-        Ok(Transformer {
-            config: c.clone(),
-            unembed: Linear::new(embed.clone(), None),
-            embed,
-            pos_embed: Some(pos),
-            blocks,
-            ln_final: self.layer_norm(&format!("{root}ln_f"))?,
-            device: Device::Cpu,
-            quantized_decode: false,
-        })
-    }
 }
 
 /// Build the transformer for `cfg` from `src`.
@@ -591,10 +532,7 @@ pub(crate) fn build(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<Transfo
         cfg,
         used: RefCell::new(BTreeSet::new()),
     };
-    let t = match cfg.architecture {
-        Architecture::Llama | Architecture::Qwen2 => loader.llama(),
-        Architecture::Gpt2 => loader.gpt2(),
-    }?;
+    let t = family::of(cfg.architecture).build(&loader)?;
     let left = src.leftovers(&loader.used.borrow());
     if let Some((path, first)) = left.first() {
         let more = match left.len() {

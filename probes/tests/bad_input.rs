@@ -375,7 +375,7 @@ fn hidden_act_relu_is_refused_not_run_as_silu() {
         ("hidden_act", serde_json::json!("relu")),
         (
             "rope_scaling",
-            serde_json::json!({"type": "linear", "factor": 2.0}),
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0}),
         ),
         ("partial_rotary_factor", serde_json::json!(0.5)),
         ("final_logit_softcapping", serde_json::json!(30.0)),
@@ -519,43 +519,37 @@ fn fewer_layers_than_tensors_extra_tensors_and_integer_weights_are_refused() {
     let path = gguf_with(tmp.path(), "extra.gguf", |_, t| {
         let f = Tensor::ones(HEAD_DIM / 2, candle_core::DType::F32, &Device::Cpu).unwrap();
         t.push((
-            "rope_freqs.weight".into(),
+            "rope_factors_long.weight".into(),
             QTensor::quantize(&f, GgmlDType::F32).unwrap(),
         ));
     });
     let e = load_err(&path).to_string();
     assert!(
-        e.contains("`rope_freqs.weight`") && e.contains("not used"),
+        e.contains("`rope_factors_long.weight`") && e.contains("not used"),
         "{e}"
     );
 }
 
-/// Mistral's sliding window was ignored; within the window it is plain causal attention, so it
-/// bounds the context.
+/// Mistral's sliding window was ignored; it is honoured now (see `families.rs` for the
+/// comparison with candle's Mistral): the context stays whole and a prompt longer than the
+/// window runs, differently from the same weights without a window.
 #[test]
-fn mistral_sliding_window_bounds_the_context() {
+fn mistral_sliding_window_is_honoured() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = with_config(tmp.path(), "mistral", |c| {
         c["architectures"] = serde_json::json!(["MistralForCausalLM"]);
         c["sliding_window"] = 16.into();
     });
-    let m = load(&dir);
-    assert_eq!(m.config().max_positions, 16);
-    let p = Rand::new(1).tokens(17);
-    let e = m
-        .transformer
-        .forward(
-            &[p],
-            probes::Padding::Left,
-            &probes::Hooks::new(),
-            probes::Unembed::Last,
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("prompt 0 has 17 tokens") && e.contains("context length of 16"),
-        "{e}"
-    );
+    let plain = with_config(tmp.path(), "plain", |c| {
+        c["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    });
+    let (m, plain) = (load(&dir), load(&plain));
+    assert_eq!(m.config().sliding_window, Some(16));
+    assert_eq!(m.config().max_positions, POSITIONS);
+    let short = Rand::new(1).tokens(16);
+    assert_eq!(rel_err(&logits(&m, &short), &logits(&plain, &short)), 0.0);
+    let long = Rand::new(1).tokens(17);
+    assert!(rel_err(&logits(&m, &long), &logits(&plain, &long)) > 1e-4);
 }
 
 /// A prompt longer than the context allocated gigabytes of attention buffers.

@@ -60,11 +60,12 @@ fn llama_matches_candle_transformers() {
 }
 
 #[test]
-fn mistral_style_config_loads_as_llama() {
+fn mistral_without_a_window_runs_as_llama() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = llama_dir(tmp.path(), "MistralForCausalLM", 2);
     let model = load(&dir);
-    assert_eq!(model.config().architecture, probes::Architecture::Llama);
+    assert_eq!(model.config().architecture, probes::Architecture::Mistral);
+    assert_eq!(model.config().sliding_window, None);
     let p = &prompts()[2];
     assert!(rel_err(&ours_last(&model, p), &candle_llama_last(&dir, p)) < TOL);
 }
