@@ -86,13 +86,21 @@ pub struct ForwardArgs {
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
-    match cmd {
+    let label = match &cmd {
+        BenchCmd::Forward(_) => "bench forward",
+        BenchCmd::Log(_) => "bench log",
+        BenchCmd::Sae(_) => "bench sae",
+        BenchCmd::Check(_) => "bench check",
+        BenchCmd::Daemon(_) => "bench daemon",
+    };
+    let progress = crate::progress::Progress::stderr_beside_stdout();
+    progress.run(label, None, || match cmd {
         BenchCmd::Forward(a) => forward(a),
         BenchCmd::Log(a) => log(a),
         BenchCmd::Sae(a) => sae(a),
         BenchCmd::Check(a) => check(a),
         BenchCmd::Daemon(a) => daemon(a),
-    }
+    })
 }
 
 /// utime + stime of process `pid`, in seconds.

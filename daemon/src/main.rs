@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod daemon;
 mod gate;
+mod progress;
 mod report;
 mod verified;
 
@@ -19,6 +20,9 @@ use clap::{Parser, Subcommand};
     about = "Safety-audit compliance daemon built on mechanistic interpretability"
 )]
 struct Cli {
+    /// No progress on stderr (by default a live bar on a terminal, sparse lines otherwise).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT);
     }
     let cli = Cli::parse();
+    progress::set_quiet(cli.quiet);
     // The daemon sets up its own (journald-friendly) logging from its config.
     if !matches!(cli.command, Command::Daemon(_) | Command::DaemonAudit(_)) {
         tracing_subscriber::fmt()

@@ -35,8 +35,8 @@ use crate::schema::{Aggregate, Bounds, Metric as MetricKind, ModelMatch, Severit
 pub struct RunOptions<'a> {
     /// The last passing result of this model's lineage, for `baseline = "last-pass"`.
     pub last_pass: Option<&'a RunResult>,
-    /// Told about each step (for a progress line on stderr).
-    pub progress: &'a mut dyn FnMut(&str),
+    /// Told about each step and long phase (a closure `|step: &str|` will do).
+    pub progress: &'a mut dyn probes::progress::Report,
     /// Prompts per forward pass.
     pub micro_batch: usize,
     /// The model lineage recorded in the result (default: the checkpoint's file name).
@@ -102,7 +102,7 @@ pub fn run(
         let mut findings = Vec::new();
         if applies {
             for c in &p.checks {
-                (opts.progress)(&format!("{} / {}", p.name, c.id));
+                opts.progress.step(&format!("{} / {}", p.name, c.id));
                 let t0 = std::time::Instant::now();
                 let outcome = engine.check(p, c, opts);
                 *timings.entry(kind_name(&c.body)).or_default() += t0.elapsed().as_secs_f64();
@@ -495,31 +495,8 @@ impl<'m> Engine<'m> {
         if let Some(s) = &self.builtin {
             return Ok(Arc::clone(s));
         }
-        let progress = std::cell::RefCell::new(&mut opts.progress);
-        let dir = probes::sae::default::ensure(
-            self.model,
-            |done, total| {
-                (progress.borrow_mut())(&format!(
-                    "default SAE (first use): writing its corpus, {done}/{total} samples"
-                ))
-            },
-            |p| {
-                if let Some((done, total)) = p.caching {
-                    if done % 400 == 0 || done == total {
-                        (progress.borrow_mut())(&format!(
-                        "default SAE (first use): computing its corpus's activations, {done}/{total} windows"
-                        ));
-                    }
-                } else if p.step % 25 == 0 {
-                    (progress.borrow_mut())(&format!(
-                        "default SAE (first use): training, {}/{} tokens, ETA {:.0}s",
-                        p.tokens, p.total_tokens, p.eta_secs
-                    ));
-                }
-                std::ops::ControlFlow::Continue(())
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        let dir = probes::sae::default::ensure_reporting(self.model, &mut *opts.progress)
+            .map_err(|e| e.to_string())?;
         let sae = Arc::new(probes::sae::load_sae(&dir).map_err(|e| e.to_string())?);
         self.builtin = Some(Arc::clone(&sae));
         Ok(sae)

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hooks;
 pub mod model;
+pub mod progress;
 pub mod sae;
 pub mod safetensors;
 pub mod tokenizer;

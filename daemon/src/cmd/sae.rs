@@ -1,6 +1,5 @@
 //! `mechwatch sae train | eval`: sparse autoencoders on the model's residual stream.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -254,34 +253,40 @@ pub fn read_corpus(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     Ok(docs)
 }
 
-fn bar(p: &Progress) -> std::ops::ControlFlow<()> {
-    if let Some((done, total)) = p.caching {
-        eprint!("\rcomputing the corpus's activations once: {done}/{total} windows   ");
-        let _ = std::io::stderr().flush();
-        return std::ops::ControlFlow::Continue(());
+/// A training run's progress as two tasks: computing the corpus's activations once, then the
+/// steps (with the loss figures beside the count).
+fn show_training(
+    progress: &crate::progress::Progress,
+    caching: &mut Option<bool>,
+    p: &Progress,
+) -> std::ops::ControlFlow<()> {
+    let now_caching = p.caching.is_some();
+    if *caching != Some(now_caching) {
+        if caching.is_some() {
+            progress.end(true);
+        }
+        match p.caching {
+            Some((_, total)) => progress.begin(
+                "computing the corpus's activations once",
+                Some(total as u64),
+                "windows",
+                None,
+            ),
+            None => progress.begin("training the SAE", Some(p.total_tokens), "tokens", None),
+        }
+        *caching = Some(now_caching);
     }
-    let frac = p.tokens as f64 / p.total_tokens.max(1) as f64;
-    let filled = (frac * 30.0) as usize;
-    eprint!(
-        "\r[{}{}] {:5.1}% {}/{} tokens  {:.0} tok/s  FVU {:.3}  L0 {:.1}  dead {}  ETA {}   ",
-        "#".repeat(filled),
-        ".".repeat(30 - filled.min(30)),
-        frac * 100.0,
-        p.tokens,
-        p.total_tokens,
-        p.tokens_per_sec,
-        p.fvu,
-        p.l0,
-        p.dead,
-        eta(p.eta_secs)
-    );
-    let _ = std::io::stderr().flush();
+    match p.caching {
+        Some((done, _)) => progress.advance(done as u64),
+        None => {
+            progress.message(&format!(
+                "FVU {:.3}, L0 {:.1}, dead {}",
+                p.fvu, p.l0, p.dead
+            ));
+            progress.advance(p.tokens);
+        }
+    }
     std::ops::ControlFlow::Continue(())
-}
-
-fn eta(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    format!("{}m{:02}s", s / 60, s % 60)
 }
 
 pub fn train_config(a: &TrainArgs) -> TrainConfig {
@@ -337,14 +342,10 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let corpus_progress = |done, total| {
-                eprint!("\rgenerating the SAE corpus: {done}/{total} samples   ");
-                let _ = std::io::stderr().flush();
-            };
+            let mut progress = crate::progress::Progress::stderr();
             let dir = if retrain {
-                eprintln!("training the default SAE from its recipe: about 25 min on 2 cores");
-                let trained = probes::sae::default::train_recipe(&model, corpus_progress, bar)?;
-                eprintln!();
+                let trained = probes::sae::default::train_recipe_reporting(&model, &mut progress)?;
+                drop(progress);
                 let f16 = trained.join("f16");
                 probes::sae::shipped::write_f16(&trained, &f16)?;
                 let weights = std::fs::read(f16.join("sae_weights.safetensors"))?;
@@ -360,9 +361,7 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
                 }
                 f16
             } else {
-                let dir = probes::sae::default::ensure(&model, corpus_progress, bar)?;
-                eprintln!();
-                dir
+                probes::sae::default::ensure_reporting(&model, &mut progress)?
             };
             println!("{}", dir.display());
             if eval {
@@ -499,13 +498,21 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         SaeCmd::Train(a) => {
-            let model = super::load_model(&a.model)?;
+            let progress = crate::progress::Progress::stderr();
+            let model = super::load_model_showing(&a.model, &progress)?;
             let docs = read_corpus(&a.corpus)?;
             let cfg = train_config(&a);
             let cache_bytes = a.activation_cache_mib.saturating_mul(1 << 20);
-            let last = train_within(&model, &docs, &cfg, &a.out, cache_bytes, bar)
-                .with_context(|| format!("training an SAE into {}", a.out.display()))?;
-            eprintln!();
+            let mut caching = None;
+            let last = train_within(&model, &docs, &cfg, &a.out, cache_bytes, |p| {
+                show_training(&progress, &mut caching, p)
+            })
+            .with_context(|| format!("training an SAE into {}", a.out.display()));
+            if caching.is_some() {
+                progress.end(last.is_ok());
+            }
+            drop(progress);
+            let last = last?;
             write_training_record(&a.out, &cfg, &a.corpus, &last)?;
             println!(
                 "trained {} latents (k={}) at {} on {} tokens: FVU {:.3}, L0 {:.1}, dead {}; saved to {}",

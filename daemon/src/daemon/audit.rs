@@ -226,7 +226,7 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     let w = &ctx.watch;
     progress("hashing");
     let snapshot = scan::snapshot(&path);
-    let manifest = match scan::manifest(&path) {
+    let manifest = match scan::manifest_reporting(&path, &mut *progress) {
         Ok(m) => m,
         Err(e) if !path.exists() && !path.is_symlink() => {
             return Outcome::Skipped {
@@ -539,9 +539,10 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         Ok(rows) => crate::verified::last_pass(&rows, &lineage),
         Err(e) => return error("read_log", format!("{e:#}")),
     };
+    let mut progress = progress;
     let mut opts = policies::engine::RunOptions {
         last_pass: last_pass.as_ref(),
-        progress,
+        progress: &mut progress,
         micro_batch: 16,
         lineage: Some(lineage),
     };

@@ -54,6 +54,9 @@ struct Running {
     path: String,
     step: String,
     last_progress: Instant,
+    started: Instant,
+    /// When the last "audit in progress" line was logged, and at which step.
+    logged: (Instant, String),
 }
 
 pub struct Daemon {
@@ -335,6 +338,7 @@ impl Daemon {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            self.log_progress();
             if self.check_roots().1 {
                 dirty = true;
             }
@@ -354,6 +358,26 @@ impl Daemon {
         }
         self.work_tx = None;
         Ok(())
+    }
+
+    /// A line per running audit when it moved on to another step and 30 s have passed since
+    /// its last line, or when 60 s have passed: sparse in the journal, never silent long.
+    fn log_progress(&mut self) {
+        for (job, r) in &mut self.running {
+            let since = r.logged.0.elapsed();
+            if since >= Duration::from_secs(60)
+                || (since >= Duration::from_secs(30) && r.step != r.logged.1)
+            {
+                info!(
+                    checkpoint = %r.path,
+                    job,
+                    step = %r.step,
+                    elapsed = %crate::progress::duration(r.started.elapsed()),
+                    "audit in progress"
+                );
+                r.logged = (Instant::now(), r.step.clone());
+            }
+        }
     }
 
     /// No running audit has been silent longer than the stall timeout.
@@ -499,6 +523,8 @@ impl Daemon {
                     path: job.path.clone(),
                     step: "queued".into(),
                     last_progress: Instant::now(),
+                    started: Instant::now(),
+                    logged: (Instant::now(), "queued".into()),
                 },
             );
             let config = self.config.clone();

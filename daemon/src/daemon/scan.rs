@@ -306,6 +306,11 @@ fn open_regular(p: &Path) -> std::io::Result<std::fs::File> {
 /// sha256 of every file of the checkpoint, streamed, as a manifest. Fails, naming the file,
 /// on a special file (FIFO, socket, device) that belongs to the checkpoint.
 pub fn manifest(path: &Path) -> std::io::Result<Manifest> {
+    manifest_reporting(path, &mut |_| {})
+}
+
+/// [`manifest`], telling `step` which file it hashes (`hashing NAME (SIZE MB)`).
+pub fn manifest_reporting(path: &Path, step: &mut dyn FnMut(&str)) -> std::io::Result<Manifest> {
     let mut m = Manifest::default();
     for member in files(path).0 {
         if let Some(kind) = member.special {
@@ -319,6 +324,12 @@ pub fn manifest(path: &Path) -> std::io::Result<Manifest> {
             ));
         }
         let mut f = open_regular(&member.path)?;
+        let bytes = f.metadata().map_or(0, |m| m.len());
+        step(&format!(
+            "hashing {} ({:.1} MB)",
+            member.rel,
+            bytes as f64 / 1e6
+        ));
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut size = 0u64;

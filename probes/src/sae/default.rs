@@ -18,6 +18,7 @@ use super::SaeError;
 use crate::generate::{generate, GenerateOptions, Sampling};
 use crate::hooks::Hooks;
 use crate::model::Model;
+use crate::progress::Report;
 
 pub const SEEDS: &str = include_str!("../../data/sae-corpus-seeds.txt");
 /// Held-out text we wrote, for evaluating the default SAE on text it never trained on.
@@ -268,6 +269,86 @@ pub fn train_recipe(
     train(model, &docs, &recipe.train, &dir, train_progress)?;
     super::train::remove_checkpoint(&dir)?;
     Ok(dir)
+}
+
+/// [`ensure`], telling `report` about each phase of a training (with its cost up front).
+pub fn ensure_reporting(model: &Model, report: &mut dyn Report) -> Result<PathBuf, SaeError> {
+    if super::shipped::applies_to(model) {
+        return super::shipped::folder();
+    }
+    train_recipe_reporting(model, report)
+}
+
+/// [`train_recipe`], telling `report` about each of its phases: writing the corpus, computing
+/// its activations once, training.
+pub fn train_recipe_reporting(model: &Model, report: &mut dyn Report) -> Result<PathBuf, SaeError> {
+    let phases = std::cell::RefCell::new(Phases {
+        report,
+        open: None,
+        announced: false,
+    });
+    let dir = train_recipe(
+        model,
+        |done, total| {
+            phases.borrow_mut().at(
+                "writing the default SAE's corpus",
+                total as u64,
+                "samples",
+                done as u64,
+            )
+        },
+        |p| {
+            let mut phases = phases.borrow_mut();
+            match p.caching {
+                Some((done, total)) => phases.at(
+                    "computing the corpus's activations",
+                    total as u64,
+                    "windows",
+                    done as u64,
+                ),
+                None => phases.at(
+                    "training the default SAE",
+                    p.total_tokens,
+                    "tokens",
+                    p.tokens,
+                ),
+            }
+            std::ops::ControlFlow::Continue(())
+        },
+    );
+    phases.borrow_mut().close();
+    dir
+}
+
+/// The phases of a recipe's training as [`Report`] phases: a phase opens when its first
+/// progress arrives and closes when the next one opens. The first carries the cost notice.
+struct Phases<'r> {
+    report: &'r mut dyn Report,
+    open: Option<&'static str>,
+    announced: bool,
+}
+
+impl Phases<'_> {
+    /// The cost of a whole recipe run, said once, before its first phase.
+    const NOTICE: &'static str = "the default SAE for this model is built once and cached: \
+        about 25 min for the default model on 2 cores, longer for bigger models";
+
+    fn at(&mut self, phase: &'static str, total: u64, unit: &str, done: u64) {
+        if self.open != Some(phase) {
+            self.close();
+            let notice = (!self.announced).then_some(Self::NOTICE);
+            self.announced = true;
+            self.report.phase(phase, Some(total), unit, notice);
+            self.open = Some(phase);
+        }
+        self.report.advance(done);
+    }
+
+    fn close(&mut self) {
+        if self.open.take().is_some() {
+            self.report.phase_done();
+        }
+    }
 }
 
 /// A folder under `$MECHWATCH_HOME/sae/` that `prune` found no use for, with its size.
