@@ -13,6 +13,8 @@ pub mod hooks;
 pub mod model;
 pub mod sae;
 pub mod safetensors;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
 mod weights;
