@@ -85,3 +85,68 @@ mod tests {
         assert_eq!(Loc::of(t, 99), Loc { line: 3, col: 1 });
     }
 }
+
+/// Why one check could not be evaluated; its finding becomes `error` with this message, and
+/// the check's id and policy are on the finding.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// A prompt set the model cannot take: a prompt with no tokens, or longer than the
+    /// model's context.
+    #[error("prompt set `{set}`: {why}")]
+    Prompts { set: String, why: String },
+    /// The tokenizer rejected a prompt of a set.
+    #[error("prompt set `{set}`: {source}")]
+    Tokenise {
+        set: String,
+        #[source]
+        source: probes::RunError,
+    },
+    /// A forward pass over a prompt set failed (most often: out of memory).
+    #[error("forward pass over `{set}`: {source}")]
+    Forward {
+        set: String,
+        #[source]
+        source: probes::RunError,
+    },
+    /// Greedy generation over a prompt set failed.
+    #[error("generating for `{set}`: {source}")]
+    Generate {
+        set: String,
+        #[source]
+        source: probes::RunError,
+    },
+    /// Tokenising or decoding a single string failed.
+    #[error(transparent)]
+    Codec(#[from] probes::RunError),
+    /// The SAE could not encode or decode these activations.
+    #[error(transparent)]
+    Sae(#[from] probes::sae::SaeError),
+    /// A tensor operation failed (a shape the model did not produce as expected).
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    /// The model produced NaN or infinite activations, logits or divergences.
+    #[error("{0}")]
+    NonFinite(String),
+    /// A token position that is not inside a prompt of the set.
+    #[error("position {position} is outside prompt {prompt} of `{set}`")]
+    Position {
+        position: i64,
+        prompt: usize,
+        set: String,
+    },
+    /// A word whose first token the check needs encodes to no tokens at all.
+    #[error("`{0}` has no tokens")]
+    NoTokens(String),
+    /// The check's measurement has nothing to measure (no latent fires, an SAE that reads a
+    /// later hook than the direction it should explain).
+    #[error("{0}")]
+    Unmeasurable(String),
+    /// A drift check's baseline cannot be used: unreadable, not a result, or made with
+    /// another SAE.
+    #[error("{0}")]
+    Baseline(String),
+    /// A name the resolver should have resolved before any check ran.
+    #[error("{what} `{name}` was not resolved")]
+    Unresolved { what: &'static str, name: String },
+}

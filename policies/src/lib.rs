@@ -4,14 +4,17 @@
 //!
 //! The shipped policies and our own prompt sets live in `policies/shipped/`.
 
+pub mod checks;
 pub mod engine;
 pub mod error;
+mod instruments;
 pub mod load;
 pub mod metrics;
 pub mod result;
 pub mod schema;
+mod session;
 pub mod shipped;
 
-pub use error::{Loc, PolicyError, PolicyErrors};
+pub use error::{CheckError, Loc, PolicyError, PolicyErrors};
 pub use load::{load_policies, Policy};
 pub use result::{Finding, RunResult, Status};

@@ -40,6 +40,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use crate::checks::CheckKind;
+
 pub const SCHEMA_VERSION: i64 = 1;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,8 +60,10 @@ pub struct PolicyFile {
     pub saes: BTreeMap<String, SaeSpec>,
     #[serde(default)]
     pub directions: BTreeMap<String, DirectionSpec>,
+    /// Read apart, with their spans, by [`crate::load`]: the fields a check takes depend on
+    /// its kind.
     #[serde(default)]
-    pub checks: Vec<CheckSpec>,
+    pub checks: Vec<serde::de::IgnoredAny>,
 }
 
 /// Which models a policy applies to. An empty matcher matches every model.
@@ -152,15 +156,6 @@ pub enum Severity {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CheckKind {
-    FeatureProbe,
-    DirectionProbe,
-    Steering,
-    Drift,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Aggregate {
     Max,
@@ -191,84 +186,22 @@ pub enum Metric {
     Kl,
 }
 
-/// One check. Fields that do not belong to its `kind` are rejected during validation.
+/// The fields every check has. The rest of a `[[checks]]` table belongs to its kind: each
+/// kind's module in [`crate::checks`] has a serde struct of its own fields that rejects any
+/// other key.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CheckSpec {
+pub struct CheckHead {
     pub id: Spanned<String>,
     pub kind: CheckKind,
     pub severity: Severity,
     #[serde(default)]
     pub description: String,
+}
 
-    // Feature probes and drift checks.
-    #[serde(default)]
-    pub sae: Option<Spanned<String>>,
-    /// Latents by index or by label.
-    #[serde(default)]
-    pub latents: Vec<Spanned<LatentRef>>,
-    /// Or pick the latents that best separate two prompt sets.
-    #[serde(default)]
-    pub select: Option<Select>,
-    #[serde(default)]
-    pub aggregate: Option<Aggregate>,
-    /// `prompt` (default) or `last`.
-    #[serde(default)]
-    pub tokens: Option<TokenScope>,
-    /// A prompt counts as active when its aggregated activation exceeds this.
-    #[serde(default)]
-    pub threshold: Option<f64>,
-    #[serde(default)]
-    pub expect: Vec<ExpectSet>,
-
-    // Direction probes.
-    #[serde(default)]
-    pub direction: Option<Spanned<String>>,
-    #[serde(default)]
-    pub positive: Option<Spanned<String>>,
-    #[serde(default)]
-    pub negative: Option<Spanned<String>>,
-    #[serde(default)]
-    pub min_auroc: Option<f64>,
-
-    // Steering checks and drift checks.
-    #[serde(default)]
-    pub prompts: Option<Spanned<String>>,
-    #[serde(default)]
-    pub intervention: Option<InterventionSpec>,
-    #[serde(default)]
-    pub metric: Option<Metric>,
-    #[serde(default)]
-    pub target: Option<TargetTokens>,
-    /// Tokens whose probability is the refusal probability (default: a short list).
-    #[serde(default)]
-    pub refusal_tokens: Option<Vec<String>>,
-    /// Phrases that mark a generation as a refusal (case-insensitive; default: a short list).
-    #[serde(default)]
-    pub refusal_phrases: Option<Vec<String>>,
-    #[serde(default)]
-    pub max_tokens: Option<usize>,
-    /// Coefficients at which the metric is also measured, to find where behaviour flips.
-    #[serde(default)]
-    pub sweep: Vec<f64>,
-    /// The metric value that counts as flipped (default 0 for scores, 0.5 for rates).
-    #[serde(default)]
-    pub flip_at: Option<f64>,
-    #[serde(default)]
-    pub bounds: Option<Bounds>,
-    /// Attribute the behaviour to this SAE's latents. The SAE reads the direction's hook
-    /// (activation x gradient) or an earlier one (each candidate latent removed there and the
-    /// model re-run); an SAE at a later hook is refused.
-    #[serde(default)]
-    pub attribute_with: Option<Spanned<String>>,
-
-    // Drift checks.
-    /// `last-pass` (the last passing audit of the same model lineage) or a file holding a
-    /// previous run's JSON result.
-    #[serde(default)]
-    pub baseline: Option<Spanned<String>>,
-    #[serde(default)]
-    pub max_rate_change: Option<f64>,
+impl CheckHead {
+    /// The keys of [`CheckHead`], split off a check's table before its kind's fields are read.
+    pub const KEYS: [&'static str; 4] = ["id", "kind", "severity", "description"];
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

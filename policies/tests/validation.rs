@@ -200,8 +200,12 @@ fn malformed_hook_names_list_the_valid_forms() {
 #[test]
 fn fields_of_another_check_kind_are_rejected() {
     let body = format!("{HEAD}{PROBE}max_tokens = 8\n");
-    let line = line_of(&body, "id = \"probe\"");
-    assert_error(&body, line, &["`max_tokens` does not belong"]);
+    let line = line_of(&body, "max_tokens");
+    assert_error(
+        &body,
+        line,
+        &["unknown field `max_tokens`", "direction_probe", "min_auroc"],
+    );
 }
 
 #[test]

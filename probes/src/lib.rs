@@ -15,6 +15,8 @@ pub mod model;
 pub mod progress;
 pub mod sae;
 pub mod safetensors;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
 mod weights;

@@ -239,6 +239,17 @@ pub fn ensure(
     train_recipe(model, corpus_progress, train_progress)
 }
 
+/// The default SAE's folder if it needs no training: the shipped SAE, or the recipe's SAE
+/// for `model` when it is cached. `None` when building it would take minutes.
+pub fn built(model: &Model) -> Result<Option<PathBuf>, SaeError> {
+    if super::shipped::applies_to(model) {
+        return super::shipped::folder().map(Some);
+    }
+    let dir = Recipe::for_model(model).dir();
+    let done = dir.join("sae_weights.safetensors").exists() && dir.join("cfg.json").exists();
+    Ok(done.then_some(dir))
+}
+
 /// The recipe's SAE for `model`, trained (about 25 minutes for the default model on two
 /// cores) unless it is cached.
 pub fn train_recipe(

@@ -1,0 +1,278 @@
+//! `direction_probe`: how well a direction's projection separates two prompt sets (AUROC),
+//! with the prompts it ranks worst and, optionally, the SAE latents it is made of.
+
+use probes::hooks::HookPoint;
+use probes::sae::search::auroc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{attribution, violated, Cx, Kind, Planner};
+use crate::error::CheckError;
+use crate::load::{Names, Validator};
+use crate::result::{round, Distribution, Evidence, Finding, Metric, PromptEvidence, Status};
+use crate::session::{at_position, dot};
+
+/// The fields of a `direction_probe` check.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub direction: Option<Spanned<String>>,
+    pub positive: Option<Spanned<String>>,
+    pub negative: Option<Spanned<String>>,
+    pub min_auroc: Option<f64>,
+    /// Attribute the direction to this SAE's latents (at its hook or an earlier one).
+    #[serde(default)]
+    pub attribute_with: Option<Spanned<String>>,
+}
+
+/// A validated direction probe.
+#[derive(Debug, Clone)]
+pub struct DirectionProbe {
+    pub direction: String,
+    pub positive: String,
+    pub negative: String,
+    pub min_auroc: f64,
+    pub attribute_with: Option<String>,
+}
+
+impl Kind for DirectionProbe {
+    type Spec = Spec;
+
+    fn validate(
+        spec: Spec,
+        v: &mut Validator<'_>,
+        id: &Spanned<String>,
+        n: &Names<'_>,
+    ) -> Option<Self> {
+        let d = v.required(id, "direction", &spec.direction)?;
+        let direction = v.named("direction", d, n.directions)?;
+        let positive = v.required(id, "positive", &spec.positive)?;
+        let positive = v.set(positive, n.prompts)?;
+        let negative = v.required(id, "negative", &spec.negative)?;
+        let negative = v.set(negative, n.prompts)?;
+        let min_auroc = *v.required(id, "min_auroc", &spec.min_auroc)?;
+        if !(0.0..=1.0).contains(&min_auroc) {
+            v.err(id, format!("`min_auroc` {min_auroc} is outside [0, 1]"));
+        }
+        let attribute_with = match &spec.attribute_with {
+            Some(s) => Some(v.named("SAE", s, n.saes)?),
+            None => None,
+        };
+        Some(DirectionProbe {
+            direction,
+            positive,
+            negative,
+            min_auroc,
+            attribute_with,
+        })
+    }
+
+    fn plan(&self, p: &mut Planner<'_, '_>) {
+        plan(self, p)
+    }
+
+    fn evaluate(&self, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
+        evaluate(self, cx)
+    }
+}
+
+fn plan(k: &DirectionProbe, p: &mut Planner<'_, '_>) {
+    let DirectionProbe {
+        direction,
+        positive,
+        negative,
+        attribute_with,
+        ..
+    } = k;
+    let hook = p
+        .policy
+        .directions
+        .get(direction)
+        .and_then(|d| HookPoint::parse(&d.hook.value, p.session.n_layers()).ok());
+    let Some(h) = hook else { return };
+    p.want(positive, h);
+    p.want(negative, h);
+    let attribution = attribute_with
+        .as_deref()
+        .and_then(|a| p.instruments.sae_if_resolved(p.policy, a));
+    if let Some(a) = attribution {
+        if a.hook.order() > h.order() {
+            p.error(format!("`attribute_with` SAE reads `{}`, after the direction's hook `{h}`; attribution needs an SAE at that hook or before it", a.hook));
+        }
+        p.want(positive, a.hook);
+    }
+}
+
+fn evaluate(k: &DirectionProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
+    let DirectionProbe {
+        direction: name,
+        positive,
+        negative,
+        min_auroc,
+        attribute_with,
+    } = k;
+    let min_auroc = *min_auroc;
+    let (p, severity) = (cx.policy, cx.check.severity);
+    let d = cx.instruments.direction(p, name)?;
+    let session = &mut *cx.session;
+    let mut evidence = Evidence::default();
+    let mut scores = Vec::new();
+    for set in [positive, negative] {
+        let t = session.set_tokens(p, set)?;
+        let acts = session.acts(&t, d.hook)?;
+        let v = acts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                at_position(a, d.position)
+                    .map(|x| dot(&x, &d.unit))
+                    .ok_or_else(|| CheckError::Position {
+                        position: d.position,
+                        prompt: i + 1,
+                        set: set.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<f64>, CheckError>>()?;
+        evidence.distributions.push(Distribution {
+            set: set.to_string(),
+            values: v.iter().map(|x| round(*x)).collect(),
+        });
+        scores.push((t, acts, v));
+    }
+    let to32 = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
+    let a = auroc(&to32(&scores[0].2), &to32(&scores[1].2));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mp, mn) = (mean(&scores[0].2), mean(&scores[1].2));
+    // The prompts the direction ranks worst: the lowest positives and the highest negatives.
+    for (k, (t, acts, v)) in scores.iter().enumerate() {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&x, &y| v[x].total_cmp(&v[y]).then(x.cmp(&y)));
+        if k == 1 {
+            order.reverse();
+        }
+        for &i in order.iter().take(3) {
+            let proj: Vec<f64> = (0..acts[i].dim(0).unwrap_or(0))
+                .map(|r| acts[i].get(r).map(|x| dot(&x, &d.unit)).unwrap_or(f64::NAN))
+                .collect();
+            evidence.prompts.push(PromptEvidence {
+                set: t.name.clone(),
+                index: i,
+                text: t.texts[i].clone(),
+                value: round(v[i]),
+                why: if k == 0 {
+                    "lowest projection among the positive prompts".into()
+                } else {
+                    "highest projection among the negative prompts".into()
+                },
+                tokens: session.token_values(t, i, |r| proj[r]),
+            });
+        }
+    }
+    if let Some(sae_name) = attribute_with {
+        let s = cx.instruments.sae(p, sae_name)?;
+        let t = scores[0].0.clone();
+        evidence.latents = attribution::attribute(session, &s, &t, (d.hook, &d.unit), d.position)?;
+    }
+    let metrics = vec![
+        Metric {
+            name: format!("AUROC ({positive} vs {negative})"),
+            value: round(a),
+            bound: format!(">= {min_auroc}"),
+        },
+        Metric {
+            name: format!("mean projection on {positive}"),
+            value: round(mp),
+            bound: String::new(),
+        },
+        Metric {
+            name: format!("mean projection on {negative}"),
+            value: round(mn),
+            bound: String::new(),
+        },
+        Metric {
+            name: "direction norm".into(),
+            value: round(d.norm),
+            bound: String::new(),
+        },
+    ];
+    let status = if a >= min_auroc {
+        Status::Pass
+    } else {
+        violated(severity)
+    };
+    let explanation = format!(
+        "direction `{name}` at `{}` separates `{positive}` from `{negative}` with AUROC {:.3} ({} the required {min_auroc}); mean projections {:.2} vs {:.2}",
+        d.hook, a, if a >= min_auroc { "meets" } else { "below" }, mp, mn
+    );
+    Ok(Finding::new(status, explanation, metrics, evidence))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::checks::testing::{metric, Tiny};
+    use crate::result::Status;
+
+    const PROBE: &str = r#"
+[[checks]]
+id = "separates"
+kind = "direction_probe"
+severity = "high"
+direction = "d"
+positive = "pos"
+negative = "neg"
+min_auroc = 0.9
+"#;
+
+    #[test]
+    fn a_difference_of_means_separates_its_own_prompt_sets() {
+        let tiny = Tiny::new();
+        let f = tiny.finding(PROBE);
+        assert_eq!(f.status, Status::Pass, "{f:?}");
+        assert!(metric(&f, "AUROC") >= 0.9, "{f:?}");
+        let (p, n) = (
+            metric(&f, "mean projection on pos"),
+            metric(&f, "mean projection on neg"),
+        );
+        // The direction is mean(pos) - mean(neg): its unit projection of the two means
+        // differs by exactly its norm.
+        let norm = metric(&f, "direction norm");
+        assert!(
+            ((p - n) - norm).abs() < 1e-3 * norm.max(1.0),
+            "{p} {n} {norm}"
+        );
+        // The worst-ranked prompts are shown with per-token projections.
+        assert_eq!(f.evidence.prompts.len(), 6);
+        assert!(f.evidence.prompts.iter().all(|e| e.tokens.len() == 5));
+    }
+
+    #[test]
+    fn attribution_to_an_sae_at_an_earlier_hook_ranks_latents_by_effect() {
+        let tiny = Tiny::new();
+        let f = tiny.finding(&format!("{PROBE}attribute_with = \"s\"\n"));
+        let values: Vec<f64> = f.evidence.latents.iter().map(|l| l.value).collect();
+        assert!(!values.is_empty(), "{f:?}");
+        assert!(
+            values.windows(2).all(|w| w[0].abs() >= w[1].abs()),
+            "{values:?}"
+        );
+        assert!(f.evidence.latents[0]
+            .measure
+            .contains("removed at `blocks.0.hook_resid_post`"));
+    }
+
+    #[test]
+    fn fields_of_another_kind_are_refused_at_their_line() {
+        let tiny = Tiny::new();
+        let errors = tiny
+            .policy(&format!("{PROBE}max_tokens = 8\n"))
+            .unwrap_err();
+        let shown: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains("unknown field `max_tokens`") && e.contains("direction_probe")),
+            "{shown:?}"
+        );
+    }
+}

@@ -1,0 +1,528 @@
+//! The shared work of one run, done once and reused by every check that needs it: prompt
+//! sets tokenised, one batched forward pass per prompt set capturing every hook any check
+//! planned to read from it, SAE encodings, last-token logits and greedy generations.
+//!
+//! Checks never run the model themselves; they ask the session, which caches what is
+//! unhooked (interventions are run fresh each time, since they differ per check).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, D};
+use probes::generate::{generate, GenerateOptions, Sampling};
+use probes::hooks::{HookPoint, Hooks};
+use probes::sae::search::Labels;
+use probes::sae::{Sae, SparseRow};
+use probes::transformer::{Padding, Unembed};
+use probes::Model;
+use rayon::prelude::*;
+
+use crate::error::CheckError;
+use crate::load::Policy;
+use crate::metrics;
+use crate::result::{round, TokenValue};
+use crate::schema::TokenScope;
+
+/// A prompt set as tokens, with its key (a digest of its content) for sharing work.
+#[derive(Clone)]
+pub(crate) struct Tokens {
+    pub key: String,
+    pub name: String,
+    pub texts: Arc<Vec<String>>,
+    pub ids: Arc<Vec<Vec<u32>>>,
+    /// Tokens every prompt shares at the start (the chat template's preamble), skipped when
+    /// scoring tokens.
+    pub prefix: usize,
+}
+
+impl Tokens {
+    /// The rows of `prompt` that `scope` reads.
+    pub fn scored<'a, T>(&self, prompt: &'a [T], scope: TokenScope) -> &'a [T] {
+        match scope {
+            TokenScope::Prompt => &prompt[self.prefix.min(prompt.len())..],
+            TokenScope::Last => &prompt[prompt.len().saturating_sub(1)..],
+        }
+    }
+}
+
+/// An SAE as a policy names it, loaded and fitted to the model's hook.
+#[derive(Clone)]
+pub(crate) struct ResolvedSae {
+    pub name: String,
+    pub sae: Arc<Sae>,
+    pub hook: HookPoint,
+    pub labels: Labels,
+}
+
+pub(crate) struct Session<'m> {
+    pub model: &'m Model,
+    micro_batch: usize,
+    /// Hooks to capture per prompt set (by key), planned before any pass runs.
+    plan: HashMap<String, BTreeSet<HookPoint>>,
+    tokens: HashMap<(bool, Vec<String>), Tokens>,
+    acts: HashMap<(String, HookPoint), Arc<Vec<Tensor>>>,
+    sparse: HashMap<(String, String), Arc<Vec<Vec<SparseRow>>>>,
+    last_logits: HashMap<String, Arc<Vec<Vec<f32>>>>,
+    generations: HashMap<(String, usize), Arc<Vec<String>>>,
+    chat_prefix: Option<usize>,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, micro_batch: usize) -> Self {
+        Self {
+            model,
+            micro_batch: micro_batch.max(1),
+            plan: HashMap::new(),
+            tokens: HashMap::new(),
+            acts: HashMap::new(),
+            sparse: HashMap::new(),
+            last_logits: HashMap::new(),
+            generations: HashMap::new(),
+            chat_prefix: None,
+        }
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.model.config().n_layers
+    }
+
+    /// Capture `hook` in the pass over set `name` of `p` (before that pass runs).
+    pub fn want(&mut self, p: &Policy, name: &str, hook: HookPoint) -> Result<(), CheckError> {
+        let t = self.set_tokens(p, name)?;
+        self.plan.entry(t.key).or_default().insert(hook);
+        Ok(())
+    }
+
+    /// The tokens of set `name` of policy `p`.
+    pub fn set_tokens(&mut self, p: &Policy, name: &str) -> Result<Tokens, CheckError> {
+        let set = p
+            .prompt_sets
+            .get(name)
+            .ok_or_else(|| CheckError::Unresolved {
+                what: "prompt set",
+                name: name.to_string(),
+            })?;
+        let k = (set.chat, set.prompts.clone());
+        if let Some(t) = self.tokens.get(&k) {
+            let mut t = t.clone();
+            t.name = name.to_string();
+            return Ok(t);
+        }
+        let ids = set
+            .prompts
+            .iter()
+            .map(|s| self.model.encode_prompt(s, set.chat))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| CheckError::Tokenise {
+                set: name.to_string(),
+                source,
+            })?;
+        let bad = |why: String| CheckError::Prompts {
+            set: name.to_string(),
+            why,
+        };
+        if let Some(i) = ids.iter().position(Vec::is_empty) {
+            return Err(bad(format!("prompt {} has no tokens", i + 1)));
+        }
+        // Every prompt against the context once, before any chunking, so the error names the
+        // prompt's place in its set (numbered from 0 by the check, from 1 here).
+        let context = self.model.config().max_positions;
+        if let Some(i) = ids.iter().position(|p| p.len() > context) {
+            return Err(bad(format!(
+                "prompt {} has {} tokens, more than the model's context length of {context}",
+                i + 1,
+                ids[i].len()
+            )));
+        }
+        let prefix = if set.chat { self.chat_prefix()? } else { 0 };
+        let mut hasher_input = String::from(if set.chat { "chat\0" } else { "raw\0" });
+        for s in &set.prompts {
+            hasher_input.push_str(s);
+            hasher_input.push('\0');
+        }
+        let t = Tokens {
+            key: probes::digest::sha256_hex(hasher_input.as_bytes()),
+            name: name.to_string(),
+            texts: Arc::new(set.prompts.clone()),
+            prefix: ids
+                .iter()
+                .map(|i| i.len() - 1)
+                .min()
+                .unwrap_or(0)
+                .min(prefix),
+            ids: Arc::new(ids),
+        };
+        self.tokens.insert(k, t.clone());
+        Ok(t)
+    }
+
+    /// The number of tokens the chat template puts before every user message.
+    fn chat_prefix(&mut self) -> Result<usize, CheckError> {
+        if let Some(n) = self.chat_prefix {
+            return Ok(n);
+        }
+        let a = self.model.encode_prompt("a", true)?;
+        let b = self.model.encode_prompt("b", true)?;
+        let n = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        self.chat_prefix = Some(n);
+        Ok(n)
+    }
+
+    /// Per prompt, the activations `[len, d]` at `hook` (one pass captures every planned hook).
+    pub fn acts(&mut self, t: &Tokens, hook: HookPoint) -> Result<Arc<Vec<Tensor>>, CheckError> {
+        if let Some(a) = self.acts.get(&(t.key.clone(), hook)) {
+            return Ok(Arc::clone(a));
+        }
+        let mut hooks = Hooks::new().capture(hook);
+        for h in self.plan.get(&t.key).into_iter().flatten() {
+            hooks = hooks.capture(*h);
+        }
+        let mut per_hook: BTreeMap<HookPoint, Vec<Tensor>> = BTreeMap::new();
+        self.each_prompt(t, &hooks, |h, x| {
+            per_hook.entry(h).or_default().push(x.contiguous()?);
+            Ok(())
+        })?;
+        for (h, v) in per_hook {
+            for (i, x) in v.iter().enumerate() {
+                if x.sum_all()
+                    .and_then(|s| s.to_scalar::<f32>())
+                    .map_or(true, |s| !s.is_finite())
+                {
+                    return Err(CheckError::NonFinite(format!(
+                        "NaN or infinite activations at `{h}` for prompt {} of `{}`",
+                        i + 1,
+                        t.name
+                    )));
+                }
+            }
+            self.acts.insert((t.key.clone(), h), Arc::new(v));
+        }
+        Ok(Arc::clone(&self.acts[&(t.key.clone(), hook)]))
+    }
+
+    /// Sparse SAE activations of every token of every prompt of `t`.
+    pub fn sparse(
+        &mut self,
+        t: &Tokens,
+        s: &ResolvedSae,
+    ) -> Result<Arc<Vec<Vec<SparseRow>>>, CheckError> {
+        let key = (
+            t.key.clone(),
+            format!("{}:{}", s.sae.manifest.root(), s.hook),
+        );
+        if let Some(a) = self.sparse.get(&key) {
+            return Ok(Arc::clone(a));
+        }
+        let acts = self.acts(t, s.hook)?;
+        let all = Tensor::cat(&acts, 0)?;
+        let rows = s.sae.encode_tokens(&all)?;
+        let mut out = Vec::with_capacity(acts.len());
+        let mut it = rows.into_iter();
+        for a in acts.iter() {
+            out.push(it.by_ref().take(a.dim(0).unwrap_or(0)).collect());
+        }
+        let out = Arc::new(out);
+        self.sparse.insert(key, Arc::clone(&out));
+        Ok(out)
+    }
+
+    /// Each prompt's projection onto `unit` at `position` of `hook`, with `interventions`.
+    pub fn projections(
+        &self,
+        t: &Tokens,
+        hook: HookPoint,
+        unit: &Tensor,
+        position: i64,
+        interventions: &Hooks,
+    ) -> Result<Vec<f64>, CheckError> {
+        let hooks = interventions.clone().capture(hook);
+        let mut out = Vec::with_capacity(t.ids.len());
+        self.each_prompt(t, &hooks, |_, x| {
+            let x = at_position(&x, position).ok_or_else(|| {
+                candle_core::Error::Msg(format!("position {position} is outside a prompt"))
+            })?;
+            out.push(dot(&x, unit));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Forward `t` with `hooks` in micro-batches, handing each prompt's activations at each
+    /// captured hook, padding cut off, to `each` in prompt order.
+    fn each_prompt(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+        mut each: impl FnMut(HookPoint, Tensor) -> candle_core::Result<()>,
+    ) -> Result<(), CheckError> {
+        self.model
+            .transformer
+            .forward_chunked(
+                &t.ids,
+                self.micro_batch,
+                Padding::Right,
+                hooks,
+                Unembed::None,
+                |_, out| {
+                    for (h, a) in &out.captures {
+                        for (r, len) in out.layout.lengths.iter().enumerate() {
+                            a.get(r)
+                                .and_then(|x| x.narrow(0, 0, *len))
+                                .and_then(|x| each(*h, x))
+                                .map_err(|e| probes::RunError::Batch(e.to_string()))?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(|source| CheckError::Forward {
+                set: t.name.clone(),
+                source,
+            })
+    }
+
+    /// Last-token logits of every prompt of `t` under `hooks` (cached when unhooked).
+    pub fn last_logits(
+        &mut self,
+        t: &Tokens,
+        hooks: &Hooks,
+    ) -> Result<Arc<Vec<Vec<f32>>>, CheckError> {
+        if hooks.is_empty() {
+            if let Some(l) = self.last_logits.get(&t.key) {
+                return Ok(Arc::clone(l));
+            }
+        }
+        let mut rows = Vec::with_capacity(t.ids.len());
+        self.model
+            .transformer
+            .forward_chunked(
+                &t.ids,
+                self.micro_batch,
+                Padding::Right,
+                hooks,
+                Unembed::Last,
+                |_, out| {
+                    let l = out
+                        .logits
+                        .ok_or_else(|| probes::RunError::Batch("no logits".into()))?;
+                    let v: Vec<Vec<f32>> = l
+                        .to_dtype(DType::F32)
+                        .and_then(|l| l.to_vec2())
+                        .map_err(|e| probes::RunError::Batch(e.to_string()))?;
+                    rows.extend(v);
+                    Ok(())
+                },
+            )
+            .map_err(|source| CheckError::Forward {
+                set: t.name.clone(),
+                source,
+            })?;
+        if let Some(i) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+            return Err(CheckError::NonFinite(format!(
+                "NaN or infinite logits for prompt {} of `{}`",
+                i + 1,
+                t.name
+            )));
+        }
+        let rows = Arc::new(rows);
+        if hooks.is_empty() {
+            self.last_logits.insert(t.key.clone(), Arc::clone(&rows));
+        }
+        Ok(rows)
+    }
+
+    /// Greedy generations (decoded) of every prompt of `t` under `hooks` (cached when unhooked).
+    pub fn generations(
+        &mut self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+    ) -> Result<Arc<Vec<String>>, CheckError> {
+        let key = (t.key.clone(), max_tokens);
+        if hooks.is_empty() {
+            if let Some(g) = self.generations.get(&key) {
+                return Ok(Arc::clone(g));
+            }
+        }
+        let opts = GenerateOptions {
+            max_tokens,
+            sampling: Sampling::Greedy,
+            stop_tokens: self.model.stop_tokens(),
+        };
+        let mut texts = Vec::with_capacity(t.ids.len());
+        // Decode steps cost little more for 32 rows than for 8: generate in larger batches.
+        for chunk in t.ids.chunks(self.micro_batch.max(32)) {
+            let out = generate(&self.model.transformer, chunk, hooks, &opts).map_err(|source| {
+                CheckError::Generate {
+                    set: t.name.clone(),
+                    source,
+                }
+            })?;
+            for ids in out {
+                texts.push(self.model.codec.decode(&ids)?);
+            }
+        }
+        let texts = Arc::new(texts);
+        if hooks.is_empty() {
+            self.generations.insert(key, Arc::clone(&texts));
+        }
+        Ok(texts)
+    }
+
+    /// The first token of each of `words`, as the assistant's reply would start with it.
+    pub fn first_tokens(&self, words: &[String]) -> Result<Vec<u32>, CheckError> {
+        let mut ids = Vec::new();
+        for w in words {
+            let t = self.model.codec.encode(w)?;
+            let id = *t.first().ok_or_else(|| CheckError::NoTokens(w.clone()))?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Mean KL(clean || hooked) over every real position, per prompt.
+    pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
+        let mb = self.micro_batch.min(8);
+        let mut out = Vec::with_capacity(t.ids.len());
+        for chunk in t.ids.chunks(mb) {
+            let run = |h: &Hooks| -> Result<Tensor, CheckError> {
+                self.model
+                    .transformer
+                    .forward(chunk, Padding::Right, h, Unembed::All)
+                    .map_err(|source| CheckError::Forward {
+                        set: t.name.clone(),
+                        source,
+                    })?
+                    .logits
+                    .ok_or_else(|| CheckError::NonFinite("no logits".to_string()))
+            };
+            let (clean, hooked) = (run(&Hooks::new())?, run(hooks)?);
+            for (r, p) in chunk.iter().enumerate() {
+                let c: Vec<Vec<f32>> = clean
+                    .get(r)
+                    .and_then(|x| x.narrow(0, 0, p.len()))
+                    .and_then(|x| x.to_vec2())?;
+                let h: Vec<Vec<f32>> = hooked
+                    .get(r)
+                    .and_then(|x| x.narrow(0, 0, p.len()))
+                    .and_then(|x| x.to_vec2())?;
+                let kl = c
+                    .par_iter()
+                    .zip(&h)
+                    .map(|(a, b)| metrics::kl(a, b))
+                    .sum::<f64>()
+                    / p.len() as f64;
+                if !kl.is_finite() {
+                    return Err(CheckError::NonFinite(format!(
+                        "non-finite KL for a prompt of `{}`",
+                        t.name
+                    )));
+                }
+                out.push(kl);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn token_text(&self, id: u32) -> String {
+        self.model.codec.token_text(id)
+    }
+
+    /// Per token after the preamble: text and `value(token index)`.
+    pub fn token_values(
+        &self,
+        t: &Tokens,
+        prompt: usize,
+        value: impl Fn(usize) -> f64,
+    ) -> Vec<TokenValue> {
+        let ids = &t.ids[prompt];
+        (t.prefix..ids.len())
+            .map(|i| TokenValue {
+                token: self.token_text(ids[i]),
+                value: round(value(i)),
+            })
+            .collect()
+    }
+
+    /// `auto: 'a' 'b' 'c'`: the distinct tokens on which `latent` fires most in `sets`.
+    fn auto_label(&self, latent: u32, sets: &[(&Tokens, &[Vec<SparseRow>])]) -> String {
+        let mut hits: Vec<(f32, u32)> = Vec::new();
+        for (t, rows) in sets {
+            for (p, prompt) in rows.iter().enumerate() {
+                for (i, row) in prompt.iter().enumerate().skip(t.prefix) {
+                    if let Some(&(_, v)) = row.iter().find(|(l, _)| *l == latent) {
+                        hits.push((v, t.ids[p][i]));
+                    }
+                }
+            }
+        }
+        hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut seen = Vec::new();
+        for (_, id) in hits {
+            let s = visible(&self.token_text(id));
+            if !seen.contains(&s) {
+                seen.push(s);
+            }
+            if seen.len() == 4 {
+                break;
+            }
+        }
+        if seen.is_empty() {
+            "auto: (does not fire on these prompts)".into()
+        } else {
+            format!(
+                "auto: fires on {}",
+                seen.iter()
+                    .map(|s| format!("'{s}'"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        }
+    }
+
+    /// A latent's label: the SAE's own, else the tokens it fires on most in `sets`.
+    pub fn label(
+        &self,
+        s: &ResolvedSae,
+        latent: u32,
+        sets: &[(&Tokens, &[Vec<SparseRow>])],
+    ) -> String {
+        match s.labels.get(latent as usize) {
+            Some(l) => l.to_string(),
+            None => self.auto_label(latent, sets),
+        }
+    }
+}
+
+/// A token's text for a label: trimmed, or its escaped whitespace when that is all it is.
+fn visible(token: &str) -> String {
+    let t = token.trim();
+    if t.is_empty() {
+        token.escape_default().to_string()
+    } else {
+        t.to_string()
+    }
+}
+
+/// The activation row at `position` (negative counts from the end) of `a` `[len, d]`.
+pub(crate) fn at_position(a: &Tensor, position: i64) -> Option<Tensor> {
+    let len = a.dim(0).ok()? as i64;
+    let i = if position < 0 {
+        len + position
+    } else {
+        position
+    };
+    if i < 0 || i >= len {
+        return None;
+    }
+    a.get(i as usize).ok()
+}
+
+pub(crate) fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    (a * b)
+        .and_then(|x| x.sum(D::Minus1))
+        .and_then(|x| x.to_scalar::<f32>())
+        .map_or(f64::NAN, f64::from)
+}
