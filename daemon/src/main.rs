@@ -11,7 +11,7 @@ mod verified;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +62,10 @@ enum Command {
     /// Run benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cmd::completions::CompletionsArgs),
+    /// Write the manual pages (roff).
+    Man(cmd::man::ManArgs),
 }
 
 /// How long candle's barrier-pool workers spin for work before they sleep (candle's default is
@@ -102,6 +106,8 @@ fn main() -> ExitCode {
         Command::Key(c) => cmd::key::run(c),
         Command::Log(c) => cmd::log::run(c),
         Command::Bench(b) => bench::run(b),
+        Command::Completions(a) => cmd::completions::run(a, Cli::command()),
+        Command::Man(a) => cmd::man::run(a, Cli::command()),
     };
     match result {
         Ok(code) => code,

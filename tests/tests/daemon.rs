@@ -688,3 +688,231 @@ fn an_hf_index_that_names_a_dot_file_shard_makes_a_requeue_loop() {
     assert_eq!(site.records().len(), 1);
     assert_eq!(d.logs().matches("audit started").count(), 1, "{}", d.logs());
 }
+
+/// Without `--config` the daemon reads /etc/mechwatch/mechwatch.toml; missing, it says which
+/// file and what to do, and exits 2.
+#[test]
+fn without_config_the_daemon_reads_etc_mechwatch() {
+    if Path::new("/etc/mechwatch/mechwatch.toml").exists() {
+        eprintln!("/etc/mechwatch/mechwatch.toml exists here (the .deb is installed); not starting a daemon on it");
+        return;
+    }
+    let o = std::process::Command::new(mechwatch_bin())
+        .arg("daemon")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("reading config /etc/mechwatch/mechwatch.toml") && err.contains("--config"),
+        "{err}"
+    );
+}
+
+/// Relative paths in the config resolve against the config's folder, not the working
+/// directory (which is `/` under systemd); `mechwatch status --config` reads them the same way.
+#[test]
+fn relative_paths_in_the_config_resolve_against_its_folder() {
+    let _serial = serial();
+    let site = Site::new(1.0, false);
+    std::fs::write(
+        site.config(),
+        "state_dir = \"state\"\nkey = \"key.pem\"\nquiet_period_secs = 1\nshutdown_deadline_secs = 5\n\
+         [[watch]]\npath = \"models\"\npolicies = \"policy\"\n",
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let log = site.root().join("daemon.log");
+    let mut child = std::process::Command::new(mechwatch_bin())
+        .args(["daemon", "--config", site.config().to_str().unwrap()])
+        .current_dir(elsewhere.path())
+        .env("MECHWATCH_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(30, "the daemon to start", || {
+        logs().contains("daemon started").then_some(())
+    });
+    assert!(site.db().exists(), "{}", logs());
+    assert!(site.root().join("state/state.db").exists());
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    let s = std::process::Command::new(mechwatch_bin())
+        .args(["status", "--config", "mechwatch.toml"])
+        .current_dir(site.root())
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", stderr(&s));
+    assert!(stdout(&s).contains("log: 0 record(s)"), "{}", stdout(&s));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success(), "{}", logs());
+}
+
+/// With stderr connected to the journal (`$JOURNAL_STREAM` names its device and inode) every
+/// line starts with its sd-daemon priority and carries no timestamp; with the variable naming
+/// another file, lines are plain and timestamped.
+#[test]
+fn under_journald_log_lines_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = serial();
+    let site = Site::new(1.0, false);
+    // A FIFO is skipped with a warning.
+    mkfifo(&site.models().join("pipe.gguf"));
+    let run = |stream: &dyn Fn(u64, u64) -> String, name: &str, reload: bool| -> String {
+        let path = site.root().join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        let meta = file.metadata().unwrap();
+        let mut child = std::process::Command::new(mechwatch_bin())
+            .args(["daemon", "--config", site.config().to_str().unwrap()])
+            .env("MECHWATCH_LOG", "info")
+            .env("JOURNAL_STREAM", stream(meta.dev(), meta.ino()))
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let logs = || std::fs::read_to_string(&path).unwrap_or_default();
+        wait_for(30, "the daemon to start", || {
+            (logs().contains("daemon started") && logs().contains("scan skipped a path"))
+                .then_some(())
+        });
+        if reload {
+            let good = std::fs::read_to_string(site.config()).unwrap();
+            std::fs::write(site.config(), format!("{good}\nbogus_key = 1\n")).unwrap();
+            let _ = std::process::Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status();
+            wait_for(30, "the failed reload", || {
+                logs().contains("reload failed").then_some(())
+            });
+            std::fs::write(site.config(), good).unwrap();
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        assert!(child.wait().unwrap().success(), "{}", logs());
+        logs()
+    };
+    let line = |logs: &str, what: &str| -> String {
+        logs.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no `{what}` line in {logs}"))
+            .to_string()
+    };
+
+    let journal = run(&|dev, ino| format!("{dev}:{ino}"), "journal.log", true);
+    assert!(
+        line(&journal, "daemon started").starts_with("<6>"),
+        "{journal}"
+    );
+    assert!(
+        line(&journal, "scan skipped a path").starts_with("<4>"),
+        "{journal}"
+    );
+    assert!(
+        line(&journal, "reload failed").starts_with("<3>"),
+        "{journal}"
+    );
+    for l in journal.lines().filter(|l| !l.is_empty()) {
+        let rest = l
+            .strip_prefix(|c| c == '<')
+            .and_then(|r| r.get(2..))
+            .unwrap_or_else(|| panic!("no priority: {l}"));
+        // No timestamp: the level comes first.
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG"]
+                .iter()
+                .any(|lv| rest.trim_start().starts_with(lv)),
+            "{l}"
+        );
+    }
+
+    // The variable names another file (a child whose stderr was redirected): no prefix.
+    let plain = run(&|dev, ino| format!("{dev}:{}", ino + 1), "plain.log", false);
+    let started = line(&plain, "daemon started");
+    assert!(
+        started.starts_with(|c: char| c.is_ascii_digit()),
+        "timestamped, no priority: {plain}"
+    );
+    assert!(!plain.lines().any(|l| l.starts_with('<')), "{plain}");
+}
+
+/// CLOCK_BOOTTIME in µs, read from /proc/uptime (no unsafe code in the tests): never behind
+/// CLOCK_MONOTONIC.
+fn boottime_usec() -> u64 {
+    let t = std::fs::read_to_string("/proc/uptime").unwrap();
+    let secs: f64 = t.split_whitespace().next().unwrap().parse().unwrap();
+    (secs * 1e6) as u64
+}
+
+/// SIGHUP: `RELOADING=1` with `MONOTONIC_USEC=` (what `Type=notify-reload` waits for), then
+/// `READY=1` once the configuration is reloaded.
+#[test]
+fn sighup_sends_reloading_with_the_monotonic_time_then_ready() {
+    let _serial = serial();
+    use std::os::unix::net::UnixDatagram;
+    let site = Site::new(1.0, false);
+    let sock_path = site.root().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let log = site.root().join("daemon.log");
+    let mut child = std::process::Command::new(mechwatch_bin())
+        .args(["daemon", "--config", site.config().to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("MECHWATCH_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut next_until = |want: &dyn Fn(&str) -> bool| -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no notification after {seen:?}: {e}"));
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = want(&m);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    };
+    next_until(&|m| m == "READY=1");
+    let mut stamps = Vec::new();
+    for _ in 0..2 {
+        let before = boottime_usec();
+        let _ = std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status();
+        let seen = next_until(&|m| m.starts_with("RELOADING=1"));
+        let reloading = seen.last().unwrap();
+        let usec: u64 = reloading
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .unwrap_or_else(|| panic!("{reloading:?}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{reloading:?}: {e}"));
+        // /proc/uptime has 10 ms steps.
+        assert!(
+            usec > 0 && usec <= boottime_usec() + 20_000,
+            "MONOTONIC_USEC {usec}, boot time before the signal {before}"
+        );
+        stamps.push(usec);
+        // READY=1 comes after the reload, nothing in between but STATUS lines.
+        let after = next_until(&|m| m == "READY=1");
+        assert!(
+            after[..after.len() - 1]
+                .iter()
+                .all(|m| m.starts_with("STATUS=")),
+            "{after:?}"
+        );
+    }
+    assert!(stamps[1] > stamps[0], "{stamps:?}");
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logs.matches("configuration reloaded").count(), 2, "{logs}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success(), "{logs}");
+}

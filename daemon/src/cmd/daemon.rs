@@ -8,8 +8,9 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct DaemonArgs {
-    /// The TOML configuration (see systemd/mechwatch.toml).
-    #[arg(long)]
+    /// The TOML configuration (see systemd/mechwatch.toml). Relative paths in it resolve
+    /// against its folder.
+    #[arg(long, default_value = crate::daemon::config::DEFAULT_PATH)]
     pub config: PathBuf,
 }
 
@@ -46,34 +47,15 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             t.get("log_format")
                 .and_then(|v| v.as_str().map(str::to_string))
         });
-    init_logging(format.as_deref());
+    crate::daemon::logging::init(format.as_deref());
     crate::daemon::run(&a.config)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn audit_child(a: DaemonAuditArgs) -> anyhow::Result<ExitCode> {
-    init_logging(Some(&a.log_format));
+    crate::daemon::logging::init(Some(&a.log_format));
     crate::daemon::audit::child_main(a.memory_limit_mb)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Logs for journald: no colours, and no timestamps when journald adds its own; or JSON.
-fn init_logging(format: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MECHWATCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false);
-    if format == Some("json") {
-        b.json().init();
-    } else if journald {
-        b.without_time().init();
-    } else {
-        b.init();
-    }
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -81,11 +63,13 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         (Some(d), _) => d,
         (None, Some(c)) => {
             let t: toml::Table = toml::from_str(&std::fs::read_to_string(&c)?)?;
-            PathBuf::from(
+            let dir = PathBuf::from(
                 t.get("state_dir")
                     .and_then(|v| v.as_str())
                     .ok_or_else(|| anyhow::anyhow!("{}: no state_dir", c.display()))?,
-            )
+            );
+            // As the daemon reads it: relative to the config's folder.
+            crate::daemon::config::folder_of(&c)?.join(dir)
         }
         (None, None) => anyhow::bail!("pass --config or --state-dir"),
     };

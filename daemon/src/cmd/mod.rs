@@ -2,10 +2,12 @@
 
 pub mod capture;
 pub mod check;
+pub mod completions;
 pub mod daemon;
 pub mod generate;
 pub mod key;
 pub mod log;
+pub mod man;
 pub mod model;
 pub mod policy;
 pub mod report;

@@ -1,5 +1,7 @@
 //! The daemon's TOML configuration. Unknown keys are errors; every field is documented in
-//! `systemd/mechwatch.toml`, which a test parses.
+//! `systemd/mechwatch.toml`, which a test parses. Its default place is [`DEFAULT_PATH`];
+//! relative paths inside it resolve against the folder that holds it (under systemd the
+//! working directory is `/`, so resolving against it would surprise).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use policies::Policy;
 use serde::Deserialize;
+
+/// Where `mechwatch daemon` (and the .deb) look for the configuration without `--config`.
+pub const DEFAULT_PATH: &str = "/etc/mechwatch/mechwatch.toml";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,9 +125,15 @@ impl LoadedWatch {
 impl Config {
     /// Read and validate `path`, loading every watch's policies.
     pub fn load(path: &Path) -> anyhow::Result<(Self, Vec<LoadedWatch>)> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        let cfg = Self::parse(path, &text)?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading config {} (pass --config FILE; systemd/mechwatch.toml is a commented \
+                 example)",
+                path.display()
+            )
+        })?;
+        let mut cfg = Self::parse(path, &text)?;
+        cfg.resolve_relative_to(&folder_of(path)?);
         let mut loaded = Vec::new();
         for w in &cfg.watch {
             if !w.path.is_dir() {
@@ -176,6 +187,29 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Make every relative path in the configuration relative to `base` (the config file's
+    /// folder). `policies = "default"` names the shipped policies, not a path.
+    pub fn resolve_relative_to(&mut self, base: &Path) {
+        let at = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        at(&mut self.state_dir);
+        for p in [&mut self.key, &mut self.trusted_pubkey]
+            .into_iter()
+            .flatten()
+        {
+            at(p);
+        }
+        for w in &mut self.watch {
+            at(&mut w.path);
+            if w.policies != "default" && Path::new(&w.policies).is_relative() {
+                w.policies = base.join(&w.policies).display().to_string();
+            }
+        }
+    }
+
     pub fn quiet_period(&self) -> Duration {
         Duration::from_secs_f64(self.quiet_period_secs)
     }
@@ -196,6 +230,13 @@ impl Config {
             .or(self.audit_memory_limit_mb)
             .unwrap_or(estimated_mb.saturating_mul(2).saturating_add(4096))
     }
+}
+
+/// The absolute folder that holds the config file `path`.
+pub fn folder_of(path: &Path) -> anyhow::Result<PathBuf> {
+    let abs = std::path::absolute(path)
+        .with_context(|| format!("resolving the config path {}", path.display()))?;
+    Ok(abs.parent().unwrap_or(Path::new("/")).to_path_buf())
 }
 
 /// sha256 over the sorted `kind path sha256` lines of every input file of `policies`.
@@ -276,6 +317,22 @@ mod tests {
             e.to_string().contains("/c.toml: `quiet_period_secs`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let text = "state_dir = \"state\"\nkey = \"keys/k.pem\"\ntrusted_pubkey = \"/abs/k.pub\"\n\
+                    [[watch]]\npath = \"../models\"\npolicies = \"policy\"\n\
+                    [[watch]]\npath = \"/srv/m\"\npolicies = \"default\"\n";
+        let mut cfg = Config::parse(Path::new("/etc/mw/c.toml"), text).unwrap();
+        cfg.resolve_relative_to(Path::new("/etc/mw"));
+        assert_eq!(cfg.state_dir, Path::new("/etc/mw/state"));
+        assert_eq!(cfg.key.as_deref(), Some(Path::new("/etc/mw/keys/k.pem")));
+        assert_eq!(cfg.trusted_pubkey.as_deref(), Some(Path::new("/abs/k.pub")));
+        assert_eq!(cfg.watch[0].path, Path::new("/etc/mw/../models"));
+        assert_eq!(cfg.watch[0].policies, "/etc/mw/policy");
+        assert_eq!(cfg.watch[1].path, Path::new("/srv/m"));
+        assert_eq!(cfg.watch[1].policies, "default");
     }
 
     #[test]

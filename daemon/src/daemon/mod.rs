@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod config;
 pub mod jobs;
+pub mod logging;
 pub mod scan;
 pub mod sd_notify;
 
@@ -611,7 +612,7 @@ impl Daemon {
 
     /// SIGHUP: load the config and policies again; keep the old ones if the new are invalid.
     fn reload(&mut self) {
-        self.notifier.send("RELOADING=1");
+        self.notifier.reloading();
         match Config::load(&self.config_path) {
             Ok((config, watches)) => {
                 if config.state_dir != self.config.state_dir

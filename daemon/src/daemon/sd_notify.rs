@@ -1,6 +1,10 @@
 //! systemd's notify protocol: datagrams such as `READY=1`, `STATUS=...`, `WATCHDOG=1` sent to
 //! `$NOTIFY_SOCKET` (a path, or an abstract name starting with `@`). Without the variable
 //! (not under systemd) every call is a no-op.
+//!
+//! A reload is `RELOADING=1` with `MONOTONIC_USEC=` (CLOCK_MONOTONIC in µs when the reload
+//! began), then `READY=1` once it is done: what `Type=notify-reload` (systemd 253 and later)
+//! waits for, so `systemctl reload` returns when the new configuration is in force.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
@@ -31,6 +35,11 @@ impl Notifier {
         }
     }
 
+    /// A reload begins.
+    pub fn reloading(&self) {
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+    }
+
     /// Half of `WatchdogSec` when systemd asked for watchdog pings.
     pub fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
@@ -41,4 +50,10 @@ impl Notifier {
         }
         Some(Duration::from_micros(usec / 2))
     }
+}
+
+/// CLOCK_MONOTONIC in microseconds, the clock systemd compares `MONOTONIC_USEC` against.
+fn monotonic_usec() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64) * 1_000_000 + (t.tv_nsec as u64) / 1_000
 }

@@ -1,0 +1,37 @@
+//! `mechwatch man`: manual pages in roff, generated from the command definitions
+//! (clap_mangen): `mechwatch.1` and one page per subcommand (`mechwatch-check.1`,
+//! `mechwatch-log-verify.1`, ...).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+#[derive(Args)]
+#[command(after_help = "Examples:\n  \
+    mechwatch man | man -l -\n  \
+    mechwatch man --dir /usr/local/share/man/man1")]
+pub struct ManArgs {
+    /// Write every page (mechwatch.1 and one per subcommand) into this directory, which is
+    /// created if missing. Without it, mechwatch.1 goes to standard output.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+pub fn run(a: ManArgs, cli: clap::Command) -> anyhow::Result<ExitCode> {
+    match a.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cli, &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(cli)
+                .render(&mut out)
+                .context("writing the man page to standard output")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

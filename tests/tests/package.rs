@@ -1,0 +1,281 @@
+//! What an ops team installs: the shell completions and man pages (`mechwatch completions`,
+//! `mechwatch man`), and the .deb that `scripts/build-deb` makes, inspected with dpkg-deb and
+//! unpacked into a scratch root whose binary then runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use e2e::*;
+
+/// The visible subcommands, as `mechwatch --help` lists them.
+fn subcommands() -> Vec<String> {
+    let o = mechwatch(&["--help"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    let list: Vec<String> = out
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| *w != "help")
+        .map(str::to_string)
+        .collect();
+    assert!(
+        list.len() >= 10 && list.iter().any(|c| c == "check"),
+        "{out}"
+    );
+    list
+}
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// What bash's completion offers for `mechwatch WORD` (and the word before it), through the
+/// generated script's own function.
+fn bash_complete(script: &Path, words: &[&str]) -> Vec<String> {
+    let line = words.join(" ");
+    let cword = words.len() - 1;
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let prog = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={cword}; COMP_LINE='{line}'; COMP_POINT={}; \
+         _mechwatch mechwatch '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        line.len(),
+        words[cword],
+        if cword > 0 { words[cword - 1] } else { "" },
+    );
+    run(Command::new("bash").args(["-c", &prog]))
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn the_bash_completion_parses_and_completes_subcommands_and_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("mechwatch.bash");
+    std::fs::write(
+        &script,
+        run(Command::new(mechwatch_bin()).args(["completions", "bash"])),
+    )
+    .unwrap();
+    run(Command::new("bash").arg("-n").arg(&script));
+    let all = bash_complete(&script, &["mechwatch", ""]);
+    for c in subcommands() {
+        assert!(all.contains(&c), "{c} not offered: {all:?}");
+    }
+    assert_eq!(
+        bash_complete(&script, &["mechwatch", "compl"]),
+        ["completions"]
+    );
+    let flags = bash_complete(&script, &["mechwatch", "daemon", "--"]);
+    assert!(flags.contains(&"--config".to_string()), "{flags:?}");
+}
+
+#[test]
+fn every_shell_gets_a_script_naming_the_subcommands() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let s = run(Command::new(mechwatch_bin()).args(["completions", shell]));
+        for c in subcommands() {
+            assert!(s.contains(&c), "{shell}: no {c}");
+        }
+    }
+    let o = mechwatch(&["completions", "tcsh"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("possible values"), "{}", stderr(&o));
+}
+
+/// A page rendered as a reader sees it, by groff (as `man` does).
+fn render(page: &Path) -> String {
+    let o = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww"])
+        .stdin(std::fs::File::open(page).unwrap())
+        .output()
+        .expect("groff (Debian's groff-base; scripts/test-all installs it)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stderr.is_empty(), "{}: {}", page.display(), stderr(&o));
+    // Drop the overstrike bold/underline groff writes for a terminal.
+    let text = stdout(&o);
+    let mut clean = String::new();
+    for c in text.chars() {
+        if c == '\u{8}' {
+            clean.pop();
+        } else {
+            clean.push(c);
+        }
+    }
+    clean
+}
+
+#[test]
+fn the_man_pages_render_and_name_every_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man1");
+    run(Command::new(mechwatch_bin()).args(["man", "--dir", dir.to_str().unwrap()]));
+    let top = render(&dir.join("mechwatch.1"));
+    assert!(top.contains("mechwatch - Safety-audit"), "{top}");
+    for c in subcommands() {
+        assert!(
+            top.contains(&format!("mechwatch-{c}(1)")),
+            "{c} not in mechwatch(1): {top}"
+        );
+        let page = render(&dir.join(format!("mechwatch-{c}.1")));
+        assert!(page.contains(&format!("mechwatch-{c}")), "{page}");
+    }
+    // Nested subcommands get their own pages; hidden ones none.
+    assert!(dir.join("mechwatch-log-verify.1").exists());
+    assert!(!dir.join("mechwatch-daemon-audit.1").exists());
+    let check = render(&dir.join("mechwatch-check.1"));
+    assert!(check.contains("--policy"), "{check}");
+    // Without --dir, mechwatch.1 goes to standard output.
+    let stdout_page = run(Command::new(mechwatch_bin()).arg("man"));
+    assert_eq!(
+        stdout_page,
+        std::fs::read_to_string(dir.join("mechwatch.1")).unwrap()
+    );
+}
+
+fn dpkg_deb(args: &[&str], deb: &Path) -> String {
+    run(Command::new("dpkg-deb").args(args).arg(deb))
+}
+
+/// Build the .deb once per test process.
+fn deb() -> &'static Path {
+    static DEB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DEB.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let o = Command::new(root.join("scripts/build-deb"))
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "scripts/build-deb: {}", stderr(&o));
+        PathBuf::from(stdout(&o).trim())
+    })
+}
+
+fn repo_file(rel: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)).unwrap()
+}
+
+#[test]
+fn the_deb_holds_the_stripped_binary_unit_config_man_pages_and_completions() {
+    let deb = deb();
+    let fields = dpkg_deb(&["-f"], deb);
+    assert!(fields.contains("Package: mechwatch\n"), "{fields}");
+    assert!(fields.contains("Architecture: amd64\n"), "{fields}");
+    let depends = fields
+        .lines()
+        .find_map(|l| l.strip_prefix("Depends: "))
+        .unwrap_or_else(|| panic!("no Depends: {fields}"));
+    assert!(
+        depends.contains("libc6") && depends.contains("passwd"),
+        "{depends}"
+    );
+
+    let files = dpkg_deb(&["-c"], deb);
+    for f in [
+        "./usr/bin/mechwatch",
+        "./usr/lib/systemd/system/mechwatch.service",
+        "./etc/mechwatch/mechwatch.toml",
+        "./usr/share/mechwatch/mechwatch-before-253.conf",
+        "./usr/share/bash-completion/completions/mechwatch",
+        "./usr/share/zsh/vendor-completions/_mechwatch",
+        "./usr/share/fish/vendor_completions.d/mechwatch.fish",
+        "./usr/share/doc/mechwatch/daemon.md",
+    ] {
+        assert!(files.lines().any(|l| l.ends_with(f)), "no {f} in\n{files}");
+    }
+    let bin_line = files
+        .lines()
+        .find(|l| l.ends_with("./usr/bin/mechwatch"))
+        .unwrap();
+    assert!(bin_line.starts_with("-rwxr-xr-x 0/0"), "{bin_line}");
+    for c in subcommands() {
+        assert!(
+            files.contains(&format!("man1/mechwatch-{c}.1")),
+            "no page for {c}"
+        );
+    }
+
+    // The config is a conffile: an upgrade keeps the admin's edits.
+    let members = dpkg_deb(&["-I"], deb);
+    for m in ["conffiles", "postinst", "postrm", "prerm"] {
+        assert!(
+            members
+                .lines()
+                .any(|l| l.split_whitespace().any(|w| w == m)),
+            "no {m}: {members}"
+        );
+    }
+    let info = run(Command::new("dpkg-deb")
+        .args(["-I"])
+        .arg(deb)
+        .arg("conffiles"));
+    assert_eq!(info.trim(), "/etc/mechwatch/mechwatch.toml");
+    let postinst = run(Command::new("dpkg-deb")
+        .args(["-I"])
+        .arg(deb)
+        .arg("postinst"));
+    assert!(postinst.contains("useradd --system"), "{postinst}");
+
+    // Unpacked into a scratch root: the files are the repository's, and the binary is the
+    // stripped build of this tree.
+    let tmp = tempfile::tempdir().unwrap();
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(tmp.path()));
+    let at = |rel: &str| tmp.path().join(rel);
+    assert_eq!(
+        std::fs::read(at("usr/lib/systemd/system/mechwatch.service")).unwrap(),
+        repo_file("systemd/mechwatch.service")
+    );
+    assert_eq!(
+        std::fs::read(at("etc/mechwatch/mechwatch.toml")).unwrap(),
+        repo_file("systemd/mechwatch.toml")
+    );
+    let packaged = at("usr/bin/mechwatch");
+    let packaged_size = std::fs::metadata(&packaged).unwrap().len();
+    let built_size = std::fs::metadata(mechwatch_bin()).unwrap().len();
+    assert!(
+        packaged_size < built_size,
+        "packaged {packaged_size} bytes, built {built_size}"
+    );
+    let sections = run(Command::new("readelf").arg("-S").arg(&packaged));
+    // (.debug_gdb_scripts is loaded with the program, and stays.)
+    for s in [".debug_info", ".debug_line", ".symtab"] {
+        assert!(!sections.contains(s), "{s}: not stripped:\n{sections}");
+    }
+    let built = run(Command::new("readelf").arg("-S").arg(mechwatch_bin()));
+    assert!(built.contains(".debug_line"), "{built}");
+    let version = run(Command::new(&packaged).arg("--version"));
+    assert_eq!(version, stdout(&mechwatch(&["--version"])));
+
+    // The packaged man page renders.
+    let man = at("usr/share/man/man1");
+    let page = std::fs::read_dir(&man)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("mechwatch.1")
+        })
+        .expect("mechwatch.1");
+    let plain = tmp.path().join("mechwatch.1");
+    if page.extension().is_some_and(|e| e == "gz") {
+        let o = Command::new("gzip").arg("-dc").arg(&page).output().unwrap();
+        std::fs::write(&plain, o.stdout).unwrap();
+    } else {
+        std::fs::copy(&page, &plain).unwrap();
+    }
+    assert!(render(&plain).contains("mechwatch-daemon(1)"));
+}
