@@ -1,9 +1,13 @@
 //! Records which git commit the build came from: `MECHWATCH_GIT_COMMIT` is the commit's full
-//! hash, or empty when the source has no git metadata (a source tarball, a vendored copy).
-//! Every signed record and `mechwatch --version` carry it.
+//! hash, or empty when the source has no git metadata (a source tarball, a vendored copy) and
+//! the builder did not name it in the `MECHWATCH_GIT_COMMIT` variable. Every signed record and
+//! `mechwatch --version` carry it; the wording lives in `src/build_info.rs`.
 
 use std::path::Path;
 use std::process::Command;
+
+#[path = "src/build_info.rs"]
+mod build_info;
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
     let out = Command::new("git")
@@ -20,15 +24,33 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let dir = Path::new(&dir);
-    let commit = git(dir, &["rev-parse", "--verify", "HEAD"]).unwrap_or_default();
-    println!("cargo:rustc-env=MECHWATCH_GIT_COMMIT={commit}");
-    let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
-    let build_version = if commit.is_empty() {
-        format!("{version} (built without git metadata: commit unknown)")
-    } else {
-        format!("{version} (git {commit})")
+    println!("cargo:rerun-if-env-changed={}", build_info::COMMIT_VARIABLE);
+    let given = std::env::var(build_info::COMMIT_VARIABLE)
+        .ok()
+        .filter(|v| !v.is_empty());
+    let commit = match given {
+        Some(v) => match build_info::commit_from_variable(&v) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
+        None => git(dir, &["rev-parse", "--verify", "HEAD"]),
     };
-    println!("cargo:rustc-env=MECHWATCH_BUILD_VERSION={build_version}");
+    println!(
+        "cargo:rustc-env=MECHWATCH_GIT_COMMIT={}",
+        commit.as_deref().unwrap_or_default()
+    );
+    let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
+    println!(
+        "cargo:rustc-env=MECHWATCH_BUILD_VERSION={}",
+        build_info::build_version(&version, commit.as_deref())
+    );
+    println!(
+        "cargo:rustc-env=MECHWATCH_LONG_VERSION={}",
+        build_info::long_version(&version, commit.as_deref())
+    );
     // Build again when HEAD moves: a commit, a checkout or a fetch that rewrites packed refs.
     if let Some(git_dir) = git(dir, &["rev-parse", "--absolute-git-dir"]) {
         println!("cargo:rerun-if-changed={git_dir}/HEAD");
@@ -44,4 +66,5 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/build_info.rs");
 }

@@ -8,6 +8,7 @@
 //! make truncation and rewriting of everything they cover detectable; nothing here makes the
 //! unexported tail trustworthy against the key holder.
 
+pub mod build_info;
 pub mod checkpoint;
 pub mod dsse;
 pub mod error;
@@ -33,5 +34,9 @@ pub const GIT_COMMIT: Option<&str> = match env!("MECHWATCH_GIT_COMMIT").as_bytes
 };
 
 /// The version every signed record and `mechwatch --version` carry: the package version and
-/// the commit, e.g. `0.1.0 (git 1a2b3c…)`, or a plain statement that the commit is unknown.
+/// the commit, e.g. `0.1.0 (git 1a2b3c…)`, or `0.1.0 (commit unknown: built outside git)`.
 pub const BUILD_VERSION: &str = env!("MECHWATCH_BUILD_VERSION");
+
+/// `mechwatch --version`: [`BUILD_VERSION`], and for a build whose commit is unknown, what to
+/// do about it ([`build_info::long_version`]).
+pub const LONG_VERSION: &str = env!("MECHWATCH_LONG_VERSION");

@@ -10,39 +10,59 @@ use probes::{GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Hooked vs plain batched forward, early-exit capture, generation, peak RSS.
+    #[command(after_help = "Examples:
+  mechwatch bench forward
+  mechwatch bench forward --model ./checkpoint --batch 16 --reps 5")]
     Forward(ForwardArgs),
     /// SAE encode throughput against a dense matmul, and training against the forward alone.
+    #[command(after_help = "Examples:
+  mechwatch bench sae
+  mechwatch bench sae --expansion 32 --k 64 --sample-tokens 0")]
     Sae(SaeBenchArgs),
     /// Durable appends per second (single vs group commit) and verifications per second.
+    #[command(after_help = "Examples:
+  mechwatch bench log
+  mechwatch bench log --records 10000 --batch 64 --dir /var/tmp")]
     Log(LogArgs),
     /// The policy set end to end (model load included), time per check kind, against one
     /// plain forward pass over every prompt the policies read.
+    #[command(after_help = "Examples:
+  mechwatch bench check
+  mechwatch bench check --model ./checkpoint --policy my-policies/")]
     Check(CheckBenchArgs),
     /// The daemon: time from a checkpoint becoming complete to its signed record, against
     /// the same audit run in-process; and the idle daemon's CPU use.
+    #[command(after_help = "Examples:
+  mechwatch bench daemon
+  mechwatch bench daemon --policy my-policies/")]
     Daemon(CheckBenchArgs),
 }
 
 #[derive(Args)]
 pub struct CheckBenchArgs {
+    /// A GGUF file, an HF directory, or a known model name (`default`).
     #[arg(long, default_value = "default")]
     model: String,
+    /// A policy file, a directory of them, or `default` (the shipped policies).
     #[arg(long, default_value = "default")]
     policy: String,
 }
 
 #[derive(Args)]
 pub struct SaeBenchArgs {
+    /// A GGUF file, an HF directory, or a known model name (`default`).
     #[arg(long, default_value = "default")]
     model: String,
     /// Latents per d_model (16 gives 9216 for the default model).
     #[arg(long, default_value_t = 16)]
     expansion: usize,
+    /// Active latents per token.
     #[arg(long, default_value_t = 32)]
     k: usize,
     /// Tokens encoded per repetition.
     #[arg(long, default_value_t = 16384)]
     tokens: usize,
+    /// Timed repetitions.
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Training tokens for the training-throughput measurement.
@@ -55,6 +75,7 @@ pub struct SaeBenchArgs {
 
 #[derive(Args)]
 pub struct LogArgs {
+    /// Records to append.
     #[arg(long, default_value_t = 100_000)]
     records: u64,
     /// Records per transaction for group commit.
@@ -67,10 +88,13 @@ pub struct LogArgs {
 
 #[derive(Args)]
 pub struct ForwardArgs {
+    /// A GGUF file, an HF directory, or a known model name (`default`).
     #[arg(long, default_value = "default")]
     model: String,
+    /// Prompts per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Tokens per prompt.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
     /// Timed repetitions of each variant (interleaved).

@@ -27,6 +27,8 @@ pub struct CaptureArgs {
     /// Wrap each prompt in the chat template.
     #[arg(long)]
     chat: bool,
+    /// The safetensors file to write: one tensor per hook, [prompt, pos, ...], plus `tokens`
+    /// and `lengths`.
     #[arg(long)]
     out: PathBuf,
 }

@@ -8,17 +8,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use audit_log::record::{FileDigest, InputDigest, ModelSubject, RecordBody};
 use audit_log::store::AuditLog;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use policies::result::{RunResult, Status};
 use probes::Model;
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-    Junit,
-    Sarif,
-}
+use crate::gate::{CheckError, Format, Outcome};
+
+mod outputs;
 
 #[derive(Args)]
 pub struct CheckArgs {
@@ -28,16 +24,27 @@ pub struct CheckArgs {
     /// A policy file, a directory of them, or `default` (the shipped policies).
     #[arg(long, default_value = "default")]
     pub policy: String,
+    /// The format of the main report, which goes to --out.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
-    /// Write the output here instead of standard output.
-    #[arg(long)]
+    /// Write the main report (--format) to FILE; `-` is standard output, the default unless
+    /// another report takes it (then the main report goes to standard error).
+    #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Also write the JSON report (the full result) to FILE; `-` is standard output.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Also write a JUnit XML report (a testcase per check) to FILE; `-` is standard output.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Also write a SARIF 2.1.0 report (a result per finding) to FILE; `-` is standard output.
+    #[arg(long, value_name = "FILE")]
+    pub sarif: Option<PathBuf>,
     /// Append a signed record of the result (or of why it could not check) to this log.
-    #[arg(long)]
+    #[arg(long, value_name = "DB")]
     pub log: Option<PathBuf>,
     /// The signing key (PKCS#8 PEM); without it, $CREDENTIALS_DIRECTORY/mechwatch-signing-key.
-    #[arg(long)]
+    #[arg(long, value_name = "KEY")]
     pub key: Option<PathBuf>,
     /// The public key the log verifies against before its records are trusted as a drift
     /// baseline: the log's first signing key (default: the signing key's own public key).
@@ -52,33 +59,40 @@ pub struct CheckArgs {
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
-    let mut log = match &a.log {
-        Some(db) => Some(open_log(db, a.key.as_deref())?),
-        None => None,
+    let reports = outputs::destinations(&a)?;
+    // A log that cannot be opened is an error like any other: the reports still carry it.
+    let (mut log, opened) = match &a.log {
+        Some(db) => match open_log(db, a.key.as_deref()) {
+            Ok(l) => (Some(l), Ok(())),
+            Err(e) => (None, Err(("open_log", None, e))),
+        },
+        None => (None, Ok(())),
     };
-    let outcome = writable_out(a.out.as_deref()).and_then(|()| audit(&a, log.as_mut()));
+    let outcome = opened
+        .and_then(|()| outputs::folders_exist(&reports).map_err(|e| ("write_output", None, e)))
+        .and_then(|()| audit(&a, log.as_mut()));
     let (result, model) = match outcome {
         Ok(r) => r,
         Err((stage, model, e)) => {
             if let Some(log) = log.as_mut() {
                 let r = log.append(RecordBody::Error {
-                    model,
+                    model: model.clone(),
                     inputs: Vec::new(),
                     stage: stage.into(),
                     message: format!("{e:#}"),
                 })?;
                 eprintln!("could not check; error record appended at seq {}", r.seq);
             }
+            let error = CheckError {
+                stage: stage.into(),
+                message: crate::error_chain(&e),
+                model,
+            };
+            outputs::write_error(&reports, &Outcome::CouldNotCheck(&error));
             return Err(e);
         }
     };
-    let rendered = match a.format {
-        Format::Text => crate::gate::text(&result),
-        Format::Json => serde_json::to_string_pretty(&result)? + "\n",
-        Format::Junit => crate::gate::junit(&result),
-        Format::Sarif => serde_json::to_string_pretty(&crate::gate::sarif(&result))? + "\n",
-    };
-    // The audit happened, so its record is appended before the report is written: a report
+    // The audit happened, so its record is appended before the reports are written: a report
     // that cannot be written does not lose the signed result.
     if let Some(log) = log.as_mut() {
         let r = log.append(audit_record(&result, model)?)?;
@@ -86,11 +100,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
             eprintln!("signed record appended at seq {} ({})", r.seq, r.hash);
         }
     }
-    match &a.out {
-        Some(path) => std::fs::write(path, &rendered)
-            .with_context(|| format!("writing {}", path.display()))?,
-        None => print!("{rendered}"),
-    }
+    outputs::write(&reports, &Outcome::Checked(&result))?;
     Ok(exit_code(result.verdict, a.fail_on_warn))
 }
 
@@ -109,28 +119,6 @@ fn open_log(db: &Path, key: Option<&Path>) -> anyhow::Result<AuditLog> {
 }
 
 type Failure = (&'static str, Option<ModelSubject>, anyhow::Error);
-
-/// Refuse an `--out` whose folder does not exist before spending an audit on it.
-fn writable_out(out: Option<&Path>) -> Result<(), Failure> {
-    let Some(out) = out else { return Ok(()) };
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if parent.is_dir() {
-        Ok(())
-    } else {
-        Err((
-            "write_output",
-            None,
-            anyhow::anyhow!(
-                "cannot write the report to {}: the folder {} does not exist",
-                out.display(),
-                parent.display()
-            ),
-        ))
-    }
-}
 
 /// Load, validate and run. Errors carry the stage they happened at.
 fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelSubject), Failure> {

@@ -1,10 +1,12 @@
 //! `mechwatch daemon`, `mechwatch status`, and the hidden `mechwatch daemon-audit` that the
 //! daemon runs for each audit (see `daemon::audit`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
+use serde_json::json;
 
 #[derive(Args)]
 pub struct DaemonArgs {
@@ -28,7 +30,8 @@ pub struct DaemonAuditArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// The daemon's configuration (for its state directory).
+    /// The daemon's configuration, for its state directory (default:
+    /// /etc/mechwatch/mechwatch.toml).
     #[arg(long, conflicts_with = "state_dir")]
     pub config: Option<PathBuf>,
     /// Or the state directory itself.
@@ -37,6 +40,9 @@ pub struct StatusArgs {
     /// Finished audits to list.
     #[arg(long, default_value_t = 10)]
     pub last: usize,
+    /// Print one JSON object (queue, recent audits, log head) on standard output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -48,6 +54,7 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<ExitCode> {
                 .and_then(|v| v.as_str().map(str::to_string))
         });
     crate::daemon::logging::init(format.as_deref());
+    require_config(&a.config)?;
     crate::daemon::run(&a.config)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -58,11 +65,36 @@ pub fn audit_child(a: DaemonAuditArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuse a config path that does not exist with a message that says what to pass.
+fn require_config(path: &Path) -> anyhow::Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    let what = if path.exists() {
+        "is not a file"
+    } else {
+        "does not exist"
+    };
+    anyhow::bail!(
+        "config {} {what}; pass --config with the path of the daemon's TOML configuration \
+         (a commented example with every key is systemd/mechwatch.toml, described in \
+         docs/daemon.md)",
+        path.display()
+    )
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let state_dir = match (a.state_dir, a.config) {
+    let config = a
+        .config
+        .unwrap_or_else(|| PathBuf::from(crate::daemon::config::DEFAULT_PATH));
+    let state_dir = match (a.state_dir, config) {
         (Some(d), _) => d,
-        (None, Some(c)) => {
-            let t: toml::Table = toml::from_str(&std::fs::read_to_string(&c)?)?;
+        (None, c) => {
+            require_config(&c)?;
+            let text =
+                std::fs::read_to_string(&c).with_context(|| format!("reading {}", c.display()))?;
+            let t: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", c.display()))?;
             let dir = PathBuf::from(
                 t.get("state_dir")
                     .and_then(|v| v.as_str())
@@ -71,16 +103,52 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             // As the daemon reads it: relative to the config's folder.
             crate::daemon::config::folder_of(&c)?.join(dir)
         }
-        (None, None) => anyhow::bail!("pass --config or --state-dir"),
     };
+    if !state_dir.is_dir() {
+        anyhow::bail!(
+            "state directory {} does not exist; pass the daemon's state_dir (where its state.db \
+             and audit.db live), or start the daemon once to create it",
+            state_dir.display()
+        );
+    }
     let jobs = crate::daemon::jobs::Jobs::open_read_only(&state_dir.join("state.db"))?;
     let open = jobs.open_jobs()?;
+    let recent = jobs.recent(a.last)?;
+    let conn = audit_log::store::open_reader(&state_dir.join("audit.db"))?;
+    let n = audit_log::store::record_count(&conn)?;
+    let head = if n > 0 {
+        audit_log::store::read_records(&conn, n - 1, n)?
+            .first()
+            .map(|r| r.hash_hex())
+    } else {
+        None
+    };
+    let checkpoint = audit_log::store::read_checkpoints(&conn)?
+        .last()
+        .map(|(size, _)| *size);
+    if a.json {
+        let v = json!({
+            "state_dir": state_dir.display().to_string(),
+            "queue": open.iter().map(|(path, state)| json!({ "path": path, "state": state })).collect::<Vec<_>>(),
+            "recent": recent.iter().map(|f| json!({
+                "updated_at": f.updated_at,
+                "state": f.state,
+                "verdict": f.verdict,
+                "path": f.path,
+                "seq": f.seq,
+                "message": f.message,
+            })).collect::<Vec<_>>(),
+            "log": { "records": n, "head_sha256": head, "checkpoint_size": checkpoint },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("queue: {} job(s)", open.len());
     for (path, state) in &open {
         println!("  {state:<8} {path}");
     }
     println!("last audits:");
-    for f in jobs.recent(a.last)? {
+    for f in recent {
         println!(
             "  {} {:<8} {:<6} {}{}{}",
             f.updated_at,
@@ -91,19 +159,11 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             f.message.map(|m| format!(": {m}")).unwrap_or_default()
         );
     }
-    let conn = audit_log::store::open_reader(&state_dir.join("audit.db"))?;
-    let n = audit_log::store::record_count(&conn)?;
-    let head = if n > 0 {
-        audit_log::store::read_records(&conn, n - 1, n)?
-            .first()
-            .map(|r| r.hash_hex())
-            .unwrap_or_default()
-    } else {
-        "-".into()
-    };
-    println!("log: {n} record(s), head sha256:{head}");
-    let cps = audit_log::store::read_checkpoints(&conn)?;
-    if let Some((size, _)) = cps.last() {
+    println!(
+        "log: {n} record(s), head sha256:{}",
+        head.as_deref().unwrap_or("-")
+    );
+    if let Some(size) = checkpoint {
         println!("latest checkpoint covers {size} record(s)");
     }
     Ok(ExitCode::SUCCESS)

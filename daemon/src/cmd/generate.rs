@@ -12,18 +12,22 @@ pub struct GenerateArgs {
     /// A GGUF file, an HF directory, or a name from `mechwatch model list` (`default`).
     #[arg(long, default_value = "default")]
     model: String,
+    /// The prompt text.
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// New tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// Sample with this temperature instead of greedy decoding.
     #[arg(long)]
     temperature: Option<f64>,
+    /// Nucleus sampling: sample from the smallest set of tokens with this total probability.
     #[arg(long, default_value_t = 0.95)]
     top_p: f64,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Add COEFF times the vector in FILE at HOOK on every position: `HOOK:FILE:COEFF`.

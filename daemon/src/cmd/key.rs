@@ -18,12 +18,19 @@ use clap::Subcommand;
 pub enum KeyCmd {
     /// Create an Ed25519 signing key (PKCS#8 v1 PEM, mode 0600) and print its public key (SPKI
     /// PEM, also written to FILE.pub); the key id and checkpoint note verifier key go to stderr.
+    #[command(after_help = "Examples:
+  mechwatch key generate --out signing.pem
+  sudo mechwatch key generate --out /etc/mechwatch/signing.pem")]
     Generate {
-        #[arg(long)]
+        /// The private key file to create (it must not exist); the public key goes to FILE.pub.
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Print the public key of a signing key (SPKI PEM), or with --note-verifier the C2SP
     /// signed-note verifier key (`mechwatch+<key id>+<base64 key>`) for checkpoint verifiers.
+    #[command(after_help = "Examples:
+  mechwatch key public --key signing.pem --out signing.pem.pub
+  mechwatch key public --pubkey signing.pem.pub --note-verifier")]
     Public {
         /// The private signing key.
         #[arg(long, required_unless_present = "pubkey", conflicts_with = "pubkey")]
@@ -39,7 +46,11 @@ pub enum KeyCmd {
         out: Option<PathBuf>,
     },
     /// Hand the log over to a new key: a rotation record signed by both keys.
+    #[command(after_help = "Examples:
+  mechwatch key generate --out new.pem
+  mechwatch key rotate --db audit.db --key signing.pem --new-key new.pem")]
     Rotate {
+        /// The audit log (SQLite) to hand over.
         #[arg(long)]
         db: PathBuf,
         /// The current key (default: $CREDENTIALS_DIRECTORY/mechwatch-signing-key).

@@ -21,9 +21,13 @@ use clap::{Subcommand, ValueEnum};
 pub enum LogCmd {
     /// Start a new, empty log at a path where nothing exists yet. With --key, only that key
     /// may sign its first record.
+    #[command(after_help = "Examples:
+  mechwatch log init --db audit.db --key signing.pem")]
     Init {
+        /// The log to create (SQLite); nothing may exist there yet.
         #[arg(long)]
         db: PathBuf,
+        /// The only key allowed to sign the first record (PKCS#8 PEM private key).
         #[arg(long)]
         key: Option<PathBuf>,
     },
@@ -34,7 +38,12 @@ pub enum LogCmd {
     /// With --export instead of --db: verify a DSSE export (`log export --format dsse`) without
     /// the database: every envelope's signature, the hash chain from seq 0, and that the Merkle
     /// root of the first N exported records equals the root the checkpoint (size N) signs.
+    #[command(after_help = "Examples:
+  mechwatch log verify --db audit.db --pubkey signing.pem.pub
+  mechwatch log verify --db audit.db --pubkey signing.pem.pub --checkpoint kept-off-host.checkpoint --json
+  mechwatch log verify --export records.jsonl --checkpoint audit.checkpoint --pubkey signing.pem.pub")]
     Verify {
+        /// The audit log (SQLite) to verify.
         #[arg(long, required_unless_present = "export", conflicts_with = "export")]
         db: Option<PathBuf>,
         /// A DSSE export (one envelope per line) to verify instead of a database; needs
@@ -47,43 +56,70 @@ pub enum LogCmd {
         /// A checkpoint exported earlier with `log checkpoint`, kept off the host.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// Print one JSON object (verified, records, root, keys, failure) on standard output.
+        #[arg(long)]
+        json: bool,
     },
-    /// Print records.
+    /// Print records, one line each (not verified: use `log verify` for that).
+    #[command(after_help = "Examples:
+  mechwatch log show --db audit.db
+  mechwatch log show --db audit.db --seq 3 --json")]
     Show {
+        /// The audit log (SQLite) to read.
         #[arg(long)]
         db: PathBuf,
+        /// Only the record with this sequence number.
         #[arg(long, conflicts_with = "last")]
         seq: Option<u64>,
+        /// The last N records [default: 10].
         #[arg(long)]
         last: Option<u64>,
+        /// Print each record's in-toto statement as one JSON line.
         #[arg(long)]
         json: bool,
     },
     /// Export the newest checkpoint (a fresh one when the key is available) for off-host keeping.
+    #[command(after_help = "Examples:
+  mechwatch log checkpoint --db audit.db --key signing.pem --out audit.checkpoint")]
     Checkpoint {
+        /// The audit log (SQLite).
         #[arg(long)]
         db: PathBuf,
+        /// The signing key, to sign a fresh checkpoint [default:
+        /// $CREDENTIALS_DIRECTORY/mechwatch-signing-key; without one, the newest stored one].
         #[arg(long)]
         key: Option<PathBuf>,
+        /// The file to write the checkpoint (a C2SP signed note) to.
         #[arg(long)]
         out: PathBuf,
     },
     /// Export every record: DSSE envelopes around in-toto statements (one per line), or JSONL.
     /// With --seq, only that record: one DSSE envelope (a JSON object) or one JSONL line.
+    #[command(after_help = "Examples:
+  mechwatch log export --db audit.db --format dsse --out records.jsonl
+  mechwatch log export --db audit.db --seq 7 --format dsse --out record-7.dsse.json")]
     Export {
+        /// The audit log (SQLite).
         #[arg(long)]
         db: PathBuf,
+        /// Only the record with this sequence number.
         #[arg(long)]
         seq: Option<u64>,
+        /// `dsse` (envelopes around in-toto statements) or `jsonl` (statement and signature).
         #[arg(long, value_enum)]
         format: ExportFormat,
+        /// The file to write.
         #[arg(long)]
         out: PathBuf,
     },
     /// Print an RFC 6962 inclusion proof for one record.
+    #[command(after_help = "Examples:
+  mechwatch log proof --db audit.db --seq 7")]
     Proof {
+        /// The audit log (SQLite).
         #[arg(long)]
         db: PathBuf,
+        /// The record's sequence number.
         #[arg(long)]
         seq: u64,
     },
@@ -122,11 +158,12 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             export,
             pubkey,
             checkpoint,
+            json,
         } => {
             let key = audit_log::keys::load_public(&pubkey)?;
             if let Some(export) = export {
                 let cp_path = checkpoint.context("--export needs --checkpoint")?;
-                return verify_export(&export, &cp_path, &key);
+                return verify_export(&export, &cp_path, &key, json);
             }
             let db = db.context("pass --db LOG or --export FILE")?;
             let conn = store::open_reader(&db)?;
@@ -139,6 +176,21 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                 .transpose()?;
             match audit_log::verify_log_witnessed(&conn, &key, external.as_deref(), head.as_deref())
             {
+                Ok(r) if json => {
+                    print_json(&serde_json::json!({
+                        "verified": true,
+                        "path": db.display().to_string(),
+                        "log_id": r.log_id,
+                        "records": r.records,
+                        "root": hex::encode(r.root),
+                        "stored_checkpoints": r.stored_checkpoints,
+                        "head_witness_size": r.head_witness,
+                        "checkpoint_size": r.external_checkpoint,
+                        "keys": r.keys,
+                        "failure": null,
+                    }))?;
+                    Ok(ExitCode::SUCCESS)
+                }
                 Ok(r) => {
                     println!(
                         "ok: {} records in log {}, root {}, {} stored checkpoints{}{}, keys {}",
@@ -162,7 +214,11 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                     Err(anyhow::anyhow!("{f}")).with_context(|| format!("{}", db.display()))
                 }
                 Err(f) => {
-                    println!("FAILED: {f}");
+                    if json {
+                        print_json(&failed_json(&db, &f))?;
+                    } else {
+                        println!("FAILED: {f}");
+                    }
                     Ok(ExitCode::from(1))
                 }
             }
@@ -311,6 +367,7 @@ fn verify_export(
     export: &std::path::Path,
     checkpoint: &std::path::Path,
     key: &ed25519_dalek::VerifyingKey,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(export)
         .with_context(|| format!("reading the export {}", export.display()))?;
@@ -322,6 +379,20 @@ fn verify_export(
         .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
         .collect();
     match audit_log::verify_export(&envelopes, key, &note) {
+        Ok(r) if json => {
+            print_json(&serde_json::json!({
+                "verified": true,
+                "path": export.display().to_string(),
+                "log_id": r.log_id,
+                "records": r.records,
+                "root": hex::encode(r.checkpoint_root),
+                "checkpoint_size": r.checkpoint_size,
+                "uncovered_records": r.records.saturating_sub(r.checkpoint_size),
+                "keys": r.keys,
+                "failure": null,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Ok(r) => {
             println!(
                 "ok: {} exported records of log {} verify; the first {} match the checkpoint \
@@ -342,11 +413,29 @@ fn verify_export(
             );
             Ok(ExitCode::SUCCESS)
         }
+        Err(f) if json => {
+            print_json(&failed_json(export, &f))?;
+            Ok(ExitCode::from(1))
+        }
         Err(f) => {
             println!("FAILED: {}: {f}", export.display());
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `log verify --json` when the log or export failed to verify (exit 1).
+fn failed_json(path: &std::path::Path, f: &audit_log::Failure) -> serde_json::Value {
+    serde_json::json!({
+        "verified": false,
+        "path": path.display().to_string(),
+        "failure": { "seq": f.seq, "message": f.to_string() },
+    })
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 fn ed25519_dalek_sig(r: &StoredRecord) -> anyhow::Result<ed25519_dalek::Signature> {

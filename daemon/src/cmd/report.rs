@@ -19,6 +19,7 @@ pub enum Format {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("which").required(true).args(["seq", "last", "model"])))]
 pub struct ReportArgs {
+    /// The audit log (SQLite) to read.
     #[arg(long)]
     pub db: PathBuf,
     /// The log's initial public key: verification runs when the report is made.
@@ -36,8 +37,10 @@ pub struct ReportArgs {
     /// Every record of the checkpoint with this sha256 (a prefix is enough).
     #[arg(long)]
     pub model: Option<String>,
+    /// The file to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// `html` (one self-contained page) or `md` (a Markdown summary).
     #[arg(long, value_enum, default_value = "html")]
     pub format: Format,
 }

@@ -11,22 +11,36 @@ use probes::sae::train::{train_within, Progress, TrainConfig};
 pub enum SaeCmd {
     /// Train a TopK or BatchTopK SAE (AuxK, unit-norm decoder) on activations streamed from the
     /// model; saves SAELens v6 files; resumes from OUT/checkpoint.* if present.
+    #[command(after_help = "Examples:
+  mechwatch sae train --hook blocks.11.hook_resid_post --corpus corpus.txt --latents 4608 --k 32 --tokens 2000000 --out sae-l11/
+  mechwatch sae train --model ./checkpoint --hook blocks.6.hook_resid_post --corpus a.jsonl b.txt --latents 8192 --k 64 --sparsity batchtopk --tokens 5000000 --out sae/")]
     Train(TrainArgs),
     /// L0, FVU / explained variance, dead latents, CE loss recovered and KL on held-out text.
+    #[command(after_help = "Examples:
+  mechwatch sae eval --sae sae-l11/ --corpus held-out.txt
+  mechwatch sae eval --model ./checkpoint --sae sae/ --corpus held-out.txt --tokens 16384 --json")]
     Eval(EvalArgs),
     /// Rank the latents that separate two prompt sets (AUROC, mean difference), with the
     /// token contexts where each fires.
+    #[command(after_help = "Examples:
+  mechwatch sae search --sae \"$(mechwatch sae default)\" --positive harmful.txt --negative harmless.txt --chat
+  mechwatch sae search --sae sae/ --labels labels.jsonl --positive pos.txt --negative neg.txt --top 20 --json")]
     Search(SearchArgs),
     /// The top-activating examples of one latent over a corpus.
+    #[command(after_help = "Examples:
+  mechwatch sae top --sae \"$(mechwatch sae default)\" --latent 1234 --corpus corpus.txt
+  mechwatch sae top --sae sae/ --latent 7 --corpus a.txt b.txt --n 20 --json")]
     Top(TopArgs),
     /// Print the default SAE's folder: for the default model the SAE shipped in this binary,
     /// for another model the recipe's SAE, trained on first use (corpus: text the model writes
     /// itself from our seed prompts).
-    ///
-    /// Examples:
-    ///   mechwatch sae default --eval
-    ///   mechwatch sae default --retrain
+    #[command(after_help = "Examples:
+  mechwatch sae default
+  mechwatch sae default --eval
+  mechwatch sae default --retrain
+  mechwatch sae default --model ./checkpoint --recipe")]
     Default {
+        /// A GGUF file, an HF directory, or a known model name (`default`).
         #[arg(long, default_value = "default")]
         model: String,
         /// Then evaluate it on held-out text we wrote (`probes/data/sae-eval-text.txt`).
@@ -49,7 +63,11 @@ pub enum SaeCmd {
     },
     /// Remove the default-SAE folders that older recipes left for this model under
     /// `$MECHWATCH_HOME/sae/`, and the corpora no remaining recipe uses.
+    #[command(after_help = "Examples:
+  mechwatch sae prune --dry-run
+  mechwatch sae prune --model ./checkpoint")]
     Prune {
+        /// A GGUF file, an HF directory, or a known model name (`default`).
         #[arg(long, default_value = "default")]
         model: String,
         /// List what would be removed, and remove nothing.
@@ -60,10 +78,13 @@ pub enum SaeCmd {
 
 #[derive(Args)]
 pub struct SaeModelArgs {
+    /// A GGUF file, an HF directory, or a known model name (`default`).
     #[arg(long, default_value = "default")]
     model: String,
+    /// The SAE folder (SAELens: cfg.json and sae_weights.safetensors).
     #[arg(long)]
     sae: PathBuf,
+    /// The hook the SAE reads [default: the one in its cfg.json].
     #[arg(long)]
     hook: Option<String>,
     /// Neuronpedia-style JSONL labels (`index`, `description`).
@@ -78,13 +99,16 @@ pub struct SearchArgs {
     /// Prompts where the feature should fire (one per line, or JSONL).
     #[arg(long)]
     positive: PathBuf,
+    /// Prompts where it should not fire (same formats).
     #[arg(long)]
     negative: PathBuf,
     /// Wrap prompts in the chat template.
     #[arg(long)]
     chat: bool,
+    /// Latents to list.
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -93,14 +117,19 @@ pub struct SearchArgs {
 pub struct TopArgs {
     #[command(flatten)]
     m: SaeModelArgs,
+    /// The latent's index.
     #[arg(long)]
     latent: usize,
+    /// Plain-text files or JSONL (`text` or `prompt`) to read.
     #[arg(long, required = true, num_args = 1..)]
     corpus: Vec<PathBuf>,
+    /// Examples to print.
     #[arg(long, default_value_t = 10)]
     n: usize,
+    /// Corpus tokens to read.
     #[arg(long, default_value_t = 8192)]
     tokens: u64,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -138,15 +167,19 @@ fn load(m: &SaeModelArgs) -> anyhow::Result<Loaded> {
 pub struct EvalArgs {
     #[command(flatten)]
     m: SaeModelArgs,
+    /// Held-out plain-text files or JSONL (`text` or `prompt`).
     #[arg(long, required = true, num_args = 1..)]
     corpus: Vec<PathBuf>,
     /// Evaluation tokens (whole windows).
     #[arg(long, default_value_t = 8192)]
     tokens: u64,
+    /// Tokens per window.
     #[arg(long, default_value_t = 64)]
     context: usize,
+    /// Seed of the window order.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -159,13 +192,16 @@ pub enum SparsityArg {
 
 #[derive(Args)]
 pub struct TrainArgs {
+    /// A GGUF file, an HF directory, or a known model name (`default`).
     #[arg(long, default_value = "default")]
     model: String,
+    /// The hook to read, e.g. `blocks.11.hook_resid_post`.
     #[arg(long)]
     hook: String,
     /// Plain-text files (documents separated by blank lines) or JSONL (`text` or `prompt`).
     #[arg(long, required = true, num_args = 1..)]
     corpus: Vec<PathBuf>,
+    /// Latents (the SAE's width).
     #[arg(long)]
     latents: usize,
     /// Active latents per token (on average, with `--sparsity batchtopk`).
@@ -174,16 +210,22 @@ pub struct TrainArgs {
     /// `topk` (saved as SAELens `topk`) or `batchtopk` (saved as `jumprelu`).
     #[arg(long, value_enum, default_value_t = SparsityArg::Topk)]
     sparsity: SparsityArg,
+    /// Training tokens.
     #[arg(long)]
     tokens: u64,
+    /// The folder to write the SAE (and its resumable checkpoints) to.
     #[arg(long)]
     out: PathBuf,
+    /// Tokens per window.
     #[arg(long, default_value_t = 64)]
     context: usize,
+    /// Windows per optimizer step.
     #[arg(long, default_value_t = 32)]
     windows_per_step: usize,
+    /// Adam learning rate.
     #[arg(long, default_value_t = 4e-4)]
     lr: f64,
+    /// Seed of the initialization and the window order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// A latent that has not fired for this many tokens gets the AuxK loss [default: a tenth
