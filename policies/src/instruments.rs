@@ -209,7 +209,7 @@ impl Instruments {
         }
         let dir = if self.build_missing {
             probes::sae::default::ensure_reporting(s.model, &mut *opts.progress)
-            .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
         } else {
             probes::sae::default::built(s.model)
                 .map_err(|e| e.to_string())?

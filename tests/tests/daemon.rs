@@ -704,7 +704,8 @@ fn without_config_the_daemon_reads_etc_mechwatch() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains("config /etc/mechwatch/mechwatch.toml does not exist") && err.contains("--config"),
+        err.contains("config /etc/mechwatch/mechwatch.toml does not exist")
+            && err.contains("--config"),
         "{err}"
     );
 }
