@@ -27,8 +27,9 @@ pub fn run(a: ManArgs, cli: clap::Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
         }
         None => {
+            // As `generate_to` does for the pages it writes: no `help` subcommand.
             let mut out = std::io::stdout().lock();
-            clap_mangen::Man::new(cli)
+            clap_mangen::Man::new(cli.disable_help_subcommand(true))
                 .render(&mut out)
                 .context("writing the man page to standard output")?;
         }
