@@ -44,6 +44,8 @@ Environment:
   RAYON_NUM_THREADS     threads for the model's CPU kernels (default: one per core)
   CANDLE_BARRIER_POOL_SPIN_LIMIT
                         how long idle kernel threads spin before sleeping (default: 2000)
+  TERM, COLUMNS         progress on a terminal: plain lines, no bar, when TERM=dumb;
+                        the bar's width is COLUMNS (default: 80)
 
 Exit codes:
   0  success: the check passed (warnings too, unless --fail-on-warn), the log verified
