@@ -94,6 +94,55 @@ fn every_shell_gets_a_script_naming_the_subcommands() {
     assert!(stderr(&o).contains("possible values"), "{}", stderr(&o));
 }
 
+/// Run `shell -c prog` and return its standard output.
+fn shell(shell: &str, prog: &str) -> String {
+    run(Command::new(shell).args(["-c", prog]))
+}
+
+#[test]
+fn the_zsh_and_fish_completions_parse_and_fish_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zsh = tmp.path().join("_mechwatch");
+    std::fs::write(
+        &zsh,
+        run(Command::new(mechwatch_bin()).args(["completions", "zsh"])),
+    )
+    .unwrap();
+    run(Command::new("zsh").arg("-n").arg(&zsh));
+    let defined = shell(
+        "zsh",
+        &format!(
+            "autoload -U compinit; compinit -u -D; source '{}'; print ${{+functions[_mechwatch]}}",
+            zsh.display()
+        ),
+    );
+    assert_eq!(defined.trim(), "1", "zsh: no _mechwatch function");
+
+    let fish = tmp.path().join("mechwatch.fish");
+    std::fs::write(
+        &fish,
+        run(Command::new(mechwatch_bin()).args(["completions", "fish"])),
+    )
+    .unwrap();
+    run(Command::new("fish").arg("--no-execute").arg(&fish));
+    let complete = |line: &str| -> Vec<String> {
+        shell(
+            "fish",
+            &format!("source '{}'; complete -C '{line}'", fish.display()),
+        )
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect()
+    };
+    let all = complete("mechwatch ");
+    for c in subcommands() {
+        assert!(all.contains(&c), "fish: {c} not offered: {all:?}");
+    }
+    assert_eq!(complete("mechwatch compl"), ["completions"]);
+    let flags = complete("mechwatch daemon --");
+    assert!(flags.contains(&"--config".to_string()), "{flags:?}");
+}
+
 /// A page rendered as a reader sees it, by groff (as `man` does).
 fn render(page: &Path) -> String {
     let o = Command::new("groff")
@@ -227,7 +276,10 @@ fn the_deb_holds_the_stripped_binary_unit_config_man_pages_and_completions() {
         .args(["-I"])
         .arg(deb)
         .arg("postinst"));
-    assert!(postinst.contains("useradd --system"), "{postinst}");
+    assert!(
+        postinst.contains("useradd ") && postinst.contains("--system"),
+        "{postinst}"
+    );
 
     // Unpacked into a scratch root: the files are the repository's, and the binary is the
     // stripped build of this tree.
@@ -280,4 +332,145 @@ fn the_deb_holds_the_stripped_binary_unit_config_man_pages_and_completions() {
         std::fs::copy(&page, &plain).unwrap();
     }
     assert!(render(&plain).contains("mechwatch-daemon(1)"));
+}
+
+/// A scratch root for `dpkg --root`: an empty package database and empty account files.
+/// Maintainer scripts run outside a chroot with `$DPKG_ROOT` set
+/// (`--force-script-chrootless`), and `systemctl --version` is answered by a script that
+/// reports `systemd` (`None`: a host without systemd).
+struct Root {
+    dir: tempfile::TempDir,
+    bin: tempfile::TempDir,
+}
+
+impl Root {
+    fn new() -> Root {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["etc", "var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        for f in [
+            "var/lib/dpkg/status",
+            "etc/passwd",
+            "etc/group",
+            "etc/shadow",
+            "etc/gshadow",
+        ] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        Root {
+            dir,
+            bin: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn dpkg(&self, systemd: Option<u32>, args: &[&str]) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let systemctl = self.bin.path().join("systemctl");
+        let body = match systemd {
+            Some(v) => format!("#!/bin/sh\necho 'systemd {v} ({v}-1)'\n"),
+            None => "#!/bin/sh\nexit 127\n".to_string(),
+        };
+        std::fs::write(&systemctl, body).unwrap();
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            self.bin.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        run(Command::new("dpkg")
+            .arg(format!("--root={}", self.dir.path().display()))
+            .args(["--force-script-chrootless", "--force-depends"])
+            .args(args)
+            .env("PATH", path))
+    }
+
+    fn passwd_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("etc/passwd"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn host_has_user(name: &str) -> bool {
+    Command::new("getent")
+        .args(["passwd", name])
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn dpkg_installs_upgrades_removes_and_purges_in_a_scratch_root() {
+    let uid = run(Command::new("id").arg("-u"));
+    assert_eq!(
+        uid.trim(),
+        "0",
+        "dpkg --root needs root (CI and scripts/test-all run as root)"
+    );
+    let deb = deb().to_str().unwrap();
+    let host_user_before = host_has_user("mechwatch");
+    let dropin = "etc/systemd/system/mechwatch.service.d/before-253.conf";
+    let conf = "etc/mechwatch/mechwatch.toml";
+
+    // systemd 252 does not know Type=notify-reload: postinst adds the drop-in.
+    let r = Root::new();
+    r.dpkg(Some(252), &["-i", deb]);
+    let status = r.dpkg(None, &["-s", "mechwatch"]);
+    assert!(status.contains("Status: install ok installed"), "{status}");
+    let users = r.passwd_lines();
+    assert_eq!(users.len(), 1, "{users:?}");
+    assert!(
+        users[0].starts_with("mechwatch:x:")
+            && users[0].ends_with(":/var/lib/mechwatch:/usr/sbin/nologin"),
+        "{users:?}"
+    );
+    assert_eq!(
+        host_has_user("mechwatch"),
+        host_user_before,
+        "postinst touched the host's accounts"
+    );
+    assert_eq!(
+        std::fs::read(r.path(dropin)).unwrap(),
+        repo_file("systemd/mechwatch-before-253.conf")
+    );
+    let version = run(Command::new(r.path("usr/bin/mechwatch")).arg("--version"));
+    assert_eq!(version, stdout(&mechwatch(&["--version"])));
+
+    // Reinstalled over itself: the admin's edit of the conffile stays, the user is not added
+    // twice.
+    let edited = format!(
+        "{}\n# edited by the admin\n",
+        std::fs::read_to_string(r.path(conf)).unwrap()
+    );
+    std::fs::write(r.path(conf), &edited).unwrap();
+    r.dpkg(Some(252), &["-i", deb]);
+    assert_eq!(std::fs::read_to_string(r.path(conf)).unwrap(), edited);
+    assert_eq!(r.passwd_lines().len(), 1);
+
+    // Removed: the binary goes, the configuration and the drop-in stay. Purged: they go too;
+    // the user (who may own an audit log) stays.
+    r.dpkg(None, &["-r", "mechwatch"]);
+    assert!(!r.path("usr/bin/mechwatch").exists());
+    assert!(r.path(conf).exists() && r.path(dropin).exists());
+    r.dpkg(None, &["-P", "mechwatch"]);
+    assert!(!r.path(conf).exists());
+    assert!(!r.path(dropin).exists());
+    assert!(!r.path("etc/systemd/system/mechwatch.service.d").exists());
+    assert_eq!(r.passwd_lines().len(), 1);
+
+    // systemd 253 and later, or no systemd: no drop-in.
+    for systemd in [Some(253), None] {
+        let r = Root::new();
+        r.dpkg(systemd, &["-i", deb]);
+        assert!(r.path("usr/bin/mechwatch").exists());
+        assert!(!r.path(dropin).exists(), "{systemd:?}");
+        assert_eq!(r.passwd_lines().len(), 1);
+    }
 }

@@ -69,7 +69,7 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model_beside_stdout(&a.model)?;
     let points = a
         .hook
         .iter()

@@ -37,7 +37,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model_beside_stdout(&a.model)?;
     let mut hooks = Hooks::new();
     for spec in &a.steer {
         let (hook, file, coeff) = parse_steer(spec)?;

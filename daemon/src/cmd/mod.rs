@@ -28,3 +28,9 @@ pub fn load_model_showing(
 ) -> anyhow::Result<Model> {
     progress.run(&format!("loading model {spec}"), None, || load_model(spec))
 }
+
+/// [`load_model_showing`] for commands that print their results on stdout: plain progress
+/// lines on stderr, never a bar that would run into those results.
+pub fn load_model_beside_stdout(spec: &str) -> anyhow::Result<Model> {
+    load_model_showing(spec, &crate::progress::Progress::stderr_beside_stdout())
+}

@@ -68,7 +68,7 @@ pub fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
             println!("{}", out_dir.display());
         }
         ModelCmd::Info(a) => {
-            let info = super::load_model(&a.path)?.info();
+            let info = super::load_model_beside_stdout(&a.path)?.info();
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {

@@ -78,7 +78,7 @@ fn check(path: &str, model: Option<&str>, as_json: bool) -> anyhow::Result<ExitC
         Err(errors) => return invalid(&errors, ""),
     };
     if let Some(spec) = model {
-        let model = super::load_model(spec)?;
+        let model = super::load_model_beside_stdout(spec)?;
         if let Err(errors) = policies::engine::resolve_only(&model, &policies) {
             return invalid(&errors.0, &format!(" against {spec}"));
         }

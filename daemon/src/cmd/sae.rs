@@ -142,7 +142,7 @@ struct Loaded {
 }
 
 fn load(m: &SaeModelArgs) -> anyhow::Result<Loaded> {
-    let model = super::load_model(&m.model)?;
+    let model = super::load_model_beside_stdout(&m.model)?;
     let sae = std::sync::Arc::new(probes::sae::load_sae(&m.sae)?);
     let hook_name = m
         .hook
@@ -364,7 +364,7 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             corpus_dir,
             recipe_dir,
         } => {
-            let model = super::load_model(&model)?;
+            let model = super::load_model_beside_stdout(&model)?;
             if recipe_dir {
                 let r = probes::sae::default::Recipe::for_model(&model);
                 println!("{}", r.dir().display());
@@ -421,7 +421,7 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             }
         }
         SaeCmd::Prune { model, dry_run } => {
-            let model = super::load_model(&model)?;
+            let model = super::load_model_beside_stdout(&model)?;
             let stale = probes::sae::default::stale_folders(&model)?;
             let verb = if dry_run { "would remove" } else { "removed" };
             if !dry_run {
