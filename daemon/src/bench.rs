@@ -149,6 +149,7 @@ fn daemon(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         progress: &mut quiet,
         micro_batch: 16,
         lineage: None,
+        store: None,
     };
     policies::engine::run(&model, &policies, &mut opts)?;
     let in_process = t0.elapsed().as_secs_f64();
@@ -227,6 +228,7 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         progress: &mut quiet,
         micro_batch: 16,
         lineage: None,
+        store: None,
     };
     let (result, timings) = policies::engine::run(&model, &policies, &mut opts)?;
     let total = t0.elapsed().as_secs_f64();

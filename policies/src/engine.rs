@@ -18,10 +18,12 @@ use probes::Model;
 use crate::checks::{Cx, Planner};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::instruments::Instruments;
+use crate::lineage::Lineage;
 use crate::load::Policy;
 use crate::result::{Evidence, Finding, InputRecord, ModelRef, PolicyResult, RunResult, Status};
 use crate::schema::ModelMatch;
 use crate::session::Session;
+use crate::store::Store;
 
 /// How a run is carried out.
 pub struct RunOptions<'a> {
@@ -33,6 +35,17 @@ pub struct RunOptions<'a> {
     pub micro_batch: usize,
     /// The model lineage recorded in the result (default: the checkpoint's file name).
     pub lineage: Option<String>,
+    /// The instrument store (default: `$MECHWATCH_HOME/instruments`).
+    pub store: Option<std::path::PathBuf>,
+}
+
+impl RunOptions<'_> {
+    fn store(&self) -> Store {
+        match &self.store {
+            Some(root) => Store::at(root.clone()),
+            None => Store::in_cache(),
+        }
+    }
 }
 
 /// Resolve every reference of `policies` against `model` without running any check. A
@@ -40,13 +53,14 @@ pub struct RunOptions<'a> {
 /// starts a training.
 pub fn resolve_only(model: &Model, policies: &[Policy]) -> Result<(), PolicyErrors> {
     let mut session = Session::new(model, 16);
-    let mut instruments = Instruments::new(false);
+    let mut instruments = Instruments::new(false, Lineage::default(), Store::in_cache(), false);
     let mut quiet = |_: &str| {};
     let mut opts = RunOptions {
         last_pass: None,
         progress: &mut quiet,
         micro_batch: 16,
         lineage: None,
+        store: None,
     };
     let applicable: Vec<&Policy> = policies
         .iter()
@@ -110,7 +124,9 @@ pub fn run(
     opts: &mut RunOptions<'_>,
 ) -> Result<(RunResult, Timings), PolicyErrors> {
     let mut session = Session::new(model, opts.micro_batch);
-    let mut instruments = Instruments::new(true);
+    let lineage_name = opts.lineage.clone().unwrap_or_else(|| lineage_of(model));
+    let lineage = Lineage::new(&lineage_name, opts.last_pass, model);
+    let mut instruments = Instruments::new(true, lineage, opts.store(), true);
     let applicable: Vec<bool> = policies.iter().map(|p| applies(&p.models, model)).collect();
     if !applicable.iter().any(|a| *a) {
         return Err(PolicyErrors(vec![PolicyError::at(
@@ -189,16 +205,20 @@ pub fn run(
         .collect();
     inputs.sort();
     inputs.dedup();
+    let mut pins = instruments.pins.clone();
+    pins.sort();
+    pins.dedup();
     let info = model.info();
     Ok((
         RunResult {
             model: ModelRef {
-                lineage: opts.lineage.clone().unwrap_or_else(|| lineage_of(model)),
+                lineage: lineage_name,
                 path: model.path.display().to_string(),
                 digest: info.digest,
                 architecture: info.architecture,
                 n_layers: info.n_layers,
                 d_model: info.d_model,
+                vocab_size: info.vocab_size,
             },
             verdict: results
                 .iter()
@@ -207,6 +227,7 @@ pub fn run(
                 .max()
                 .unwrap_or(Status::Error),
             inputs,
+            instruments: pins,
             policies: results,
         },
         timings,

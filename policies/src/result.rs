@@ -38,6 +38,13 @@ pub struct ModelRef {
     pub architecture: String,
     pub n_layers: usize,
     pub d_model: usize,
+    /// The tokenizer's vocabulary size (0 in records written before it was recorded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vocab_size: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,7 +54,34 @@ pub struct RunResult {
     pub verdict: Status,
     /// Every file read, with its digest (policies, prompt sets, SAEs, labels, directions).
     pub inputs: Vec<InputRecord>,
+    /// The SAEs and directions the checks measured with, pinned to the lineage's reference
+    /// checkpoint; later checkpoints of the lineage reuse exactly these (see
+    /// [`crate::lineage`]). Absent in records written before instruments were pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instruments: Vec<PinnedInstrument>,
     pub policies: Vec<PolicyResult>,
+}
+
+/// One instrument a run measured with, as the signed record names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PinnedInstrument {
+    pub policy: String,
+    /// The policy's own name for it (`[saes.NAME]`, `[directions.NAME]`).
+    pub name: String,
+    /// `sae` or `direction`.
+    pub kind: String,
+    /// The instrument's content: an SAE's manifest root, or the sha256 of the direction's
+    /// file in the instrument store.
+    pub sha256: String,
+    /// sha256 of the policy's definition it was computed from (hook, position, the prompt
+    /// sets' text); a changed definition is computed afresh rather than reused.
+    pub recipe: String,
+    /// The digest of the checkpoint it was computed on (empty for an instrument read from a
+    /// policy's own file).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reference: String,
+    /// Where it came from: `shipped`, `built on <digest>` or `file`.
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

@@ -156,6 +156,7 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
         progress: &mut progress,
         micro_batch: 16,
         lineage: Some(lineage),
+        store: None,
     };
     let run = policies::engine::run(&model, &policies, &mut opts);
     progress.end(run.is_ok());

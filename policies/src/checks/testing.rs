@@ -87,6 +87,7 @@ negative = "neg"
             progress: &mut quiet,
             micro_batch: 3,
             lineage: None,
+            store: Some(self.dir.path().join("store")),
         };
         run(&self.model, &[policy], &mut opts)
             .expect("the test policy resolves")
