@@ -300,6 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn an_sae_is_copied_once_and_read_back_checked() {
+        let tiny = crate::checks::testing::Tiny::new();
+        let sae = probes::sae::load_sae(&tiny.dir.path().join("policy/sae")).unwrap();
+        let store = Store::at(tiny.dir.path().join("store"));
+        let dir = store.put_sae(&sae).unwrap();
+        assert_eq!(store.put_sae(&sae).unwrap(), dir);
+        assert_eq!(
+            store.sae(&tiny.sae_sha).unwrap().manifest.root(),
+            tiny.sae_sha
+        );
+        let cfg = dir.join("cfg.json");
+        // Still a valid config, but not the pinned bytes.
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("{text} ")).unwrap();
+        let e = store.sae(&tiny.sae_sha).unwrap_err();
+        assert!(matches!(e, StoreError::Digest { .. }), "{e}");
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+    }
+
+    #[test]
     fn a_digest_that_is_not_one_never_becomes_a_path() {
         let store = Store::at(PathBuf::from("/nonexistent"));
         for bad in ["../../etc/passwd", "", &"A".repeat(64)] {
