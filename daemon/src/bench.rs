@@ -150,6 +150,7 @@ fn daemon(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         micro_batch: 16,
         lineage: None,
         store: None,
+        reference: None,
     };
     policies::engine::run(&model, &policies, &mut opts)?;
     let in_process = t0.elapsed().as_secs_f64();
@@ -229,6 +230,7 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         micro_batch: 16,
         lineage: None,
         store: None,
+        reference: None,
     };
     let (result, timings) = policies::engine::run(&model, &policies, &mut opts)?;
     let total = t0.elapsed().as_secs_f64();

@@ -37,6 +37,9 @@ pub struct RunOptions<'a> {
     pub lineage: Option<String>,
     /// The instrument store (default: `$MECHWATCH_HOME/instruments`).
     pub store: Option<std::path::PathBuf>,
+    /// The lineage's reference, whose pinned instruments this run reuses (from
+    /// [`reference_instruments`], `check --base`); default: `last_pass`.
+    pub reference: Option<&'a RunResult>,
 }
 
 impl RunOptions<'_> {
@@ -61,6 +64,7 @@ pub fn resolve_only(model: &Model, policies: &[Policy]) -> Result<(), PolicyErro
         micro_batch: 16,
         lineage: None,
         store: None,
+        reference: None,
     };
     let applicable: Vec<&Policy> = policies
         .iter()
@@ -125,7 +129,7 @@ pub fn run(
 ) -> Result<(RunResult, Timings), PolicyErrors> {
     let mut session = Session::new(model, opts.micro_batch);
     let lineage_name = opts.lineage.clone().unwrap_or_else(|| lineage_of(model));
-    let lineage = Lineage::new(&lineage_name, opts.last_pass, model);
+    let lineage = Lineage::new(&lineage_name, opts.reference.or(opts.last_pass), model);
     let mut instruments = Instruments::new(true, lineage, opts.store(), true);
     let applicable: Vec<bool> = policies.iter().map(|p| applies(&p.models, model)).collect();
     if !applicable.iter().any(|a| *a) {
@@ -208,18 +212,9 @@ pub fn run(
     let mut pins = instruments.pins.clone();
     pins.sort();
     pins.dedup();
-    let info = model.info();
     Ok((
         RunResult {
-            model: ModelRef {
-                lineage: lineage_name,
-                path: model.path.display().to_string(),
-                digest: info.digest,
-                architecture: info.architecture,
-                n_layers: info.n_layers,
-                d_model: info.d_model,
-                vocab_size: info.vocab_size,
-            },
+            model: model_ref(model, lineage_name),
             verdict: results
                 .iter()
                 .filter(|p| p.applies)
@@ -232,6 +227,68 @@ pub fn run(
         },
         timings,
     ))
+}
+
+/// How a result names the checkpoint it was run on.
+fn model_ref(model: &Model, lineage: String) -> ModelRef {
+    let info = model.info();
+    ModelRef {
+        lineage,
+        path: model.path.display().to_string(),
+        digest: info.digest,
+        architecture: info.architecture,
+        n_layers: info.n_layers,
+        d_model: info.d_model,
+        vocab_size: info.vocab_size,
+    }
+}
+
+/// Compute (or find) the instruments `policies` measure `model` with, store them, and return
+/// them as a result with no findings: the model and its pinned instruments, the reference of
+/// a lineage for [`RunOptions::reference`] (`check --base`). Runs no check; a builtin SAE that
+/// is not built for `model` is an error that says how to build it.
+pub fn reference_instruments(
+    model: &Model,
+    policies: &[Policy],
+    lineage: &str,
+    store: Option<std::path::PathBuf>,
+) -> Result<RunResult, PolicyErrors> {
+    let mut quiet = |_: &str| {};
+    let mut opts = RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 16,
+        lineage: Some(lineage.to_string()),
+        store,
+        reference: None,
+    };
+    let mut session = Session::new(model, opts.micro_batch);
+    let mut instruments = Instruments::new(false, Lineage::default(), opts.store(), true);
+    let applicable: Vec<&Policy> = policies
+        .iter()
+        .filter(|p| applies(&p.models, model))
+        .collect();
+    let mut errors = Vec::new();
+    resolve_all(
+        &mut session,
+        &mut instruments,
+        &applicable,
+        &mut opts,
+        &mut errors,
+    );
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    let mut pins = instruments.pins.clone();
+    pins.sort();
+    pins.dedup();
+    Ok(RunResult {
+        model: model_ref(model, lineage.to_string()),
+        verdict: Status::Pass,
+        inputs: Vec::new(),
+        instruments: pins,
+        policies: Vec::new(),
+    })
 }
 
 /// The default lineage of a model: its file or directory name.

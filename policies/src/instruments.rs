@@ -591,6 +591,29 @@ min_auroc = 0.5
     }
 
     #[test]
+    fn a_base_checkpoint_is_the_reference_whose_instruments_a_run_uses() {
+        let tiny = Tiny::new();
+        let base_dir = probes::testing::llama_dir(&tiny.dir.path().join("base"), 8);
+        let base = probes::testing::load(&base_dir);
+        let policy = tiny.policy(PROBE).unwrap();
+        let reference =
+            crate::engine::reference_instruments(&base, &[policy], "t", Some(tiny.store()))
+                .unwrap();
+        let pin = reference
+            .instruments
+            .iter()
+            .find(|i| i.name == "d")
+            .expect("the base's direction is pinned");
+        assert_eq!(pin.reference, base.manifest.root());
+        assert_ne!(pin.reference, tiny.model.manifest.root());
+        let run = tiny.run_with(PROBE, None, Some(&reference));
+        assert_eq!(run.instruments, reference.instruments);
+        // Not the direction this checkpoint would compute itself.
+        let own = tiny.run(PROBE, None);
+        assert_ne!(own.instruments, reference.instruments);
+    }
+
+    #[test]
     fn a_lineage_of_another_model_is_an_error_not_a_pass() {
         let tiny = Tiny::new();
         let mut first = tiny.run(PROBE, None);

@@ -80,6 +80,16 @@ negative = "neg"
 
     /// Run `checks` and return the whole result.
     pub fn run(&self, checks: &str, last_pass: Option<&RunResult>) -> RunResult {
+        self.run_with(checks, last_pass, None)
+    }
+
+    /// Run `checks` with `reference` as the lineage's reference.
+    pub fn run_with(
+        &self,
+        checks: &str,
+        last_pass: Option<&RunResult>,
+        reference: Option<&RunResult>,
+    ) -> RunResult {
         let policy = self.policy(checks).expect("the test policy validates");
         let mut quiet = |_: &str| {};
         let mut opts = RunOptions {
@@ -87,11 +97,17 @@ negative = "neg"
             progress: &mut quiet,
             micro_batch: 3,
             lineage: None,
-            store: Some(self.dir.path().join("store")),
+            store: Some(self.store()),
+            reference,
         };
         run(&self.model, &[policy], &mut opts)
             .expect("the test policy resolves")
             .0
+    }
+
+    /// The instrument store of this test.
+    pub fn store(&self) -> std::path::PathBuf {
+        self.dir.path().join("store")
     }
 
     /// The only finding of `checks`.
