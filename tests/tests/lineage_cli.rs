@@ -92,7 +92,11 @@ impl Env {
     }
 
     fn check(&self, model: &Path) -> (Output, serde_json::Value) {
-        let o = self.run(&[
+        self.check_with(model, &[])
+    }
+
+    fn check_with(&self, model: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+        let mut args = vec![
             "check",
             "--model",
             model.to_str().unwrap(),
@@ -107,7 +111,9 @@ impl Env {
             self.key.to_str().unwrap(),
             "--lineage",
             "smol",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let o = self.run(&args);
         let v = serde_json::from_slice(&o.stdout)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&o), stderr(&o)));
         (o, v)
@@ -258,4 +264,33 @@ fn a_nudged_checkpoint_reuses_its_lineages_instruments() {
     ] {
         assert!(why.contains(&part), "{part}: {why}");
     }
+}
+
+#[test]
+fn a_base_checkpoint_sets_the_lineages_instruments() {
+    let env = Env::new();
+    let gguf = default_model();
+    let nudged = noisy_copy(&env, &gguf);
+    let info = env.run(&["model", "info", "--json", gguf.to_str().unwrap()]);
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let base = info["digest"].as_str().unwrap();
+
+    // The first audit of the lineage, of the nudged copy, measures with the base's
+    // instruments: the shipped SAE (nothing trained) and the direction computed on the base.
+    let (o, r) = env.check_with(&nudged, &["--base", gguf.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_ne!(r["model"]["digest"], base);
+    let pins = r["instruments"].as_array().unwrap();
+    let sae = pins.iter().find(|p| p["kind"] == "sae").unwrap();
+    let direction = pins.iter().find(|p| p["kind"] == "direction").unwrap();
+    assert_eq!(sae["origin"], "shipped");
+    assert_eq!(direction["reference"], base);
+    assert_eq!(direction["origin"], format!("built on {base}"));
+    let trained: Vec<String> = env
+        .cache_listing()
+        .into_iter()
+        .filter(|f| f.starts_with("sae/default-") || f.starts_with("sae/corpus-"))
+        .collect();
+    assert!(trained.is_empty(), "{trained:?}");
 }
