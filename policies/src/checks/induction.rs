@@ -93,6 +93,7 @@ impl Kind for Induction {
         id: &Spanned<String>,
         _: &Names<'_>,
     ) -> Option<Self> {
+        let check = format!("check `{}`", id.get_ref());
         let mut count = |field: &str, s: &Option<Spanned<i64>>, default: i64, range: (i64, i64)| {
             let Some(s) = s else {
                 return default;
@@ -101,7 +102,10 @@ impl Kind for Induction {
             if x < range.0 || x > range.1 {
                 v.err(
                     s,
-                    format!("`{field}` {x} is outside [{}, {}]", range.0, range.1),
+                    format!(
+                        "{check}: `{field}` {x} is outside [{}, {}]",
+                        range.0, range.1
+                    ),
                 );
             }
             x
@@ -123,8 +127,10 @@ impl Kind for Induction {
             _ => {
                 v.err(
                     s,
-                    "`layers` is `[from, to]`, two fractions of the model's depth with \
-                     0 <= from <= to <= 1 (e.g. [0.25, 0.75])",
+                    format!(
+                        "{check}: `layers` is `[from, to]`, two fractions of the model's depth \
+                         with 0 <= from <= to <= 1 (e.g. [0.25, 0.75])"
+                    ),
                 );
                 None
             }
@@ -132,14 +138,20 @@ impl Kind for Induction {
         let min_induction_score = spec.min_induction_score.as_ref().map(|s| {
             let x = *s.get_ref();
             if !(0.0..=1.0).contains(&x) {
-                v.err(s, format!("`min_induction_score` {x} is outside [0, 1]"));
+                v.err(
+                    s,
+                    format!("{check}: `min_induction_score` {x} is outside [0, 1]"),
+                );
             }
             x
         });
         let min_loss_drop = spec.min_loss_drop.as_ref().map(|s| {
             let x = *s.get_ref();
             if !x.is_finite() {
-                v.err(s, "`min_loss_drop` must be a finite number");
+                v.err(
+                    s,
+                    format!("{check}: `min_loss_drop` must be a finite number"),
+                );
             }
             x
         });
@@ -153,7 +165,8 @@ impl Kind for Induction {
                 None => v.err(
                     h,
                     format!(
-                        "head `{}` is not `layer.head`, two indices counted from 0 (e.g. \"5.1\")",
+                        "{check}: head `{}` is not `layer.head`, two indices counted from 0 \
+                         (e.g. \"5.1\")",
                         h.get_ref()
                     ),
                 ),
@@ -172,7 +185,7 @@ impl Kind for Induction {
         if !heads.is_empty() && min_induction_score.is_none() {
             v.err(
                 &spec.heads[0],
-                "`heads` are held to `min_induction_score`, which is missing",
+                format!("{check}: `heads` are held to `min_induction_score`, which is missing"),
             );
         }
         // Any error above is counted by the caller, which then drops this value.
@@ -1051,6 +1064,7 @@ mod tests {
             let line = line_of(&tiny, needle);
             assert!(
                 shown.iter().any(|e| e.contains(&format!("{file}:{line}:"))
+                    && e.contains("check `induction`")
                     && e.contains(message)),
                 "{fields}: {shown:?}"
             );
