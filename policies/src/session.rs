@@ -284,6 +284,7 @@ impl<'m> Session<'m> {
     /// Forward token sequences that are not a prompt set (the induction check's random
     /// tokens), all of one length, with `hooks` captured and every position's logits, handing
     /// each micro-batch's output (with its first sequence's index) to `consume` in order.
+    /// Micro-batches hold at most 4 sequences: each keeps every position's logits.
     pub fn forward_ids(
         &self,
         what: &str,
@@ -295,7 +296,7 @@ impl<'m> Session<'m> {
             .transformer
             .forward_chunked(
                 ids,
-                self.micro_batch,
+                self.micro_batch.min(4),
                 Padding::Right,
                 hooks,
                 Unembed::All,

@@ -35,8 +35,9 @@ use crate::result::{round, AttentionPattern, Evidence, Finding, HeadScores, Metr
 
 /// Most sequences a check may ask for.
 const MAX_SEQUENCES: i64 = 256;
-/// Most tokens per repeat a check may ask for (the model's context may allow fewer).
-const MAX_LENGTH: i64 = 2048;
+/// Most tokens per repeat a check may ask for (the model's context may allow fewer): every
+/// position's logits are kept for a micro-batch, `2 * length` rows of the vocabulary's width.
+const MAX_LENGTH: i64 = 256;
 /// Heads shown as evidence, best induction score first (named heads are added).
 const TOP_HEADS: usize = 5;
 /// Heads whose attention pattern is shown.
