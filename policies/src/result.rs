@@ -164,6 +164,42 @@ pub struct Evidence {
     /// Drift: every latent's firing rate on the check's prompts (sparse), for later baselines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub firing_rates: Vec<(u32, f64)>,
+    /// Induction: attention heads with their scores, the best induction heads first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<HeadScores>,
+    /// Induction: the attention patterns of the top heads on one sequence, downsampled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<AttentionPattern>,
+}
+
+/// One attention head's scores on repeated random tokens (see `checks/induction.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeadScores {
+    pub layer: usize,
+    pub head: usize,
+    /// Mean attention from each second-repeat token to the token after its first occurrence.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub induction: f64,
+    /// Mean attention from each token to the one before it.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub previous_token: f64,
+    /// Mean attention from each second-repeat token to its first occurrence.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub duplicate_token: f64,
+}
+
+/// A head's attention pattern on one sequence, mean-pooled over `stride` x `stride` blocks
+/// of (query, key) positions so that a record stays small.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttentionPattern {
+    pub layer: usize,
+    pub head: usize,
+    /// The sequence's index among the check's random sequences.
+    pub sequence: usize,
+    /// Positions per cell along each axis.
+    pub stride: usize,
+    /// `rows[query cell][key cell]`: mean attention in that block.
+    pub rows: Vec<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -18,6 +18,7 @@ mod attribution;
 pub mod direction_probe;
 pub mod drift;
 pub mod feature_probe;
+pub mod induction;
 pub mod steering;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -154,6 +155,7 @@ kinds! {
     DirectionProbe(direction_probe::DirectionProbe) = "direction_probe",
     Steering(steering::Steering) = "steering",
     Drift(drift::Drift) = "drift",
+    Induction(induction::Induction) = "induction",
 }
 
 /// A failed or violated check is `fail`, or only `warn` when its severity is low or info.

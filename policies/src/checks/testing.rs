@@ -117,6 +117,21 @@ negative = "neg"
     }
 }
 
+/// Run the policy file at `path` on `model` through the real engine.
+pub(crate) fn run_policy(model: &probes::Model, path: &Path) -> RunResult {
+    let policy = Policy::load(path).expect("the test policy validates");
+    let mut quiet = |_: &str| {};
+    let mut opts = RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 3,
+        lineage: None,
+    };
+    run(model, &[policy], &mut opts)
+        .expect("the test policy resolves")
+        .0
+}
+
 /// A metric's value by its name's start.
 pub(crate) fn metric(f: &Finding, prefix: &str) -> f64 {
     f.metrics
