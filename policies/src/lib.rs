@@ -8,6 +8,7 @@ pub mod checks;
 pub mod engine;
 pub mod error;
 mod instruments;
+pub mod lens;
 pub mod load;
 pub mod metrics;
 pub mod result;

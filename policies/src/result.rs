@@ -130,6 +130,30 @@ pub struct Evidence {
     /// Drift: every latent's firing rate on the check's prompts (sparse), for later baselines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub firing_rates: Vec<(u32, f64)>,
+    /// Warn and fail findings: the logit lens at the last token of the first prompts shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lens: Vec<LensEvidence>,
+}
+
+/// The logit lens at the last token of one prompt of the evidence: per layer, the most
+/// probable next tokens read from the residual stream through the model's final norm and
+/// unembedding (the model as it is, without any intervention of the check).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensEvidence {
+    pub set: String,
+    pub index: usize,
+    /// The token read: the templated prompt's last.
+    pub token: String,
+    /// The embedding first, then one per block.
+    pub layers: Vec<LensLayer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensLayer {
+    /// `embed` or the block's index.
+    pub layer: String,
+    /// The most probable tokens, most probable first; `value` is the probability.
+    pub top: Vec<TokenValue>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

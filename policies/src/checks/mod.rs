@@ -20,7 +20,7 @@ pub mod drift;
 pub mod feature_probe;
 pub mod steering;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 /// What a check needs while its plan is made: the session to plan passes in, the resolved
 /// instruments, and the run's list of errors (each naming the policy file and check).
