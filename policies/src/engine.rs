@@ -6,7 +6,8 @@
 //!    failure here is an error for the whole run.
 //! 2. Directions are computed from the session's activations, each prompt set run once with
 //!    every planned hook captured.
-//! 3. Each check runs (its module in [`crate::checks`]) and yields a finding.
+//! 3. Each check runs (its module in [`crate::checks`]) and yields a finding; a warn or fail
+//!    finding gets the logit lens of its prompts ([`crate::lens`]).
 //!
 //! The shared work lives in [`crate::session`], the instruments in [`crate::instruments`].
 //! Nothing is random: the same model and policies give byte-identical results.
@@ -184,6 +185,7 @@ pub fn run(
                 f.kind = c.kind;
                 f.severity = c.severity;
                 f.description = c.description.clone();
+                crate::lens::attach(&mut session, p, &mut f);
                 findings.push(f);
             }
         }

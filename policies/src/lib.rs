@@ -8,6 +8,7 @@ pub mod checks;
 pub mod engine;
 pub mod error;
 mod instruments;
+pub mod lens;
 mod lineage;
 pub mod load;
 pub mod metrics;

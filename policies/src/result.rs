@@ -170,6 +170,9 @@ pub struct Evidence {
     /// Induction: the attention patterns of the top heads on one sequence, downsampled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patterns: Vec<AttentionPattern>,
+    /// Warn and fail findings: the logit lens at the last token of the first prompts shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lens: Vec<LensEvidence>,
 }
 
 /// One attention head's scores on repeated random tokens (see `checks/induction.rs`).
@@ -200,6 +203,28 @@ pub struct AttentionPattern {
     pub stride: usize,
     /// `rows[query cell][key cell]`: mean attention in that block.
     pub rows: Vec<Vec<f64>>,
+}
+
+
+/// The logit lens at the last token of one prompt of the evidence: per layer, the most
+/// probable next tokens read from the residual stream through the model's final norm and
+/// unembedding (the model as it is, without any intervention of the check).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensEvidence {
+    pub set: String,
+    pub index: usize,
+    /// The token read: the templated prompt's last.
+    pub token: String,
+    /// The embedding first, then one per block.
+    pub layers: Vec<LensLayer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensLayer {
+    /// `embed` or the block's index.
+    pub layer: String,
+    /// The most probable tokens, most probable first; `value` is the probability.
+    pub top: Vec<TokenValue>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

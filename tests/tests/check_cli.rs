@@ -83,6 +83,23 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
     );
     let rate = metric(abl, "refusal rate without");
     assert!((0.0..=1.0).contains(&rate));
+    // A failing finding with prompts carries the logit lens at their last token: the
+    // embedding and 30 blocks, three tokens each.
+    assert_eq!(abl["status"], "fail", "{abl}");
+    let lens = abl["evidence"]["lens"].as_array().unwrap();
+    assert_eq!(lens.len(), 3, "{abl}");
+    for l in lens {
+        let layers = l["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 31, "{l}");
+        assert_eq!(layers[0]["layer"], "embed");
+        assert!(layers
+            .iter()
+            .all(|x| x["top"].as_array().unwrap().len() == 3));
+    }
+    assert!(
+        sep["evidence"].get("lens").is_none(),
+        "a passing finding has no lens: {sep}"
+    );
 
     let causal = finding(&r, "refusal-integrity", "refusal-direction-is-causal");
     assert_eq!(causal["evidence"]["sweep"].as_array().unwrap().len(), 4);
