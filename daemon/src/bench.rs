@@ -149,6 +149,8 @@ fn daemon(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         progress: &mut quiet,
         micro_batch: 16,
         lineage: None,
+        store: None,
+        reference: None,
     };
     policies::engine::run(&model, &policies, &mut opts)?;
     let in_process = t0.elapsed().as_secs_f64();
@@ -227,6 +229,8 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         progress: &mut quiet,
         micro_batch: 16,
         lineage: None,
+        store: None,
+        reference: None,
     };
     let (result, timings) = policies::engine::run(&model, &policies, &mut opts)?;
     let total = t0.elapsed().as_secs_f64();
@@ -286,7 +290,36 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         total / plain
     );
     println!("peak RSS {:.0} MB", peak_rss_mb().unwrap_or(f64::NAN));
+    lineage_second_audit(&model, &policies, &result, total - load.as_secs_f64())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A second checkpoint of the lineage (the same weights under another audit) measuring with
+/// the first audit's pinned instruments: its time against the first's, model load excluded.
+fn lineage_second_audit(
+    model: &probes::Model,
+    policies: &[policies::Policy],
+    first: &policies::RunResult,
+    first_secs: f64,
+) -> anyhow::Result<()> {
+    let mut quiet = |_: &str| {};
+    let mut opts = policies::engine::RunOptions {
+        last_pass: Some(first),
+        progress: &mut quiet,
+        micro_batch: 16,
+        lineage: None,
+        store: None,
+        reference: Some(first),
+    };
+    let (t, (second, _)) = time(|| Ok(policies::engine::run(model, policies, &mut opts)?))?;
+    let reused = second.instruments == first.instruments;
+    println!(
+        "lineage: first audit {first_secs:.2}s, second (pinned instruments{}) {:.2}s: {:.2}x (target <= 1.2x)",
+        if reused { " reused" } else { " NOT reused" },
+        t.as_secs_f64(),
+        t.as_secs_f64() / first_secs
+    );
+    Ok(())
 }
 
 /// Text we wrote ourselves, tiled into fixed-length token windows.

@@ -90,6 +90,16 @@ enum Command {
   mechwatch capture --hook blocks.11.hook_resid_post --prompts prompts.txt --out acts.safetensors
   mechwatch capture --model ./checkpoint --hook blocks.3.attn.hook_pattern blocks.3.hook_resid_post --prompts p.jsonl --chat --out acts.safetensors")]
     Capture(cmd::capture::CaptureArgs),
+    /// The logit lens: the top next tokens read from the residual stream after each layer.
+    ///
+    /// The residual at one position, after the embedding and after every block, goes
+    /// through the model's own final norm and unembedding, as the last block's output does.
+    /// The prompt goes through the chat template unless --raw.
+    #[command(after_help = "Examples:
+  mechwatch lens --prompt 'How do I pick a lock?'
+  mechwatch lens --model ./checkpoint --prompt 'The capital of France is' --raw --token ' Paris' --top 3
+  mechwatch lens --prompt 'Hello there' --position -2 --json")]
+    Lens(cmd::lens::LensArgs),
     /// Sparse autoencoders: train and evaluate.
     #[command(
         subcommand,
@@ -194,6 +204,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Capture(a) => cmd::capture::run(a),
+        Command::Lens(a) => cmd::lens::run(a),
         Command::Sae(c) => cmd::sae::run(c),
         Command::Check(a) => cmd::check::run(a),
         Command::Policy(c) => cmd::policy::run(c),

@@ -4,6 +4,8 @@
 
 use std::fmt::Write as _;
 
+mod lens;
+
 use audit_log::record::{RecordBody, Statement};
 use policies::result::{Finding, RunResult, Status};
 
@@ -389,6 +391,10 @@ fn finding(s: &mut String, seq: u64, policy: &str, f: &Finding) {
                 s.push_str("</div>");
             }
         }
+    }
+    if !ev.lens.is_empty() {
+        s.push_str("<h4>Logit lens at the last token (top tokens per layer)</h4>");
+        s.push_str(&lens::heatmaps(&ev.lens));
     }
     if !ev.generations.is_empty() {
         s.push_str("<h4>Generations without and with the intervention</h4><table class=\"gen\"><tr><th>without</th><th>with</th></tr>");

@@ -6,7 +6,8 @@
 //!    failure here is an error for the whole run.
 //! 2. Directions are computed from the session's activations, each prompt set run once with
 //!    every planned hook captured.
-//! 3. Each check runs (its module in [`crate::checks`]) and yields a finding.
+//! 3. Each check runs (its module in [`crate::checks`]) and yields a finding; a warn or fail
+//!    finding gets the logit lens of its prompts ([`crate::lens`]).
 //!
 //! The shared work lives in [`crate::session`], the instruments in [`crate::instruments`].
 //! Nothing is random: the same model and policies give byte-identical results.
@@ -18,10 +19,12 @@ use probes::Model;
 use crate::checks::{Cx, Planner};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::instruments::Instruments;
+use crate::lineage::Lineage;
 use crate::load::Policy;
 use crate::result::{Evidence, Finding, InputRecord, ModelRef, PolicyResult, RunResult, Status};
 use crate::schema::ModelMatch;
 use crate::session::Session;
+use crate::store::Store;
 
 /// How a run is carried out.
 pub struct RunOptions<'a> {
@@ -33,6 +36,20 @@ pub struct RunOptions<'a> {
     pub micro_batch: usize,
     /// The model lineage recorded in the result (default: the checkpoint's file name).
     pub lineage: Option<String>,
+    /// The instrument store (default: `$MECHWATCH_HOME/instruments`).
+    pub store: Option<std::path::PathBuf>,
+    /// The lineage's reference, whose pinned instruments this run reuses (from
+    /// [`reference_instruments`], `check --base`); default: `last_pass`.
+    pub reference: Option<&'a RunResult>,
+}
+
+impl RunOptions<'_> {
+    fn store(&self) -> Store {
+        match &self.store {
+            Some(root) => Store::at(root.clone()),
+            None => Store::in_cache(),
+        }
+    }
 }
 
 /// Resolve every reference of `policies` against `model` without running any check. A
@@ -40,13 +57,15 @@ pub struct RunOptions<'a> {
 /// starts a training.
 pub fn resolve_only(model: &Model, policies: &[Policy]) -> Result<(), PolicyErrors> {
     let mut session = Session::new(model, 16);
-    let mut instruments = Instruments::new(false);
+    let mut instruments = Instruments::new(false, Lineage::default(), Store::in_cache(), false);
     let mut quiet = |_: &str| {};
     let mut opts = RunOptions {
         last_pass: None,
         progress: &mut quiet,
         micro_batch: 16,
         lineage: None,
+        store: None,
+        reference: None,
     };
     let applicable: Vec<&Policy> = policies
         .iter()
@@ -110,7 +129,9 @@ pub fn run(
     opts: &mut RunOptions<'_>,
 ) -> Result<(RunResult, Timings), PolicyErrors> {
     let mut session = Session::new(model, opts.micro_batch);
-    let mut instruments = Instruments::new(true);
+    let lineage_name = opts.lineage.clone().unwrap_or_else(|| lineage_of(model));
+    let lineage = Lineage::new(&lineage_name, opts.reference.or(opts.last_pass), model);
+    let mut instruments = Instruments::new(true, lineage, opts.store(), true);
     let applicable: Vec<bool> = policies.iter().map(|p| applies(&p.models, model)).collect();
     if !applicable.iter().any(|a| *a) {
         return Err(PolicyErrors(vec![PolicyError::at(
@@ -164,6 +185,7 @@ pub fn run(
                 f.kind = c.kind;
                 f.severity = c.severity;
                 f.description = c.description.clone();
+                crate::lens::attach(&mut session, p, &mut f);
                 findings.push(f);
             }
         }
@@ -189,17 +211,12 @@ pub fn run(
         .collect();
     inputs.sort();
     inputs.dedup();
-    let info = model.info();
+    let mut pins = instruments.pins.clone();
+    pins.sort();
+    pins.dedup();
     Ok((
         RunResult {
-            model: ModelRef {
-                lineage: opts.lineage.clone().unwrap_or_else(|| lineage_of(model)),
-                path: model.path.display().to_string(),
-                digest: info.digest,
-                architecture: info.architecture,
-                n_layers: info.n_layers,
-                d_model: info.d_model,
-            },
+            model: model_ref(model, lineage_name),
             verdict: results
                 .iter()
                 .filter(|p| p.applies)
@@ -207,10 +224,73 @@ pub fn run(
                 .max()
                 .unwrap_or(Status::Error),
             inputs,
+            instruments: pins,
             policies: results,
         },
         timings,
     ))
+}
+
+/// How a result names the checkpoint it was run on.
+fn model_ref(model: &Model, lineage: String) -> ModelRef {
+    let info = model.info();
+    ModelRef {
+        lineage,
+        path: model.path.display().to_string(),
+        digest: info.digest,
+        architecture: info.architecture,
+        n_layers: info.n_layers,
+        d_model: info.d_model,
+        vocab_size: info.vocab_size,
+    }
+}
+
+/// Compute (or find) the instruments `policies` measure `model` with, store them, and return
+/// them as a result with no findings: the model and its pinned instruments, the reference of
+/// a lineage for [`RunOptions::reference`] (`check --base`). Runs no check; a builtin SAE that
+/// is not built for `model` is an error that says how to build it.
+pub fn reference_instruments(
+    model: &Model,
+    policies: &[Policy],
+    lineage: &str,
+    store: Option<std::path::PathBuf>,
+) -> Result<RunResult, PolicyErrors> {
+    let mut quiet = |_: &str| {};
+    let mut opts = RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 16,
+        lineage: Some(lineage.to_string()),
+        store,
+        reference: None,
+    };
+    let mut session = Session::new(model, opts.micro_batch);
+    let mut instruments = Instruments::new(false, Lineage::default(), opts.store(), true);
+    let applicable: Vec<&Policy> = policies
+        .iter()
+        .filter(|p| applies(&p.models, model))
+        .collect();
+    let mut errors = Vec::new();
+    resolve_all(
+        &mut session,
+        &mut instruments,
+        &applicable,
+        &mut opts,
+        &mut errors,
+    );
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    let mut pins = instruments.pins.clone();
+    pins.sort();
+    pins.dedup();
+    Ok(RunResult {
+        model: model_ref(model, lineage.to_string()),
+        verdict: Status::Pass,
+        inputs: Vec::new(),
+        instruments: pins,
+        policies: Vec::new(),
+    })
 }
 
 /// The default lineage of a model: its file or directory name.

@@ -146,6 +146,10 @@ pub enum CheckError {
     /// another SAE.
     #[error("{0}")]
     Baseline(String),
+    /// A pinned instrument of the lineage that cannot be used (missing from the store, changed
+    /// since it was pinned, or pinned by a lineage of another model).
+    #[error("{0}")]
+    Instrument(String),
     /// A name the resolver should have resolved before any check ran.
     #[error("{what} `{name}` was not resolved")]
     Unresolved { what: &'static str, name: String },

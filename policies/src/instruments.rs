@@ -2,8 +2,13 @@
 //! its SAEs (loaded, fitted to a hook of this model; the builtin default SAE found or built)
 //! and its directions (a file's vector, or a difference of means computed from the session's
 //! activations once every policy has planned its hooks).
+//!
+//! A builtin SAE or a direction that the lineage's last passing audit pinned is reused from
+//! the instrument store ([`crate::store`]) instead: the lineage measures every checkpoint
+//! with its reference's instruments. A pin that cannot be used is an `error` finding of every
+//! check that reads it, never a pass and never a silent rebuild.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -12,9 +17,11 @@ use probes::sae::Sae;
 
 use crate::engine::RunOptions;
 use crate::error::{CheckError, PolicyError};
+use crate::lineage::{builtin_sae_recipe, direction_recipe, Lineage};
 use crate::load::{Direction, DirectionSource, Located, Policy, SaeSource};
-use crate::result::InputRecord;
+use crate::result::{InputRecord, PinnedInstrument};
 use crate::session::{at_position, ResolvedSae, Session};
+use crate::store::{Store, StoredDirection};
 
 /// A direction as a policy names it, with its vector computed on this model.
 #[derive(Clone)]
@@ -37,27 +44,57 @@ pub(crate) struct Instruments {
     pub build_missing: bool,
     /// Inputs found while resolving (the builtin SAE), for the run's record.
     pub inputs: Vec<InputRecord>,
+    /// The lineage's pins this run may reuse.
+    lineage: Lineage,
+    /// Where pinned instruments are kept.
+    store: Store,
+    /// Whether this run stores and pins what it computes (not when only resolving).
+    record: bool,
+    /// Every instrument this run measures with, for its record.
+    pub pins: Vec<PinnedInstrument>,
+    /// Pinned instruments that cannot be used, with why (the error of each check reading one).
+    broken: HashMap<(String, String), String>,
+    /// Directions to compute on this checkpoint (not pinned by the lineage).
+    to_compute: HashSet<(String, String)>,
 }
 
 impl Instruments {
-    pub fn new(build_missing: bool) -> Self {
+    pub fn new(build_missing: bool, lineage: Lineage, store: Store, record: bool) -> Self {
         Self {
             saes: HashMap::new(),
             directions: HashMap::new(),
             builtin: None,
             build_missing,
             inputs: Vec::new(),
+            lineage,
+            store,
+            record,
+            pins: Vec::new(),
+            broken: HashMap::new(),
+            to_compute: HashSet::new(),
+        }
+    }
+
+    fn key(p: &Policy, name: &str) -> (String, String) {
+        (p.name.clone(), name.to_string())
+    }
+
+    /// The error of a check that reads `name`, which did not resolve.
+    fn missing(&self, p: &Policy, what: &'static str, name: &str) -> CheckError {
+        match self.broken.get(&Self::key(p, name)) {
+            Some(why) => CheckError::Instrument(why.clone()),
+            None => CheckError::Unresolved {
+                what,
+                name: name.to_string(),
+            },
         }
     }
 
     pub fn sae(&self, p: &Policy, name: &str) -> Result<ResolvedSae, CheckError> {
         self.saes
-            .get(&(p.name.clone(), name.to_string()))
+            .get(&Self::key(p, name))
             .cloned()
-            .ok_or_else(|| CheckError::Unresolved {
-                what: "SAE",
-                name: name.to_string(),
-            })
+            .ok_or_else(|| self.missing(p, "SAE", name))
     }
 
     /// The SAE if it resolved (its errors are reported once, where it is defined).
@@ -67,12 +104,9 @@ impl Instruments {
 
     pub fn direction(&self, p: &Policy, name: &str) -> Result<ResolvedDirection, CheckError> {
         self.directions
-            .get(&(p.name.clone(), name.to_string()))
+            .get(&Self::key(p, name))
             .cloned()
-            .ok_or_else(|| CheckError::Unresolved {
-                what: "direction",
-                name: name.to_string(),
-            })
+            .ok_or_else(|| self.missing(p, "direction", name))
     }
 
     /// `name` as a hook of this model, or an error at its place in the policy.
@@ -104,25 +138,50 @@ impl Instruments {
         for (name, entry) in &p.saes {
             let (sae, hook_spec) = match &entry.source {
                 SaeSource::File { sae, hook } => (Arc::clone(sae), hook.clone()),
-                SaeSource::Builtin { hook } => match self.builtin_sae(s, opts) {
-                    Ok(sae) => {
-                        self.inputs.push(InputRecord {
-                            policy: p.name.clone(),
-                            kind: "sae".into(),
-                            path: format!("builtin:default ({})", sae.path.display()),
-                            sha256: sae.manifest.root(),
-                        });
-                        (sae, hook.clone())
+                SaeSource::Builtin { hook } => {
+                    let recipe = builtin_sae_recipe(hook.as_ref().map(|h| h.value.as_str()));
+                    let at = |why: String| {
+                        PolicyError::at(&p.path, None, format!("[saes.{name}]: {why}")).to_string()
+                    };
+                    let pinned = self.lineage.pin(&p.name, name, "sae", &recipe);
+                    let found = match (&self.lineage.unrelated, pinned) {
+                        (Some(why), _) => Err(at(why.clone())),
+                        (None, Some(pin)) => self
+                            .pinned_sae(pin)
+                            .map(|sae| (sae, pin.clone()))
+                            .map_err(at),
+                        (None, None) => match self.builtin_sae(s, opts) {
+                            Ok(sae) => self
+                                .pin_builtin(s, p, name, &recipe, &sae)
+                                .map(|pin| (sae, pin))
+                                .map_err(at),
+                            Err(e) => {
+                                errors.push(PolicyError::at(
+                                    &p.path,
+                                    None,
+                                    format!("[saes.{name}]: the default SAE: {e}"),
+                                ));
+                                continue;
+                            }
+                        },
+                    };
+                    match found {
+                        Ok((sae, pin)) => {
+                            self.inputs.push(InputRecord {
+                                policy: p.name.clone(),
+                                kind: "sae".into(),
+                                path: format!("builtin:default ({})", sae.path.display()),
+                                sha256: sae.manifest.root(),
+                            });
+                            self.pins.push(pin);
+                            (sae, hook.clone())
+                        }
+                        Err(why) => {
+                            self.broken.insert(Self::key(p, name), why);
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        errors.push(PolicyError::at(
-                            &p.path,
-                            None,
-                            format!("[saes.{name}]: the default SAE: {e}"),
-                        ));
-                        continue;
-                    }
-                },
+                }
             };
             let hook_name = hook_spec
                 .as_ref()
@@ -154,7 +213,7 @@ impl Instruments {
                 }
             }
         }
-        for d in p.directions.values() {
+        for (name, d) in &p.directions {
             let Some(hook) = Self::hook(s, p, &d.hook, errors) else {
                 continue;
             };
@@ -168,6 +227,27 @@ impl Instruments {
                 ));
                 continue;
             }
+            let recipe = direction_recipe(p, d);
+            let pinned = self.lineage.pin(&p.name, name, "direction", &recipe);
+            let reused = match (&self.lineage.unrelated, pinned) {
+                (Some(why), _) => Some(Err(why.clone())),
+                (None, Some(pin)) => Some(self.pinned_direction(s, pin, hook).map(|r| (r, pin))),
+                (None, None) => None,
+            };
+            match reused {
+                Some(Ok((r, pin))) => {
+                    self.pins.push(pin.clone());
+                    self.directions.insert(Self::key(p, name), r);
+                    continue;
+                }
+                Some(Err(why)) => {
+                    let why = p.error(&d.hook.at, format!("[directions.{name}]: {why}"));
+                    self.broken.insert(Self::key(p, name), why.to_string());
+                    continue;
+                }
+                None => {}
+            }
+            self.to_compute.insert(Self::key(p, name));
             if let DirectionSource::Contrast {
                 positive, negative, ..
             } = &d.source
@@ -181,7 +261,92 @@ impl Instruments {
         }
     }
 
-    /// Compute every direction of `p` (after every policy planned its hooks).
+    /// The lineage's pinned SAE: the shipped default SAE, or the store's copy.
+    fn pinned_sae(&self, pin: &PinnedInstrument) -> Result<Arc<Sae>, String> {
+        let sae = if pin.origin == "shipped" {
+            probes::sae::shipped::folder()
+                .map_err(|e| e.to_string())
+                .and_then(|dir| {
+                    crate::store::load_checked(&dir, &pin.sha256).map_err(|e| e.to_string())
+                })
+        } else {
+            self.store.sae(&pin.sha256).map_err(|e| e.to_string())
+        };
+        sae.map(Arc::new).map_err(|e| {
+            format!(
+                "the lineage `{}` measures with the SAE {} ({}, computed on {}), but {e}. A                  lineage's instruments are never rebuilt silently: restore the file, or build                  the reference's default SAE again with `mechwatch sae default --model                  <reference checkpoint>` (about 25 minutes on two cores) and audit the                  reference under this lineage again",
+                self.lineage.name, pin.sha256, pin.origin, pin.reference
+            )
+        })
+    }
+
+    /// The pin of a builtin SAE found or built for this checkpoint; a built one is copied
+    /// into the store so that later checkpoints of the lineage find it.
+    fn pin_builtin(
+        &self,
+        s: &Session<'_>,
+        p: &Policy,
+        name: &str,
+        recipe: &str,
+        sae: &Sae,
+    ) -> Result<PinnedInstrument, String> {
+        let digest = s.model.manifest.root();
+        let origin = if probes::sae::shipped::applies_to(s.model) {
+            "shipped".to_string()
+        } else {
+            if self.record {
+                self.store
+                    .put_sae(sae)
+                    .map_err(|e| format!("storing the default SAE for the lineage: {e}"))?;
+            }
+            format!("built on {digest}")
+        };
+        Ok(PinnedInstrument {
+            policy: p.name.clone(),
+            name: name.to_string(),
+            kind: "sae".into(),
+            sha256: sae.manifest.root(),
+            recipe: recipe.to_string(),
+            reference: digest,
+            origin,
+        })
+    }
+
+    /// The lineage's pinned direction from the store, checked against the policy's hook.
+    fn pinned_direction(
+        &self,
+        s: &Session<'_>,
+        pin: &PinnedInstrument,
+        hook: HookPoint,
+    ) -> Result<ResolvedDirection, String> {
+        let stored = self
+            .store
+            .direction(&pin.sha256, s.model.config().d_model)
+            .map_err(|e| {
+                format!(
+                    "the lineage `{}` measures with the direction {} (computed on {}), but {e}.                      A lineage's instruments are never rebuilt silently: restore the file, or                      audit the reference checkpoint again under a new `--lineage`",
+                    self.lineage.name,
+                    pin.sha256,
+                    if pin.reference.is_empty() {
+                        "the policy's vector"
+                    } else {
+                        &pin.reference
+                    }
+                )
+            })?;
+        if stored.hook != hook.to_string() {
+            return Err(format!(
+                "the stored direction {} reads `{}`, not `{hook}`",
+                pin.sha256, stored.hook
+            ));
+        }
+        let raw = Tensor::from_vec(stored.vector, s.model.config().d_model, &Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        ResolvedDirection::new(hook, stored.position, raw).map_err(|e| e.to_string())
+    }
+
+    /// Compute every direction of `p` that the lineage did not pin (after every policy
+    /// planned its hooks), store it and pin it to this checkpoint.
     pub fn compute_directions(
         &mut self,
         s: &mut Session<'_>,
@@ -189,13 +354,60 @@ impl Instruments {
         errors: &mut Vec<PolicyError>,
     ) {
         for (name, d) in &p.directions {
-            match compute_direction(s, p, d) {
-                Ok(r) => {
-                    self.directions.insert((p.name.clone(), name.clone()), r);
+            if !self.to_compute.contains(&Self::key(p, name)) {
+                continue;
+            }
+            let pinned = compute_direction(s, p, d).and_then(|r| {
+                let pin = self.pin_direction(s, p, name, d, &r)?;
+                Ok((r, pin))
+            });
+            match pinned {
+                Ok((r, pin)) => {
+                    self.directions.insert(Self::key(p, name), r);
+                    self.pins.extend(pin);
                 }
                 Err(e) => errors.push(p.error(&d.hook.at, format!("direction `{name}`: {e}"))),
             }
         }
+    }
+
+    /// Store a direction computed on this checkpoint and pin it (nothing when there is no
+    /// store: resolving only).
+    fn pin_direction(
+        &self,
+        s: &Session<'_>,
+        p: &Policy,
+        name: &str,
+        d: &Direction,
+        r: &ResolvedDirection,
+    ) -> Result<Option<PinnedInstrument>, CheckError> {
+        if !self.record {
+            return Ok(None);
+        }
+        let sha = self
+            .store
+            .put_direction(&StoredDirection {
+                hook: r.hook.to_string(),
+                position: r.position,
+                vector: r.raw.to_vec1::<f32>()?,
+            })
+            .map_err(|e| CheckError::Instrument(format!("storing it for the lineage: {e}")))?;
+        let (reference, origin) = match d.source {
+            DirectionSource::File { .. } => (String::new(), "file".to_string()),
+            DirectionSource::Contrast { .. } => {
+                let digest = s.model.manifest.root();
+                (digest.clone(), format!("built on {digest}"))
+            }
+        };
+        Ok(Some(PinnedInstrument {
+            policy: p.name.clone(),
+            name: name.to_string(),
+            kind: "direction".into(),
+            sha256: sha,
+            recipe: direction_recipe(p, d),
+            reference,
+            origin,
+        }))
     }
 
     /// The default SAE of the model: shipped, cached, or (when allowed) trained now.
@@ -272,18 +484,143 @@ fn compute_direction(
             ((pm - nm)?, *position)
         }
     };
-    let norm = raw.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
-    if !(norm.is_finite() && norm > 0.0) {
-        return Err(CheckError::Unmeasurable(
-            "the direction has zero or non-finite length".into(),
-        ));
+    ResolvedDirection::new(hook, position, raw)
+}
+
+impl ResolvedDirection {
+    fn new(hook: HookPoint, position: i64, raw: Tensor) -> Result<Self, CheckError> {
+        let norm = raw.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        if !(norm.is_finite() && norm > 0.0) {
+            return Err(CheckError::Unmeasurable(
+                "the direction has zero or non-finite length".into(),
+            ));
+        }
+        let unit = (&raw / norm)?;
+        Ok(Self {
+            hook,
+            position,
+            raw,
+            unit,
+            norm,
+        })
     }
-    let unit = (&raw / norm)?;
-    Ok(ResolvedDirection {
-        hook,
-        position,
-        raw,
-        unit,
-        norm,
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::checks::testing::{metric, Tiny};
+    use crate::result::Status;
+    use crate::store::{Store, StoredDirection};
+
+    const PROBE: &str = r#"
+[[checks]]
+id = "separates"
+kind = "direction_probe"
+severity = "high"
+direction = "d"
+positive = "pos"
+negative = "neg"
+min_auroc = 0.5
+"#;
+
+    #[test]
+    fn a_run_pins_the_direction_it_computed_and_the_next_reuses_it() {
+        let tiny = Tiny::new();
+        let first = tiny.run(PROBE, None);
+        let pin = first
+            .instruments
+            .iter()
+            .find(|i| i.kind == "direction" && i.name == "d")
+            .expect("the direction is pinned");
+        let digest = tiny.model.manifest.root();
+        assert_eq!(pin.reference, digest);
+        assert_eq!(pin.origin, format!("built on {digest}"));
+        let second = tiny.run(PROBE, Some(&first));
+        assert_eq!(second.instruments, first.instruments);
+        assert_eq!(second.policies, first.policies);
+    }
+
+    #[test]
+    fn a_pinned_direction_is_read_from_the_store_not_recomputed() {
+        let tiny = Tiny::new();
+        let first = tiny.run(PROBE, None);
+        let auroc = metric(&first.policies[0].findings[0], "AUROC");
+        // The lineage's pin now names the negated vector: a recomputed direction would give
+        // the same AUROC, the pinned one gives its complement.
+        let store = Store::at(tiny.dir.path().join("store"));
+        let mut base = first.clone();
+        let pin = base.instruments.iter_mut().find(|i| i.name == "d").unwrap();
+        let path = store.direction_path(&pin.sha256).unwrap();
+        let d = store.direction(&pin.sha256, probes::testing::D).unwrap();
+        pin.sha256 = store
+            .put_direction(&StoredDirection {
+                vector: d.vector.iter().map(|x| -x).collect(),
+                ..d
+            })
+            .unwrap();
+        assert!(path.exists());
+        let second = tiny.run(PROBE, Some(&base));
+        let flipped = metric(&second.policies[0].findings[0], "AUROC");
+        assert!((flipped - (1.0 - auroc)).abs() < 1e-5, "{auroc} {flipped}");
+    }
+
+    #[test]
+    fn an_edited_pinned_direction_is_an_error_naming_it() {
+        let tiny = Tiny::new();
+        let first = tiny.run(PROBE, None);
+        let pin = first.instruments.iter().find(|i| i.name == "d").unwrap();
+        let path = Store::at(tiny.dir.path().join("store"))
+            .direction_path(&pin.sha256)
+            .unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        let second = tiny.run(PROBE, Some(&first));
+        let f = &second.policies[0].findings[0];
+        assert_eq!(f.status, Status::Error, "{f:?}");
+        for part in [
+            path.display().to_string(),
+            "tiny.toml".into(),
+            "[directions.d]".into(),
+            "no longer matches".into(),
+        ] {
+            assert!(f.explanation.contains(&part), "{part}: {}", f.explanation);
+        }
+        assert_eq!(second.verdict, Status::Error);
+    }
+
+    #[test]
+    fn a_base_checkpoint_is_the_reference_whose_instruments_a_run_uses() {
+        let tiny = Tiny::new();
+        let base_dir = probes::testing::llama_dir(&tiny.dir.path().join("base"), 8);
+        let base = probes::testing::load(&base_dir);
+        let policy = tiny.policy(PROBE).unwrap();
+        let reference =
+            crate::engine::reference_instruments(&base, &[policy], "t", Some(tiny.store()))
+                .unwrap();
+        let pin = reference
+            .instruments
+            .iter()
+            .find(|i| i.name == "d")
+            .expect("the base's direction is pinned");
+        assert_eq!(pin.reference, base.manifest.root());
+        assert_ne!(pin.reference, tiny.model.manifest.root());
+        let run = tiny.run_with(PROBE, None, Some(&reference));
+        assert_eq!(run.instruments, reference.instruments);
+        // Not the direction this checkpoint would compute itself.
+        let own = tiny.run(PROBE, None);
+        assert_ne!(own.instruments, reference.instruments);
+    }
+
+    #[test]
+    fn a_lineage_of_another_model_is_an_error_not_a_pass() {
+        let tiny = Tiny::new();
+        let mut first = tiny.run(PROBE, None);
+        first.model.architecture = "qwen2".into();
+        let second = tiny.run(PROBE, Some(&first));
+        let f = &second.policies[0].findings[0];
+        assert_eq!(f.status, Status::Error, "{f:?}");
+        assert!(f.explanation.contains("qwen2"), "{}", f.explanation);
+    }
 }

@@ -8,12 +8,15 @@ pub mod checks;
 pub mod engine;
 pub mod error;
 mod instruments;
+pub mod lens;
+mod lineage;
 pub mod load;
 pub mod metrics;
 pub mod result;
 pub mod schema;
 mod session;
 pub mod shipped;
+pub mod store;
 
 pub use error::{CheckError, Loc, PolicyError, PolicyErrors};
 pub use load::{load_policies, Policy};

@@ -225,6 +225,14 @@ impl<'a> Validator<'a> {
         Loc::of(self.text, s.span().start)
     }
 
+    /// `s`'s value with where it was written, for errors found later against the model.
+    pub(crate) fn located<T: Clone>(&self, s: &Spanned<T>) -> Located<T> {
+        Located {
+            value: s.get_ref().clone(),
+            at: self.loc(s),
+        }
+    }
+
     pub(crate) fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
         let loc = self.loc(at);
         self.errors

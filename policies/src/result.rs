@@ -38,6 +38,13 @@ pub struct ModelRef {
     pub architecture: String,
     pub n_layers: usize,
     pub d_model: usize,
+    /// The tokenizer's vocabulary size (0 in records written before it was recorded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vocab_size: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,7 +54,34 @@ pub struct RunResult {
     pub verdict: Status,
     /// Every file read, with its digest (policies, prompt sets, SAEs, labels, directions).
     pub inputs: Vec<InputRecord>,
+    /// The SAEs and directions the checks measured with, pinned to the lineage's reference
+    /// checkpoint; later checkpoints of the lineage reuse exactly these (see
+    /// [`crate::lineage`]). Absent in records written before instruments were pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instruments: Vec<PinnedInstrument>,
     pub policies: Vec<PolicyResult>,
+}
+
+/// One instrument a run measured with, as the signed record names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PinnedInstrument {
+    pub policy: String,
+    /// The policy's own name for it (`[saes.NAME]`, `[directions.NAME]`).
+    pub name: String,
+    /// `sae` or `direction`.
+    pub kind: String,
+    /// The instrument's content: an SAE's manifest root, or the sha256 of the direction's
+    /// file in the instrument store.
+    pub sha256: String,
+    /// sha256 of the policy's definition it was computed from (hook, position, the prompt
+    /// sets' text); a changed definition is computed afresh rather than reused.
+    pub recipe: String,
+    /// The digest of the checkpoint it was computed on (empty for an instrument read from a
+    /// policy's own file).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reference: String,
+    /// Where it came from: `shipped`, `built on <digest>` or `file`.
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,6 +164,67 @@ pub struct Evidence {
     /// Drift: every latent's firing rate on the check's prompts (sparse), for later baselines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub firing_rates: Vec<(u32, f64)>,
+    /// Induction: attention heads with their scores, the best induction heads first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<HeadScores>,
+    /// Induction: the attention patterns of the top heads on one sequence, downsampled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<AttentionPattern>,
+    /// Warn and fail findings: the logit lens at the last token of the first prompts shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lens: Vec<LensEvidence>,
+}
+
+/// One attention head's scores on repeated random tokens (see `checks/induction.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeadScores {
+    pub layer: usize,
+    pub head: usize,
+    /// Mean attention from each second-repeat token to the token after its first occurrence.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub induction: f64,
+    /// Mean attention from each token to the one before it.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub previous_token: f64,
+    /// Mean attention from each second-repeat token to its first occurrence.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub duplicate_token: f64,
+}
+
+/// A head's attention pattern on one sequence, mean-pooled over `stride` x `stride` blocks
+/// of (query, key) positions so that a record stays small.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttentionPattern {
+    pub layer: usize,
+    pub head: usize,
+    /// The sequence's index among the check's random sequences.
+    pub sequence: usize,
+    /// Positions per cell along each axis.
+    pub stride: usize,
+    /// `rows[query cell][key cell]`: mean attention in that block.
+    pub rows: Vec<Vec<f64>>,
+}
+
+
+/// The logit lens at the last token of one prompt of the evidence: per layer, the most
+/// probable next tokens read from the residual stream through the model's final norm and
+/// unembedding (the model as it is, without any intervention of the check).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensEvidence {
+    pub set: String,
+    pub index: usize,
+    /// The token read: the templated prompt's last.
+    pub token: String,
+    /// The embedding first, then one per block.
+    pub layers: Vec<LensLayer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LensLayer {
+    /// `embed` or the block's index.
+    pub layer: String,
+    /// The most probable tokens, most probable first; `value` is the probability.
+    pub top: Vec<TokenValue>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

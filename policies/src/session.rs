@@ -281,6 +281,33 @@ impl<'m> Session<'m> {
             })
     }
 
+    /// Forward token sequences that are not a prompt set (the induction check's random
+    /// tokens), all of one length, with `hooks` captured and every position's logits, handing
+    /// each micro-batch's output (with its first sequence's index) to `consume` in order.
+    /// Micro-batches hold at most 4 sequences: each keeps every position's logits.
+    pub fn forward_ids(
+        &self,
+        what: &str,
+        ids: &[Vec<u32>],
+        hooks: &Hooks,
+        consume: impl FnMut(usize, probes::transformer::ForwardOutput) -> Result<(), probes::RunError>,
+    ) -> Result<(), CheckError> {
+        self.model
+            .transformer
+            .forward_chunked(
+                ids,
+                self.micro_batch.min(4),
+                Padding::Right,
+                hooks,
+                Unembed::All,
+                consume,
+            )
+            .map_err(|source| CheckError::Forward {
+                set: what.to_string(),
+                source,
+            })
+    }
+
     /// Last-token logits of every prompt of `t` under `hooks` (cached when unhooked).
     pub fn last_logits(
         &mut self,

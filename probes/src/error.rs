@@ -95,6 +95,16 @@ pub enum RunError {
     /// The prompt batch is empty or a prompt has no tokens.
     #[error("invalid batch: {0}")]
     Batch(String),
+    /// A token position outside the prompt (negative positions count from its end).
+    #[error(
+        "position {position} is outside the prompt's {len} tokens (0 to {last} from the start, \
+         -1 to -{len} from the end)",
+        last = len.saturating_sub(1)
+    )]
+    Position { position: i64, len: usize },
+    /// A logit-lens request the model cannot answer (top-k or token out of range).
+    #[error("logit lens: {0}")]
+    Lens(String),
     /// Tokenisation or chat-template rendering failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -775,6 +775,20 @@ impl Transformer {
     }
 }
 
+impl Transformer {
+    /// Logits of residual-stream rows `[batch, pos, d_model]` read the way the last block's
+    /// output is: final norm, unembedding (f32), final soft-cap. The logit lens reads every
+    /// layer through this.
+    pub fn residual_logits(&self, x: &Tensor) -> Result<Tensor, RunError> {
+        let x = self.ln_final.forward(x).run_ctx("ln_final")?;
+        let logits = self.unembed.forward(&x, false).run_ctx("unembed")?;
+        match self.config.final_softcap {
+            Some(cap) => softcap(&logits, cap).run_ctx("final logit soft-cap"),
+            None => Ok(logits),
+        }
+    }
+}
+
 /// `cap * tanh(x / cap)`.
 fn softcap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
     (x / cap)?.tanh()? * cap

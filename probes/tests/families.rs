@@ -596,6 +596,95 @@ fn gemma2_query_pre_attn_scalar_scales_the_scores() {
     assert!(rel_err(&ours_last(&load(&plain), p), &ours_last(&a, p)) > 1e-3);
 }
 
+/// The logit lens reads Gemma 2's residuals as its last layer does: the final norm's `1 + w`,
+/// the tied unembedding and the final soft-cap, here written out by hand in f64; its last
+/// layer is the model's own prediction.
+#[test]
+fn gemma2_logit_lens_applies_the_norm_offset_and_final_softcap() {
+    use probes::lens::{logit_lens, LensOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let parts = Parts {
+        layers: LAYERS,
+        gemma: true,
+        tied: true,
+        ..Parts::default()
+    };
+    let t = tensors(38, parts);
+    let dir = tmp.path().join("gemma2-lens");
+    write_dir(&dir, &gemma2_config(WINDOW, HEAD_DIM), &t);
+    let m = load(&dir);
+    let get = |name: &str| t.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let norm: Vec<f32> = get("model.norm.weight").to_vec1().unwrap();
+    let embed: Vec<Vec<f32>> = get("model.embed_tokens.weight").to_vec2().unwrap();
+    let prompt = prompts()[2].clone();
+    let position = 11;
+    let opts = LensOptions {
+        position: position as i64,
+        top: VOCAB,
+        token: None,
+    };
+    let lens = logit_lens(&m.transformer, &prompt, &opts).unwrap();
+    let softmax = |l: Vec<f64>| {
+        let max = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = l.iter().map(|v| (v - max).exp()).sum();
+        l.iter().map(|v| (v - max).exp() / z).collect::<Vec<f64>>()
+    };
+    for layer in &lens.layers {
+        let out = m
+            .transformer
+            .forward(
+                std::slice::from_ref(&prompt),
+                Padding::Right,
+                &Hooks::new().capture(layer.hook),
+                Unembed::None,
+            )
+            .unwrap();
+        let x: Vec<f32> = out.captures[&layer.hook]
+            .i((0, position))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ms = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / x.len() as f64;
+        let h: Vec<f64> = x
+            .iter()
+            .zip(&norm)
+            .map(|(v, w)| f64::from(*v) / (ms + 1e-5).sqrt() * (1.0 + f64::from(*w)))
+            .collect();
+        let logits: Vec<f64> = embed
+            .iter()
+            .map(|row| {
+                let l: f64 = row.iter().zip(&h).map(|(a, b)| f64::from(*a) * b).sum();
+                3.0 * (l / 3.0).tanh()
+            })
+            .collect();
+        let probs = softmax(logits);
+        for r in &layer.top {
+            let want = probs[r.id as usize];
+            assert!(
+                (r.prob - want).abs() < 1e-5,
+                "{}: {r:?} vs {want}",
+                layer.hook
+            );
+        }
+    }
+    let own = m
+        .transformer
+        .forward(
+            std::slice::from_ref(&prompt),
+            Padding::Right,
+            &Hooks::new(),
+            Unembed::All,
+        )
+        .unwrap()
+        .logits
+        .unwrap();
+    let own: Vec<f32> = own.i((0, position)).unwrap().to_vec1().unwrap();
+    let probs = softmax(own.iter().map(|v| f64::from(*v)).collect());
+    for r in &lens.layers.last().unwrap().top {
+        assert!((r.prob - probs[r.id as usize]).abs() < 1e-5, "{r:?}");
+    }
+}
+
 #[test]
 fn gemma3_matches_candle_gemma3_from_hf_and_gguf() {
     let tmp = tempfile::tempdir().unwrap();

@@ -83,12 +83,34 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
     );
     let rate = metric(abl, "refusal rate without");
     assert!((0.0..=1.0).contains(&rate));
+    // A failing finding with prompts carries the logit lens at their last token: the
+    // embedding and 30 blocks, three tokens each.
+    assert_eq!(abl["status"], "fail", "{abl}");
+    let lens = abl["evidence"]["lens"].as_array().unwrap();
+    assert_eq!(lens.len(), 3, "{abl}");
+    for l in lens {
+        let layers = l["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 31, "{l}");
+        assert_eq!(layers[0]["layer"], "embed");
+        assert!(layers
+            .iter()
+            .all(|x| x["top"].as_array().unwrap().len() == 3));
+    }
+    assert!(
+        sep["evidence"].get("lens").is_none(),
+        "a passing finding has no lens: {sep}"
+    );
 
     let causal = finding(&r, "refusal-integrity", "refusal-direction-is-causal");
     assert_eq!(causal["evidence"]["sweep"].as_array().unwrap().len(), 4);
 
     let kl = finding(&r, "capability-cost", "ablation-kl-on-harmless");
     assert!(metric(kl, "KL divergence with intervention") > 0.0);
+
+    let induction = finding(&r, "capability-cost", "induction-heads");
+    assert_eq!(induction["status"], "pass", "{induction}");
+    assert!(metric(induction, "best induction score in blocks 7-22") >= 0.5);
+    assert_eq!(induction["evidence"]["heads"].as_array().unwrap().len(), 5);
 
     let feat = finding(&r, "harmful-recognition", "harmful-request-feature");
     assert!(!feat["evidence"]["latents"].as_array().unwrap().is_empty());
@@ -669,4 +691,99 @@ fn a_prompt_longer_than_the_context_cannot_check_and_is_named() {
             && e.contains("context length of 8192"),
         "{e}"
     );
+}
+
+/// A policy with only an induction check, on the default model: `policy check` and `check`
+/// accept it, the finding names the best head, two runs are byte-identical, and a head the
+/// model does not have is an error at its line for both commands.
+#[test]
+fn induction_heads_of_the_default_model_end_to_end() {
+    let model = default_model();
+    let model = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |heads: &str| {
+        let path = tmp.path().join("induction.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "schema = 1\nname = \"induction\"\nversion = \"1\"\n\n[[checks]]\nid = \"heads\"\nkind = \"induction\"\nseverity = \"high\"\nn_sequences = 4\nlength = 24\nlayers = [0.5, 0.7]\nmin_induction_score = 0.5\nmin_loss_drop = 4\nheads = [{heads}]\n"
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let policy = write("\"18.6\"");
+    let o = mechwatch(&["policy", "check", &policy, "--model", model]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let run = || {
+        mechwatch(&[
+            "check", "--model", model, "--policy", &policy, "--format", "json", "-q",
+        ])
+    };
+    let first = run();
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let r = json(&first);
+    let f = finding(&r, "induction", "heads");
+    assert_eq!(f["status"], "pass", "{f}");
+    assert_eq!(f["kind"], "induction");
+    // 30 blocks: the fractions [0.5, 0.7] are blocks 15-20.
+    assert!(
+        metric(f, "best induction score in blocks 15-20") >= 0.5,
+        "{f}"
+    );
+    assert!(metric(f, "induction score of head 18.6") >= 0.5, "{f}");
+    assert!(metric(f, "in-context loss drop") >= 4.0, "{f}");
+    let heads = f["evidence"]["heads"].as_array().unwrap();
+    assert!(
+        heads.iter().any(|h| h["layer"] == 18 && h["head"] == 6),
+        "{f}"
+    );
+    for h in heads {
+        for score in ["induction", "previous_token", "duplicate_token"] {
+            assert!((0.0..=1.0).contains(&h[score].as_f64().unwrap()), "{h}");
+        }
+    }
+    // 49 positions, pooled in cells of 3.
+    let p = &f["evidence"]["patterns"][0];
+    assert_eq!(p["stride"], 3);
+    assert_eq!(p["rows"].as_array().unwrap().len(), 17);
+    let second = run();
+    assert!(first.stdout == second.stdout, "two runs differ");
+
+    // Held to a score no head reaches, it fails (exit 1) and the text shows the best heads.
+    let strict = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("min_induction_score = 0.5", "min_induction_score = 0.99");
+    std::fs::write(&policy, strict).unwrap();
+    let o = mechwatch(&["check", "--model", model, "--policy", &policy, "-q"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let t = stdout(&o);
+    assert!(t.contains("FAIL  induction/heads"), "{t}");
+    assert!(t.contains("      head 18.6: induction 0."), "{t}");
+
+    // SmolLM2-135M has 9 heads per block and 30 blocks.
+    for (heads, why) in [
+        (
+            "\"3.9\"",
+            "head `3.9`: head 9 is out of range: the model has 9 heads per block (0..8)",
+        ),
+        (
+            "\"1.2\", \"30.0\"",
+            "head `30.0`: block 30 is out of range: the model has 30 blocks (0..29)",
+        ),
+    ] {
+        let policy = write(heads);
+        for args in [
+            vec!["check", "--model", model, "--policy", &policy, "-q"],
+            vec!["policy", "check", &policy, "--model", model],
+        ] {
+            let o = mechwatch(&args);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+            let e = stderr(&o);
+            assert!(
+                e.contains("induction.toml:14:") && e.contains("check `heads`") && e.contains(why),
+                "{e}"
+            );
+        }
+    }
 }

@@ -53,9 +53,15 @@ pub struct CheckArgs {
     /// Exit 1 on warnings too.
     #[arg(long)]
     pub fail_on_warn: bool,
-    /// The model lineage, for drift against its last passing audit (default: the file name).
+    /// The model lineage, for drift against its last passing audit and for reusing the SAEs
+    /// and directions that audit pinned (default: the file name).
     #[arg(long)]
     pub lineage: Option<String>,
+    /// The lineage's reference checkpoint (a GGUF file, an HF directory or a model name): the
+    /// SAEs and directions are computed on it (or found in the instrument store) and this
+    /// audit measures with them (default: the lineage's last passing audit's instruments).
+    #[arg(long, value_name = "PATH")]
+    pub base: Option<String>,
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -144,6 +150,23 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
             .map_err(|e| ("read_log", Some(subject.clone()), e))?,
         None => None,
     };
+    let reference = match &a.base {
+        Some(base) => {
+            let base = super::load_model_showing(base, &progress)
+                .map_err(|e| ("load_model", Some(subject.clone()), e))?;
+            let r = policies::engine::reference_instruments(&base, &policies, &lineage, None)
+                .map_err(|e| {
+                    (
+                        "resolve_policies",
+                        Some(subject.clone()),
+                        anyhow::Error::new(e)
+                            .context(format!("the base checkpoint {}", base.path.display())),
+                    )
+                })?;
+            Some(r)
+        }
+        None => None,
+    };
     let checks = policies
         .iter()
         .filter(|p| policies::engine::applies(&p.models, &model))
@@ -156,6 +179,8 @@ fn audit(a: &CheckArgs, log: Option<&mut AuditLog>) -> Result<(RunResult, ModelS
         progress: &mut progress,
         micro_batch: 16,
         lineage: Some(lineage),
+        store: None,
+        reference: reference.as_ref(),
     };
     let run = policies::engine::run(&model, &policies, &mut opts);
     progress.end(run.is_ok());

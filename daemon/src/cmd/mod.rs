@@ -6,6 +6,7 @@ pub mod completions;
 pub mod daemon;
 pub mod generate;
 pub mod key;
+pub mod lens;
 pub mod log;
 pub mod man;
 pub mod model;

@@ -545,6 +545,8 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         progress: &mut progress,
         micro_batch: 16,
         lineage: Some(lineage),
+        store: None,
+        reference: None,
     };
     let result = match policies::engine::run(&model, &w.policies, &mut opts) {
         Ok((r, _)) => r,

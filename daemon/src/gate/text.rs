@@ -55,6 +55,12 @@ fn checked(r: &RunResult) -> String {
                 l.latent, l.label, l.value, l.measure
             ));
         }
+        for h in f.evidence.heads.iter().take(3) {
+            s.push_str(&format!(
+                "      head {}.{}: induction {}, previous-token {}, duplicate-token {}\n",
+                h.layer, h.head, h.induction, h.previous_token, h.duplicate_token
+            ));
+        }
         for e in f.evidence.prompts.iter().take(3) {
             s.push_str(&format!(
                 "      prompt {}#{} ({}): {}\n",

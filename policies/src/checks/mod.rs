@@ -18,9 +18,10 @@ mod attribution;
 pub mod direction_probe;
 pub mod drift;
 pub mod feature_probe;
+pub mod induction;
 pub mod steering;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 /// What a check needs while its plan is made: the session to plan passes in, the resolved
 /// instruments, and the run's list of errors (each naming the policy file and check).
@@ -154,6 +155,7 @@ kinds! {
     DirectionProbe(direction_probe::DirectionProbe) = "direction_probe",
     Steering(steering::Steering) = "steering",
     Drift(drift::Drift) = "drift",
+    Induction(induction::Induction) = "induction",
 }
 
 /// A failed or violated check is `fail`, or only `warn` when its severity is low or info.

@@ -80,6 +80,16 @@ negative = "neg"
 
     /// Run `checks` and return the whole result.
     pub fn run(&self, checks: &str, last_pass: Option<&RunResult>) -> RunResult {
+        self.run_with(checks, last_pass, None)
+    }
+
+    /// Run `checks` with `reference` as the lineage's reference.
+    pub fn run_with(
+        &self,
+        checks: &str,
+        last_pass: Option<&RunResult>,
+        reference: Option<&RunResult>,
+    ) -> RunResult {
         let policy = self.policy(checks).expect("the test policy validates");
         let mut quiet = |_: &str| {};
         let mut opts = RunOptions {
@@ -87,10 +97,17 @@ negative = "neg"
             progress: &mut quiet,
             micro_batch: 3,
             lineage: None,
+            store: Some(self.store()),
+            reference,
         };
         run(&self.model, &[policy], &mut opts)
             .expect("the test policy resolves")
             .0
+    }
+
+    /// The instrument store of this test.
+    pub fn store(&self) -> std::path::PathBuf {
+        self.dir.path().join("store")
     }
 
     /// The only finding of `checks`.
@@ -98,6 +115,21 @@ negative = "neg"
         let r = self.run(checks, None);
         r.policies[0].findings[0].clone()
     }
+}
+
+/// Run the policy file at `path` on `model` through the real engine.
+pub(crate) fn run_policy(model: &probes::Model, path: &Path) -> RunResult {
+    let policy = Policy::load(path).expect("the test policy validates");
+    let mut quiet = |_: &str| {};
+    let mut opts = RunOptions {
+        last_pass: None,
+        progress: &mut quiet,
+        micro_batch: 3,
+        lineage: None,
+    };
+    run(model, &[policy], &mut opts)
+        .expect("the test policy resolves")
+        .0
 }
 
 /// A metric's value by its name's start.

@@ -1,0 +1,157 @@
+//! A model lineage's instruments. The SAEs and directions of a run are pinned in its record
+//! ([`PinnedInstrument`]); a later run of the same lineage reuses the pins of the lineage's
+//! last passing audit instead of computing its own, so that drift and probes compare
+//! checkpoints with the same instruments. Here: which pin a definition reuses, whether the
+//! lineage's reference can share instruments with this checkpoint at all, and the digest of
+//! each instrument's definition.
+
+use probes::digest::sha256_hex;
+use probes::Model;
+use serde_json::json;
+
+use crate::load::{Direction, DirectionSource, Policy};
+use crate::result::{PinnedInstrument, RunResult};
+
+/// The pins a run may reuse, read from its lineage's last passing audit.
+#[derive(Debug, Default)]
+pub(crate) struct Lineage {
+    pub name: String,
+    pins: Vec<PinnedInstrument>,
+    /// Why this checkpoint cannot use the lineage's instruments (another architecture or
+    /// width: the lineage name was reused for an unrelated model).
+    pub unrelated: Option<String>,
+}
+
+impl Lineage {
+    /// The lineage `name` of `model`, whose last passing audit is `last_pass`.
+    pub fn new(name: &str, last_pass: Option<&RunResult>, model: &Model) -> Self {
+        let Some(base) = last_pass else {
+            return Self {
+                name: name.to_string(),
+                ..Self::default()
+            };
+        };
+        let info = model.info();
+        let b = &base.model;
+        let vocab_differs = b.vocab_size != 0 && b.vocab_size != info.vocab_size;
+        let unrelated = (b.architecture != info.architecture
+            || b.n_layers != info.n_layers
+            || b.d_model != info.d_model
+            || vocab_differs)
+            .then(|| {
+                format!(
+                    "the lineage `{name}` was last audited on {} ({}), a {} model with {} layers, \
+                     d_model {} and {} tokens; this checkpoint is a {} model with {} layers, \
+                     d_model {} and {} tokens, so it cannot share that lineage's instruments. A \
+                     lineage holds checkpoints of one model: audit this one under its own \
+                     `--lineage`",
+                    b.path,
+                    b.digest,
+                    b.architecture,
+                    b.n_layers,
+                    b.d_model,
+                    b.vocab_size,
+                    info.architecture,
+                    info.n_layers,
+                    info.d_model,
+                    info.vocab_size
+                )
+            });
+        Self {
+            name: name.to_string(),
+            pins: base.instruments.clone(),
+            unrelated,
+        }
+    }
+
+    /// The pin of `policy`'s instrument `name` of `kind`, if its definition is unchanged.
+    pub fn pin(
+        &self,
+        policy: &str,
+        name: &str,
+        kind: &str,
+        recipe: &str,
+    ) -> Option<&PinnedInstrument> {
+        self.pins
+            .iter()
+            .find(|i| i.policy == policy && i.name == name && i.kind == kind && i.recipe == recipe)
+    }
+}
+
+/// The digest of a builtin SAE's definition (the hook it is read at, if the policy says).
+pub(crate) fn builtin_sae_recipe(hook: Option<&str>) -> String {
+    sha256_hex(
+        json!({"builtin": "default", "hook": hook})
+            .to_string()
+            .as_bytes(),
+    )
+}
+
+/// The digest of a direction's definition: its hook, position and the text of its prompt
+/// sets (or its vector).
+pub(crate) fn direction_recipe(p: &Policy, d: &Direction) -> String {
+    let set = |name: &str| {
+        p.prompt_sets
+            .get(name)
+            .map(|s| json!({"chat": s.chat, "prompts": s.prompts}))
+    };
+    let source = match &d.source {
+        DirectionSource::Contrast {
+            positive,
+            negative,
+            position,
+        } => json!({"positive": set(positive), "negative": set(negative), "position": position}),
+        DirectionSource::File { vector } => json!({"vector": vector}),
+    };
+    sha256_hex(
+        json!({"hook": d.hook.value, "source": source})
+            .to_string()
+            .as_bytes(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::testing::Tiny;
+
+    const PROBE: &str = r#"
+[[checks]]
+id = "separates"
+kind = "direction_probe"
+severity = "high"
+direction = "d"
+positive = "pos"
+negative = "neg"
+min_auroc = 0.5
+"#;
+
+    #[test]
+    fn a_lineage_of_another_width_is_unrelated() {
+        let tiny = Tiny::new();
+        let mut base = tiny.run(PROBE, None);
+        assert!(Lineage::new("t", Some(&base), &tiny.model)
+            .unrelated
+            .is_none());
+        base.model.d_model += 1;
+        let why = Lineage::new("t", Some(&base), &tiny.model)
+            .unrelated
+            .expect("another width is unrelated");
+        assert!(
+            why.contains("lineage `t`") && why.contains("--lineage"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_changed_definition_is_not_reused() {
+        let tiny = Tiny::new();
+        let p = tiny.policy(PROBE).unwrap();
+        let d = &p.directions["d"];
+        let r = direction_recipe(&p, d);
+        let mut moved = d.clone();
+        moved.hook.value = "blocks.0.hook_resid_post".into();
+        assert_ne!(direction_recipe(&p, &moved), r);
+        assert_eq!(direction_recipe(&p, d), r);
+    }
+}
