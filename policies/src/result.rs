@@ -205,7 +205,6 @@ pub struct AttentionPattern {
     pub rows: Vec<Vec<f64>>,
 }
 
-
 /// The logit lens at the last token of one prompt of the evidence: per layer, the most
 /// probable next tokens read from the residual stream through the model's final norm and
 /// unembedding (the model as it is, without any intervention of the check).
