@@ -126,6 +126,8 @@ pub(crate) fn run_policy(model: &probes::Model, path: &Path) -> RunResult {
         progress: &mut quiet,
         micro_batch: 3,
         lineage: None,
+        store: None,
+        reference: None,
     };
     run(model, &[policy], &mut opts)
         .expect("the test policy resolves")
