@@ -131,7 +131,9 @@ impl Store {
         if bytes.len() as u64 > MAX_DIRECTION_BYTES {
             return Err(StoreError::Format {
                 path,
-                detail: format!("more than {MAX_DIRECTION_BYTES} bytes is too large for a direction"),
+                detail: format!(
+                    "more than {MAX_DIRECTION_BYTES} bytes is too large for a direction"
+                ),
             });
         }
         let found = sha256_hex(&bytes);
