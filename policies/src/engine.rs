@@ -278,6 +278,13 @@ pub fn reference_instruments(
         &mut opts,
         &mut errors,
     );
+    // An instrument that could not be made (a store that cannot be written) is an error
+    // here: the run would otherwise measure with the audited checkpoint's own instead.
+    for p in &applicable {
+        for (name, why) in instruments.broken_in(p) {
+            errors.push(PolicyError::at(&p.path, None, format!("`{name}`: {why}")));
+        }
+    }
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }

@@ -79,6 +79,18 @@ impl Instruments {
         (p.name.clone(), name.to_string())
     }
 
+    /// Why `p`'s instruments that could not be resolved failed, by name, in name order.
+    pub fn broken_in(&self, p: &Policy) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = self
+            .broken
+            .iter()
+            .filter(|((policy, _), _)| *policy == p.name)
+            .map(|((_, name), why)| (name.as_str(), why.as_str()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The error of a check that reads `name`, which did not resolve.
     fn missing(&self, p: &Policy, what: &'static str, name: &str) -> CheckError {
         match self.broken.get(&Self::key(p, name)) {
@@ -274,8 +286,11 @@ impl Instruments {
         };
         sae.map(Arc::new).map_err(|e| {
             format!(
-                "the lineage `{}` measures with the SAE {} ({}, computed on {}), but {e}. A                  lineage's instruments are never rebuilt silently: restore the file, or build                  the reference's default SAE again with `mechwatch sae default --model                  <reference checkpoint>` (about 25 minutes on two cores) and audit the                  reference under this lineage again",
-                self.lineage.name, pin.sha256, pin.origin, pin.reference
+                "the lineage `{}` measures with the SAE {} ({}, computed on {}), but {e}. A \
+                 lineage's instruments are never rebuilt silently: restore the file, set the \
+                 lineage's reference again with `check --lineage {} --base <reference \
+                 checkpoint>`, or audit under a new `--lineage`",
+                self.lineage.name, pin.sha256, pin.origin, pin.reference, self.lineage.name
             )
         })
     }
@@ -324,7 +339,10 @@ impl Instruments {
             .direction(&pin.sha256, s.model.config().d_model)
             .map_err(|e| {
                 format!(
-                    "the lineage `{}` measures with the direction {} (computed on {}), but {e}.                      A lineage's instruments are never rebuilt silently: restore the file, or                      audit the reference checkpoint again under a new `--lineage`",
+                    "the lineage `{}` measures with the direction {} (computed on {}), but {e}. \
+                     A lineage's instruments are never rebuilt silently: restore the file, set \
+                     the lineage's reference again with `check --base <reference checkpoint>`, \
+                     or audit under a new `--lineage`",
                     self.lineage.name,
                     pin.sha256,
                     if pin.reference.is_empty() {

@@ -121,15 +121,21 @@ impl Store {
             }
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
-        let len = file.metadata().map_err(io(&path))?.len();
-        if len > MAX_DIRECTION_BYTES {
+        // Read from the handle that was checked, never more than the bound.
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, MAX_DIRECTION_BYTES + 1),
+            &mut bytes,
+        )
+        .map_err(io(&path))?;
+        if bytes.len() as u64 > MAX_DIRECTION_BYTES {
             return Err(StoreError::Format {
                 path,
-                detail: format!("{len} bytes is too large for a direction"),
+                detail: format!(
+                    "more than {MAX_DIRECTION_BYTES} bytes is too large for a direction"
+                ),
             });
         }
-        drop(file);
-        let bytes = probes::files::read_regular(&path).map_err(io(&path))?;
         let found = sha256_hex(&bytes);
         if found != sha256 {
             return Err(StoreError::Digest {
@@ -194,7 +200,18 @@ impl Store {
             }
             std::fs::copy(&src, &dst).map_err(io(&src))?;
         }
+        // The copy must be what was loaded: a source changed since would make a pin that
+        // no later audit could read.
+        if let Err(e) = load_checked(&partial, &root) {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
         if dir.exists() {
+            if self.sae(&root).is_ok() {
+                // Another run stored it meanwhile.
+                let _ = std::fs::remove_dir_all(&partial);
+                return Ok(dir);
+            }
             // A damaged copy: replaced by the fresh one.
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }

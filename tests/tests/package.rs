@@ -334,59 +334,43 @@ fn the_deb_holds_the_stripped_binary_unit_config_man_pages_and_completions() {
     assert!(render(&plain).contains("mechwatch-daemon(1)"));
 }
 
-/// A scratch root for `dpkg --root`: an empty package database and empty account files.
-/// Maintainer scripts run outside a chroot with `$DPKG_ROOT` set
-/// (`--force-script-chrootless`), and `systemctl --version` is answered by a script that
-/// reports `systemd` (`None`: a host without systemd).
+/// A scratch root for `dpkg --root`: a package database that lists systemd at version
+/// `systemd` (`None`: not installed), and empty account files. Maintainer scripts run outside
+/// a chroot with `$DPKG_ROOT` set (`--force-script-chrootless`).
 struct Root {
     dir: tempfile::TempDir,
-    bin: tempfile::TempDir,
 }
 
 impl Root {
-    fn new() -> Root {
+    fn new(systemd: Option<&str>) -> Root {
         let dir = tempfile::tempdir().unwrap();
         for d in ["etc", "var/lib/dpkg/info", "var/lib/dpkg/updates"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
-        for f in [
-            "var/lib/dpkg/status",
-            "etc/passwd",
-            "etc/group",
-            "etc/shadow",
-            "etc/gshadow",
-        ] {
+        for f in ["etc/passwd", "etc/group", "etc/shadow", "etc/gshadow"] {
             std::fs::write(dir.path().join(f), "").unwrap();
         }
-        Root {
-            dir,
-            bin: tempfile::tempdir().unwrap(),
-        }
+        let status = match systemd {
+            Some(v) => format!(
+                "Package: systemd\nStatus: install ok installed\nPriority: important\n\
+                 Section: admin\nMaintainer: test\nArchitecture: amd64\nVersion: {v}\n\
+                 Description: system and service manager\n\n"
+            ),
+            None => String::new(),
+        };
+        std::fs::write(dir.path().join("var/lib/dpkg/status"), status).unwrap();
+        Root { dir }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
-    fn dpkg(&self, systemd: Option<u32>, args: &[&str]) -> String {
-        use std::os::unix::fs::PermissionsExt;
-        let systemctl = self.bin.path().join("systemctl");
-        let body = match systemd {
-            Some(v) => format!("#!/bin/sh\necho 'systemd {v} ({v}-1)'\n"),
-            None => "#!/bin/sh\nexit 127\n".to_string(),
-        };
-        std::fs::write(&systemctl, body).unwrap();
-        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = format!(
-            "{}:{}",
-            self.bin.path().display(),
-            std::env::var("PATH").unwrap()
-        );
+    fn dpkg(&self, args: &[&str]) -> String {
         run(Command::new("dpkg")
             .arg(format!("--root={}", self.dir.path().display()))
             .args(["--force-script-chrootless", "--force-depends"])
-            .args(args)
-            .env("PATH", path))
+            .args(args))
     }
 
     fn passwd_lines(&self) -> Vec<String> {
@@ -419,10 +403,11 @@ fn dpkg_installs_upgrades_removes_and_purges_in_a_scratch_root() {
     let dropin = "etc/systemd/system/mechwatch.service.d/before-253.conf";
     let conf = "etc/mechwatch/mechwatch.toml";
 
-    // systemd 252 does not know Type=notify-reload: postinst adds the drop-in.
-    let r = Root::new();
-    r.dpkg(Some(252), &["-i", deb]);
-    let status = r.dpkg(None, &["-s", "mechwatch"]);
+    // systemd 252 does not know Type=notify-reload: postinst adds the drop-in. The version
+    // is the root's systemd package, never the host's.
+    let r = Root::new(Some("252.39-1~deb12u2"));
+    r.dpkg(&["-i", deb]);
+    let status = r.dpkg(&["-s", "mechwatch"]);
     assert!(status.contains("Status: install ok installed"), "{status}");
     let users = r.passwd_lines();
     assert_eq!(users.len(), 1, "{users:?}");
@@ -450,25 +435,25 @@ fn dpkg_installs_upgrades_removes_and_purges_in_a_scratch_root() {
         std::fs::read_to_string(r.path(conf)).unwrap()
     );
     std::fs::write(r.path(conf), &edited).unwrap();
-    r.dpkg(Some(252), &["-i", deb]);
+    r.dpkg(&["-i", deb]);
     assert_eq!(std::fs::read_to_string(r.path(conf)).unwrap(), edited);
     assert_eq!(r.passwd_lines().len(), 1);
 
     // Removed: the binary goes, the configuration and the drop-in stay. Purged: they go too;
     // the user (who may own an audit log) stays.
-    r.dpkg(None, &["-r", "mechwatch"]);
+    r.dpkg(&["-r", "mechwatch"]);
     assert!(!r.path("usr/bin/mechwatch").exists());
     assert!(r.path(conf).exists() && r.path(dropin).exists());
-    r.dpkg(None, &["-P", "mechwatch"]);
+    r.dpkg(&["-P", "mechwatch"]);
     assert!(!r.path(conf).exists());
     assert!(!r.path(dropin).exists());
     assert!(!r.path("etc/systemd/system/mechwatch.service.d").exists());
     assert_eq!(r.passwd_lines().len(), 1);
 
-    // systemd 253 and later, or no systemd: no drop-in.
-    for systemd in [Some(253), None] {
-        let r = Root::new();
-        r.dpkg(systemd, &["-i", deb]);
+    // systemd 253 and later, or no systemd in the root (whatever the host runs): no drop-in.
+    for systemd in [Some("253.1-1"), Some("257~rc1-2"), None] {
+        let r = Root::new(systemd);
+        r.dpkg(&["-i", deb]);
         assert!(r.path("usr/bin/mechwatch").exists());
         assert!(!r.path(dropin).exists(), "{systemd:?}");
         assert_eq!(r.passwd_lines().len(), 1);

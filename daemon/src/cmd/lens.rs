@@ -51,7 +51,7 @@ pub fn run(a: LensArgs) -> anyhow::Result<ExitCode> {
     if a.top == 0 || a.top > MAX_TOP {
         bail!("--top {} is out of range: give 1 to {MAX_TOP}", a.top);
     }
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model_beside_stdout(&a.model)?;
     let ids = model
         .encode_prompt(&a.prompt, !a.raw)
         .with_context(|| match a.raw {

@@ -296,9 +296,16 @@ fn fvu(
     }
     let x = candle_core::Tensor::from_vec(kept, (n, d), &candle_core::Device::Cpu)?;
     let recon = sae.reconstruct(&x)?;
-    let sse = (&x - &recon)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    // Sums over about a million elements: in f64, so that the six digits reported hold.
+    let f64 = candle_core::DType::F64;
+    let sse = (&x - &recon)?
+        .to_dtype(f64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let x = x.to_dtype(f64)?;
     let centred = x.broadcast_sub(&x.mean_keepdim(0)?)?;
-    let total = centred.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let total = centred.sqr()?.sum_all()?.to_scalar::<f64>()?;
     let f = sse / total;
     if !f.is_finite() {
         return Err(CheckError::NonFinite(format!(

@@ -183,6 +183,12 @@ impl Kind for Induction {
                 ),
             );
         }
+        if let (Some(s), None) = (&spec.layers, min_induction_score) {
+            v.err(
+                s,
+                format!("{check}: `layers` bounds the best head to `min_induction_score`, which is missing"),
+            );
+        }
         if !heads.is_empty() && min_induction_score.is_none() {
             v.err(
                 &spec.heads[0],
@@ -641,17 +647,14 @@ impl Accumulator {
             .logits
             .as_ref()
             .ok_or_else(|| CheckError::NonFinite("the pass returned no logits".into()))?
-            .to_dtype(DType::F32)?
-            .narrow(1, 0, t - 1)?
-            .contiguous()?;
-        let next: Vec<u32> = ids[first..first + rows]
-            .iter()
-            .flat_map(|s| s[1..].iter().copied())
-            .collect();
-        let next = Tensor::from_vec(next, (rows, t - 1, 1), logits.device())?;
-        let picked = logits.gather(&next, D::Minus1)?.squeeze(D::Minus1)?;
-        let ce: Vec<Vec<f32>> = (logits.log_sum_exp(D::Minus1)? - picked)?.to_vec2()?;
-        for row in &ce {
+            .to_dtype(DType::F32)?;
+        // One sequence at a time: a row's logits are `t x vocab` floats, and the
+        // log-sum-exp's temporaries are as large again.
+        for (r, seq) in ids[first..first + rows].iter().enumerate() {
+            let row_logits = logits.get(r)?.narrow(0, 0, t - 1)?.contiguous()?;
+            let next = Tensor::from_vec(seq[1..].to_vec(), (t - 1, 1), row_logits.device())?;
+            let picked = row_logits.gather(&next, D::Minus1)?.squeeze(D::Minus1)?;
+            let row: Vec<f32> = (row_logits.log_sum_exp(D::Minus1)? - picked)?.to_vec1()?;
             // `row[p]` is the loss of the token at `p + 1`; each repeat's first token is left
             // out.
             let first: f64 = row[b..b + l - 1].iter().map(|x| f64::from(*x)).sum();
@@ -1037,6 +1040,11 @@ mod tests {
                 "min_induction_score = 0.4\nlayers = [0.7, 0.2]\n",
                 "layers =",
                 "`layers` is `[from, to]`",
+            ),
+            (
+                "min_loss_drop = 1.0\nlayers = [0.2, 0.7]\n",
+                "layers =",
+                "`min_induction_score`, which is missing",
             ),
             (
                 "min_induction_score = 1.4\n",
