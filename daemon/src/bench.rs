@@ -220,7 +220,6 @@ fn daemon(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
 fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::cmd::policy::resolve(&a.policy)?;
     let policies = policies::load_policies(&dir).map_err(policies::PolicyErrors)?;
-    // The default SAE is trained on first use; that is set-up, not the audit.
     let t0 = Instant::now();
     let (load, model) = time(|| crate::cmd::load_model(&a.model))?;
     let mut quiet = |_: &str| {};

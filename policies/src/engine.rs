@@ -57,28 +57,16 @@ impl RunOptions<'_> {
 /// starts a training.
 pub fn resolve_only(model: &Model, policies: &[Policy]) -> Result<(), PolicyErrors> {
     let mut session = Session::new(model, 16);
-    let mut instruments = Instruments::new(false, Lineage::default(), Store::in_cache(), false);
-    let mut quiet = |_: &str| {};
-    let mut opts = RunOptions {
-        last_pass: None,
-        progress: &mut quiet,
-        micro_batch: 16,
-        lineage: None,
-        store: None,
-        reference: None,
-    };
+    let mut instruments = Instruments::new(Lineage::default(), Store::in_cache(), false);
     let applicable: Vec<&Policy> = policies
         .iter()
         .filter(|p| applies(&p.models, model))
         .collect();
     let mut errors = Vec::new();
-    resolve_all(
-        &mut session,
-        &mut instruments,
-        &applicable,
-        &mut opts,
-        &mut errors,
-    );
+    resolve_all(&mut session, &mut instruments, &applicable, &mut errors);
+    // An instrument that is not there (a default SAE not built yet) would be an `error`
+    // finding of every check reading it: here it is an error of the policy.
+    broken_as_errors(&instruments, &applicable, &mut errors);
     if errors.is_empty() {
         Ok(())
     } else {
@@ -93,13 +81,12 @@ fn resolve_all(
     session: &mut Session<'_>,
     instruments: &mut Instruments,
     policies: &[&Policy],
-    opts: &mut RunOptions<'_>,
     errors: &mut Vec<PolicyError>,
 ) {
     let mut resolved = Vec::new();
     for p in policies {
         let before = errors.len();
-        instruments.resolve(session, p, opts, errors);
+        instruments.resolve(session, p, errors);
         for check in &p.checks {
             check.body.plan(&mut Planner {
                 session: &mut *session,
@@ -118,11 +105,26 @@ fn resolve_all(
     }
 }
 
+/// Each instrument of `policies` that did not resolve, as an error of its policy.
+fn broken_as_errors(
+    instruments: &Instruments,
+    policies: &[&Policy],
+    errors: &mut Vec<PolicyError>,
+) {
+    for p in policies {
+        for (name, why) in instruments.broken_in(p) {
+            errors.push(PolicyError::at(&p.path, None, format!("`{name}`: {why}")));
+        }
+    }
+}
+
 /// Seconds spent per check kind, for `mechwatch bench check`.
 pub type Timings = BTreeMap<&'static str, f64>;
 
 /// Evaluate `policies` on `model`. Errors are policy references the model cannot satisfy;
-/// failures inside a check become that check's `error` finding instead.
+/// failures inside a check become that check's `error` finding instead. A run never trains
+/// an instrument: a default SAE not built for this model is an `error` finding of each check
+/// that reads it, saying how to build it ([`needs_default_sae`]).
 pub fn run(
     model: &Model,
     policies: &[Policy],
@@ -131,7 +133,7 @@ pub fn run(
     let mut session = Session::new(model, opts.micro_batch);
     let lineage_name = opts.lineage.clone().unwrap_or_else(|| lineage_of(model));
     let lineage = Lineage::new(&lineage_name, opts.reference.or(opts.last_pass), model);
-    let mut instruments = Instruments::new(true, lineage, opts.store(), true);
+    let mut instruments = Instruments::new(lineage, opts.store(), true);
     let applicable: Vec<bool> = policies.iter().map(|p| applies(&p.models, model)).collect();
     if !applicable.iter().any(|a| *a) {
         return Err(PolicyErrors(vec![PolicyError::at(
@@ -152,7 +154,7 @@ pub fn run(
         .filter(|(_, a)| **a)
         .map(|(p, _)| p)
         .collect();
-    resolve_all(&mut session, &mut instruments, &checked, opts, &mut errors);
+    resolve_all(&mut session, &mut instruments, &checked, &mut errors);
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
@@ -231,6 +233,32 @@ pub fn run(
     ))
 }
 
+/// Whether running `policies` on `model` would need its default SAE built first: a policy
+/// that applies names the builtin SAE, the lineage's reference pins no SAE for it, and it is
+/// neither shipped nor cached. The daemon then builds it as a step of its own, with progress.
+pub fn needs_default_sae(
+    model: &Model,
+    policies: &[Policy],
+    reference: Option<&RunResult>,
+) -> bool {
+    let pinned = |p: &Policy, name: &str| {
+        reference.is_some_and(|r| {
+            r.instruments
+                .iter()
+                .any(|i| i.kind == "sae" && i.policy == p.name && i.name == name)
+        })
+    };
+    let wanted = policies
+        .iter()
+        .filter(|p| applies(&p.models, model))
+        .any(|p| {
+            p.saes.iter().any(|(name, e)| {
+                matches!(e.source, crate::load::SaeSource::Builtin { .. }) && !pinned(p, name)
+            })
+        });
+    wanted && matches!(probes::sae::default::built(model), Ok(None))
+}
+
 /// How a result names the checkpoint it was run on.
 fn model_ref(model: &Model, lineage: String) -> ModelRef {
     let info = model.info();
@@ -255,36 +283,18 @@ pub fn reference_instruments(
     lineage: &str,
     store: Option<std::path::PathBuf>,
 ) -> Result<RunResult, PolicyErrors> {
-    let mut quiet = |_: &str| {};
-    let mut opts = RunOptions {
-        last_pass: None,
-        progress: &mut quiet,
-        micro_batch: 16,
-        lineage: Some(lineage.to_string()),
-        store,
-        reference: None,
-    };
-    let mut session = Session::new(model, opts.micro_batch);
-    let mut instruments = Instruments::new(false, Lineage::default(), opts.store(), true);
+    let store = store.map(Store::at).unwrap_or_else(Store::in_cache);
+    let mut session = Session::new(model, 16);
+    let mut instruments = Instruments::new(Lineage::default(), store, true);
     let applicable: Vec<&Policy> = policies
         .iter()
         .filter(|p| applies(&p.models, model))
         .collect();
     let mut errors = Vec::new();
-    resolve_all(
-        &mut session,
-        &mut instruments,
-        &applicable,
-        &mut opts,
-        &mut errors,
-    );
+    resolve_all(&mut session, &mut instruments, &applicable, &mut errors);
     // An instrument that could not be made (a store that cannot be written) is an error
     // here: the run would otherwise measure with the audited checkpoint's own instead.
-    for p in &applicable {
-        for (name, why) in instruments.broken_in(p) {
-            errors.push(PolicyError::at(&p.path, None, format!("`{name}`: {why}")));
-        }
-    }
+    broken_as_errors(&instruments, &applicable, &mut errors);
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }

@@ -15,7 +15,6 @@ use candle_core::{Device, Tensor};
 use probes::hooks::HookPoint;
 use probes::sae::Sae;
 
-use crate::engine::RunOptions;
 use crate::error::{CheckError, PolicyError};
 use crate::lineage::{builtin_sae_recipe, direction_recipe, Lineage};
 use crate::load::{Direction, DirectionSource, Located, Policy, SaeSource};
@@ -40,8 +39,6 @@ pub(crate) struct Instruments {
     saes: HashMap<(String, String), ResolvedSae>,
     directions: HashMap<(String, String), ResolvedDirection>,
     builtin: Option<Arc<Sae>>,
-    /// Whether a default SAE that is not built yet may be trained (minutes) or is an error.
-    pub build_missing: bool,
     /// Inputs found while resolving (the builtin SAE), for the run's record.
     pub inputs: Vec<InputRecord>,
     /// The lineage's pins this run may reuse.
@@ -59,12 +56,11 @@ pub(crate) struct Instruments {
 }
 
 impl Instruments {
-    pub fn new(build_missing: bool, lineage: Lineage, store: Store, record: bool) -> Self {
+    pub fn new(lineage: Lineage, store: Store, record: bool) -> Self {
         Self {
             saes: HashMap::new(),
             directions: HashMap::new(),
             builtin: None,
-            build_missing,
             inputs: Vec::new(),
             lineage,
             store,
@@ -139,13 +135,7 @@ impl Instruments {
 
     /// Load and fit `p`'s SAEs, check its directions' hooks, and plan the passes its
     /// contrast directions read.
-    pub fn resolve(
-        &mut self,
-        s: &mut Session<'_>,
-        p: &Policy,
-        opts: &mut RunOptions<'_>,
-        errors: &mut Vec<PolicyError>,
-    ) {
+    pub fn resolve(&mut self, s: &mut Session<'_>, p: &Policy, errors: &mut Vec<PolicyError>) {
         let d_model = s.model.config().d_model;
         for (name, entry) in &p.saes {
             let (sae, hook_spec) = match &entry.source {
@@ -162,20 +152,11 @@ impl Instruments {
                             .pinned_sae(pin)
                             .map(|sae| (sae, pin.clone()))
                             .map_err(at),
-                        (None, None) => match self.builtin_sae(s, opts) {
-                            Ok(sae) => self
-                                .pin_builtin(s, p, name, &recipe, &sae)
+                        (None, None) => self.builtin_sae(s).map_err(at).and_then(|sae| {
+                            self.pin_builtin(s, p, name, &recipe, &sae)
                                 .map(|pin| (sae, pin))
-                                .map_err(at),
-                            Err(e) => {
-                                errors.push(PolicyError::at(
-                                    &p.path,
-                                    None,
-                                    format!("[saes.{name}]: the default SAE: {e}"),
-                                ));
-                                continue;
-                            }
-                        },
+                                .map_err(at)
+                        }),
                     };
                     match found {
                         Ok((sae, pin)) => {
@@ -428,29 +409,23 @@ impl Instruments {
         }))
     }
 
-    /// The default SAE of the model: shipped, cached, or (when allowed) trained now.
-    fn builtin_sae(
-        &mut self,
-        s: &Session<'_>,
-        opts: &mut RunOptions<'_>,
-    ) -> Result<Arc<Sae>, String> {
+    /// The default SAE of the model: shipped or cached. A run never trains one (minutes to
+    /// hours): a missing one is an error saying how to build it and about how long that takes.
+    fn builtin_sae(&mut self, s: &Session<'_>) -> Result<Arc<Sae>, String> {
         if let Some(sae) = &self.builtin {
             return Ok(Arc::clone(sae));
         }
-        let dir = if self.build_missing {
-            probes::sae::default::ensure_reporting(s.model, &mut *opts.progress)
-                .map_err(|e| e.to_string())?
-        } else {
-            probes::sae::default::built(s.model)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| {
-                    format!(
-                        "it is not built for this model yet; `mechwatch sae default --model {}` \
-                         builds it (about 25 minutes on two cores)",
-                        s.model.path.display()
-                    )
-                })?
-        };
+        let dir = probes::sae::default::built(s.model)
+            .map_err(|e| format!("the default SAE: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "the default SAE is not built for this model yet, and an audit never \
+                     trains one; `mechwatch sae default --model {}` builds it once (about {} \
+                     minutes on two cores), and the daemon builds it as a job of its own",
+                    s.model.path.display(),
+                    probes::sae::default::estimated_minutes(s.model)
+                )
+            })?;
         let sae = Arc::new(probes::sae::load_sae(&dir).map_err(|e| e.to_string())?);
         self.builtin = Some(Arc::clone(&sae));
         Ok(sae)

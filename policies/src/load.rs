@@ -66,7 +66,7 @@ pub struct Located<T> {
 
 #[derive(Debug, Clone)]
 pub enum SaeSource {
-    /// The model's default SAE, trained on first use.
+    /// The model's default SAE (shipped, or built once by `mechwatch sae default`).
     Builtin { hook: Option<Located<String>> },
     /// Loaded and digest-checked at validation.
     File {

@@ -107,7 +107,8 @@ pub struct SaeSpec {
     /// The manifest root digest of the SAE's files; required with `path`.
     #[serde(default)]
     pub sha256: Option<Spanned<String>>,
-    /// `default`: the model's default SAE (`mechwatch sae default`), trained on first use.
+    /// `default`: the model's default SAE (shipped for the default model; for another model
+    /// built once by `mechwatch sae default --model M`, never by an audit).
     #[serde(default)]
     pub builtin: Option<Spanned<String>>,
     /// The hook the SAE reads; defaults to the one its config names.

@@ -294,3 +294,102 @@ fn a_base_checkpoint_sets_the_lineages_instruments() {
         .collect();
     assert!(trained.is_empty(), "{trained:?}");
 }
+
+/// A gate run on a model whose default SAE is not built trains nothing: each check that reads
+/// the SAE is an `error` finding saying what is missing, the command that builds it and about
+/// how long that takes; the checks that do not read it still run.
+#[test]
+fn a_gate_run_never_trains_a_missing_default_sae() {
+    let env = Env::new();
+    let model = probes::testing::llama_dir(env.tmp.path(), 7);
+    let policy = env.tmp.path().join("tiny");
+    std::fs::create_dir_all(policy.join("prompts")).unwrap();
+    std::fs::write(
+        policy.join("prompts/pos.txt"),
+        "w1 w2 w3\nw1 w4 w5\nw1 w6 w7\n",
+    )
+    .unwrap();
+    std::fs::write(
+        policy.join("prompts/neg.txt"),
+        "w9 w2 w3\nw9 w4 w5\nw9 w6 w7\n",
+    )
+    .unwrap();
+    let text = r#"schema = 1
+name = "tiny"
+version = "1"
+
+[prompts.pos]
+file = "prompts/pos.txt"
+chat = false
+
+[prompts.neg]
+file = "prompts/neg.txt"
+chat = false
+
+[saes.default]
+builtin = "default"
+
+[directions.d]
+hook = "blocks.1.hook_resid_post"
+positive = "pos"
+negative = "neg"
+
+[[checks]]
+id = "separates"
+kind = "direction_probe"
+severity = "high"
+direction = "d"
+positive = "pos"
+negative = "neg"
+min_auroc = 0.5
+
+[[checks]]
+id = "feature"
+kind = "feature_probe"
+severity = "low"
+sae = "default"
+latents = [0]
+
+[[checks.expect]]
+prompts = "pos"
+min_active_fraction = 0.0
+"#;
+    std::fs::write(policy.join("tiny.toml"), text).unwrap();
+    let o = env.run(&[
+        "check",
+        "--model",
+        model.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--format",
+        "json",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&o), stderr(&o)));
+    assert_eq!(r["verdict"], "error", "{r}");
+    let feature = finding(&r, "feature");
+    assert_eq!(feature["status"], "error", "{feature}");
+    let why = feature["explanation"].as_str().unwrap();
+    for part in [
+        "tiny.toml",
+        "[saes.default]",
+        "not built for this model",
+        &format!("mechwatch sae default --model {}", model.display()),
+        "minutes on two cores",
+    ] {
+        assert!(why.contains(part), "{part}: {why}");
+    }
+    let separates = finding(&r, "separates");
+    assert_ne!(separates["status"], "error", "{separates}");
+    let trained: Vec<String> = env
+        .cache_listing()
+        .into_iter()
+        .filter(|p| p.starts_with("sae"))
+        .collect();
+    assert!(
+        trained.is_empty(),
+        "a gate run started a training: {trained:?}"
+    );
+}

@@ -540,6 +540,13 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         Err(e) => return error("read_log", format!("{e:#}")),
     };
     let mut progress = progress;
+    // A default SAE is built as a step of its own, with its cost said up front and its
+    // progress in `mechwatch status`; the audit itself never trains one.
+    if policies::engine::needs_default_sae(&model, &w.policies, last_pass.as_ref()) {
+        if let Err(e) = probes::sae::default::ensure_reporting(&model, &mut progress) {
+            return error("build_default_sae", e.to_string());
+        }
+    }
     let mut opts = policies::engine::RunOptions {
         last_pass: last_pass.as_ref(),
         progress: &mut progress,

@@ -250,8 +250,20 @@ pub fn built(model: &Model) -> Result<Option<PathBuf>, SaeError> {
     Ok(done.then_some(dir))
 }
 
+/// About how many minutes training the recipe's SAE for `model` takes on two cores: the
+/// default model's 25 minutes, scaled by `n_layers * d_model^2` (both the corpus the model
+/// writes and the training grow with it), rounded up to 5 minutes.
+pub fn estimated_minutes(model: &Model) -> u64 {
+    const DEFAULT_MINUTES: f64 = 25.0;
+    const DEFAULT_COST: f64 = 30.0 * 576.0 * 576.0;
+    let c = model.config();
+    let cost = c.n_layers as f64 * (c.d_model as f64).powi(2);
+    let minutes = DEFAULT_MINUTES * cost / DEFAULT_COST;
+    ((minutes / 5.0).ceil() as u64).max(1) * 5
+}
+
 /// The recipe's SAE for `model`, trained (about 25 minutes for the default model on two
-/// cores) unless it is cached.
+/// cores, [`estimated_minutes`] for others) unless it is cached.
 pub fn train_recipe(
     model: &Model,
     mut corpus_progress: impl FnMut(usize, usize),
@@ -296,7 +308,10 @@ pub fn train_recipe_reporting(model: &Model, report: &mut dyn Report) -> Result<
     let phases = std::cell::RefCell::new(Phases {
         report,
         open: None,
-        announced: false,
+        notice: Some(format!(
+            "the default SAE for this model is built once and cached: about {} min on 2 cores",
+            estimated_minutes(model)
+        )),
     });
     let dir = train_recipe(
         model,
@@ -336,20 +351,17 @@ pub fn train_recipe_reporting(model: &Model, report: &mut dyn Report) -> Result<
 struct Phases<'r> {
     report: &'r mut dyn Report,
     open: Option<&'static str>,
-    announced: bool,
+    /// The cost of a whole recipe run, said once, before its first phase.
+    notice: Option<String>,
 }
 
 impl Phases<'_> {
-    /// The cost of a whole recipe run, said once, before its first phase.
-    const NOTICE: &'static str = "the default SAE for this model is built once and cached: \
-        about 25 min for the default model on 2 cores, longer for bigger models";
-
     fn at(&mut self, phase: &'static str, total: u64, unit: &str, done: u64) {
         if self.open != Some(phase) {
             self.close();
-            let notice = (!self.announced).then_some(Self::NOTICE);
-            self.announced = true;
-            self.report.phase(phase, Some(total), unit, notice);
+            let notice = self.notice.take();
+            self.report
+                .phase(phase, Some(total), unit, notice.as_deref());
             self.open = Some(phase);
         }
         self.report.advance(done);
