@@ -199,7 +199,7 @@ impl HookName {
         }
         let unknown = || RunError::UnknownHook {
             name: name.to_string(),
-            valid: valid_hooks(),
+            valid: valid_hooks(None),
         };
         let rest = name.strip_prefix("blocks.").ok_or_else(unknown)?;
         let (block, point) = BLOCK_HOOKS
@@ -229,10 +229,9 @@ impl HookName {
         let Some(block) = self.block else {
             return Ok(self.point);
         };
-        let l = block.resolve(n_layers).map_err(|why| RunError::BadBlock {
-            name: self.to_string(),
-            why,
-        })?;
+        let l = block
+            .resolve(n_layers)
+            .map_err(|why| beyond_the_model(self.to_string(), why, n_layers))?;
         Ok(self.point.at_block(l))
     }
 }
@@ -250,11 +249,26 @@ impl fmt::Display for HookName {
     }
 }
 
-fn valid_hooks() -> String {
-    "hook_embed, blocks.{L}.{hook_resid_pre, hook_attn_out, hook_resid_mid, hook_mlp_out, \
-     hook_resid_post, attn.hook_pattern}, ln_final.hook_normalized, where L is a block number \
-     or a fraction of depth in [0, 1] such as 0.5"
-        .to_string()
+/// The valid hook names, with the block range of a model with `n_layers` blocks if known.
+fn valid_hooks(n_layers: Option<usize>) -> String {
+    let l = n_layers.map_or_else(
+        || "L".to_string(),
+        |n| format!("0..{}", n.saturating_sub(1)),
+    );
+    format!(
+        "hook_embed, blocks.{{{l}}}.{{hook_resid_pre, hook_attn_out, hook_resid_mid, \
+         hook_mlp_out, hook_resid_post, attn.hook_pattern}}, ln_final.hook_normalized (a block \
+         is a number, or a fraction of depth in [0, 1] such as 0.5)"
+    )
+}
+
+/// The error for hook `name` at a block the model lacks; `why` says which block and how many
+/// the model has.
+pub(crate) fn beyond_the_model(name: String, why: String, n_layers: usize) -> RunError {
+    RunError::UnknownHook {
+        name,
+        valid: format!("{}; {why}", valid_hooks(Some(n_layers))),
+    }
 }
 
 impl fmt::Display for HookPoint {
@@ -505,6 +519,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("the model has 30 blocks (0..29)"), "{e}");
+        assert!(
+            e.contains("unknown hook") && e.contains("blocks.{0..29}"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -303,10 +303,7 @@ impl Transformer {
             .chain(hooks.interventions.iter().map(|i| &i.hook))
         {
             if let Some(Err(why)) = h.layer().map(|l| HookBlock::Index(l).resolve(n)) {
-                return Err(RunError::BadBlock {
-                    name: h.to_string(),
-                    why,
-                });
+                return Err(crate::hooks::beyond_the_model(h.to_string(), why, n));
             }
         }
         for i in &hooks.interventions {
