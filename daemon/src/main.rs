@@ -88,6 +88,7 @@ enum Command {
     /// Capture activations at hook points for a file of prompts.
     #[command(after_help = "Examples:
   mechwatch capture --hook blocks.11.hook_resid_post --prompts prompts.txt --out acts.safetensors
+  mechwatch capture --hook blocks.0.5.hook_resid_post --prompts prompts.txt --out half-depth.safetensors
   mechwatch capture --model ./checkpoint --hook blocks.3.attn.hook_pattern blocks.3.hook_resid_post --prompts p.jsonl --chat --out acts.safetensors")]
     Capture(cmd::capture::CaptureArgs),
     /// The logit lens: the top next tokens read from the residual stream after each layer.

@@ -141,7 +141,13 @@ impl Instruments {
             let (sae, hook_spec) = match &entry.source {
                 SaeSource::File { sae, hook } => (Arc::clone(sae), hook.clone()),
                 SaeSource::Builtin { hook } => {
-                    let recipe = builtin_sae_recipe(hook.as_ref().map(|h| h.value.as_str()));
+                    // The hook as resolved on this model: a fraction of depth and the block it
+                    // names are one definition (a bad name is reported where the SAE is fitted).
+                    let read_at = hook.as_ref().map(|h| {
+                        HookPoint::parse(&h.value, s.n_layers())
+                            .map_or_else(|_| h.value.clone(), |p| p.to_string())
+                    });
+                    let recipe = builtin_sae_recipe(read_at.as_deref());
                     let at = |why: String| {
                         PolicyError::at(&p.path, None, format!("[saes.{name}]: {why}")).to_string()
                     };
@@ -220,7 +226,7 @@ impl Instruments {
                 ));
                 continue;
             }
-            let recipe = direction_recipe(p, d);
+            let recipe = direction_recipe(p, d, hook);
             let pinned = self.lineage.pin(&p.name, name, "direction", &recipe);
             let reused = match (&self.lineage.unrelated, pinned) {
                 (Some(why), _) => Some(Err(why.clone())),
@@ -403,7 +409,7 @@ impl Instruments {
             name: name.to_string(),
             kind: "direction".into(),
             sha256: sha,
-            recipe: direction_recipe(p, d),
+            recipe: direction_recipe(p, d, r.hook),
             reference,
             origin,
         }))
@@ -515,6 +521,76 @@ positive = "pos"
 negative = "neg"
 min_auroc = 0.5
 "#;
+
+    #[test]
+    fn one_policy_with_a_fraction_of_depth_reads_the_block_each_model_has() {
+        let tiny = Tiny::new();
+        let policy = tiny.policy_at("blocks.0.5.hook_resid_post", PROBE).unwrap();
+        let root = tiny.dir.path();
+        let deep = probes::testing::load(&probes::testing::llama_dir_deep(root, "deep", 7, 5));
+        let deeper = probes::testing::load(&probes::testing::llama_dir_deep(root, "deeper", 7, 8));
+        // round(0.5 * (n - 1)): block 1 of 2 (0.5 rounds away from zero), 2 of 5, 4 of 8.
+        for (model, block) in [(&tiny.model, 1), (&deep, 2), (&deeper, 4)] {
+            let r = tiny.run_on(model, &policy, None);
+            let f = &r.policies[0].findings[0];
+            let hook = format!("`blocks.{block}.hook_resid_post`");
+            assert!(f.explanation.contains(&hook), "{}", f.explanation);
+            let pin = r.instruments.iter().find(|i| i.name == "d").unwrap();
+            let stored = Store::at(tiny.store())
+                .direction(&pin.sha256, probes::testing::D)
+                .unwrap();
+            assert_eq!(stored.hook, hook.trim_matches('`'));
+        }
+    }
+
+    #[test]
+    fn a_block_beyond_the_model_is_an_error_at_its_line() {
+        let tiny = Tiny::new();
+        let policy = tiny.policy_at("blocks.2.hook_resid_post", PROBE).unwrap();
+        let mut quiet = |_: &str| {};
+        let mut opts = crate::engine::RunOptions {
+            last_pass: None,
+            progress: &mut quiet,
+            micro_batch: 3,
+            lineage: None,
+            store: Some(tiny.store()),
+            reference: None,
+        };
+        let e = crate::engine::run(&tiny.model, &[policy], &mut opts)
+            .err()
+            .expect("a block the model lacks is refused")
+            .to_string();
+        let text = std::fs::read_to_string(tiny.dir.path().join("policy/tiny.toml")).unwrap();
+        let line = text.lines().position(|l| l.contains("blocks.2")).unwrap() + 1;
+        assert!(e.contains(&format!("tiny.toml:{line}:")), "{e}");
+        assert!(e.contains("the model has 2 blocks (0..1)"), "{e}");
+    }
+
+    #[test]
+    fn a_fraction_naming_the_pinned_block_reuses_its_direction() {
+        let tiny = Tiny::new();
+        let first = tiny.run(PROBE, None);
+        // 1.0 of depth is block 1 of the tiny model's 2, where `d` was pinned: same recipe.
+        let same = tiny.policy_at("blocks.1.0.hook_resid_post", PROBE).unwrap();
+        let second = tiny.run_on(&tiny.model, &same, Some(&first));
+        assert_eq!(second.instruments, first.instruments);
+        assert_eq!(second.policies[0].findings, first.policies[0].findings);
+        // 0.0 of depth is block 0: another definition, computed afresh.
+        let moved = tiny.policy_at("blocks.0.0.hook_resid_post", PROBE).unwrap();
+        let third = tiny.run_on(&tiny.model, &moved, Some(&first));
+        let recipe = |r: &crate::result::RunResult| {
+            r.instruments
+                .iter()
+                .find(|i| i.name == "d")
+                .unwrap()
+                .recipe
+                .clone()
+        };
+        assert_ne!(recipe(&third), recipe(&first));
+        assert!(third.policies[0].findings[0]
+            .explanation
+            .contains("`blocks.0.hook_resid_post`"));
+    }
 
     #[test]
     fn a_run_pins_the_direction_it_computed_and_the_next_reuses_it() {

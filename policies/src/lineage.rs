@@ -6,7 +6,7 @@
 //! each instrument's definition.
 
 use probes::digest::sha256_hex;
-use probes::Model;
+use probes::{HookPoint, Model};
 use serde_json::json;
 
 use crate::load::{Direction, DirectionSource, Policy};
@@ -87,9 +87,10 @@ pub(crate) fn builtin_sae_recipe(hook: Option<&str>) -> String {
     )
 }
 
-/// The digest of a direction's definition: its hook, position and the text of its prompt
-/// sets (or its vector).
-pub(crate) fn direction_recipe(p: &Policy, d: &Direction) -> String {
+/// The digest of a direction's definition: its hook as resolved on the model (so a fraction of
+/// depth and the block it names are the same definition), position and the text of its
+/// prompt sets (or its vector).
+pub(crate) fn direction_recipe(p: &Policy, d: &Direction, hook: HookPoint) -> String {
     let set = |name: &str| {
         p.prompt_sets
             .get(name)
@@ -104,7 +105,7 @@ pub(crate) fn direction_recipe(p: &Policy, d: &Direction) -> String {
         DirectionSource::File { vector } => json!({"vector": vector}),
     };
     sha256_hex(
-        json!({"hook": d.hook.value, "source": source})
+        json!({"hook": hook.to_string(), "source": source})
             .to_string()
             .as_bytes(),
     )
@@ -148,10 +149,13 @@ min_auroc = 0.5
         let tiny = Tiny::new();
         let p = tiny.policy(PROBE).unwrap();
         let d = &p.directions["d"];
-        let r = direction_recipe(&p, d);
-        let mut moved = d.clone();
-        moved.hook.value = "blocks.0.hook_resid_post".into();
-        assert_ne!(direction_recipe(&p, &moved), r);
-        assert_eq!(direction_recipe(&p, d), r);
+        let r = direction_recipe(&p, d, HookPoint::ResidPost(1));
+        assert_ne!(direction_recipe(&p, d, HookPoint::ResidPost(0)), r);
+        let mut elsewhere = d.clone();
+        if let DirectionSource::Contrast { position, .. } = &mut elsewhere.source {
+            *position = 0;
+        }
+        assert_ne!(direction_recipe(&p, &elsewhere, HookPoint::ResidPost(1)), r);
+        assert_eq!(direction_recipe(&p, d, HookPoint::ResidPost(1)), r);
     }
 }

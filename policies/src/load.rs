@@ -252,13 +252,17 @@ impl<'a> Validator<'a> {
         if f.name.get_ref().trim().is_empty() {
             self.err(&f.name, "the policy name is empty");
         }
+        let supported = probes::architecture_names();
         for a in &f.models.architectures {
-            if !["llama", "qwen2", "gpt2"].contains(&a.as_str()) {
-                self.errors.push(PolicyError::at(
-                    self.path,
-                    None,
-                    format!("[models] architecture `{a}` is not one of llama, qwen2, gpt2"),
-                ));
+            if !supported.contains(&a.get_ref().as_str()) {
+                self.err(
+                    a,
+                    format!(
+                        "[models] architecture `{}` is not a family mechwatch supports ({})",
+                        a.get_ref(),
+                        supported.join(", ")
+                    ),
+                );
             }
         }
         let prompt_sets = f
@@ -318,7 +322,17 @@ impl<'a> Validator<'a> {
             name: f.name.into_inner(),
             version: f.version,
             description: f.description,
-            models: f.models,
+            models: ModelMatch {
+                architectures: f
+                    .models
+                    .architectures
+                    .into_iter()
+                    .map(|a| a.into_inner())
+                    .collect(),
+                n_layers: f.models.n_layers,
+                d_model: f.models.d_model,
+                name_contains: f.models.name_contains,
+            },
             digest: digest.to_string(),
             prompt_sets,
             saes,
@@ -455,6 +469,9 @@ impl<'a> Validator<'a> {
     }
 
     fn sae(&mut self, name: &str, spec: &SaeSpec) -> Option<SaeEntry> {
+        if let Some(h) = &spec.hook {
+            self.hook_syntax(h);
+        }
         let hook = spec.hook.as_ref().map(|h| Located {
             value: h.get_ref().clone(),
             at: self.loc(h),
@@ -614,9 +631,10 @@ impl<'a> Validator<'a> {
     }
 
     fn hook_syntax(&mut self, hook: &Spanned<String>) {
-        // The layer count is known only with the model; any layer number is accepted here.
-        if let Err(e) = probes::HookPoint::parse(hook.get_ref(), 10_000) {
-            self.err(hook, e.to_string().replace("{0..9999}", "{L}"));
+        // The layer count is known only with the model: a block number is checked then, a
+        // fraction of depth here.
+        if let Err(e) = probes::HookName::parse(hook.get_ref()) {
+            self.err(hook, e.to_string());
         }
     }
 

@@ -53,7 +53,7 @@ pub struct PolicyFile {
     #[serde(default)]
     pub description: String,
     #[serde(default)]
-    pub models: ModelMatch,
+    pub models: ModelMatch<Spanned<String>>,
     #[serde(default)]
     pub prompts: BTreeMap<String, PromptSetSpec>,
     #[serde(default)]
@@ -66,13 +66,15 @@ pub struct PolicyFile {
     pub checks: Vec<serde::de::IgnoredAny>,
 }
 
-/// Which models a policy applies to. An empty matcher matches every model.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ModelMatch {
-    /// `llama`, `qwen2` or `gpt2`.
+/// Which models a policy applies to. An empty matcher matches every model. `A` is an
+/// architecture name: spanned as read from the file, a plain string once validated.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, bound(deserialize = "A: Deserialize<'de>"))]
+pub struct ModelMatch<A = String> {
+    /// Any family mechwatch loads, by the name `mechwatch model info` prints (`llama`,
+    /// `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`, `gpt2`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub architectures: Vec<String>,
+    pub architectures: Vec<A>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_layers: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,6 +82,17 @@ pub struct ModelMatch {
     /// Substrings, one of which the model's file or directory name must contain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub name_contains: Vec<String>,
+}
+
+impl<A> Default for ModelMatch<A> {
+    fn default() -> Self {
+        ModelMatch {
+            architectures: Vec::new(),
+            n_layers: None,
+            d_model: None,
+            name_contains: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -183,6 +183,76 @@ fn references_to_undefined_names_are_rejected() {
 }
 
 #[test]
+fn a_depth_fraction_outside_the_unit_interval_is_an_error_at_its_line() {
+    for bad in ["blocks.1.5.hook_resid_post", "blocks.-0.1.hook_resid_post"] {
+        let body = format!("{HEAD}{PROBE}").replace("blocks.1.hook_resid_post", bad);
+        let line = line_of(&body, bad);
+        assert_error(&body, line, &[bad, "outside [0, 1]"]);
+    }
+}
+
+#[test]
+fn malformed_block_numbers_are_errors_at_their_line() {
+    for bad in [
+        "blocks.0..5.hook_resid_post",
+        "blocks.0.5e1.hook_resid_post",
+        "blocks.NaN.hook_resid_post",
+        "blocks..5.hook_resid_post",
+        "blocks.1e1.hook_resid_post",
+    ] {
+        let body = format!("{HEAD}{PROBE}").replace("blocks.1.hook_resid_post", bad);
+        let line = line_of(&body, bad);
+        assert_error(&body, line, &[bad, "neither a block number"]);
+    }
+}
+
+#[test]
+fn an_sae_hook_is_checked_like_a_direction_hook() {
+    let body = format!(
+        "{HEAD}\n[saes.s]\nbuiltin = \"default\"\nhook = \"blocks.1.25.hook_resid_post\"\n{PROBE}"
+    );
+    let line = line_of(&body, "blocks.1.25");
+    assert_error(
+        &body,
+        line,
+        &["blocks.1.25.hook_resid_post", "outside [0, 1]"],
+    );
+}
+
+#[test]
+fn a_fraction_of_depth_is_a_valid_hook() {
+    let body =
+        format!("{HEAD}{PROBE}").replace("blocks.1.hook_resid_post", "blocks.0.5.hook_resid_post");
+    let (_tmp, path) = folder(&body);
+    let p = Policy::load(&path).unwrap();
+    assert_eq!(p.directions["d"].hook.value, "blocks.0.5.hook_resid_post");
+}
+
+#[test]
+fn models_may_name_any_supported_family() {
+    let models = "[models]\narchitectures = [\"mistral\", \"qwen3\", \"gemma2\", \"gemma3\", \"phi3\", \"gpt2\", \"llama\", \"qwen2\"]\n";
+    let body = format!("{HEAD}{PROBE}").replace("[prompts.a]", &format!("{models}\n[prompts.a]"));
+    let (_tmp, path) = folder(&body);
+    let p = Policy::load(&path).unwrap();
+    assert_eq!(p.models.architectures.len(), 8);
+}
+
+#[test]
+fn an_unknown_family_is_an_error_at_its_line_listing_the_supported_ones() {
+    let models = "[models]\narchitectures = [\n  \"llama\",\n  \"falcon\",\n]\n";
+    let body = format!("{HEAD}{PROBE}").replace("[prompts.a]", &format!("{models}\n[prompts.a]"));
+    let line = line_of(&body, "falcon");
+    assert_error(
+        &body,
+        line,
+        &[
+            "`falcon`",
+            "llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, gpt2",
+        ],
+    );
+}
+
+#[test]
 fn malformed_hook_names_list_the_valid_forms() {
     let body = format!("{HEAD}{PROBE}").replace("blocks.1.hook_resid_post", "blocks.1.resid");
     let line = line_of(&body, "blocks.1.resid");

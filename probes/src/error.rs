@@ -77,9 +77,13 @@ pub enum LoadError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    /// The hook name is not one this model has; the message lists the valid forms.
+    /// The hook name is not one this model has (an unknown name, or a block beyond the
+    /// model's last); the message lists the valid forms.
     #[error("unknown hook `{name}`: valid hooks are {valid}")]
     UnknownHook { name: String, valid: String },
+    /// The hook's block is malformed or a fraction of depth outside [0, 1]; `why` says which.
+    #[error("hook `{name}`: {why}")]
+    BadBlock { name: String, why: String },
     /// An intervention's vector does not match the hook's activation width.
     #[error(
         "intervention at `{hook}`: vector has {actual} elements, the hook has width {expected}"

@@ -24,8 +24,9 @@ mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{LoadError, RunError};
+pub use family::architecture_names;
 pub use generate::{generate, GenerateOptions, Sampling};
-pub use hooks::{Edit, HookPoint, Hooks, Intervention, Positions};
+pub use hooks::{Block, Edit, HookName, HookPoint, Hooks, Intervention, Positions};
 pub use lens::{logit_lens, Lens, LensLayer, LensOptions, TokenRank};
 pub use model::{convert_gguf, LoadOptions, Model, ModelInfo};
 pub use transformer::{BatchLayout, ForwardOutput, Padding, Transformer, Unembed};

@@ -65,12 +65,17 @@ pub fn llama_config() -> serde_json::Value {
 
 /// HF-named tensors of a Llama model.
 pub fn llama_tensors(seed: u64) -> Vec<(String, Tensor)> {
+    llama_tensors_deep(seed, LAYERS)
+}
+
+/// HF-named tensors of a Llama model with `layers` blocks.
+pub fn llama_tensors_deep(seed: u64, layers: usize) -> Vec<(String, Tensor)> {
     let mut r = Rand::new(seed);
     let mut t = vec![(
         "model.embed_tokens.weight".to_string(),
         r.tensor(&[VOCAB, D], 1.0),
     )];
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = format!("model.layers.{l}");
         let mut push = |name: &str, x: Tensor| t.push((format!("{p}.{name}"), x));
         push("input_layernorm.weight", r.norm(D));
@@ -113,6 +118,15 @@ pub fn write_dir(dir: &Path, config: &serde_json::Value, tensors: &[(String, Ten
 pub fn llama_dir(root: &Path, seed: u64) -> PathBuf {
     let dir = root.join("tiny-llama");
     write_dir(&dir, &llama_config(), &llama_tensors(seed));
+    dir
+}
+
+/// A tiny Llama HF directory `root/NAME` with `layers` blocks, for tests of depth.
+pub fn llama_dir_deep(root: &Path, name: &str, seed: u64, layers: usize) -> PathBuf {
+    let dir = root.join(name);
+    let mut config = llama_config();
+    config["num_hidden_layers"] = layers.into();
+    write_dir(&dir, &config, &llama_tensors_deep(seed, layers));
     dir
 }
 

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, PositionEncoding};
 use crate::error::{CandleContext, RunError};
-use crate::hooks::{Edit, HookPoint, Hooks, Positions};
+use crate::hooks::{Block as HookBlock, Edit, HookPoint, Hooks, Positions};
 
 /// Decode steps with at most this many rows use the Q8_0 weights when enabled.
 const QUANTIZED_DECODE_MAX_ROWS: usize = 4;
@@ -302,11 +302,8 @@ impl Transformer {
             .iter()
             .chain(hooks.interventions.iter().map(|i| &i.hook))
         {
-            if h.layer().is_some_and(|l| l >= n) {
-                return Err(RunError::UnknownHook {
-                    name: h.to_string(),
-                    valid: HookPoint::parse("?", n).unwrap_err().to_string(),
-                });
+            if let Some(Err(why)) = h.layer().map(|l| HookBlock::Index(l).resolve(n)) {
+                return Err(crate::hooks::beyond_the_model(h.to_string(), why, n));
             }
         }
         for i in &hooks.interventions {

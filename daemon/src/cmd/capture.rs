@@ -18,7 +18,9 @@ pub struct CaptureArgs {
     /// A GGUF file, an HF directory, or a name from `mechwatch model list` (`default`).
     #[arg(long, default_value = "default")]
     model: String,
-    /// Hook names, e.g. `blocks.15.hook_resid_post`.
+    /// Hook names, e.g. `blocks.15.hook_resid_post`; the block may be a fraction of depth
+    /// (`blocks.0.5.hook_resid_post`, block round(0.5 * (n_layers - 1))). Tensors are named
+    /// after the resolved hook.
     #[arg(long, required = true, num_args = 1..)]
     hook: Vec<String>,
     /// One prompt per line, or JSONL with a `prompt` (or `text`) field per line.

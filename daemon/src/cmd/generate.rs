@@ -31,7 +31,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Add COEFF times the vector in FILE at HOOK on every position: `HOOK:FILE:COEFF`.
-    /// FILE is a safetensors file with one 1-D tensor (or a tensor named after the hook).
+    /// HOOK's block may be a fraction of depth (`blocks.0.5.hook_resid_post`). FILE is a
+    /// safetensors file with one 1-D tensor (or a tensor named after the resolved hook).
     #[arg(long, value_name = "HOOK:FILE:COEFF")]
     steer: Vec<String>,
 }
@@ -42,7 +43,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     for spec in &a.steer {
         let (hook, file, coeff) = parse_steer(spec)?;
         let point = model.hook(hook)?;
-        let vector = load_vector(Path::new(file), hook)?;
+        let vector = load_vector(Path::new(file), &point.to_string())?;
         hooks = hooks.add(point, Positions::All, vector, coeff);
     }
     let ids = model.encode_prompt(&a.prompt, a.chat)?;

@@ -23,7 +23,7 @@
 use std::collections::BTreeSet;
 
 use candle_core::{DType, Tensor, D};
-use probes::hooks::{HookPoint, Hooks};
+use probes::hooks::{Block, HookPoint, Hooks};
 use probes::{ForwardOutput, Model};
 use serde::Deserialize;
 use toml::Spanned;
@@ -64,7 +64,8 @@ pub struct Spec {
     pub min_induction_score: Option<Spanned<f64>>,
     /// The mean loss on the first repeat minus that on the second, in nats, is at least this.
     pub min_loss_drop: Option<Spanned<f64>>,
-    /// Heads held to `min_induction_score` each, as `"layer.head"` (e.g. `"5.1"`).
+    /// Heads held to `min_induction_score` each, as `"layer.head"` (e.g. `"5.1"`); the layer
+    /// may be a fraction of depth (`"0.5.1"`: head 1 of the block at half depth).
     #[serde(default)]
     pub heads: Vec<Spanned<String>>,
 }
@@ -81,8 +82,8 @@ pub struct Induction {
     pub layers: Option<(f64, f64)>,
     pub min_induction_score: Option<f64>,
     pub min_loss_drop: Option<f64>,
-    /// `(layer, head)`, checked against the model when the plan is made.
-    pub heads: Vec<Located<(usize, usize)>>,
+    /// `(block, head)`, resolved and checked against the model when the plan is made.
+    pub heads: Vec<Located<(Block, usize)>>,
 }
 
 impl Kind for Induction {
@@ -159,15 +160,16 @@ impl Kind for Induction {
         let mut heads = Vec::new();
         for h in &spec.heads {
             match parse_head(h.get_ref()) {
-                Some(lh) => heads.push(Located {
+                Ok(lh) => heads.push(Located {
                     value: lh,
                     at: v.located(h).at,
                 }),
-                None => v.err(
+                Err(why) => v.err(
                     h,
                     format!(
-                        "{check}: head `{}` is not `layer.head`, two indices counted from 0 \
-                         (e.g. \"5.1\")",
+                        "{check}: head `{}` is not `layer.head`, a block (an index from 0, or a \
+                         fraction of depth such as 0.5) and a head index (e.g. \"5.1\", \
+                         \"0.5.1\"){why}",
                         h.get_ref()
                     ),
                 ),
@@ -218,13 +220,9 @@ impl Kind for Induction {
         let c = model.config();
         let id = &p.check.id;
         for h in &self.heads {
-            let (layer, head) = h.value;
-            let why = if layer >= c.n_layers {
-                format!(
-                    "block {layer} is out of range: the model has {} blocks (0..{})",
-                    c.n_layers,
-                    c.n_layers.saturating_sub(1)
-                )
+            let (block, head) = h.value;
+            let why = if let Err(why) = block.resolve(c.n_layers) {
+                why
             } else if head >= c.n_heads {
                 format!(
                     "head {head} is out of range: the model has {} heads per block (0..{})",
@@ -236,7 +234,7 @@ impl Kind for Induction {
             };
             let e = p
                 .policy
-                .error(&h.at, format!("check `{id}`: head `{layer}.{head}`: {why}"));
+                .error(&h.at, format!("check `{id}`: head `{block}.{head}`: {why}"));
             p.errors.push(e);
         }
         let l = self.length.value;
@@ -266,6 +264,12 @@ impl Kind for Induction {
     fn evaluate(&self, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         let model = cx.session.model;
         let c = model.config();
+        let named = self
+            .heads
+            .iter()
+            .map(|h| Ok((h.value.0.resolve(c.n_layers)?, h.value.1)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(CheckError::Unmeasurable)?;
         let bos = bos(model, self.prepend_bos);
         let ids = sequences(
             &vocabulary(model),
@@ -298,7 +302,7 @@ impl Kind for Induction {
             return Err(e);
         }
         ran?;
-        Ok(self.finding(acc.finish(), cx.check.severity))
+        Ok(self.finding(acc.finish(), &named, cx.check.severity))
     }
 }
 
@@ -313,7 +317,13 @@ impl Induction {
         (lo, hi)
     }
 
-    fn finding(&self, m: Measured, severity: crate::schema::Severity) -> Finding {
+    /// `named`: the `heads` as (block, head) of this model.
+    fn finding(
+        &self,
+        m: Measured,
+        named: &[(usize, usize)],
+        severity: crate::schema::Severity,
+    ) -> Finding {
         let n_layers = m.shape.layers;
         let mut metrics = Vec::new();
         let mut met = true;
@@ -341,8 +351,7 @@ impl Induction {
             ));
         }
         let mut heads_ok = true;
-        for h in &self.heads {
-            let (layer, head) = h.value;
+        for &(layer, head) in named {
             let s = m.scores(layer, head);
             let min = self.min_induction_score.unwrap_or(0.0);
             metrics.push(Metric {
@@ -360,7 +369,7 @@ impl Induction {
                 ));
             }
         }
-        if heads_ok && !self.heads.is_empty() {
+        if heads_ok && !named.is_empty() {
             said.push(format!(
                 "each named head scores at least {}",
                 self.min_induction_score.unwrap_or(0.0)
@@ -419,8 +428,7 @@ impl Induction {
         };
         let ranked = m.ranked();
         let mut heads: Vec<HeadScores> = ranked.iter().take(TOP_HEADS).cloned().collect();
-        for h in &self.heads {
-            let (layer, head) = h.value;
+        for &(layer, head) in named {
             if !heads.iter().any(|x| x.layer == layer && x.head == head) {
                 heads.push(m.scores(layer, head));
             }
@@ -454,16 +462,17 @@ impl Induction {
     }
 }
 
-/// `"5.1"` as (5, 1): decimal indices without signs or spaces.
-fn parse_head(s: &str) -> Option<(usize, usize)> {
-    let (l, h) = s.split_once('.')?;
-    let index = |x: &str| -> Option<usize> {
-        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) || x.len() > 9 {
-            return None;
-        }
-        x.parse().ok()
-    };
-    Some((index(l)?, index(h)?))
+/// `"5.1"` as (block 5, head 1), `"0.5.1"` as (half depth, head 1): the block as hook names
+/// write it ([`Block::parse`]), then a decimal head index without sign or spaces. The error is
+/// empty, or `": "` and why the block is refused.
+fn parse_head(s: &str) -> Result<(Block, usize), String> {
+    let (l, h) = s.rsplit_once('.').ok_or_else(String::new)?;
+    if h.is_empty() || !h.bytes().all(|b| b.is_ascii_digit()) || h.len() > 9 {
+        return Err(String::new());
+    }
+    let head = h.parse().map_err(|_| String::new())?;
+    let block = Block::parse(l).map_err(|why| format!(": {why}"))?;
+    Ok((block, head))
 }
 
 /// The token a sequence starts with: the one the tokenizer puts before plain text, else the
@@ -980,6 +989,17 @@ mod tests {
     }
 
     #[test]
+    fn a_named_head_may_name_its_block_by_depth() {
+        let tiny = Tiny::new();
+        // 1.0 of depth is the last of the tiny model's 2 blocks.
+        let f = tiny.finding(&check(
+            "n_sequences = 2\nlength = 8\nmin_induction_score = 0.0\nheads = [\"1.0.3\", \"0.0.2\"]\n",
+        ));
+        assert!(metric(&f, "induction score of head 1.3") >= 0.0);
+        assert!(metric(&f, "induction score of head 0.2") >= 0.0);
+    }
+
+    #[test]
     fn bounds_pass_and_fail_and_two_runs_are_byte_identical() {
         let tiny = Tiny::new();
         let fields = "n_sequences = 5\nlength = 12\nmin_induction_score = 0.0\nmin_loss_drop = -100\nheads = [\"1.3\"]\n";
@@ -1030,6 +1050,16 @@ mod tests {
                 "min_induction_score = 0.4\nheads = [\"a.1\"]\n",
                 "heads =",
                 "head `a.1` is not `layer.head`",
+            ),
+            (
+                "min_induction_score = 0.4\nheads = [\"1.5.1\"]\n",
+                "heads =",
+                "the depth fraction 1.5 is outside [0, 1]",
+            ),
+            (
+                "min_induction_score = 0.4\nheads = [\"0..5.1\"]\n",
+                "heads =",
+                "block `0..5` is neither a block number",
             ),
             (
                 "min_induction_score = 0.4\nlayers = [0.5, 1.5]\n",

@@ -49,6 +49,11 @@ impl Tiny {
     /// Write `checks` (TOML) after a head that defines prompt sets `pos` and `neg`, SAE `s`
     /// and direction `d` (at `blocks.1.hook_resid_post`), and load it.
     pub fn policy(&self, checks: &str) -> Result<Policy, Vec<crate::PolicyError>> {
+        self.policy_at("blocks.1.hook_resid_post", checks)
+    }
+
+    /// [`Tiny::policy`] with direction `d` at `hook`.
+    pub fn policy_at(&self, hook: &str, checks: &str) -> Result<Policy, Vec<crate::PolicyError>> {
         let text = format!(
             r#"schema = 1
 name = "tiny"
@@ -67,7 +72,7 @@ path = "sae"
 sha256 = "{}"
 
 [directions.d]
-hook = "blocks.1.hook_resid_post"
+hook = "{hook}"
 positive = "pos"
 negative = "neg"
 {checks}"#,
@@ -101,6 +106,28 @@ negative = "neg"
             reference,
         };
         run(&self.model, &[policy], &mut opts)
+            .expect("the test policy resolves")
+            .0
+    }
+
+    /// Run `policy` on `model` (this test's store), with `last_pass` as the lineage's last
+    /// pass.
+    pub fn run_on(
+        &self,
+        model: &probes::Model,
+        policy: &Policy,
+        last_pass: Option<&RunResult>,
+    ) -> RunResult {
+        let mut quiet = |_: &str| {};
+        let mut opts = RunOptions {
+            last_pass,
+            progress: &mut quiet,
+            micro_batch: 3,
+            lineage: None,
+            store: Some(self.store()),
+            reference: None,
+        };
+        run(model, std::slice::from_ref(policy), &mut opts)
             .expect("the test policy resolves")
             .0
     }

@@ -71,6 +71,11 @@ pub static FAMILIES: &[&dyn Family] = &[
     &gpt2::Gpt2,
 ];
 
+/// The names of every family as records, `model info` and policies' `[models]` give them.
+pub fn architecture_names() -> Vec<&'static str> {
+    FAMILIES.iter().map(|f| f.architecture().name()).collect()
+}
+
 /// The family an HF `architectures` entry or `model_type` names.
 pub fn by_hf_name(name: &str) -> Option<&'static dyn Family> {
     FAMILIES
