@@ -60,6 +60,9 @@ pub struct PolicyFile {
     pub saes: BTreeMap<String, SaeSpec>,
     #[serde(default)]
     pub directions: BTreeMap<String, DirectionSpec>,
+    /// Where the refusal score's tokens come from (see [`crate::refusal`]).
+    #[serde(default)]
+    pub refusal: Option<Spanned<crate::refusal::RefusalSpec>>,
     /// Read apart, with their spans, by [`crate::load`]: the fields a check takes depend on
     /// its kind.
     #[serde(default)]
