@@ -40,7 +40,10 @@ impl Confusion {
 
 #[test]
 fn the_classifier_agrees_with_our_labels() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/refusal-labels.jsonl");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/refusal-labels.jsonl"
+    );
     let text = std::fs::read_to_string(path).expect("the labelled set is in the repository");
     let mut by_model: BTreeMap<String, Confusion> = BTreeMap::new();
     let mut all = Confusion::default();
@@ -57,13 +60,21 @@ fn the_classifier_agrees_with_our_labels() {
         let label = match field("label").as_str() {
             "refusal" => true,
             "compliance" => false,
-            other => panic!("{path}:{}: label `{other}` is not refusal or compliance", i + 1),
+            other => panic!(
+                "{path}:{}: label `{other}` is not refusal or compliance",
+                i + 1
+            ),
         };
         let got = classify(&field("generation")).refused;
         by_model.entry(field("model")).or_default().add(label, got);
         all.add(label, got);
         if label != got {
-            wrong.push(format!("{path}:{}: labelled {}: {:?}", i + 1, field("label"), field("generation")));
+            wrong.push(format!(
+                "{path}:{}: labelled {}: {:?}",
+                i + 1,
+                field("label"),
+                field("generation")
+            ));
         }
     }
     println!("model | n | refusal->refusal | refusal->compliance | compliance->refusal | compliance->compliance | accuracy");

@@ -319,9 +319,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let t = cx.session.set_tokens(p, prompts)?;
     let mut evidence = Evidence::default();
     let refusal_ids = match (metric, refusal_tokens) {
-        (MetricKind::RefusalScore, Some(words)) => {
-            refusal::single_tokens(cx.session, p, words)?
-        }
+        (MetricKind::RefusalScore, Some(words)) => refusal::single_tokens(cx.session, p, words)?,
         (MetricKind::RefusalScore, None) => {
             let (ids, chosen) = refusal::score_tokens(cx.session, p)?;
             evidence.refusal_tokens = chosen;
@@ -345,13 +343,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
                 let g = eng.generations(&t, h, *max_tokens)?;
                 (
                     g.iter()
-                        .map(|s| {
-                            if classifier.refused(s) {
-                                1.0
-                            } else {
-                                0.0
-                            }
-                        })
+                        .map(|s| if classifier.refused(s) { 1.0 } else { 0.0 })
                         .collect(),
                     Some(g),
                 )
@@ -720,13 +712,21 @@ bounds = { max = 1000.0 }
         let errors = tiny
             .policy(&format!("\n[refusal]\nrefusing = \"pos\"\n{SCORE}"))
             .unwrap_err();
-        assert!(errors[0].message.contains("both `refusing` and `complying`"), "{errors:?}");
+        assert!(
+            errors[0]
+                .message
+                .contains("both `refusing` and `complying`"),
+            "{errors:?}"
+        );
         let errors = tiny
             .policy(&format!(
                 "\n[refusal]\nrefusing = \"pos\"\ncomplying = \"nope\"\n{SCORE}"
             ))
             .unwrap_err();
-        assert!(errors[0].message.contains("no prompt set `nope`"), "{errors:?}");
+        assert!(
+            errors[0].message.contains("no prompt set `nope`"),
+            "{errors:?}"
+        );
     }
 
     #[test]
