@@ -181,7 +181,7 @@ pub enum TokenScope {
 pub enum Metric {
     /// Mean log-odds of the refusal tokens at the last position.
     RefusalScore,
-    /// Fraction of greedy generations that contain a refusal phrase.
+    /// Fraction of greedy generations the refusal classifier (`refusal.rs`) calls refusals.
     RefusalRate,
     /// Mean logit of `target.positive` minus `target.negative` at the last position.
     LogitDiff,
