@@ -87,6 +87,9 @@ fn resolve_all(
     for p in policies {
         let before = errors.len();
         instruments.resolve(session, p, errors);
+        if let crate::refusal::ScoreTokens::Listed(words) = &p.refusal {
+            errors.extend(crate::refusal::token_errors(session, p, words));
+        }
         for check in &p.checks {
             check.body.plan(&mut Planner {
                 session: &mut *session,

@@ -12,6 +12,7 @@ pub mod lens;
 mod lineage;
 pub mod load;
 pub mod metrics;
+pub mod refusal;
 pub mod result;
 pub mod schema;
 mod session;

@@ -43,6 +43,8 @@ pub struct Policy {
     pub prompt_sets: BTreeMap<String, PromptSet>,
     pub saes: BTreeMap<String, SaeEntry>,
     pub directions: BTreeMap<String, Direction>,
+    /// Where the refusal score's tokens come from (`[refusal]`).
+    pub refusal: crate::refusal::ScoreTokens,
     pub checks: Vec<Check>,
     /// Every file this policy reads, the policy itself first.
     pub inputs: Vec<InputFile>,
@@ -286,6 +288,7 @@ impl<'a> Validator<'a> {
             })
             .collect::<BTreeMap<_, _>>();
         self.mark_broken("direction", &f.directions, &directions);
+        let refusal = crate::refusal::validate(f.refusal.as_ref(), self, &prompt_sets);
         let names = Names {
             prompts: &prompt_sets,
             saes: &saes,
@@ -337,6 +340,7 @@ impl<'a> Validator<'a> {
             prompt_sets,
             saes,
             directions,
+            refusal,
             checks,
             inputs,
             source: self.text.to_string(),

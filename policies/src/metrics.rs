@@ -1,6 +1,6 @@
 //! The behavioural metrics of steering checks, computed from logits: the refusal score
 //! (Arditi et al. 2024), a target logit difference, the KL divergence of next-token
-//! distributions, and refusal-phrase matching on generations.
+//! distributions, and refusal-phrase matching on generations (a policy's own `refusal_phrases`).
 
 /// Log-softmax of one row of logits, in f64.
 pub fn log_softmax(row: &[f32]) -> Vec<f64> {

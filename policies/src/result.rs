@@ -173,6 +173,19 @@ pub struct Evidence {
     /// Warn and fail findings: the logit lens at the last token of the first prompts shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lens: Vec<LensEvidence>,
+    /// Steering: the refusal score's tokens as chosen from the model's own replies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusal_tokens: Vec<RefusalToken>,
+}
+
+/// A first token kept for the refusal score, with how many of the model's refusals and
+/// compliant replies to the policy's training prompts start with it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefusalToken {
+    pub token: String,
+    pub id: u32,
+    pub refusals: usize,
+    pub compliant: usize,
 }
 
 /// One attention head's scores on repeated random tokens (see `checks/induction.rs`).

@@ -60,6 +60,9 @@ pub struct PolicyFile {
     pub saes: BTreeMap<String, SaeSpec>,
     #[serde(default)]
     pub directions: BTreeMap<String, DirectionSpec>,
+    /// Where the refusal score's tokens come from (see [`crate::refusal`]).
+    #[serde(default)]
+    pub refusal: Option<Spanned<crate::refusal::RefusalSpec>>,
     /// Read apart, with their spans, by [`crate::load`]: the fields a check takes depend on
     /// its kind.
     #[serde(default)]
@@ -192,7 +195,7 @@ pub enum TokenScope {
 pub enum Metric {
     /// Mean log-odds of the refusal tokens at the last position.
     RefusalScore,
-    /// Fraction of greedy generations that contain a refusal phrase.
+    /// Fraction of greedy generations the refusal classifier (`refusal.rs`) calls refusals.
     RefusalRate,
     /// Mean logit of `target.positive` minus `target.negative` at the last position.
     LogitDiff,

@@ -409,6 +409,11 @@ impl<'m> Session<'m> {
         Ok(ids)
     }
 
+    /// The tokens of `text` as the assistant's reply would start with it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, CheckError> {
+        Ok(self.model.codec.encode(text)?)
+    }
+
     /// Mean KL(clean || hooked) over every real position, per prompt.
     pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
         let mb = self.micro_batch.min(8);
