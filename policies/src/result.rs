@@ -173,6 +173,37 @@ pub struct Evidence {
     /// Warn and fail findings: the logit lens at the last token of the first prompts shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lens: Vec<LensEvidence>,
+    /// Attribution patching: the components patched for real, the largest estimate first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentEffect>,
+    /// Attribution patching: the residual stream's estimates, layer x position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution_map: Option<AttributionMap>,
+}
+
+/// One component of an attribution-patching check (see `checks/attribution_patching.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ComponentEffect {
+    /// Its hook's name, with the position or head in brackets
+    /// (`blocks.3.hook_resid_pre[4]`, `blocks.3.attn.hook_result[5]`, `blocks.3.hook_mlp_out`).
+    pub component: String,
+    /// `grad(metric at corrupted) . (clean - corrupted)`, mean over the pairs.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub estimate: f64,
+    /// The metric's change when the component is patched for real, mean over the pairs.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub effect: f64,
+}
+
+/// The residual stream's attribution estimates, for the layer x position plot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttributionMap {
+    /// The hook of every row (`hook_resid_pre`).
+    pub hook: String,
+    /// The first clean prompt's tokens, one per column.
+    pub tokens: Vec<String>,
+    /// `rows[layer][position]`: the mean estimate over the pairs.
+    pub rows: Vec<Vec<f64>>,
 }
 
 /// One attention head's scores on repeated random tokens (see `checks/induction.rs`).

@@ -455,7 +455,7 @@ impl Induction {
 }
 
 /// `"5.1"` as (5, 1): decimal indices without signs or spaces.
-fn parse_head(s: &str) -> Option<(usize, usize)> {
+pub(super) fn parse_head(s: &str) -> Option<(usize, usize)> {
     let (l, h) = s.split_once('.')?;
     let index = |x: &str| -> Option<usize> {
         if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) || x.len() > 9 {
