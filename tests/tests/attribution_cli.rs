@@ -82,7 +82,7 @@ fn attribution_estimates_track_real_patching_on_the_default_model() {
     assert_eq!(f["status"], "error", "{f}");
     let e = f["explanation"].as_str().unwrap();
     assert!(
-        e.contains("capitals.toml:21:")
+        e.contains("capitals.toml:20:")
             && e.contains("check `paris`")
             && e.contains("\" Paris France\" is"),
         "{e}"
