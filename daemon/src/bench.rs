@@ -305,8 +305,7 @@ fn gradient_cost(model: &probes::Model) -> anyhow::Result<()> {
     prompt.truncate(32);
     let prompts = vec![prompt];
     let metric = |l: &candle_core::Tensor, layout: &probes::BatchLayout| {
-        l.i((0, layout.seq_len - 1))
-            .and_then(|x| x.i(0)? - x.i(1)?)
+        l.i((0, layout.seq_len - 1)).and_then(|x| x.i(0)? - x.i(1)?)
     };
     let mut points = std::collections::BTreeSet::new();
     for l in 0..t.config.n_layers {

@@ -103,44 +103,7 @@ impl Transformer {
                     .into(),
             ));
         }
-        let hd = c.head_dim;
-        let (b, t, d) = resid_pre.dims3().run_ctx("head results")?;
-        let dtype = resid_pre.dtype();
-        let groups = c.n_heads / c.n_kv_heads;
-        let heads = (|| {
-            let h = block.ln1.apply(resid_pre, true)?;
-            let wv = block
-                .qkv
-                .w
-                .narrow(0, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?;
-            let mut v = h.reshape((b * t, d))?.matmul(&wv.t()?.to_dtype(dtype)?)?;
-            if let Some(bias) = &block.qkv.b {
-                let bv = bias.narrow(0, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?;
-                v = v.broadcast_add(&bv.to_dtype(dtype)?)?;
-            }
-            // [b, kv, t, hd]
-            let v = v
-                .reshape((b, t, c.n_kv_heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            // [b, kv, groups * t, keys] @ [b, kv, keys, hd] -> [b, h, t, hd]
-            let keys = pattern.dim(3)?;
-            let z = pattern
-                .to_dtype(dtype)?
-                .reshape((b, c.n_kv_heads, groups * t, keys))?
-                .matmul(&v)?
-                .reshape((b, c.n_heads, t, hd))?;
-            let wo = block.o.w.to_dtype(dtype)?; // [d, h * hd]
-            let mut out = Vec::with_capacity(c.n_heads);
-            for head in 0..c.n_heads {
-                let zh = z.narrow(1, head, 1)?.squeeze(1)?.reshape((b * t, hd))?;
-                let w = wo.narrow(1, head * hd, hd)?; // [d, hd]
-                out.push(zh.matmul(&w.t()?)?.reshape((b, t, 1, d))?);
-            }
-            Tensor::cat(&out, 2)
-        })()
-        .run_ctx("head results")?;
-        Ok(heads)
+        head_results(c, block, resid_pre, pattern).run_ctx("head results")
     }
 
     /// Whether each head's contribution to the residual stream can be captured: nothing acts
@@ -211,4 +174,47 @@ impl Transformer {
             quantized_decode: false,
         })
     }
+}
+
+/// See [`Transformer::head_results`].
+fn head_results(
+    c: &crate::ModelConfig,
+    block: &Block,
+    resid_pre: &Tensor,
+    pattern: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let hd = c.head_dim;
+    let (b, t, d) = resid_pre.dims3()?;
+    let dtype = resid_pre.dtype();
+    let groups = c.n_heads / c.n_kv_heads;
+    let h = block.ln1.apply(resid_pre, true)?;
+    let wv = block
+        .qkv
+        .w
+        .narrow(0, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?;
+    let mut v = h.reshape((b * t, d))?.matmul(&wv.t()?.to_dtype(dtype)?)?;
+    if let Some(bias) = &block.qkv.b {
+        let bv = bias.narrow(0, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?;
+        v = v.broadcast_add(&bv.to_dtype(dtype)?)?;
+    }
+    // [b, kv, t, hd]
+    let v = v
+        .reshape((b, t, c.n_kv_heads, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    // [b, kv, groups * t, keys] @ [b, kv, keys, hd] -> [b, h, t, hd]
+    let keys = pattern.dim(3)?;
+    let z = pattern
+        .to_dtype(dtype)?
+        .reshape((b, c.n_kv_heads, groups * t, keys))?
+        .matmul(&v)?
+        .reshape((b, c.n_heads, t, hd))?;
+    let wo = block.o.w.to_dtype(dtype)?; // [d, h * hd]
+    let mut out = Vec::with_capacity(c.n_heads);
+    for head in 0..c.n_heads {
+        let zh = z.narrow(1, head, 1)?.squeeze(1)?.reshape((b * t, hd))?;
+        let w = wo.narrow(1, head * hd, hd)?; // [d, hd]
+        out.push(zh.matmul(&w.t()?)?.reshape((b, t, 1, d))?);
+    }
+    Tensor::cat(&out, 2)
 }

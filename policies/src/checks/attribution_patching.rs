@@ -742,7 +742,7 @@ impl<'c, 'm> Run<'c, 'm> {
                 deltas.insert(h, d);
             }
         }
-        Ok(PairRun {
+        PairRun {
             corrupted: corrupted.to_vec(),
             deltas,
             head_deltas,
@@ -751,7 +751,7 @@ impl<'c, 'm> Run<'c, 'm> {
             clean_metric,
             baseline: 0.0,
         }
-        .with_baseline(self)?)
+        .with_baseline(self)
     }
 
     /// The real effect of each of `components` on this pair: one batched pass of the
@@ -961,7 +961,7 @@ mod tests {
         ));
         assert_eq!(f.status, Status::Pass, "{f:?}");
         let r = metric(&f, "pearson");
-        assert!(r >= 0.8 && r <= 1.0, "{r}");
+        assert!((0.8..=1.0).contains(&r), "{r}");
         // The top 12 by estimate, then the named head.
         let c = &f.evidence.components;
         assert_eq!(c.len(), 13, "{c:?}");
