@@ -288,9 +288,64 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         prompts.len(),
         total / plain
     );
+    gradient_cost(&model)?;
     println!("peak RSS {:.0} MB", peak_rss_mb().unwrap_or(f64::NAN));
     lineage_second_audit(&model, &policies, &result, total - load.as_secs_f64())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Attribution patching's backward pass against the forward it differentiates: on one
+/// prompt, the median of 3 plain forwards, 3 differentiable forwards (no gradient asked) and 3
+/// gradient passes at every block's resid_pre, attn_out and mlp_out (forward + backward).
+fn gradient_cost(model: &probes::Model) -> anyhow::Result<()> {
+    use candle_core::IndexOp;
+    let t = &model.transformer;
+    let mut prompt = model.encode_prompt(BENCH_TEXT, false)?;
+    prompt.truncate(32);
+    let prompts = vec![prompt];
+    let metric = |l: &candle_core::Tensor, layout: &probes::BatchLayout| {
+        l.i((0, layout.seq_len - 1)).and_then(|x| x.i(0)? - x.i(1)?)
+    };
+    let mut points = std::collections::BTreeSet::new();
+    for l in 0..t.config.n_layers {
+        points.extend([
+            HookPoint::ResidPre(l),
+            HookPoint::AttnOut(l),
+            HookPoint::MlpOut(l),
+        ]);
+    }
+    let none = std::collections::BTreeSet::new();
+    let reps = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<Duration> {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(time(f)?.0);
+        }
+        Ok(median(v))
+    };
+    let plain = reps(&|| {
+        t.forward(&prompts, Padding::Left, &Hooks::new(), Unembed::All)?;
+        Ok(())
+    })?;
+    let diff = reps(&|| {
+        t.gradients(&prompts, &Hooks::new(), &none, &metric)?;
+        Ok(())
+    })?;
+    let both = reps(&|| {
+        t.gradients(&prompts, &Hooks::new(), &points, &metric)?;
+        Ok(())
+    })?;
+    let backward = both.saturating_sub(diff).as_secs_f64();
+    println!(
+        "attribution gradients, {} tokens: plain forward {plain:.2?}, differentiable forward {diff:.2?}, with backward {both:.2?}",
+        prompts[0].len()
+    );
+    println!(
+        "backward pass {backward:.3}s = {:.2}x the differentiable forward it differentiates (target <= 3x: {}), {:.2}x the plain forward",
+        backward / diff.as_secs_f64(),
+        if backward <= 3.0 * diff.as_secs_f64() { "met" } else { "NOT met" },
+        backward / plain.as_secs_f64()
+    );
+    Ok(())
 }
 
 /// A second checkpoint of the lineage (the same weights under another audit) measuring with

@@ -176,6 +176,12 @@ pub struct Evidence {
     /// Steering: the refusal score's tokens as chosen from the model's own replies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refusal_tokens: Vec<RefusalToken>,
+    /// Attribution patching: the components patched for real, the largest estimate first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentEffect>,
+    /// Attribution patching: the residual stream's estimates, layer x position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution_map: Option<AttributionMap>,
 }
 
 /// A first token kept for the refusal score, with how many of the model's refusals and
@@ -186,6 +192,31 @@ pub struct RefusalToken {
     pub id: u32,
     pub refusals: usize,
     pub compliant: usize,
+}
+
+/// One component of an attribution-patching check (see `checks/attribution_patching.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ComponentEffect {
+    /// Its hook's name, with the position or head in brackets
+    /// (`blocks.3.hook_resid_pre[4]`, `blocks.3.attn.hook_result[5]`, `blocks.3.hook_mlp_out`).
+    pub component: String,
+    /// `grad(metric at corrupted) . (clean - corrupted)`, mean over the pairs.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub estimate: f64,
+    /// The metric's change when the component is patched for real, mean over the pairs.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub effect: f64,
+}
+
+/// The residual stream's attribution estimates, for the layer x position plot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttributionMap {
+    /// The hook of every row (`hook_resid_pre`).
+    pub hook: String,
+    /// The first clean prompt's tokens, one per column.
+    pub tokens: Vec<String>,
+    /// `rows[layer][position]`: the mean estimate over the pairs.
+    pub rows: Vec<Vec<f64>>,
 }
 
 /// One attention head's scores on repeated random tokens (see `checks/induction.rs`).

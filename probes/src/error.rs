@@ -112,6 +112,9 @@ pub enum RunError {
     /// Tokenisation or chat-template rendering failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A gradient pass or a per-head decomposition this model cannot give.
+    #[error("gradient: {0}")]
+    Gradient(String),
     /// A tensor operation failed.
     #[error("{context}: {source}")]
     Candle {

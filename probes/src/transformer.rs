@@ -7,11 +7,11 @@
 //! single-row decode steps may use a Q8_0 copy of the weights (built on first use), because a
 //! matrix-vector product is memory bound and Q8_0 reads a quarter of the bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, PositionEncoding};
@@ -97,9 +97,16 @@ pub struct Norm {
 
 impl Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.bias {
-            Some(b) => candle_nn::ops::layer_norm(x, &self.weight, b, self.eps),
-            None => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
+        self.apply(x, false)
+    }
+
+    /// `differentiable`: plain ops, because candle's fused norm kernels record no backward.
+    pub(crate) fn apply(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
+        match (&self.bias, differentiable) {
+            (Some(b), false) => candle_nn::ops::layer_norm(x, &self.weight, b, self.eps),
+            (None, false) => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
+            (Some(b), true) => candle_nn::ops::layer_norm_slow(x, &self.weight, b, self.eps),
+            (None, true) => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps),
         }
     }
 }
@@ -365,6 +372,25 @@ impl Transformer {
         self.run(prompts, &layout, hooks, unembed, &mut cache)
     }
 
+    /// [`Transformer::forward`] with a zero leaf added at each hook of `grad`, in plain
+    /// differentiable ops: the leaves' gradients are the gradients at those hooks.
+    pub(crate) fn forward_leaves(
+        &self,
+        prompts: &[Vec<u32>],
+        hooks: &Hooks,
+        grad: &BTreeSet<HookPoint>,
+    ) -> Result<(ForwardOutput, BTreeMap<HookPoint, Var>), RunError> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(RunError::Batch(
+                "every prompt needs at least one token".into(),
+            ));
+        }
+        self.validate(hooks)?;
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Left);
+        self.check_lengths(&layout.lengths)?;
+        self.run_pass(prompts, &layout, hooks, Unembed::All, &mut None, Some(grad))
+    }
+
     /// Forward `prompts` in micro-batches of at most `micro_batch` prompts, handing each
     /// batch's output (with its first prompt's index) to `consume` in order.
     ///
@@ -526,10 +552,14 @@ impl Transformer {
             }
         }
         let dev = &self.device;
+        // The weights' dtype: f32, or f64 in a model converted for finite differences.
+        let dtype = self.embed.dtype();
         let pos_ids = Tensor::from_vec(pos.clone(), (b, t), dev).run_ctx("positions")?;
-        let mask = Tensor::from_vec(mask, (b, 1, t, keys), dev).run_ctx("attention mask")?;
+        let mask = Tensor::from_vec(mask, (b, 1, t, keys), dev)
+            .and_then(|m| m.to_dtype(dtype))
+            .run_ctx("attention mask")?;
         let sliding_mask = sliding
-            .map(|m| Tensor::from_vec(m, (b, 1, t, keys), dev))
+            .map(|m| Tensor::from_vec(m, (b, 1, t, keys), dev).and_then(|m| m.to_dtype(dtype)))
             .transpose()
             .run_ctx("sliding-window mask")?;
         let c = &self.config;
@@ -549,8 +579,12 @@ impl Transformer {
                         sin.push(angle.sin() as f32);
                     }
                 }
-                let cos = Tensor::from_vec(cos, (b, t, half), dev).run_ctx("rope")?;
-                let sin = Tensor::from_vec(sin, (b, t, half), dev).run_ctx("rope")?;
+                let cos = Tensor::from_vec(cos, (b, t, half), dev)
+                    .and_then(|c| c.to_dtype(dtype))
+                    .run_ctx("rope")?;
+                let sin = Tensor::from_vec(sin, (b, t, half), dev)
+                    .and_then(|s| s.to_dtype(dtype))
+                    .run_ctx("rope")?;
                 Ok((cos, sin))
             };
             let sliding = if local != global {
@@ -579,6 +613,20 @@ impl Transformer {
         unembed: Unembed,
         cache: &mut Option<KvCache>,
     ) -> Result<ForwardOutput, RunError> {
+        Ok(self
+            .run_pass(prompts, layout, hooks, unembed, cache, None)?
+            .0)
+    }
+
+    fn run_pass(
+        &self,
+        prompts: &[Vec<u32>],
+        layout: &BatchLayout,
+        hooks: &Hooks,
+        unembed: Unembed,
+        cache: &mut Option<KvCache>,
+        grad: Option<&BTreeSet<HookPoint>>,
+    ) -> Result<(ForwardOutput, BTreeMap<HookPoint, Var>), RunError> {
         let b = prompts.len();
         let t = layout.seq_len;
         let pad = self.config.bos_token_id.unwrap_or(0);
@@ -606,15 +654,21 @@ impl Transformer {
             hooks,
             ctx: &ctx,
             captures: BTreeMap::new(),
+            grad,
+            leaves: BTreeMap::new(),
         };
+        let diff = grad.is_some();
         let decode = self.quantized_decode
             && cache
                 .as_ref()
                 .is_some_and(|c| c.layers.iter().any(Option::is_some));
-        let done = |pass: Pass, logits| ForwardOutput {
-            logits,
-            captures: pass.captures,
-            layout: layout.clone(),
+        let done = |pass: Pass, logits| {
+            let out = ForwardOutput {
+                logits,
+                captures: pass.captures,
+                layout: layout.clone(),
+            };
+            (out, pass.leaves)
         };
 
         let mut x = embed(&self.embed, &ids).run_ctx("embedding")?; // [b, t, d]
@@ -634,7 +688,7 @@ impl Transformer {
             if HookPoint::ResidPre(l).order() >= stop {
                 return Ok(done(pass, None));
             }
-            let h = block.ln1.forward(&x).run_ctx("ln1")?;
+            let h = block.ln1.apply(&x, diff).run_ctx("ln1")?;
             let layer_cache = cache.as_mut().map(|c| {
                 if c.layers.len() < self.blocks.len() {
                     c.layers.resize_with(self.blocks.len(), || None);
@@ -646,7 +700,7 @@ impl Transformer {
                 return Ok(done(pass, None));
             }
             if let Some(n) = &block.post_attn_norm {
-                attn = n.forward(&attn).run_ctx("post-attention norm")?;
+                attn = n.apply(&attn, diff).run_ctx("post-attention norm")?;
             }
             let attn = pass.hook(HookPoint::AttnOut(l), attn)?;
             if HookPoint::AttnOut(l).order() >= stop {
@@ -657,10 +711,10 @@ impl Transformer {
             if HookPoint::ResidMid(l).order() >= stop {
                 return Ok(done(pass, None));
             }
-            let h = block.ln2.forward(&x).run_ctx("ln2")?;
+            let h = block.ln2.apply(&x, diff).run_ctx("ln2")?;
             let mut m = mlp(&block.mlp, &h, decode).run_ctx("mlp")?;
             if let Some(n) = &block.post_mlp_norm {
-                m = n.forward(&m).run_ctx("post-MLP norm")?;
+                m = n.apply(&m, diff).run_ctx("post-MLP norm")?;
             }
             let m = pass.hook(HookPoint::MlpOut(l), m)?;
             if HookPoint::MlpOut(l).order() >= stop {
@@ -672,7 +726,7 @@ impl Transformer {
                 return Ok(done(pass, None));
             }
         }
-        let x = self.ln_final.forward(&x).run_ctx("ln_final")?;
+        let x = self.ln_final.apply(&x, diff).run_ctx("ln_final")?;
         let x = pass.hook(HookPoint::LnFinal, x)?;
         let logits = match unembed {
             Unembed::None => None,
@@ -717,14 +771,15 @@ impl Transformer {
                 .transpose(1, 2)?
                 .contiguous()
         };
+        let diff = pass.grad.is_some();
         let mut q = split(0, c.n_heads).run_ctx("query projection")?;
         let mut k = split(c.n_heads, c.n_kv_heads).run_ctx("key projection")?;
         let mut v = split(c.n_heads + c.n_kv_heads, c.n_kv_heads).run_ctx("value projection")?;
         if let Some(n) = &block.q_norm {
-            q = n.forward(&q).run_ctx("query norm")?;
+            q = n.apply(&q, diff).run_ctx("query norm")?;
         }
         if let Some(n) = &block.k_norm {
-            k = n.forward(&k).run_ctx("key norm")?;
+            k = n.apply(&k, diff).run_ctx("key norm")?;
         }
         let sliding = c.layer_is_sliding(layer);
         let rope = match (&pass.ctx.rope_sliding, sliding) {
@@ -732,8 +787,13 @@ impl Transformer {
             _ => pass.ctx.rope.as_ref(),
         };
         if let Some((cos, sin)) = rope {
-            q = candle_nn::rotary_emb::rope(&q, cos, sin).run_ctx("rope")?;
-            k = candle_nn::rotary_emb::rope(&k, cos, sin).run_ctx("rope")?;
+            let rope = if diff {
+                rope_plain
+            } else {
+                candle_nn::rotary_emb::rope
+            };
+            q = rope(&q, cos, sin).run_ctx("rope")?;
+            k = rope(&k, cos, sin).run_ctx("rope")?;
         }
         if let Some(slot) = cache {
             (k, v) = LayerKv::append(slot, &k, &v).run_ctx("kv cache")?;
@@ -759,7 +819,12 @@ impl Transformer {
             .and_then(|s| s.reshape((b, c.n_heads, t, keys)))
             .and_then(|s| s.broadcast_add(mask))
             .run_ctx("attention scores")?; // [b, h, t, keys]
-        let pattern = candle_nn::ops::softmax_last_dim(&scores).run_ctx("softmax")?;
+        let pattern = if diff {
+            candle_nn::ops::softmax(&scores, D::Minus1)
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)
+        }
+        .run_ctx("softmax")?;
         let pattern = pass.hook(HookPoint::AttnPattern(layer), pattern)?;
         let out = pattern
             .reshape((b, c.n_kv_heads, groups * t, keys))
@@ -789,6 +854,22 @@ impl Transformer {
 /// `cap * tanh(x / cap)`.
 fn softcap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
     (x / cap)?.tanh()? * cap
+}
+
+/// RoPE in plain differentiable ops (candle's kernel records no backward): `x`
+/// `[b, h, t, head_dim]`, `cos` and `sin` `[b, t, head_dim/2]`, halves rotated as `rope` does.
+fn rope_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let rotated = Tensor::cat(
+        &[
+            &x.narrow(D::Minus1, half, half)?.neg()?,
+            &x.narrow(D::Minus1, 0, half)?,
+        ],
+        D::Minus1,
+    )?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
 /// Rows of `table` `[n, d]` for `ids` `[b, t]` -> `[b, t, d]`.
@@ -825,13 +906,17 @@ struct Pass<'a> {
     hooks: &'a Hooks,
     ctx: &'a PassCtx,
     captures: BTreeMap<HookPoint, Tensor>,
+    /// A gradient pass: the hooks that get a zero leaf, and the leaves added.
+    grad: Option<&'a BTreeSet<HookPoint>>,
+    leaves: BTreeMap<HookPoint, Var>,
 }
 
 impl Pass<'_> {
     /// Apply the interventions registered at `point`, then capture if asked. Untouched hooks
     /// return `x` itself, so a pass with no hooks is bit-identical to a plain forward.
     fn hook(&mut self, point: HookPoint, mut x: Tensor) -> Result<Tensor, RunError> {
-        if !self.hooks.touches(point) {
+        let leaf = self.grad.is_some_and(|g| g.contains(&point));
+        if !self.hooks.touches(point) && !leaf {
             return Ok(x);
         }
         let name = point.to_string();
@@ -846,6 +931,11 @@ impl Pass<'_> {
         }
         if self.hooks.capture.contains(&point) {
             self.captures.insert(point, x.clone());
+        }
+        if leaf {
+            let zero = Var::zeros(x.shape(), x.dtype(), x.device()).run_ctx("gradient leaf")?;
+            x = (x + zero.as_tensor()).run_ctx("gradient leaf")?;
+            self.leaves.insert(point, zero);
         }
         Ok(x)
     }

@@ -465,7 +465,7 @@ impl Induction {
 /// `"5.1"` as (block 5, head 1), `"0.5.1"` as (half depth, head 1): the block as hook names
 /// write it ([`Block::parse`]), then a decimal head index without sign or spaces. The error is
 /// empty, or `": "` and why the block is refused.
-fn parse_head(s: &str) -> Result<(Block, usize), String> {
+pub(super) fn parse_head(s: &str) -> Result<(Block, usize), String> {
     let (l, h) = s.rsplit_once('.').ok_or_else(String::new)?;
     if h.is_empty() || !h.bytes().all(|b| b.is_ascii_digit()) || h.len() > 9 {
         return Err(String::new());

@@ -15,6 +15,7 @@ use crate::schema::Severity;
 use crate::session::Session;
 
 mod attribution;
+pub mod attribution_patching;
 pub mod direction_probe;
 pub mod drift;
 pub mod feature_probe;
@@ -156,6 +157,7 @@ kinds! {
     Steering(steering::Steering) = "steering",
     Drift(drift::Drift) = "drift",
     Induction(induction::Induction) = "induction",
+    AttributionPatching(attribution_patching::AttributionPatching) = "attribution_patching",
 }
 
 /// A failed or violated check is `fail`, or only `warn` when its severity is low or info.
