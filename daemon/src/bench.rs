@@ -290,6 +290,18 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
         total / plain
     );
     println!("peak RSS {:.0} MB", peak_rss_mb().unwrap_or(f64::NAN));
+    for c in policies::selection::bench(&model, &policies, 16).map_err(anyhow::Error::msg)? {
+        println!(
+            "direction selection {}/{} (chose {}) {:.2}s; fixed-hook build {:.2}s; ratio {:.2}x (target <= 3x: {})",
+            c.policy,
+            c.direction,
+            c.hook,
+            c.select,
+            c.fixed,
+            c.select / c.fixed,
+            if c.select <= 3.0 * c.fixed { "met" } else { "NOT met" }
+        );
+    }
     lineage_second_audit(&model, &policies, &result, total - load.as_secs_f64())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,7 @@ pub mod load;
 pub mod metrics;
 pub mod result;
 pub mod schema;
+pub mod selection;
 mod session;
 pub mod shipped;
 pub mod store;

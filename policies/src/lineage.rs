@@ -103,11 +103,20 @@ pub(crate) fn direction_recipe(p: &Policy, d: &Direction) -> String {
         } => json!({"positive": set(positive), "negative": set(negative), "position": position}),
         DirectionSource::File { vector } => json!({"vector": vector}),
     };
-    sha256_hex(
-        json!({"hook": d.hook.value, "source": source})
-            .to_string()
-            .as_bytes(),
-    )
+    let mut recipe = json!({"hook": d.hook.as_ref().map(|h| &h.value), "source": source});
+    if let Some(sel) = &d.select {
+        recipe["select"] = json!({
+            "layers": sel.layers.value,
+            "positions": sel.positions.value,
+            "validate_positive": set(&sel.validate_positive),
+            "validate_negative": set(&sel.validate_negative),
+            "max_kl": sel.max_kl,
+            "max_depth": sel.max_depth,
+            "scored": crate::selection::SCORED,
+            "scored_prompts": crate::selection::SCORED_PROMPTS,
+        });
+    }
+    sha256_hex(recipe.to_string().as_bytes())
 }
 
 #[cfg(test)]
@@ -150,7 +159,7 @@ min_auroc = 0.5
         let d = &p.directions["d"];
         let r = direction_recipe(&p, d);
         let mut moved = d.clone();
-        moved.hook.value = "blocks.0.hook_resid_post".into();
+        moved.hook.as_mut().unwrap().value = "blocks.0.hook_resid_post".into();
         assert_ne!(direction_recipe(&p, &moved), r);
         assert_eq!(direction_recipe(&p, d), r);
     }
