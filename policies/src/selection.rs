@@ -371,8 +371,8 @@ pub(crate) fn select(
 pub struct SelectionCost {
     pub policy: String,
     pub direction: String,
-    /// The hook it selected.
-    pub hook: String,
+    /// The hook it selected, or why none was.
+    pub outcome: String,
     /// Seconds to select it, from fresh passes.
     pub select: f64,
     /// Seconds to build it at the selected hook and position from the same training sets, as
@@ -398,16 +398,25 @@ pub fn bench(
             if let Some(e) = errors.first() {
                 return Err(e.to_string());
             }
-            let (r, _) = select(&mut s, p, d, sel).map_err(|e| e.to_string())?;
+            // A selection that finds no candidate costs the same; the fixed build then reads
+            // the middle candidate block's last token.
+            let (hook, offset, outcome) = match select(&mut s, p, d, sel) {
+                Ok((r, _)) => (r.hook, r.position, format!("chose {}", r.hook)),
+                Err(e) => {
+                    let (layers, _) = candidates(&s, p, sel).map_err(|e| e.to_string())?;
+                    let mid = HookPoint::ResidPre(layers[layers.len() / 2]);
+                    (mid, -1, format!("no candidate passed: {e}"))
+                }
+            };
             let select_secs = t0.elapsed().as_secs_f64();
             let mut fixed = d.clone();
             fixed.select = None;
             fixed.hook = Some(crate::load::Located {
-                value: r.hook.to_string(),
+                value: hook.to_string(),
                 at: d.at,
             });
             if let DirectionSource::Contrast { position, .. } = &mut fixed.source {
-                *position = r.position;
+                *position = offset;
             }
             let t0 = std::time::Instant::now();
             let mut s = Session::new(model, micro_batch);
@@ -415,7 +424,7 @@ pub fn bench(
             out.push(SelectionCost {
                 policy: p.name.clone(),
                 direction: name.clone(),
-                hook: r.hook.to_string(),
+                outcome,
                 select: select_secs,
                 fixed: t0.elapsed().as_secs_f64(),
             });
