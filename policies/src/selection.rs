@@ -314,10 +314,10 @@ pub(crate) fn select(
         );
         let induce = score(&s.last_logits(&vn, &add)?);
         let mut why = Vec::new();
-        if !(induce > 0.0) {
+        if induce.is_nan() || induce <= 0.0 {
             why.push(format!("induce: {induce} <= 0"));
         }
-        if !(kl < sel.max_kl) {
+        if kl.is_nan() || kl >= sel.max_kl {
             why.push(format!("kl: {kl} >= max_kl {}", sel.max_kl));
         }
         let r = &mut all[i].record;
@@ -458,7 +458,7 @@ mod tests {
         let line = |i: usize, harmful: bool| -> String {
             (0..6)
                 .map(|j| {
-                    if harmful && (i + j) % 2 == 0 {
+                    if harmful && (i + j).is_multiple_of(2) {
                         format!("w{}", 10 + (3 * i + j) % 10)
                     } else {
                         format!("w{}", 30 + (7 * i + 5 * j) % 50)
