@@ -18,7 +18,8 @@ use probes::sae::Sae;
 use crate::error::{CheckError, PolicyError};
 use crate::lineage::{builtin_sae_recipe, direction_recipe, Lineage};
 use crate::load::{Direction, DirectionSource, Located, Policy, SaeSource};
-use crate::result::{InputRecord, PinnedInstrument};
+use crate::result::{InputRecord, PinnedInstrument, SelectionRecord};
+use crate::selection;
 use crate::session::{at_position, ResolvedSae, Session};
 use crate::store::{Store, StoredDirection};
 
@@ -213,19 +214,26 @@ impl Instruments {
             }
         }
         for (name, d) in &p.directions {
-            let Some(hook) = Self::hook(s, p, &d.hook, errors) else {
-                continue;
+            // A selected direction's hook is the stored choice when reused.
+            let hook = match &d.hook {
+                Some(h) => {
+                    let Some(hook) = Self::hook(s, p, h, errors) else {
+                        continue;
+                    };
+                    if !hook.is_residual_width() {
+                        errors.push(p.error(
+                            &h.at,
+                            format!(
+                                "`{}` is not a residual-stream-width hook; a direction needs one",
+                                h.value
+                            ),
+                        ));
+                        continue;
+                    }
+                    Some(hook)
+                }
+                None => None,
             };
-            if !hook.is_residual_width() {
-                errors.push(p.error(
-                    &d.hook.at,
-                    format!(
-                        "`{}` is not a residual-stream-width hook; a direction needs one",
-                        d.hook.value
-                    ),
-                ));
-                continue;
-            }
             let recipe = direction_recipe(p, d, hook);
             let pinned = self.lineage.pin(&p.name, name, "direction", &recipe);
             let reused = match (&self.lineage.unrelated, pinned) {
@@ -240,16 +248,21 @@ impl Instruments {
                     continue;
                 }
                 Some(Err(why)) => {
-                    let why = p.error(&d.hook.at, format!("[directions.{name}]: {why}"));
+                    let why = p.error(&d.at, format!("[directions.{name}]: {why}"));
                     self.broken.insert(Self::key(p, name), why.to_string());
                     continue;
                 }
                 None => {}
             }
             self.to_compute.insert(Self::key(p, name));
-            if let DirectionSource::Contrast {
-                positive, negative, ..
-            } = &d.source
+            if let (Some(sel), None) = (&d.select, hook) {
+                selection::plan(s, p, d, sel, errors);
+            } else if let (
+                DirectionSource::Contrast {
+                    positive, negative, ..
+                },
+                Some(hook),
+            ) = (&d.source, hook)
             {
                 for set in [positive, negative] {
                     if let Err(e) = s.want(p, set, hook) {
@@ -311,15 +324,17 @@ impl Instruments {
             recipe: recipe.to_string(),
             reference: digest,
             origin,
+            selection: None,
         })
     }
 
-    /// The lineage's pinned direction from the store, checked against the policy's hook.
+    /// The lineage's pinned direction from the store, checked against the policy's hook (a
+    /// selected direction's hook is the one its selection chose).
     fn pinned_direction(
         &self,
         s: &Session<'_>,
         pin: &PinnedInstrument,
-        hook: HookPoint,
+        hook: Option<HookPoint>,
     ) -> Result<ResolvedDirection, String> {
         let stored = self
             .store
@@ -339,6 +354,17 @@ impl Instruments {
                     }
                 )
             })?;
+        let hook = match (hook, &pin.selection) {
+            (Some(h), _) => h,
+            (None, Some(sel)) => HookPoint::parse(&sel.hook, s.n_layers())
+                .map_err(|e| format!("the pinned selection's hook: {e}"))?,
+            (None, None) => {
+                return Err(format!(
+                    "the pinned direction {} carries no selection evidence",
+                    pin.sha256
+                ))
+            }
+        };
         if stored.hook != hook.to_string() {
             return Err(format!(
                 "the stored direction {} reads `{}`, not `{hook}`",
@@ -362,8 +388,12 @@ impl Instruments {
             if !self.to_compute.contains(&Self::key(p, name)) {
                 continue;
             }
-            let pinned = compute_direction(s, p, d).and_then(|r| {
-                let pin = self.pin_direction(s, p, name, d, &r)?;
+            let computed = match &d.select {
+                Some(sel) => selection::select(s, p, d, sel).map(|(r, e)| (r, Some(e))),
+                None => compute_direction(s, p, d).map(|r| (r, None)),
+            };
+            let pinned = computed.and_then(|(r, evidence)| {
+                let pin = self.pin_direction(s, p, name, d, &r, evidence)?;
                 Ok((r, pin))
             });
             match pinned {
@@ -371,7 +401,7 @@ impl Instruments {
                     self.directions.insert(Self::key(p, name), r);
                     self.pins.extend(pin);
                 }
-                Err(e) => errors.push(p.error(&d.hook.at, format!("direction `{name}`: {e}"))),
+                Err(e) => errors.push(p.error(&d.at, format!("direction `{name}`: {e}"))),
             }
         }
     }
@@ -385,6 +415,7 @@ impl Instruments {
         name: &str,
         d: &Direction,
         r: &ResolvedDirection,
+        selection: Option<SelectionRecord>,
     ) -> Result<Option<PinnedInstrument>, CheckError> {
         if !self.record {
             return Ok(None);
@@ -409,9 +440,10 @@ impl Instruments {
             name: name.to_string(),
             kind: "direction".into(),
             sha256: sha,
-            recipe: direction_recipe(p, d, r.hook),
+            recipe: direction_recipe(p, d, d.hook.as_ref().map(|_| r.hook)),
             reference,
             origin,
+            selection,
         }))
     }
 
@@ -438,12 +470,13 @@ impl Instruments {
     }
 }
 
-fn compute_direction(
+pub(crate) fn compute_direction(
     s: &mut Session<'_>,
     p: &Policy,
     d: &Direction,
 ) -> Result<ResolvedDirection, CheckError> {
-    let hook = HookPoint::parse(&d.hook.value, s.n_layers())
+    let name = d.hook.as_ref().map_or("", |h| h.value.as_str());
+    let hook = HookPoint::parse(name, s.n_layers())
         .map_err(|e| CheckError::Unmeasurable(e.to_string()))?;
     let d_model = s.model.config().d_model;
     let dev = Device::Cpu;
@@ -487,7 +520,7 @@ fn compute_direction(
 }
 
 impl ResolvedDirection {
-    fn new(hook: HookPoint, position: i64, raw: Tensor) -> Result<Self, CheckError> {
+    pub(crate) fn new(hook: HookPoint, position: i64, raw: Tensor) -> Result<Self, CheckError> {
         let norm = raw.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
         if !(norm.is_finite() && norm > 0.0) {
             return Err(CheckError::Unmeasurable(

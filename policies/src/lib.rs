@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod refusal;
 pub mod result;
 pub mod schema;
+pub mod selection;
 mod session;
 pub mod shipped;
 pub mod store;

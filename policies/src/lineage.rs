@@ -90,7 +90,7 @@ pub(crate) fn builtin_sae_recipe(hook: Option<&str>) -> String {
 /// The digest of a direction's definition: its hook as resolved on the model (so a fraction of
 /// depth and the block it names are the same definition), position and the text of its
 /// prompt sets (or its vector).
-pub(crate) fn direction_recipe(p: &Policy, d: &Direction, hook: HookPoint) -> String {
+pub(crate) fn direction_recipe(p: &Policy, d: &Direction, hook: Option<HookPoint>) -> String {
     let set = |name: &str| {
         p.prompt_sets
             .get(name)
@@ -104,11 +104,21 @@ pub(crate) fn direction_recipe(p: &Policy, d: &Direction, hook: HookPoint) -> St
         } => json!({"positive": set(positive), "negative": set(negative), "position": position}),
         DirectionSource::File { vector } => json!({"vector": vector}),
     };
-    sha256_hex(
-        json!({"hook": hook.to_string(), "source": source})
-            .to_string()
-            .as_bytes(),
-    )
+    // A fixed hook as resolved on the model; a selected direction has none until chosen.
+    let mut recipe = json!({"hook": hook.map(|h| h.to_string()), "source": source});
+    if let Some(sel) = &d.select {
+        recipe["select"] = json!({
+            "layers": sel.layers.value,
+            "positions": sel.positions.value,
+            "validate_positive": set(&sel.validate_positive),
+            "validate_negative": set(&sel.validate_negative),
+            "max_kl": sel.max_kl,
+            "max_depth": sel.max_depth,
+            "scored": crate::selection::SCORED,
+            "scored_prompts": crate::selection::SCORED_PROMPTS,
+        });
+    }
+    sha256_hex(recipe.to_string().as_bytes())
 }
 
 #[cfg(test)]
@@ -149,13 +159,13 @@ min_auroc = 0.5
         let tiny = Tiny::new();
         let p = tiny.policy(PROBE).unwrap();
         let d = &p.directions["d"];
-        let r = direction_recipe(&p, d, HookPoint::ResidPost(1));
-        assert_ne!(direction_recipe(&p, d, HookPoint::ResidPost(0)), r);
+        let r = direction_recipe(&p, d, Some(HookPoint::ResidPost(1)));
+        assert_ne!(direction_recipe(&p, d, Some(HookPoint::ResidPost(0))), r);
         let mut elsewhere = d.clone();
         if let DirectionSource::Contrast { position, .. } = &mut elsewhere.source {
             *position = 0;
         }
-        assert_ne!(direction_recipe(&p, &elsewhere, HookPoint::ResidPost(1)), r);
-        assert_eq!(direction_recipe(&p, d, HookPoint::ResidPost(1)), r);
+        assert_ne!(direction_recipe(&p, &elsewhere, Some(HookPoint::ResidPost(1))), r);
+        assert_eq!(direction_recipe(&p, d, Some(HookPoint::ResidPost(1))), r);
     }
 }

@@ -17,8 +17,8 @@ use toml::Spanned;
 use crate::checks::CheckBody;
 use crate::error::{Loc, PolicyError};
 use crate::schema::{
-    CheckHead, CheckKind, DirectionSpec, LatentRef, ModelMatch, PolicyFile, PromptSetSpec, SaeSpec,
-    Severity, SCHEMA_VERSION,
+    CheckHead, CheckKind, DirectionSpec, LatentRef, ModelMatch, PolicyFile, PositionsSpec,
+    PromptSetSpec, SaeSpec, Severity, SCHEMA_VERSION,
 };
 
 /// A file a run read, with its digest.
@@ -97,8 +97,35 @@ pub enum DirectionSource {
 
 #[derive(Debug, Clone)]
 pub struct Direction {
-    pub hook: Located<String>,
+    /// Where the direction is defined (its `hook` or `layers` key), for later errors.
+    pub at: Loc,
+    /// The hook it lives at; `None` when it is selected among candidates (`layers`).
+    pub hook: Option<Located<String>>,
     pub source: DirectionSource,
+    pub select: Option<SelectSpec>,
+}
+
+/// Where a selected direction's candidates are read, and the sets and filters that choose
+/// one; see [`crate::selection`].
+#[derive(Debug, Clone)]
+pub struct SelectSpec {
+    /// Fractions of depth, inclusive.
+    pub layers: Located<[f64; 2]>,
+    pub positions: Located<CandidatePositions>,
+    pub validate_positive: String,
+    pub validate_negative: String,
+    pub max_kl: f64,
+    pub max_depth: f64,
+}
+
+/// Candidate positions: negative offsets from the end of a chat prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidatePositions {
+    /// Every token the chat template puts after the user's message.
+    PostInstruction,
+    /// Offsets `from..=to`, both negative.
+    Range(i64, i64),
 }
 
 #[derive(Debug, Clone)]
@@ -565,11 +592,35 @@ impl<'a> Validator<'a> {
         spec: &DirectionSpec,
         sets: &BTreeMap<String, PromptSet>,
     ) -> Option<Direction> {
-        let hook = Located {
-            value: spec.hook.get_ref().clone(),
-            at: self.loc(&spec.hook),
+        let (hook, at) = match (&spec.hook, &spec.layers) {
+            (Some(h), None) => {
+                self.hook_syntax(h);
+                (Some(self.located(h)), self.loc(h))
+            }
+            (None, Some(l)) => (None, self.loc(l)),
+            (Some(_), Some(l)) => {
+                self.err(
+                    l,
+                    "a direction has either one `hook` or candidate `layers`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.errors.push(PolicyError::at(
+                    self.path,
+                    None,
+                    "a direction needs `hook`, or candidate `layers` to select it among",
+                ));
+                return None;
+            }
         };
-        self.hook_syntax(&spec.hook);
+        let select = match &spec.layers {
+            Some(l) => Some(self.select_spec(spec, l, sets)?),
+            None => {
+                self.selection_keys_unused(spec);
+                None
+            }
+        };
         let source = match (&spec.positive, &spec.negative, &spec.file) {
             (Some(p), Some(n), None) => {
                 let (p, n) = (self.set(p, sets)?, self.set(n, sets)?);
@@ -612,14 +663,138 @@ impl<'a> Validator<'a> {
                 }
             }
             _ => {
-                self.err(
-                    &spec.hook,
+                self.errors.push(PolicyError::at(
+                    self.path,
+                    Some(at),
                     "a direction needs either `positive` and `negative` prompt sets or a `file`",
-                );
+                ));
                 return None;
             }
         };
-        Some(Direction { hook, source })
+        if let (Some(_), DirectionSource::File { .. }) = (&select, &source) {
+            self.errors.push(PolicyError::at(
+                self.path,
+                Some(at),
+                "a direction read from a `file` has one hook; `layers` selects among \
+                 difference-of-means candidates and needs `positive` and `negative`",
+            ));
+            return None;
+        }
+        Some(Direction {
+            at,
+            hook,
+            source,
+            select,
+        })
+    }
+
+    /// The candidates and filters of a direction selected among `layers`.
+    fn select_spec(
+        &mut self,
+        spec: &DirectionSpec,
+        layers: &Spanned<[f64; 2]>,
+        sets: &BTreeMap<String, PromptSet>,
+    ) -> Option<SelectSpec> {
+        let [from, to] = *layers.get_ref();
+        if !(0.0..=1.0).contains(&from) || !(0.0..=1.0).contains(&to) {
+            self.err(
+                layers,
+                format!("`layers` are fractions of depth in [0, 1]; [{from}, {to}] is outside"),
+            );
+            return None;
+        }
+        if from > to {
+            self.err(layers, format!("`layers` [{from}, {to}] is an empty range"));
+            return None;
+        }
+        let positions = match &spec.positions {
+            None => Located {
+                value: CandidatePositions::PostInstruction,
+                at: self.loc(layers),
+            },
+            Some(p) => {
+                let value = match p.get_ref() {
+                    PositionsSpec::Named(n) if n == "post_instruction" => {
+                        CandidatePositions::PostInstruction
+                    }
+                    PositionsSpec::Range([a, b]) if *a <= *b && *b < 0 => {
+                        CandidatePositions::Range(*a, *b)
+                    }
+                    _ => {
+                        self.err(
+                            p,
+                            "`positions` is \"post_instruction\" or negative offsets [from, to] \
+                             (inclusive, e.g. [-5, -1]) among the post-instruction tokens",
+                        );
+                        return None;
+                    }
+                };
+                Located {
+                    value,
+                    at: self.loc(p),
+                }
+            }
+        };
+        let fraction = |v: &mut Self, x: &Option<Spanned<f64>>, default: f64, what: &str| match x {
+            None => Some(default),
+            Some(x) if x.get_ref().is_finite() && *x.get_ref() > 0.0 => Some(*x.get_ref()),
+            Some(x) => {
+                v.err(x, format!("`{what}` must be a positive number"));
+                None
+            }
+        };
+        let max_kl = fraction(self, &spec.max_kl, 0.1, "max_kl")?;
+        let max_depth = fraction(self, &spec.max_depth, 0.8, "max_depth")?;
+        if max_depth > 1.0 {
+            if let Some(x) = &spec.max_depth {
+                self.err(x, "`max_depth` is a fraction of depth in (0, 1]");
+            }
+            return None;
+        }
+        let (Some(vp), Some(vn)) = (&spec.validate_positive, &spec.validate_negative) else {
+            self.err(
+                layers,
+                "a direction selected among `layers` needs held-out `validate_positive` and \
+                 `validate_negative` prompt sets",
+            );
+            return None;
+        };
+        let (vp, vn) = (self.set(vp, sets)?, self.set(vn, sets)?);
+        Some(SelectSpec {
+            layers: self.located(layers),
+            positions,
+            validate_positive: vp,
+            validate_negative: vn,
+            max_kl,
+            max_depth,
+        })
+    }
+
+    /// The selection keys mean nothing without `layers`.
+    fn selection_keys_unused(&mut self, spec: &DirectionSpec) {
+        let keys = [
+            ("positions", spec.positions.as_ref().map(|x| x.span())),
+            (
+                "validate_positive",
+                spec.validate_positive.as_ref().map(|x| x.span()),
+            ),
+            (
+                "validate_negative",
+                spec.validate_negative.as_ref().map(|x| x.span()),
+            ),
+            ("max_kl", spec.max_kl.as_ref().map(|x| x.span())),
+            ("max_depth", spec.max_depth.as_ref().map(|x| x.span())),
+        ];
+        for (key, span) in keys {
+            if let Some(span) = span {
+                let loc = Loc::of(self.text, span.start);
+                self.errors.push(PolicyError::at(
+                    self.path,
+                    Some(loc),
+                    format!("`{key}` belongs to a direction selected among `layers`"),
+                ));
+            }
+        }
     }
 
     /// Hook names are checked for form here and against the model when it is known.

@@ -82,6 +82,81 @@ pub struct PinnedInstrument {
     pub reference: String,
     /// Where it came from: `shipped`, `built on <digest>` or `file`.
     pub origin: String,
+    /// For a direction selected among candidates: the choice and every candidate's scores,
+    /// from the run that selected it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<SelectionRecord>,
+}
+
+/// How a direction was selected among its candidates (Arditi et al. 2024): every candidate's
+/// proxy score, the causal scores of the best few, and the filter that rejected each.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SelectionRecord {
+    /// The chosen candidate's hook (`blocks.L.hook_resid_pre`) and position.
+    pub hook: String,
+    pub position: i64,
+    /// How many candidates (best proxy first, within the depth limit) got causal scores.
+    pub scored: usize,
+    /// Validation prompts per set the causal scores average over.
+    pub prompts: usize,
+    /// Every candidate, by layer then position.
+    pub candidates: Vec<CandidateRecord>,
+}
+
+/// One candidate's scores. `proxy`: separation (Cohen's d) of the validation sets'
+/// projections; `bypass`: mean refusal score on harmful prompts with it ablated everywhere;
+/// `induce`: mean refusal score on harmless prompts with it added at its layer; `kl`: mean
+/// last-position KL on harmless prompts, ablated against clean.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CandidateRecord {
+    pub layer: usize,
+    pub position: i64,
+    pub proxy: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypass: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub induce: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+    /// `chosen`, `kept` (passed every filter, a higher bypass score than the chosen), or why
+    /// it was rejected (`depth`, `not scored`, `induce`, `kl`, `zero length`, with figures).
+    pub outcome: String,
+}
+
+impl CandidateRecord {
+    /// A total order over every field (scores by their bits: records never hold NaN).
+    fn key(&self) -> impl Ord + '_ {
+        let bits = |x: Option<f64>| x.map(f64::to_bits);
+        (
+            self.layer,
+            self.position,
+            self.proxy.to_bits(),
+            bits(self.bypass),
+            bits(self.induce),
+            bits(self.kl),
+            &self.outcome,
+        )
+    }
+}
+
+impl PartialEq for CandidateRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for CandidateRecord {}
+
+impl PartialOrd for CandidateRecord {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for CandidateRecord {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

@@ -139,7 +139,27 @@ pub struct SaeSpec {
 #[serde(deny_unknown_fields)]
 pub struct DirectionSpec {
     /// The hook the direction lives at (and where it is read for probes).
-    pub hook: Spanned<String>,
+    #[serde(default)]
+    pub hook: Option<Spanned<String>>,
+    /// Or candidate blocks as fractions of depth `[from, to]` (inclusive), read at
+    /// `blocks.L.hook_resid_pre`: the direction is selected among them as Arditi et al. do.
+    #[serde(default)]
+    pub layers: Option<Spanned<[f64; 2]>>,
+    /// With `layers`: `"post_instruction"` (the chat template's tokens after the message) or
+    /// an inclusive range of negative offsets `[-5, -1]` among them.
+    #[serde(default)]
+    pub positions: Option<Spanned<PositionsSpec>>,
+    /// With `layers`: held-out prompt sets that select the candidate.
+    #[serde(default)]
+    pub validate_positive: Option<Spanned<String>>,
+    #[serde(default)]
+    pub validate_negative: Option<Spanned<String>>,
+    /// With `layers`: the largest KL a candidate's ablation may cause on harmless prompts.
+    #[serde(default)]
+    pub max_kl: Option<Spanned<f64>>,
+    /// With `layers`: candidates at or beyond this fraction of depth are excluded.
+    #[serde(default)]
+    pub max_depth: Option<Spanned<f64>>,
     /// Difference of means: mean(positive) - mean(negative) at `position`.
     #[serde(default)]
     pub positive: Option<Spanned<String>>,
@@ -160,6 +180,16 @@ pub struct DirectionSpec {
 
 fn last() -> i64 {
     -1
+}
+
+/// The positions a selected direction's candidates are read at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PositionsSpec {
+    /// `"post_instruction"`.
+    Named(String),
+    /// Negative offsets `[from, to]`, inclusive.
+    Range([i64; 2]),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]

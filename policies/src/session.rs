@@ -168,6 +168,20 @@ impl<'m> Session<'m> {
         Ok(n)
     }
 
+    /// The number of tokens the chat template puts after every user message (the
+    /// post-instruction tokens, where Arditi et al. read refusal directions).
+    pub fn chat_suffix(&self) -> Result<usize, CheckError> {
+        let a = self.model.encode_prompt("a", true)?;
+        let b = self.model.encode_prompt("b", true)?;
+        let n = a
+            .iter()
+            .rev()
+            .zip(b.iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        Ok(n.min(a.len().saturating_sub(1)))
+    }
+
     /// Per prompt, the activations `[len, d]` at `hook` (one pass captures every planned hook).
     pub fn acts(&mut self, t: &Tokens, hook: HookPoint) -> Result<Arc<Vec<Tensor>>, CheckError> {
         if let Some(a) = self.acts.get(&(t.key.clone(), hook)) {

@@ -140,3 +140,103 @@ pub fn load(path: &Path) -> crate::Model {
     )
     .expect("a tiny checkpoint loads")
 }
+
+/// Blocks of the [`planted_dir`] model.
+pub const PLANTED_LAYERS: usize = 8;
+/// The block whose attention writes the planted direction.
+pub const PLANTED_AT: usize = 2;
+/// Words whose embedding carries the planted direction ("harmful" words).
+pub const TRIGGERS: std::ops::Range<usize> = 10..20;
+
+/// A tiny Llama `root/planted-llama` of [`PLANTED_LAYERS`] blocks with a refusal direction `u`
+/// built in, and `u` `[D]` (unit length). The chat template wraps a message as `w1 MESSAGE
+/// w2 w3 w4` (three post-instruction tokens); the words `a` and `b` (ids 94 and 95) exist so
+/// that the template's prefix and suffix can be found. Only the [`TRIGGERS`] words' embeddings
+/// have a component along `u`, and no block writes along `u` but block [`PLANTED_AT`], whose
+/// attention is uniform over earlier tokens and moves their mean `u` component to every
+/// position. The unembedding of `w0` (the unknown word, so every refusal token) reads `u`:
+/// ablating `u` lowers the refusal score of prompts with triggers, adding it raises it.
+pub fn planted_dir(root: &Path) -> (PathBuf, Vec<f32>) {
+    let mut r = Rand::new(21);
+    let u = r.tensor(&[D], 1.0);
+    let u = (&u
+        / u.sqr()
+            .and_then(|x| x.sum_all())
+            .and_then(|x| x.to_scalar::<f32>())
+            .expect("norm")
+            .sqrt() as f64)
+        .expect("unit");
+    let uv: Vec<f32> = u.to_vec1().expect("vector");
+    // `x` `[rows, D]` with `u` projected out of every row.
+    let without_u = |x: Tensor| -> Tensor {
+        let along = x
+            .matmul(&u.unsqueeze(1).expect("column"))
+            .expect("projection");
+        (&x - along
+            .broadcast_mul(&u.unsqueeze(0).expect("row"))
+            .expect("outer"))
+        .expect("difference")
+    };
+    // `w` `[D, cols]` writing into the residual stream, with `u` projected out of its output.
+    let writes_without_u = |w: Tensor| without_u(w.t().expect("t")).t().expect("t");
+    let mut tensors = Vec::new();
+    for (name, x) in llama_tensors_deep(22, PLANTED_LAYERS) {
+        let x = if name == "model.embed_tokens.weight" {
+            let mut rows: Vec<Vec<f32>> = without_u(x).to_vec2().expect("rows");
+            for row in &mut rows[TRIGGERS] {
+                for (v, uj) in row.iter_mut().zip(&uv) {
+                    *v += 3.0 * uj;
+                }
+            }
+            Tensor::new(rows, &Device::Cpu).expect("embedding")
+        } else if name == "lm_head.weight" {
+            let mut rows: Vec<Vec<f32>> = without_u(x).to_vec2().expect("rows");
+            rows[0] = uv.iter().map(|v| 12.0 * v).collect();
+            Tensor::new(rows, &Device::Cpu).expect("unembedding")
+        } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+            let planted = name == format!("model.layers.{PLANTED_AT}.self_attn.o_proj.weight");
+            if planted {
+                // Head 0's first value dimension, written along `u`.
+                let mut cols = vec![vec![0f32; HEADS * HEAD_DIM]; D];
+                for (j, row) in cols.iter_mut().enumerate() {
+                    row[0] = 8.0 * uv[j];
+                }
+                Tensor::new(cols, &Device::Cpu).expect("o_proj")
+            } else {
+                // Quieter than the planted block, so that `u` dominates the difference.
+                (writes_without_u(x) * 0.3).expect("scaled")
+            }
+        } else if name.starts_with(&format!("model.layers.{PLANTED_AT}.self_attn.")) {
+            let shape = x.dims().to_vec();
+            if name.ends_with("v_proj.weight") {
+                // The first value dimension of kv head 0 reads `u`.
+                let mut rows = vec![vec![0f32; D]; shape[0]];
+                rows[0].clone_from(&uv);
+                Tensor::new(rows, &Device::Cpu).expect("v_proj")
+            } else {
+                // Zero queries and keys: uniform attention over earlier tokens.
+                Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).expect("zeros")
+            }
+        } else {
+            x
+        };
+        tensors.push((name, x));
+    }
+    let dir = root.join("planted-llama");
+    let mut config = llama_config();
+    config["num_hidden_layers"] = serde_json::json!(PLANTED_LAYERS);
+    write_dir(&dir, &config, &tensors);
+    let mut tok: serde_json::Value = serde_json::from_str(&tokenizer_json()).expect("json");
+    let vocab = tok["model"]["vocab"].as_object_mut().expect("vocab");
+    vocab.remove("w94");
+    vocab.remove("w95");
+    vocab.insert("a".into(), serde_json::json!(94));
+    vocab.insert("b".into(), serde_json::json!(95));
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("write tokenizer.json");
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "w1 {{ messages[0].content }} w2 w3 w4",
+    )
+    .expect("write chat_template.jinja");
+    (dir, uv)
+}

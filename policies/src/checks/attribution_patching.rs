@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use candle_core::{DType, IndexOp, Tensor, D};
-use probes::hooks::{HookPoint, Hooks, Positions, ReplaceFn};
+use probes::hooks::{Block, HookPoint, Hooks, Positions, ReplaceFn};
 use probes::{Padding, Transformer, Unembed};
 use serde::Deserialize;
 use toml::Spanned;

@@ -89,7 +89,8 @@ fn plan(k: &DirectionProbe, p: &mut Planner<'_, '_>) {
         .policy
         .directions
         .get(direction)
-        .and_then(|d| HookPoint::parse(&d.hook.value, p.session.n_layers()).ok());
+        .and_then(|d| d.hook.as_ref())
+        .and_then(|h| HookPoint::parse(&h.value, p.session.n_layers()).ok());
     let Some(h) = hook else { return };
     p.want(positive, h);
     p.want(negative, h);
