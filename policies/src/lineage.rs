@@ -165,7 +165,10 @@ min_auroc = 0.5
         if let DirectionSource::Contrast { position, .. } = &mut elsewhere.source {
             *position = 0;
         }
-        assert_ne!(direction_recipe(&p, &elsewhere, Some(HookPoint::ResidPost(1))), r);
+        assert_ne!(
+            direction_recipe(&p, &elsewhere, Some(HookPoint::ResidPost(1))),
+            r
+        );
         assert_eq!(direction_recipe(&p, d, Some(HookPoint::ResidPost(1))), r);
     }
 }
