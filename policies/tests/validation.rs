@@ -225,7 +225,10 @@ fn a_fraction_of_depth_is_a_valid_hook() {
         format!("{HEAD}{PROBE}").replace("blocks.1.hook_resid_post", "blocks.0.5.hook_resid_post");
     let (_tmp, path) = folder(&body);
     let p = Policy::load(&path).unwrap();
-    assert_eq!(p.directions["d"].hook.value, "blocks.0.5.hook_resid_post");
+    assert_eq!(
+        p.directions["d"].hook.as_ref().unwrap().value,
+        "blocks.0.5.hook_resid_post"
+    );
 }
 
 #[test]
