@@ -590,8 +590,7 @@ min_auroc = 0.5
             reference: None,
         };
         let e = crate::engine::run(&tiny.model, &[policy], &mut opts)
-            .err()
-            .expect("a block the model lacks is refused")
+            .expect_err("a block the model lacks is refused")
             .to_string();
         let text = std::fs::read_to_string(tiny.dir.path().join("policy/tiny.toml")).unwrap();
         let line = text.lines().position(|l| l.contains("blocks.2")).unwrap() + 1;
