@@ -114,7 +114,7 @@ pub(crate) fn direction_recipe(p: &Policy, d: &Direction, hook: Option<HookPoint
             "validate_negative": set(&sel.validate_negative),
             "max_kl": sel.max_kl,
             "max_depth": sel.max_depth,
-            "scored": crate::selection::SCORED,
+            "scored": sel.scored,
             "scored_prompts": crate::selection::SCORED_PROMPTS,
         });
     }

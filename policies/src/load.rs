@@ -116,6 +116,8 @@ pub struct SelectSpec {
     pub validate_negative: String,
     pub max_kl: f64,
     pub max_depth: f64,
+    /// Candidates, best proxy first, that get the causal scores.
+    pub scored: usize,
 }
 
 /// Candidate positions: negative offsets from the end of a chat prompt.
@@ -751,6 +753,22 @@ impl<'a> Validator<'a> {
             }
             return None;
         }
+        let scored = match &spec.scored {
+            None => crate::selection::SCORED,
+            Some(x) if (1..=crate::selection::MAX_SCORED as i64).contains(x.get_ref()) => {
+                *x.get_ref() as usize
+            }
+            Some(x) => {
+                self.err(
+                    x,
+                    format!(
+                        "`scored` is how many candidates get the causal scores: 1 to {}",
+                        crate::selection::MAX_SCORED
+                    ),
+                );
+                return None;
+            }
+        };
         let (Some(vp), Some(vn)) = (&spec.validate_positive, &spec.validate_negative) else {
             self.err(
                 layers,
@@ -767,6 +785,7 @@ impl<'a> Validator<'a> {
             validate_negative: vn,
             max_kl,
             max_depth,
+            scored,
         })
     }
 
@@ -784,6 +803,7 @@ impl<'a> Validator<'a> {
             ),
             ("max_kl", spec.max_kl.as_ref().map(|x| x.span())),
             ("max_depth", spec.max_depth.as_ref().map(|x| x.span())),
+            ("scored", spec.scored.as_ref().map(|x| x.span())),
         ];
         for (key, span) in keys {
             if let Some(span) = span {

@@ -160,6 +160,10 @@ pub struct DirectionSpec {
     /// With `layers`: candidates at or beyond this fraction of depth are excluded.
     #[serde(default)]
     pub max_depth: Option<Spanned<f64>>,
+    /// With `layers`: how many candidates, best proxy first, get the causal scores
+    /// (default 3; more finds causal directions the proxy ranks lower, at more passes).
+    #[serde(default)]
+    pub scored: Option<Spanned<i64>>,
     /// Difference of means: mean(positive) - mean(negative) at `position`.
     #[serde(default)]
     pub positive: Option<Spanned<String>>,

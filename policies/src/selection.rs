@@ -23,8 +23,11 @@ use crate::metrics;
 use crate::result::{round, CandidateRecord, SelectionRecord};
 use crate::session::{Session, Tokens};
 
-/// Candidates (best proxy first, within the depth limit) that get the three causal scores.
+/// Candidates (best proxy first, within the depth limit) that get the three causal scores,
+/// unless the policy says `scored`.
 pub const SCORED: usize = 3;
+/// The most candidates a policy may have scored.
+pub const MAX_SCORED: usize = 256;
 /// Validation prompts per set the causal scores average over.
 pub const SCORED_PROMPTS: usize = 8;
 
@@ -277,8 +280,8 @@ pub(crate) fn select(
             .then(x.layer.cmp(&y.layer))
             .then(x.position.cmp(&y.position))
     });
-    for (rank, &i) in ranked.iter().enumerate().skip(SCORED) {
-        all[i].record.outcome = format!("not scored: proxy rank {} > {SCORED}", rank + 1);
+    for (rank, &i) in ranked.iter().enumerate().skip(sel.scored) {
+        all[i].record.outcome = format!("not scored: proxy rank {} > {}", rank + 1, sel.scored);
     }
     let (vp, vn) = (first(&vp, SCORED_PROMPTS), first(&vn, SCORED_PROMPTS));
     // The policy's refusal-score tokens (chosen from the model's own refusals when the
@@ -294,7 +297,7 @@ pub(crate) fn select(
     };
     let clean = s.last_logits(&vn, &Hooks::new())?;
     let mut best: Option<usize> = None;
-    for &i in ranked.iter().take(SCORED) {
+    for &i in ranked.iter().take(sel.scored) {
         let c = &all[i];
         let unit = c.unit.as_ref().expect("ranked candidates have length");
         let ablate = Hooks::new().ablate_everywhere(n, unit);
@@ -336,7 +339,7 @@ pub(crate) fn select(
     let Some(b) = best else {
         let scored: Vec<String> = ranked
             .iter()
-            .take(SCORED)
+            .take(sel.scored)
             .map(|&i| {
                 let r = &all[i].record;
                 format!("block {} position {}: {}", r.layer, r.position, r.outcome)
@@ -361,7 +364,7 @@ pub(crate) fn select(
     let record = SelectionRecord {
         hook: hook.to_string(),
         position: all[b].offset,
-        scored: SCORED,
+        scored: sel.scored,
         prompts: vp.ids.len().min(vn.ids.len()),
         candidates: all.into_iter().map(|c| c.record).collect(),
     };
@@ -709,6 +712,11 @@ max_depth = 0.75"#;
                 "validate_negative = \"harmless_val\"",
                 "",
                 &["planted.toml:22", "validate_negative"],
+            ),
+            (
+                "validate_negative = \"harmless_val\"",
+                "validate_negative = \"harmless_val\"\nscored = 0",
+                &["planted.toml:", "`scored`", "1 to 256"],
             ),
         ];
         for (from, to, parts) in cases {
