@@ -74,7 +74,7 @@ fn progress_in_a_log_is_a_start_line_sparse_updates_and_an_end_line() {
             })
             .collect();
         for pair in elapsed.windows(2) {
-            assert!(pair[1] - pair[0] >= 29.9, "lines closer than 30 s:\n{text}");
+            assert!(pair[1] - pair[0] >= 29.0, "lines closer than 30 s:\n{text}");
         }
         if took > 70.0 {
             assert!(!elapsed.is_empty(), "silent for {took} s:\n{text}");
