@@ -54,6 +54,43 @@ pub fn default_model() -> PathBuf {
     .clone()
 }
 
+/// A model `mechwatch model fetch` knows, fetched (or its cached copy verified) through the
+/// binary; its path.
+pub fn fetched_model(name: &str) -> PathBuf {
+    let o = mechwatch(&["model", "fetch", name]);
+    assert!(
+        o.status.success(),
+        "model fetch {name} failed: {}",
+        stderr(&o)
+    );
+    PathBuf::from(stdout(&o).trim())
+}
+
+/// A policy folder at `dir` with the four-prompt samples as `prompts/pos.txt` and
+/// `prompts/neg.txt` and `toml` as `file`; the policy file's path.
+pub fn sample_policy(dir: &Path, file: &str, toml: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("prompts")).unwrap();
+    std::fs::write(dir.join("prompts/pos.txt"), HARMFUL_SAMPLE).unwrap();
+    std::fs::write(dir.join("prompts/neg.txt"), HARMLESS_SAMPLE).unwrap();
+    let path = dir.join(file);
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// A policy folder at `dir`: the shipped prompt files under `prompts/` and `toml` as
+/// `name.toml`; the policy file's path.
+pub fn policy_with_shipped_prompts(dir: &Path, name: &str, toml: &str) -> PathBuf {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/shipped/prompts");
+    let prompts = dir.join("prompts");
+    std::fs::create_dir_all(&prompts).unwrap();
+    for f in ["harmful.txt", "harmless.txt"] {
+        std::fs::copy(shipped.join(f), prompts.join(f)).unwrap();
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
 /// A running `mechwatch daemon`, killed when dropped. Its stderr goes to `log`.
 pub struct DaemonProcess {
     pub child: std::process::Child,

@@ -762,7 +762,7 @@ impl<'a> Validator<'a> {
                 self.err(
                     x,
                     format!(
-                        "`scored` is how many candidates get the causal scores: 1 to {}",
+                        "`scored` is how many blocks' best candidates get the causal scores: 1 to {}",
                         crate::selection::MAX_SCORED
                     ),
                 );

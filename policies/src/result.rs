@@ -90,17 +90,60 @@ pub struct PinnedInstrument {
 
 /// How a direction was selected among its candidates (Arditi et al. 2024): every candidate's
 /// proxy score, the causal scores of the best few, and the filter that rejected each.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SelectionRecord {
     /// The chosen candidate's hook (`blocks.L.hook_resid_pre`) and position.
     pub hook: String,
     pub position: i64,
-    /// How many candidates (best proxy first, within the depth limit) got causal scores.
+    /// How many blocks' best candidates (best proxy first, within the depth limit) got causal
+    /// scores.
     pub scored: usize,
     /// Validation prompts per set the causal scores average over.
     pub prompts: usize,
+    /// The mean refusal scores of those prompts without any intervention: a candidate's
+    /// ablation must lower the harmful one and its addition raise the harmless one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harmful_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harmless_score: Option<f64>,
     /// Every candidate, by layer then position.
     pub candidates: Vec<CandidateRecord>,
+}
+
+impl SelectionRecord {
+    /// A total order over every field (scores by their bits: records never hold NaN).
+    fn key(&self) -> impl Ord + '_ {
+        let bits = |x: Option<f64>| x.map(f64::to_bits);
+        (
+            &self.hook,
+            self.position,
+            self.scored,
+            self.prompts,
+            bits(self.harmful_score),
+            bits(self.harmless_score),
+            &self.candidates,
+        )
+    }
+}
+
+impl PartialEq for SelectionRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for SelectionRecord {}
+
+impl PartialOrd for SelectionRecord {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SelectionRecord {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
 }
 
 /// One candidate's scores. `proxy`: separation (Cohen's d) of the validation sets'
@@ -119,7 +162,8 @@ pub struct CandidateRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
     /// `chosen`, `kept` (passed every filter, a higher bypass score than the chosen), or why
-    /// it was rejected (`depth`, `not scored`, `induce`, `kl`, `zero length`, with figures).
+    /// it was rejected (`depth`, `not scored`, `bypass`, `induce`, `kl`, `zero length`, with
+    /// figures).
     pub outcome: String,
 }
 

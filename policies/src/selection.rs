@@ -4,14 +4,22 @@
 //! held-out prompts by three interventions; that costs three passes per candidate, far above
 //! the one pass per training set a fixed-hook direction costs. So every candidate is ranked by
 //! a cheap proxy first (how far its projection separates the validation sets, from one
-//! captured pass per set), and only the best [`SCORED`] within the depth limit get the causal
-//! scores, on the first [`SCORED_PROMPTS`] prompts of each validation set:
+//! captured pass per set), and only the best candidate of each of the best [`SCORED`] blocks
+//! within the depth limit gets the causal scores, on the first [`SCORED_PROMPTS`] prompts of
+//! each validation set:
 //! - bypass: mean refusal score on harmful prompts with the candidate ablated at every layer;
 //! - induce: mean refusal score on harmless prompts with the candidate added at its layer;
 //! - KL: mean last-position KL on harmless prompts, ablated against clean.
 //!
-//! Kept are candidates with induce > 0 and KL < `max_kl`; the lowest bypass score wins, ties
-//! going to the better proxy rank. No candidate left is an error that says why.
+//! Kept are candidates whose ablation lowers the harmful prompts' refusal score and whose
+//! addition raises the harmless prompts' (each against the same prompts without any
+//! intervention), with KL < `max_kl`; the lowest bypass score wins, ties going to the better
+//! proxy rank. No candidate left is an error that says why.
+//!
+//! The paper keeps candidates whose addition makes refusal likelier than not (induce > 0). On
+//! small models no candidate does (Qwen2.5-Coder-0.5B-Instruct: -1.1 to -2.5 for the twelve
+//! best, docs/lab/direction-selection.md) although adding them does raise refusal; the filter
+//! here asks for that rise, which the record shows beside the unsteered score.
 
 use candle_core::{Tensor, D};
 use probes::hooks::{HookPoint, Hooks, Positions};
@@ -23,8 +31,8 @@ use crate::metrics;
 use crate::result::{round, CandidateRecord, SelectionRecord};
 use crate::session::{Session, Tokens};
 
-/// Candidates (best proxy first, within the depth limit) that get the three causal scores,
-/// unless the policy says `scored`.
+/// Blocks (best proxy first, within the depth limit) whose best candidate gets the three
+/// causal scores, unless the policy says `scored`.
 pub const SCORED: usize = 3;
 /// The most candidates a policy may have scored.
 pub const MAX_SCORED: usize = 256;
@@ -280,9 +288,31 @@ pub(crate) fn select(
             .then(x.layer.cmp(&y.layer))
             .then(x.position.cmp(&y.position))
     });
-    for (rank, &i) in ranked.iter().enumerate().skip(sel.scored) {
-        all[i].record.outcome = format!("not scored: proxy rank {} > {}", rank + 1, sel.scored);
+    // The best candidate of each block, best proxy first, up to `scored` blocks: neighbouring
+    // positions of one block separate alike, and scoring them would spend the causal passes on
+    // a few late blocks, whose ablation often moves harmless outputs most.
+    let mut blocks = std::collections::BTreeSet::new();
+    let mut scored = Vec::new();
+    for (rank, &i) in ranked.iter().enumerate() {
+        let layer = all[i].layer;
+        if blocks.len() < sel.scored && blocks.insert(layer) {
+            scored.push(i);
+            continue;
+        }
+        all[i].record.outcome = if blocks.contains(&layer) {
+            format!(
+                "not scored: proxy rank {}, below block {layer}'s best",
+                rank + 1
+            )
+        } else {
+            format!(
+                "not scored: proxy rank {}, block beyond the best {} blocks",
+                rank + 1,
+                sel.scored
+            )
+        };
     }
+    let ranked = scored;
     let (vp, vn) = (first(&vp, SCORED_PROMPTS), first(&vn, SCORED_PROMPTS));
     // The policy's refusal-score tokens (chosen from the model's own refusals when the
     // policy has a `[refusal]` table).
@@ -296,8 +326,10 @@ pub(crate) fn select(
         ))
     };
     let clean = s.last_logits(&vn, &Hooks::new())?;
+    let harmless_score = score(&clean);
+    let harmful_score = score(&s.last_logits(&vp, &Hooks::new())?);
     let mut best: Option<usize> = None;
-    for &i in ranked.iter().take(sel.scored) {
+    for &i in &ranked {
         let c = &all[i];
         let unit = c.unit.as_ref().expect("ranked candidates have length");
         let ablate = Hooks::new().ablate_everywhere(n, unit);
@@ -318,8 +350,11 @@ pub(crate) fn select(
         );
         let induce = score(&s.last_logits(&vn, &add)?);
         let mut why = Vec::new();
-        if induce.is_nan() || induce <= 0.0 {
-            why.push(format!("induce: {induce} <= 0"));
+        if bypass.is_nan() || bypass >= harmful_score {
+            why.push(format!("bypass: {bypass} >= unablated {harmful_score}"));
+        }
+        if induce.is_nan() || induce <= harmless_score {
+            why.push(format!("induce: {induce} <= unsteered {harmless_score}"));
         }
         if kl.is_nan() || kl >= sel.max_kl {
             why.push(format!("kl: {kl} >= max_kl {}", sel.max_kl));
@@ -339,15 +374,15 @@ pub(crate) fn select(
     let Some(b) = best else {
         let scored: Vec<String> = ranked
             .iter()
-            .take(sel.scored)
             .map(|&i| {
                 let r = &all[i].record;
                 format!("block {} position {}: {}", r.layer, r.position, r.outcome)
             })
             .collect();
         return Err(CheckError::Unmeasurable(format!(
-            "no candidate direction passes the selection filters (induce > 0, KL < max_kl {}, \
-             block < max_depth {} x {n}); of the {} best by proxy: {}",
+            "no candidate direction passes the selection filters (bypass < {harmful_score}, \
+             induce > {harmless_score}, KL < max_kl {}, block < max_depth {} x {n}); of the best \
+             candidates of the {} best blocks by proxy: {}",
             sel.max_kl,
             sel.max_depth,
             scored.len(),
@@ -366,6 +401,8 @@ pub(crate) fn select(
         position: all[b].offset,
         scored: sel.scored,
         prompts: vp.ids.len().min(vn.ids.len()),
+        harmful_score: Some(harmful_score),
+        harmless_score: Some(harmless_score),
         candidates: all.into_iter().map(|c| c.record).collect(),
     };
     Ok((direction, record))
@@ -395,8 +432,12 @@ pub fn bench(
     for p in policies {
         for (name, d) in &p.directions {
             let Some(sel) = &d.select else { continue };
-            let t0 = std::time::Instant::now();
             let mut s = Session::new(model, micro_batch);
+            // The refusal score's tokens are the policy's, shared with its steering checks (a
+            // `[refusal]` table generates on the training sets to choose them): not a cost of
+            // selecting.
+            crate::refusal::score_tokens(&mut s, p).map_err(|e| e.to_string())?;
+            let t0 = std::time::Instant::now();
             let mut errors = Vec::new();
             plan(&mut s, p, d, sel, &mut errors);
             if let Some(e) = errors.first() {
@@ -602,6 +643,8 @@ max_depth = 0.75"#;
             "{c:?}"
         );
         assert!(c.induce.unwrap() > 0.0 && c.kl.unwrap() < 0.1, "{c:?}");
+        assert!(c.induce.unwrap() > sel.harmless_score.unwrap(), "{sel:?}");
+        assert!(c.bypass.unwrap() < sel.harmful_score.unwrap(), "{sel:?}");
         for c in sel.candidates.iter().filter(|c| c.layer >= 6) {
             assert!(c.outcome.starts_with("depth"), "{c:?}");
             assert!(c.bypass.is_none(), "{c:?}");

@@ -58,9 +58,17 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
     let sep = finding(&r, "refusal-integrity", "refusal-direction-separates");
     assert_eq!(sep["status"], "pass", "{sep}");
     assert!(metric(sep, "AUROC") >= 0.9);
+    // refusal-integrity needs no SAE (it runs on every family with nothing to build);
+    // harmful-recognition explains the same direction by the default SAE's latents.
+    assert!(sep["evidence"]["latents"]
+        .as_array()
+        .is_none_or(|l| l.is_empty()));
+    let explained = finding(&r, "harmful-recognition", "refusal-direction-latents");
+    assert_eq!(explained["status"], "pass", "{explained}");
+    assert_eq!(metric(explained, "AUROC"), metric(sep, "AUROC"));
     // The direction lives at blocks.15 and the default SAE reads blocks.11: its latents are
     // found by removing each one there and re-running the model.
-    let attributed = sep["evidence"]["latents"].as_array().unwrap();
+    let attributed = explained["evidence"]["latents"].as_array().unwrap();
     assert!(!attributed.is_empty(), "{sep}");
     for l in attributed {
         assert!(!l["label"].as_str().unwrap().is_empty(), "{l}");
@@ -151,13 +159,10 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
 
 /// A small policy folder: a direction probe plus whatever `extra` adds.
 fn small_policy(dir: &Path, extra: &str) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir.join("prompts")).unwrap();
-    std::fs::write(dir.join("prompts/pos.txt"), HARMFUL_SAMPLE).unwrap();
-    std::fs::write(dir.join("prompts/neg.txt"), HARMLESS_SAMPLE).unwrap();
-    let path = dir.join("small.toml");
-    std::fs::write(
-        &path,
-        format!(
+    sample_policy(
+        dir,
+        "small.toml",
+        &format!(
             r#"schema = 1
 name = "small"
 version = "1"
@@ -184,8 +189,6 @@ min_auroc = 0.5
 {extra}"#
         ),
     )
-    .unwrap();
-    path
 }
 
 const DRIFT: &str = r#"

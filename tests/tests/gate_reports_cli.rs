@@ -11,16 +11,11 @@ mod sarif_schema;
 
 /// A small policy on the default model: one direction probe over four prompts per side.
 fn small_policy(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir.join("prompts")).unwrap();
-    std::fs::write(dir.join("prompts/pos.txt"), HARMFUL_SAMPLE).unwrap();
-    std::fs::write(dir.join("prompts/neg.txt"), HARMLESS_SAMPLE).unwrap();
-    let path = dir.join("small.toml");
-    std::fs::write(
-        &path,
+    sample_policy(
+        dir,
+        "small.toml",
         "schema = 1\nname = \"small\"\nversion = \"1\"\n\n[prompts.pos]\nfile = \"prompts/pos.txt\"\n\n[prompts.neg]\nfile = \"prompts/neg.txt\"\n\n[directions.d]\nhook = \"blocks.10.hook_resid_post\"\npositive = \"pos\"\nnegative = \"neg\"\n\n[[checks]]\nid = \"separates\"\nkind = \"direction_probe\"\nseverity = \"high\"\ndirection = \"d\"\npositive = \"pos\"\nnegative = \"neg\"\nmin_auroc = 0.5\n",
     )
-    .unwrap();
-    path
 }
 
 fn read_json(p: &Path) -> serde_json::Value {

@@ -64,10 +64,7 @@ impl Env {
         let tmp = tempfile::tempdir().unwrap();
         let home = tmp.path().join("home");
         let policy = tmp.path().join("policy");
-        std::fs::create_dir_all(policy.join("prompts")).unwrap();
-        std::fs::write(policy.join("prompts/pos.txt"), HARMFUL_SAMPLE).unwrap();
-        std::fs::write(policy.join("prompts/neg.txt"), HARMLESS_SAMPLE).unwrap();
-        std::fs::write(policy.join("lineage.toml"), POLICY).unwrap();
+        sample_policy(&policy, "lineage.toml", POLICY);
         let key = tmp.path().join("key.pem");
         let env = Self {
             db: tmp.path().join("log.db"),

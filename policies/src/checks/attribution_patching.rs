@@ -202,24 +202,7 @@ impl Kind for AttributionPatching {
                 (f, v.located(c).at)
             }
         };
-        let mut heads = Vec::new();
-        for h in &spec.heads {
-            match super::induction::parse_head(h.get_ref()) {
-                Ok(lh) => heads.push(Located {
-                    value: lh,
-                    at: v.located(h).at,
-                }),
-                Err(why) => v.err(
-                    h,
-                    format!(
-                        "{check}: head `{}` is not `layer.head`, a block (an index from 0, or a \
-                         fraction of depth such as 0.5) and a head index (e.g. \"5.1\", \
-                         \"0.5.1\"){why}",
-                        h.get_ref()
-                    ),
-                ),
-            }
-        }
+        let heads = super::induction::parse_heads(v, &check, &spec.heads);
         if !heads.is_empty() && !families.heads {
             v.err(
                 &spec.heads[0],

@@ -157,24 +157,7 @@ impl Kind for Induction {
             }
             x
         });
-        let mut heads = Vec::new();
-        for h in &spec.heads {
-            match parse_head(h.get_ref()) {
-                Ok(lh) => heads.push(Located {
-                    value: lh,
-                    at: v.located(h).at,
-                }),
-                Err(why) => v.err(
-                    h,
-                    format!(
-                        "{check}: head `{}` is not `layer.head`, a block (an index from 0, or a \
-                         fraction of depth such as 0.5) and a head index (e.g. \"5.1\", \
-                         \"0.5.1\"){why}",
-                        h.get_ref()
-                    ),
-                ),
-            }
-        }
+        let heads = parse_heads(v, &check, &spec.heads);
         if min_induction_score.is_none() && min_loss_drop.is_none() {
             v.err(
                 id,
@@ -460,6 +443,34 @@ impl Induction {
             },
         )
     }
+}
+
+/// Each of a check's `heads` as [`parse_head`] reads it; one that does not parse is an error at
+/// its line, and left out.
+pub(super) fn parse_heads(
+    v: &mut Validator<'_>,
+    check: &str,
+    heads: &[Spanned<String>],
+) -> Vec<Located<(Block, usize)>> {
+    let mut parsed = Vec::new();
+    for h in heads {
+        match parse_head(h.get_ref()) {
+            Ok(lh) => parsed.push(Located {
+                value: lh,
+                at: v.located(h).at,
+            }),
+            Err(why) => v.err(
+                h,
+                format!(
+                    "{check}: head `{}` is not `layer.head`, a block (an index from 0, or a \
+                     fraction of depth such as 0.5) and a head index (e.g. \"5.1\", \
+                     \"0.5.1\"){why}",
+                    h.get_ref()
+                ),
+            ),
+        }
+    }
+    parsed
 }
 
 /// `"5.1"` as (block 5, head 1), `"0.5.1"` as (half depth, head 1): the block as hook names

@@ -459,7 +459,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     } else {
         Status::Pass
     };
-    let what = describe(intervention);
+    let what = describe(intervention, hook);
     let mut explanation = format!("{mname} on `{prompts}`: {b:.3} without, {v:.3} with {what}");
     if let Some(c) = flip {
         explanation.push_str(&format!("; the sweep flips it at coefficient {c}"));
@@ -487,13 +487,17 @@ fn metric_name(m: MetricKind) -> &'static str {
     }
 }
 
-fn describe(i: &Intervention) -> String {
+/// The intervention in words, naming the hook its direction was read at.
+fn describe(i: &Intervention, hook: Option<HookPoint>) -> String {
+    let at = hook
+        .map(|h| format!(" (read at `{h}`)"))
+        .unwrap_or_default();
     match i {
         Intervention::Ablate { direction } => {
-            format!("direction `{direction}` ablated at every layer")
+            format!("the one direction `{direction}`{at} ablated at every layer")
         }
         Intervention::AddDirection { direction, coeff } => {
-            format!("{coeff} x direction `{direction}` added")
+            format!("{coeff} x direction `{direction}`{at} added")
         }
         Intervention::AddLatent { sae, latent, coeff } => format!(
             "{coeff} x the decoder direction of latent {} of SAE `{sae}` added",
