@@ -4,10 +4,16 @@
 
 use std::fmt::Write as _;
 
+mod attention;
+mod attribution;
+mod intervention;
 mod lens;
+mod selection;
+mod svg;
 
 use audit_log::record::{RecordBody, Statement};
 use policies::result::{Finding, RunResult, Status};
+use svg::{range, AXIS, COLORS};
 
 /// Whether the log verified when the report was made.
 pub enum Verification {
@@ -84,7 +90,8 @@ code{font:12px ui-monospace,monospace;word-break:break-all}
 .tok{white-space:pre-wrap;font:12px ui-monospace,monospace}
 .tok span{border-radius:2px}
 .check{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;margin:12px 0}
-svg{background:#f6f8fa;border-radius:4px}
+svg{background:#f6f8fa;border-radius:4px;margin:4px 8px 4px 0;vertical-align:top}
+details.numbers{margin:2px 0 10px}details.numbers table{width:auto;font-size:12px}
 .gen td{width:50%;white-space:pre-wrap;font:12px ui-monospace,monospace}
 ";
 
@@ -274,6 +281,7 @@ fn record(s: &mut String, r: &Input, e: &Entry) {
         RecordBody::Audit { inputs, .. } => {
             if let Some(res) = e.result() {
                 let _ = write!(s, "<p>model {} ({}, {} layers, d_model {}), lineage <code>{}</code>, <code>sha256:{}</code>; verdict {}</p>", esc(&res.model.path), esc(&res.model.architecture), res.model.n_layers, res.model.d_model, esc(&res.model.lineage), esc(&res.model.digest), status_cell(res.verdict.as_str()));
+                record_plots(s, e.seq, &res);
                 for pol in res.policies.iter().filter(|p| p.applies) {
                     for f in &pol.findings {
                         finding(s, e.seq, &pol.name, f);
@@ -284,6 +292,44 @@ fn record(s: &mut String, r: &Input, e: &Entry) {
         }
     }
     s.push_str("</section>\n");
+}
+
+/// The plots of a whole record: each selected direction's candidate map, and the steering
+/// checks' metrics without and with their interventions.
+fn record_plots(s: &mut String, seq: u64, res: &RunResult) {
+    for i in &res.instruments {
+        let Some(sel) = &i.selection else { continue };
+        let _ = write!(
+            s,
+            "<div class=\"selection\" id=\"selection-{seq}-{}-{}\"><h3>Selection of direction {} / {}</h3>{}</div>",
+            slug(&i.policy),
+            slug(&i.name),
+            esc(&i.policy),
+            esc(&i.name),
+            selection::map(&i.policy, &i.name, sel)
+        );
+    }
+    let bars: Vec<intervention::Bars<'_>> = res
+        .policies
+        .iter()
+        .filter(|p| p.applies)
+        .flat_map(|p| {
+            p.findings.iter().filter_map(move |f| {
+                Some(intervention::Bars {
+                    policy: &p.name,
+                    check: &f.check,
+                    means: f.evidence.intervention.as_ref()?,
+                })
+            })
+        })
+        .collect();
+    if !bars.is_empty() {
+        let _ = write!(
+            s,
+            "<div class=\"interventions\" id=\"interventions-{seq}\"><h3>Without and with the interventions</h3>{}</div>",
+            intervention::charts(&bars)
+        );
+    }
 }
 
 fn inputs_table(s: &mut String, inputs: &[audit_log::record::InputDigest]) {
@@ -337,7 +383,20 @@ fn finding(s: &mut String, seq: u64, policy: &str, f: &Finding) {
     if !ev.sweep.is_empty() {
         s.push_str("<h4>Coefficient sweep</h4>");
         let pts: Vec<(f64, f64)> = ev.sweep.iter().map(|p| (p.coeff, p.value)).collect();
-        s.push_str(&line_plot("sweep", &[("metric", pts)], "coefficient"));
+        s.push_str(&line_plot(
+            "sweep",
+            "The metric at each swept coefficient",
+            &[("metric", pts)],
+            "coefficient",
+        ));
+    }
+    if !ev.patterns.is_empty() {
+        s.push_str("<h4>Attention patterns of the top heads</h4>");
+        s.push_str(&attention::patterns(&ev.patterns));
+    }
+    if !ev.components.is_empty() || ev.attribution_map.is_some() {
+        s.push_str("<h4>Attribution estimates and real patching</h4>");
+        s.push_str(&attribution::plots(ev, &f.metrics));
     }
     if !ev.latents.is_empty() {
         s.push_str("<h4>SAE latents</h4><table><tr><th>SAE</th><th>latent</th><th>label</th><th>value</th><th>measure</th></tr>");
@@ -367,24 +426,14 @@ fn finding(s: &mut String, seq: u64, policy: &str, f: &Finding) {
                 esc(&p.text)
             );
             if !p.tokens.is_empty() {
-                let max = p
-                    .tokens
-                    .iter()
-                    .map(|t| t.value.abs())
-                    .fold(0.0, f64::max)
-                    .max(1e-9);
+                let max = svg::max_abs(p.tokens.iter().map(|t| t.value));
                 s.push_str("<div class=\"tok\">");
                 for t in &p.tokens {
-                    let a = (t.value.abs() / max).clamp(0.0, 1.0) * 0.75;
-                    let rgb = if t.value >= 0.0 {
-                        "207,34,46"
-                    } else {
-                        "9,105,218"
-                    };
                     let _ = write!(
                         s,
-                        "<span title=\"{}\" style=\"background:rgba({rgb},{a:.3})\">{}</span>",
+                        "<span title=\"{}\" style=\"background:{}\">{}</span>",
                         t.value,
+                        svg::signed(t.value, max),
                         esc(&t.token)
                     );
                 }
@@ -418,30 +467,22 @@ fn finding(s: &mut String, seq: u64, policy: &str, f: &Finding) {
     s.push_str("</div>");
 }
 
-const COLORS: &[&str] = &["#cf222e", "#0969da", "#1a7f37", "#8250df", "#bf8700"];
-
-fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-    for x in v.filter(|x| x.is_finite()) {
-        lo = lo.min(x);
-        hi = hi.max(x);
-    }
-    if !lo.is_finite() {
-        return (0.0, 1.0);
-    }
-    if hi - lo < 1e-12 {
-        return (lo - 0.5, hi + 0.5);
-    }
-    (lo, hi)
-}
-
 /// One row of dots per prompt set on a shared horizontal axis.
 fn strip_plot(dists: &[policies::result::Distribution]) -> String {
     let (w, row, left) = (760.0, 34.0, 220.0);
     let h = row * dists.len() as f64 + 30.0;
     let (lo, hi) = range(dists.iter().flat_map(|d| d.values.iter().copied()));
     let x = |v: f64| left + (v - lo) / (hi - lo) * (w - left - 20.0);
-    let mut s = format!("<svg class=\"plot\" data-kind=\"distribution\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\">");
+    let sets: Vec<&str> = dists.iter().map(|d| d.set.as_str()).collect();
+    let mut s = svg::open(
+        "distribution",
+        w,
+        h,
+        &format!(
+            "Each prompt's score, one row per prompt set ({}), from {lo:.3} to {hi:.3}",
+            sets.join(", ")
+        ),
+    );
     for (i, d) in dists.iter().enumerate() {
         let y = 20.0 + row * i as f64;
         let c = COLORS[i % COLORS.len()];
@@ -461,14 +502,14 @@ fn strip_plot(dists: &[policies::result::Distribution]) -> String {
 }
 
 /// Lines through `(x, y)` points, one per series.
-fn line_plot(kind: &str, series: &[(&str, Vec<(f64, f64)>)], xlabel: &str) -> String {
+fn line_plot(kind: &str, title: &str, series: &[(&str, Vec<(f64, f64)>)], xlabel: &str) -> String {
     let (w, h, pad) = (520.0, 220.0, 40.0);
     let (x0, x1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
     let (y0, y1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
     let x = |v: f64| pad + (v - x0) / (x1 - x0) * (w - 2.0 * pad);
     let y = |v: f64| h - pad - (v - y0) / (y1 - y0) * (h - 2.0 * pad);
-    let mut s = format!("<svg class=\"plot\" data-kind=\"{kind}\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\">");
-    let _ = write!(s, "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#8c959f\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{0}\" stroke=\"#8c959f\"/>", h - pad, w - pad);
+    let mut s = svg::open(kind, w, h, title);
+    let _ = write!(s, "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"{AXIS}\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{0}\" stroke=\"{AXIS}\"/>", h - pad, w - pad);
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let path: Vec<String> = pts
@@ -533,7 +574,12 @@ fn drift(s: &mut String, r: &Input) {
             esc(&check),
             esc(&metric)
         );
-        s.push_str(&line_plot("drift", &[(metric.as_str(), pts)], "record seq"));
+        s.push_str(&line_plot(
+            "drift",
+            &format!("{policy} / {check}: {metric} across the audits of the lineage, by record"),
+            &[(metric.as_str(), pts)],
+            "record seq",
+        ));
     }
     s.push_str("</section>\n");
 }

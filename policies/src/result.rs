@@ -280,6 +280,10 @@ pub struct Evidence {
     /// Steering: greedy generations with and without the intervention.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub generations: Vec<GenerationPair>,
+    /// Steering: the metric's mean over the prompt set without and with the intervention
+    /// (absent in records written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intervention: Option<InterventionMeans>,
     /// Drift: every latent's firing rate on the check's prompts (sparse), for later baselines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub firing_rates: Vec<(u32, f64)>,
@@ -435,6 +439,20 @@ pub struct SweepPoint {
     pub coeff: f64,
     #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
+}
+
+/// A steering check's metric on its prompt set, without and with the intervention: the
+/// figures of its first two metrics, with the set and the metric named for plotting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InterventionMeans {
+    /// The prompt set.
+    pub set: String,
+    /// The metric, as the finding's metrics name it (`refusal rate`, `refusal score`, ...).
+    pub metric: String,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub without: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub with: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -27,15 +27,11 @@ pub(super) fn heatmaps(lens: &[LensEvidence]) -> String {
         for layer in &l.layers {
             let _ = write!(s, "<tr><td>{}</td>", esc(&layer.layer));
             for t in &layer.top {
-                let a = if t.value.is_finite() {
-                    t.value.clamp(0.0, 1.0) * 0.8
-                } else {
-                    0.0
-                };
                 let _ = write!(
                     s,
-                    "<td class=\"tok\" title=\"p = {}\" style=\"background:rgba(9,105,218,{a:.3})\">{} <small>{:.3}</small></td>",
+                    "<td class=\"tok\" title=\"p = {}\" style=\"background:{}\">{} <small>{:.3}</small></td>",
                     t.value,
+                    super::svg::shade(t.value),
                     esc(&format!("{:?}", t.token)),
                     t.value
                 );

@@ -16,8 +16,8 @@ use crate::load::{Located, Names, Validator};
 use crate::metrics;
 use crate::refusal::{self, Classifier};
 use crate::result::{
-    round, Distribution, Evidence, Finding, GenerationPair, Metric, PromptEvidence, Status,
-    SweepPoint,
+    round, Distribution, Evidence, Finding, GenerationPair, InterventionMeans, Metric,
+    PromptEvidence, Status, SweepPoint,
 };
 use crate::schema::{Bounds, InterventionSpec, Metric as MetricKind, TargetTokens};
 use crate::session::{Session, Tokens};
@@ -362,6 +362,12 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (b, v) = (mean(&base), mean(&value));
     let mname = metric_name(*metric);
+    evidence.intervention = Some(InterventionMeans {
+        set: prompts.clone(),
+        metric: mname.into(),
+        without: round(b),
+        with: round(v),
+    });
     evidence.distributions.push(Distribution {
         set: format!("{prompts} (without intervention)"),
         values: base.iter().map(|x| round(*x)).collect(),
@@ -752,6 +758,18 @@ bounds = { max = 1000.0 }
         assert_eq!(metric(&f, "KL divergence without"), 0.0);
         assert!(metric(&f, "KL divergence with intervention") > 0.0, "{f:?}");
         assert_eq!(f.evidence.generations.len(), 4);
+        // The means for the report's bar chart are the finding's own metrics.
+        let means = f
+            .evidence
+            .intervention
+            .as_ref()
+            .expect("the means are recorded");
+        assert_eq!(
+            (means.set.as_str(), means.metric.as_str()),
+            ("neg", "KL divergence")
+        );
+        assert_eq!(means.without, metric(&f, "KL divergence without"));
+        assert_eq!(means.with, metric(&f, "KL divergence with intervention"));
     }
 
     #[test]
