@@ -273,6 +273,7 @@ fn model_ref(model: &Model, lineage: String) -> ModelRef {
         n_layers: info.n_layers,
         d_model: info.d_model,
         vocab_size: info.vocab_size,
+        tokenizer_digest: model.codec.digest().to_string(),
     }
 }
 
@@ -315,8 +316,14 @@ pub fn reference_instruments(
 
 /// The default lineage of a model: its file or directory name.
 pub fn lineage_of(model: &Model) -> String {
-    model.path.file_name().map_or_else(
-        || model.path.display().to_string(),
+    lineage_of_path(&model.path)
+}
+
+/// The default lineage of the checkpoint at `path`, before it is loaded: its file or
+/// directory name.
+pub fn lineage_of_path(path: &std::path::Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     )
 }

@@ -17,8 +17,8 @@ use crate::result::{PinnedInstrument, RunResult};
 pub(crate) struct Lineage {
     pub name: String,
     pins: Vec<PinnedInstrument>,
-    /// Why this checkpoint cannot use the lineage's instruments (another architecture or
-    /// width: the lineage name was reused for an unrelated model).
+    /// Why this checkpoint cannot use the lineage's instruments (another architecture, width
+    /// or tokenizer: the lineage name was reused for an unrelated model).
     pub unrelated: Option<String>,
 }
 
@@ -34,17 +34,30 @@ impl Lineage {
         let info = model.info();
         let b = &base.model;
         let vocab_differs = b.vocab_size != 0 && b.vocab_size != info.vocab_size;
+        // Records written before the tokenizer's digest was recorded leave it empty.
+        let tokenizer = model.codec.digest();
+        let tokenizer_differs = !b.tokenizer_digest.is_empty() && b.tokenizer_digest != tokenizer;
         let unrelated = (b.architecture != info.architecture
             || b.n_layers != info.n_layers
             || b.d_model != info.d_model
-            || vocab_differs)
+            || vocab_differs
+            || tokenizer_differs)
             .then(|| {
+                let tokenizers = if tokenizer_differs {
+                    format!(
+                        ", and its tokenizer (sha256 {}) is not this checkpoint's (sha256 \
+                         {tokenizer})",
+                        b.tokenizer_digest
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
                     "the lineage `{name}` was last audited on {} ({}), a {} model with {} layers, \
                      d_model {} and {} tokens; this checkpoint is a {} model with {} layers, \
-                     d_model {} and {} tokens, so it cannot share that lineage's instruments. A \
-                     lineage holds checkpoints of one model: audit this one under its own \
-                     `--lineage`",
+                     d_model {} and {} tokens{tokenizers}, so it cannot share that lineage's \
+                     instruments. A lineage holds checkpoints of one model: audit this one \
+                     under its own `--lineage`",
                     b.path,
                     b.digest,
                     b.architecture,
@@ -152,6 +165,44 @@ min_auroc = 0.5
             why.contains("lineage `t`") && why.contains("--lineage"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_lineage_with_another_tokenizer_is_unrelated() {
+        let tiny = Tiny::new();
+        let mut base = tiny.run(PROBE, None);
+        assert_eq!(base.model.tokenizer_digest, tiny.model.codec.digest());
+        assert_eq!(base.model.tokenizer_digest.len(), 64);
+        // The same vocabulary size and shape, another tokenizer.
+        let ours = base.model.tokenizer_digest.clone();
+        base.model.tokenizer_digest = "0".repeat(64);
+        let why = Lineage::new("t", Some(&base), &tiny.model)
+            .unrelated
+            .expect("another tokenizer is unrelated");
+        assert!(
+            why.contains("lineage `t`") && why.contains(&"0".repeat(64)) && why.contains(&ours),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_record_without_a_tokenizer_digest_is_not_unrelated() {
+        let tiny = Tiny::new();
+        let base = tiny.run(PROBE, None);
+        let mut json = serde_json::to_value(&base).unwrap();
+        json["model"]
+            .as_object_mut()
+            .unwrap()
+            .remove("tokenizer_digest")
+            .expect("the digest is recorded");
+        let old: RunResult = serde_json::from_value(json).unwrap();
+        assert!(old.model.tokenizer_digest.is_empty());
+        assert!(!serde_json::to_string(&old.model)
+            .unwrap()
+            .contains("tokenizer_digest"));
+        assert!(Lineage::new("t", Some(&old), &tiny.model)
+            .unrelated
+            .is_none());
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct ModelRef {
     /// The tokenizer's vocabulary size (0 in records written before it was recorded).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub vocab_size: usize,
+    /// sha256 of the tokenizer's canonical content (vocabulary, merges, special tokens; see
+    /// `probes::tokenizer::TextCodec::digest`); empty in records written before it was
+    /// recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tokenizer_digest: String,
 }
 
 fn is_zero(n: &usize) -> bool {

@@ -82,6 +82,11 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// Prompts per forward pass.
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch
+    }
+
     pub fn n_layers(&self) -> usize {
         self.model.config().n_layers
     }

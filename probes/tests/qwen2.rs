@@ -515,4 +515,29 @@ fn qwen2_gguf_converts_to_an_hf_directory_that_runs_the_same() {
     for text in TEXTS {
         assert_eq!(splits(pre, text), splits(&hf, text), "{text:?}");
     }
+    // The same tokenizer, read from GGUF metadata or from the converted tokenizer.json.
+    assert_eq!(converted.codec.digest(), original.codec.digest());
+    assert_eq!(original.codec.digest().len(), 64);
+    // Two ordinary tokens' ids swapped: another tokenizer, another digest.
+    let tok = dir.join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&tok).unwrap()).unwrap();
+    let added: Vec<String> = json["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["content"].as_str().unwrap().to_string())
+        .collect();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let ordinary: Vec<String> = vocab
+        .keys()
+        .filter(|k| !added.contains(k))
+        .take(2)
+        .cloned()
+        .collect();
+    let (a, b) = (vocab[&ordinary[0]].clone(), vocab[&ordinary[1]].clone());
+    vocab.insert(ordinary[0].clone(), b);
+    vocab.insert(ordinary[1].clone(), a);
+    std::fs::write(&tok, json.to_string()).unwrap();
+    assert_ne!(load(&dir).codec.digest(), original.codec.digest());
 }

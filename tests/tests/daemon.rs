@@ -934,3 +934,125 @@ fn sighup_sends_reloading_with_the_monotonic_time_then_ready() {
         .status();
     assert!(child.wait().unwrap().success(), "{logs}");
 }
+
+/// A policy for tiny test checkpoints: a direction at block 1, probed with a bound that any
+/// AUROC meets (the test is about which instruments measure, not what they find).
+const TINY_POLICY: &str = "schema = 1\nname = \"tiny\"\nversion = \"1\"\n\n\
+[prompts.pos]\nfile = \"prompts/pos.txt\"\nchat = false\n\n\
+[prompts.neg]\nfile = \"prompts/neg.txt\"\nchat = false\n\n\
+[directions.d]\nhook = \"blocks.1.hook_resid_post\"\npositive = \"pos\"\nnegative = \"neg\"\n\n\
+[[checks]]\nid = \"separates\"\nkind = \"direction_probe\"\nseverity = \"high\"\n\
+direction = \"d\"\npositive = \"pos\"\nnegative = \"neg\"\nmin_auroc = 0.0\n";
+
+/// `base` in a `[[watch]]` (relative to the config's folder): the direction is computed on
+/// the base, so the audit's signed record pins it with the base as its reference; a base that
+/// does not load is a signed error record naming the config file and the base, never a pass.
+#[test]
+fn a_watch_with_a_base_measures_with_the_base_checkpoint_s_instruments() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for d in ["good", "broken", "state", "policy/prompts", "ref"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(
+        root.join("policy/prompts/pos.txt"),
+        "w1 w2 w3\nw1 w4 w5\nw1 w6 w7\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("policy/prompts/neg.txt"),
+        "w9 w2 w3\nw9 w4 w5\nw9 w6 w7\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("policy/tiny.toml"), TINY_POLICY).unwrap();
+    let base = probes::testing::llama_dir_deep(&root.join("ref"), "base", 8, 2);
+    let base_digest = probes::testing::load(&base).manifest.root();
+    probes::testing::llama_dir_deep(&root.join("good"), "nudged", 7, 2);
+    probes::testing::llama_dir_deep(&root.join("broken"), "other", 9, 2);
+    let key = root.join("key.pem");
+    assert!(
+        mechwatch(&["key", "generate", "--out", key.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let config = root.join("mechwatch.toml");
+    std::fs::write(
+        &config,
+        "state_dir = \"state\"\nkey = \"key.pem\"\nquiet_period_secs = 1\nshutdown_deadline_secs = 5\n\
+         [[watch]]\npath = \"good\"\npolicies = \"policy\"\nbase = \"ref/base\"\n\
+         [[watch]]\npath = \"broken\"\npolicies = \"policy\"\nbase = \"ref/missing\"\n",
+    )
+    .unwrap();
+    let log = root.join("daemon.log");
+    let mut child = std::process::Command::new(mechwatch_bin())
+        .args(["daemon", "--config", config.to_str().unwrap()])
+        .env("MECHWATCH_LOG", "info")
+        .env("MECHWATCH_HOME", root.join("home"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let db = root.join("state/audit.db");
+    let recs = wait_for(120, "2 records", || {
+        let conn = audit_log::store::open_reader(&db).ok()?;
+        let rows = audit_log::store::read_records_from(&conn, 0, 100).ok()?;
+        (rows.len() >= 2).then(|| {
+            rows.iter()
+                .map(|r| {
+                    serde_json::from_slice::<Statement>(&r.bytes)
+                        .unwrap()
+                        .predicate
+                        .record
+                })
+                .collect::<Vec<_>>()
+        })
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success(), "{}", logs());
+
+    let audit = recs
+        .iter()
+        .find_map(|r| match r {
+            RecordBody::Audit {
+                result, verdict, ..
+            } => Some((result, verdict)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no audit record: {recs:?}\n{}", logs()));
+    let (result, verdict) = audit;
+    assert_eq!(verdict, "pass", "{result}");
+    assert!(
+        result["model"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("good/nudged"),
+        "{result}"
+    );
+    assert_ne!(result["model"]["digest"], base_digest.as_str());
+    let pins = result["instruments"].as_array().unwrap();
+    let direction = pins
+        .iter()
+        .find(|p| p["kind"] == "direction")
+        .unwrap_or_else(|| panic!("no direction pinned: {result}"));
+    assert_eq!(direction["reference"], base_digest.as_str(), "{result}");
+    assert_eq!(direction["origin"], format!("built on {base_digest}"));
+
+    let (stage, message) = recs
+        .iter()
+        .find_map(|r| match r {
+            RecordBody::Error { stage, message, .. } => Some((stage, message)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no error record: {recs:?}\n{}", logs()));
+    assert_eq!(stage, "load_base", "{message}");
+    for part in [
+        config.display().to_string(),
+        root.join("ref/missing").display().to_string(),
+        "does not load".to_string(),
+    ] {
+        assert!(message.contains(&part), "{part}: {message}");
+    }
+}

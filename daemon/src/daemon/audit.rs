@@ -83,6 +83,8 @@ pub struct Context {
 pub struct Request {
     pub path: String,
     pub watch: Watch,
+    /// The configuration file the watch is written in.
+    pub config: PathBuf,
     /// The policy key the daemon computed; the child's must match.
     pub policy_key: String,
     /// The checkpoint as the daemon hashed it.
@@ -286,6 +288,7 @@ fn audit(job: Job, ctx: &Context, progress: &mut dyn FnMut(&str)) -> Outcome {
     let request = Request {
         path: job.path.clone(),
         watch: w.watch.clone(),
+        config: w.config.clone(),
         policy_key: w.policy_key.clone(),
         manifest: manifest.clone(),
         log_db: ctx.log_db.clone(),
@@ -459,7 +462,7 @@ pub fn child_main(memory_limit_mb: u64) -> anyhow::Result<()> {
         o.flush()?;
         Ok(())
     };
-    let w = LoadedWatch::load(&req.watch)?;
+    let w = LoadedWatch::load(&req.watch, &req.config)?;
     let finding = if w.policy_key != req.policy_key {
         Finding::Skipped {
             why: "the policy files changed on disk since the daemon loaded them; reload it \
@@ -490,6 +493,29 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         )),
         verdict: "error".into(),
     };
+    let lineage = w
+        .watch
+        .lineage
+        .clone()
+        .unwrap_or_else(|| policies::engine::lineage_of_path(&path));
+    let mut progress = progress;
+    // The base's instruments first, and the base dropped before the checkpoint loads: the
+    // audit's memory limit is sized for one model.
+    let reference = match &w.watch.base {
+        Some(base) => match base_reference(w, base, &lineage, &mut *progress) {
+            Ok(r) => Some(r),
+            Err((stage, why)) => {
+                let message = format!(
+                    "{}: the [[watch]] for {} has base = \"{}\", which {why}",
+                    w.config.display(),
+                    w.watch.path.display(),
+                    base.display()
+                );
+                return error(stage, message);
+            }
+        },
+        None => None,
+    };
     progress("loading model");
     let model = match Model::load_path(&path, &LoadOptions::default()) {
         Ok(m) => m,
@@ -517,11 +543,6 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
             Some(_) => {}
         }
     }
-    let lineage = w
-        .watch
-        .lineage
-        .clone()
-        .unwrap_or_else(|| policies::engine::lineage_of(&model));
     // The drift baseline comes from verified records only; a log that does not verify is
     // reported, not read around.
     let trusted = match hex::decode(&req.trusted_pubkey)
@@ -539,10 +560,10 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         Ok(rows) => crate::verified::last_pass(&rows, &lineage),
         Err(e) => return error("read_log", format!("{e:#}")),
     };
-    let mut progress = progress;
     // A default SAE is built as a step of its own, with its cost said up front and its
     // progress in `mechwatch status`; the audit itself never trains one.
-    if policies::engine::needs_default_sae(&model, &w.policies, last_pass.as_ref()) {
+    let pins = reference.as_ref().or(last_pass.as_ref());
+    if policies::engine::needs_default_sae(&model, &w.policies, pins) {
         if let Err(e) = probes::sae::default::ensure_reporting(&model, &mut progress) {
             return error("build_default_sae", e.to_string());
         }
@@ -553,7 +574,7 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         micro_batch: 16,
         lineage: Some(lineage),
         store: None,
-        reference: None,
+        reference: reference.as_ref(),
     };
     let result = match policies::engine::run(&model, &w.policies, &mut opts) {
         Ok((r, _)) => r,
@@ -574,6 +595,35 @@ fn audit_in_child(req: &Request, w: &LoadedWatch, progress: &mut dyn FnMut(&str)
         body: Box::new(body),
         verdict,
     }
+}
+
+/// The instruments of the watch's `base` checkpoint, computed (or found in the instrument
+/// store) as `check --base` computes them, its default SAE built first if a policy needs it.
+/// `Err`: the stage, and what went wrong as the end of a sentence about the base.
+fn base_reference(
+    w: &LoadedWatch,
+    base: &Path,
+    lineage: &str,
+    mut progress: &mut dyn FnMut(&str),
+) -> Result<policies::RunResult, (&'static str, String)> {
+    progress("loading the base checkpoint");
+    let model = Model::load_path(base, &LoadOptions::default())
+        .map_err(|e| ("load_base", format!("does not load: {e}")))?;
+    if policies::engine::needs_default_sae(&model, &w.policies, None) {
+        probes::sae::default::ensure_reporting(&model, &mut progress).map_err(|e| {
+            (
+                "build_default_sae",
+                format!("needs its default SAE, which could not be built: {e}"),
+            )
+        })?;
+    }
+    progress("computing the base's instruments");
+    policies::engine::reference_instruments(&model, &w.policies, lineage, None).map_err(|e| {
+        (
+            "resolve_base",
+            format!("the policies' instruments could not be computed on: {e}"),
+        )
+    })
 }
 
 /// Every (checkpoint digest, policy key) pair that has an audit or error record in the log,

@@ -71,6 +71,11 @@ pub struct Watch {
     /// The model lineage for drift checks (default: each checkpoint's own name).
     #[serde(default)]
     pub lineage: Option<String>,
+    /// The lineage's reference checkpoint (a GGUF file or an HF directory): the SAEs and
+    /// directions are computed on it, as `check --base` does, and every audit of this watch
+    /// measures with them (default: the lineage's last passing audit's instruments).
+    #[serde(default)]
+    pub base: Option<PathBuf>,
     /// This directory's own `audit_memory_limit_mb`.
     #[serde(default)]
     pub audit_memory_limit_mb: Option<u64>,
@@ -101,22 +106,25 @@ mod defaults {
 #[derive(Debug, Clone)]
 pub struct LoadedWatch {
     pub watch: Watch,
+    /// The configuration file it is written in (errors about the watch name it).
+    pub config: PathBuf,
     pub policies: std::sync::Arc<Vec<Policy>>,
-    /// sha256 over the digests of every file the policies read: audits are deduplicated on
-    /// (checkpoint digest, this).
+    /// sha256 over the digests of every file the policies read and the watch's `base`:
+    /// audits are deduplicated on (checkpoint digest, this).
     pub policy_key: String,
 }
 
 impl LoadedWatch {
-    /// Load `watch`'s policies.
-    pub fn load(watch: &Watch) -> anyhow::Result<Self> {
+    /// Load the policies of `watch`, a `[[watch]]` of the configuration file `config`.
+    pub fn load(watch: &Watch, config: &Path) -> anyhow::Result<Self> {
         let dir = crate::cmd::policy::resolve(&watch.policies)?;
         let policies = policies::load_policies(&dir)
             .map_err(|e| anyhow::Error::new(policies::PolicyErrors(e)))
             .with_context(|| format!("policies for {}", watch.path.display()))?;
         Ok(Self {
-            policy_key: policy_key(&policies),
+            policy_key: policy_key(&policies, watch.base.as_deref()),
             watch: watch.clone(),
+            config: config.to_path_buf(),
             policies: std::sync::Arc::new(policies),
         })
     }
@@ -134,6 +142,7 @@ impl Config {
         })?;
         let mut cfg = Self::parse(path, &text)?;
         cfg.resolve_relative_to(&folder_of(path)?);
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let mut loaded = Vec::new();
         for w in &cfg.watch {
             if !w.path.is_dir() {
@@ -143,7 +152,7 @@ impl Config {
                     w.path.display()
                 );
             }
-            loaded.push(LoadedWatch::load(w)?);
+            loaded.push(LoadedWatch::load(w, &file)?);
         }
         Ok((cfg, loaded))
     }
@@ -204,6 +213,9 @@ impl Config {
         }
         for w in &mut self.watch {
             at(&mut w.path);
+            if let Some(b) = &mut w.base {
+                at(b);
+            }
             if w.policies != "default" && Path::new(&w.policies).is_relative() {
                 w.policies = base.join(&w.policies).display().to_string();
             }
@@ -239,8 +251,10 @@ pub fn folder_of(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(abs.parent().unwrap_or(Path::new("/")).to_path_buf())
 }
 
-/// sha256 over the sorted `kind path sha256` lines of every input file of `policies`.
-pub fn policy_key(policies: &[Policy]) -> String {
+/// sha256 over the sorted `kind path sha256` lines of every input file of `policies`, then
+/// a `base PATH` line when the watch has a base: another base is another audit (and fixing
+/// a base that did not load audits the checkpoints it failed for again).
+pub fn policy_key(policies: &[Policy], base: Option<&Path>) -> String {
     let mut lines: Vec<String> = policies
         .iter()
         .flat_map(|p| {
@@ -250,6 +264,9 @@ pub fn policy_key(policies: &[Policy]) -> String {
         })
         .collect();
     lines.sort();
+    if let Some(b) = base {
+        lines.push(format!("base {}", b.display()));
+    }
     probes::digest::sha256_hex(lines.join("\n").as_bytes())
 }
 
@@ -322,8 +339,8 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let text = "state_dir = \"state\"\nkey = \"keys/k.pem\"\ntrusted_pubkey = \"/abs/k.pub\"\n\
-                    [[watch]]\npath = \"../models\"\npolicies = \"policy\"\n\
-                    [[watch]]\npath = \"/srv/m\"\npolicies = \"default\"\n";
+                    [[watch]]\npath = \"../models\"\npolicies = \"policy\"\nbase = \"ref/base.gguf\"\n\
+                    [[watch]]\npath = \"/srv/m\"\npolicies = \"default\"\nbase = \"/srv/base\"\n";
         let mut cfg = Config::parse(Path::new("/etc/mw/c.toml"), text).unwrap();
         cfg.resolve_relative_to(Path::new("/etc/mw"));
         assert_eq!(cfg.state_dir, Path::new("/etc/mw/state"));
@@ -333,6 +350,21 @@ mod tests {
         assert_eq!(cfg.watch[0].policies, "/etc/mw/policy");
         assert_eq!(cfg.watch[1].path, Path::new("/srv/m"));
         assert_eq!(cfg.watch[1].policies, "default");
+        assert_eq!(
+            cfg.watch[0].base.as_deref(),
+            Some(Path::new("/etc/mw/ref/base.gguf"))
+        );
+        assert_eq!(cfg.watch[1].base.as_deref(), Some(Path::new("/srv/base")));
+    }
+
+    #[test]
+    fn a_base_is_part_of_the_dedup_key() {
+        // Without a base the key is what it was before bases existed: logs keep their dedup.
+        let none = policy_key(&[], None);
+        assert_eq!(none, probes::digest::sha256_hex(b""));
+        let a = policy_key(&[], Some(Path::new("/srv/a")));
+        assert_ne!(a, none);
+        assert_ne!(a, policy_key(&[], Some(Path::new("/srv/b"))));
     }
 
     #[test]

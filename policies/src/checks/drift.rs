@@ -1,7 +1,8 @@
 //! `drift`: how far each SAE latent's firing rate on a prompt set moved from a baseline (the
 //! last passing audit of the model's lineage, or a saved result), with the same SAE. The SAE
 //! is the lineage's: it must still reconstruct this checkpoint's activations (its FVU on the
-//! prompt set is held to `max_fvu`), or the firing rates it reports mean little.
+//! prompt set is held to `max_fvu`) and what the model computes from them (the CE loss it
+//! recovers there, to `min_ce_recovered`), or the firing rates it reports mean little.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -27,12 +28,21 @@ pub struct Spec {
     /// The most variance of this checkpoint's activations on `prompts` the SAE may leave
     /// unexplained (FVU, default [`DEFAULT_MAX_FVU`]).
     pub max_fvu: Option<f64>,
+    /// The least share of the next-token CE loss that zero-ablating the SAE's hook costs on
+    /// `prompts` the SAE's reconstruction must win back (default [`DEFAULT_MIN_CE_RECOVERED`]).
+    pub min_ce_recovered: Option<f64>,
 }
 
 /// The default bound on the SAE's FVU: the shipped default SAE leaves 0.27 of the default
 /// model's variance unexplained on the shipped `harmful_eval` set (docs/lab/lineage.md);
 /// past half, the SAE no longer describes the checkpoint.
 pub const DEFAULT_MAX_FVU: f64 = 0.5;
+
+/// The default bound on the CE loss the SAE recovers: the shipped default SAE recovers 0.977
+/// of what zero-ablating its hook costs the default model on the prompt tokens of the shipped
+/// `harmful_eval` set (0.19 of 8.3 nats lost; docs/lab/lineage.md), 0.987 on its held-out
+/// text. Below 0.9, splicing the SAE in costs over four times that share.
+pub const DEFAULT_MIN_CE_RECOVERED: f64 = 0.9;
 
 #[derive(Debug, Clone)]
 pub enum Baseline {
@@ -52,6 +62,7 @@ pub struct Drift {
     pub baseline: Baseline,
     pub max_rate_change: f64,
     pub max_fvu: f64,
+    pub min_ce_recovered: f64,
 }
 
 impl Kind for Drift {
@@ -89,12 +100,21 @@ impl Kind for Drift {
         if !(max_fvu.is_finite() && max_fvu > 0.0) {
             v.err(id, "`max_fvu` is a fraction of variance, above 0");
         }
+        let min_ce_recovered = spec.min_ce_recovered.unwrap_or(DEFAULT_MIN_CE_RECOVERED);
+        // Below 0 is worse than zero-ablating the hook; above 1 no SAE can reach.
+        if !(min_ce_recovered.is_finite() && min_ce_recovered <= 1.0) {
+            v.err(
+                id,
+                "`min_ce_recovered` is a share of the CE loss, at most 1",
+            );
+        }
         Some(Drift {
             sae,
             prompts,
             baseline,
             max_rate_change,
             max_fvu,
+            min_ce_recovered,
         })
     }
 
@@ -121,6 +141,7 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         baseline,
         max_rate_change: max_change,
         max_fvu,
+        min_ce_recovered,
     } = k;
     let max_change = *max_change;
     let (p, severity, check_id) = (cx.policy, cx.check.severity, cx.check.id.as_str());
@@ -145,12 +166,32 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         let acts = cx.session.acts(&t, s.hook)?;
         fvu(&s.sae, &acts, t.prefix)?
     };
-    let fit = Metric {
-        name: format!("SAE FVU on `{prompts}`"),
-        value: round(fvu),
-        bound: format!("<= {max_fvu}"),
-    };
+    let ce = ce_recovered(cx, &s, &t)?;
+    let fit = vec![
+        Metric {
+            name: format!("SAE FVU on `{prompts}`"),
+            value: round(fvu),
+            bound: format!("<= {max_fvu}"),
+        },
+        Metric {
+            name: format!("SAE CE loss recovered on `{prompts}`"),
+            value: round(ce),
+            bound: format!(">= {min_ce_recovered}"),
+        },
+    ];
+    let mut misfits = Vec::new();
     if fvu > *max_fvu {
+        misfits.push(format!(
+            "it leaves {fvu:.3} of the variance on `{prompts}` unexplained (bound {max_fvu})"
+        ));
+    }
+    if ce < *min_ce_recovered {
+        misfits.push(format!(
+            "spliced in, it recovers {ce:.3} of the next-token CE loss that zero-ablating its \
+             hook costs on `{prompts}` (bound {min_ce_recovered})"
+        ));
+    }
+    if !misfits.is_empty() {
         let evidence = Evidence {
             firing_rates: rates,
             ..Evidence::default()
@@ -158,11 +199,11 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         return Ok(Finding::new(
             violated(severity),
             format!(
-                "the SAE `{sae_name}` no longer reconstructs this checkpoint: it leaves {fvu:.3} \
-                 of the variance on `{prompts}` unexplained (bound {max_fvu}), so its firing \
-                 rates are not comparable with the baseline's"
+                "the SAE `{sae_name}` no longer reconstructs this checkpoint: {}, so its firing \
+                 rates are not comparable with the baseline's",
+                misfits.join("; ")
             ),
-            vec![fit],
+            fit,
             evidence,
         ));
     }
@@ -186,14 +227,12 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         }
     };
     let Some(base) = base else {
-        let metrics = vec![
-            Metric {
-                name: "latents firing".into(),
-                value: rates.len() as f64,
-                bound: String::new(),
-            },
-            fit,
-        ];
+        let mut metrics = vec![Metric {
+            name: "latents firing".into(),
+            value: rates.len() as f64,
+            bound: String::new(),
+        }];
+        metrics.extend(fit);
         return Ok(Finding::new(Status::Warn, "no earlier passing audit of this model lineage to compare with; this run's firing rates are recorded as the baseline".into(), metrics, evidence));
     };
     let old = base
@@ -241,7 +280,7 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             measure: format!("change in firing rate on `{prompts}` ({o:.4} -> {n:.4})"),
         });
     }
-    let metrics = vec![
+    let mut metrics = vec![
         Metric {
             name: "latents beyond the bound".into(),
             value: moved.len() as f64,
@@ -252,14 +291,58 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             value: round(max_seen),
             bound: format!("<= {max_change}"),
         },
-        fit,
     ];
+    metrics.extend(fit);
     let (status, explanation) = if moved.is_empty() {
         (Status::Pass, format!("no latent's firing rate on `{prompts}` moved by more than {max_change} from the baseline"))
     } else {
         (violated(severity), format!("{} latents' firing rates on `{prompts}` moved by more than {max_change} from the baseline (largest {max_seen:.4})", moved.len()))
     };
     Ok(Finding::new(status, explanation, metrics, evidence))
+}
+
+/// The share of the next-token CE loss on the prompts of `t` that zero-ablating the SAE's
+/// hook costs and splicing its reconstruction in wins back, as `mechwatch sae eval` measures
+/// it ([`probes::sae::eval::evaluate_from`]). Like the FVU, on the prompts' own tokens: the
+/// chat template's preamble is left as it is and unscored (and so is the first token), so a
+/// prompt needs two tokens past it to count.
+fn ce_recovered(
+    cx: &mut Cx<'_, '_>,
+    s: &crate::session::ResolvedSae,
+    t: &crate::session::Tokens,
+) -> Result<f64, CheckError> {
+    let from = t.prefix.max(1);
+    let windows: Vec<Vec<u32>> = t
+        .ids
+        .iter()
+        .filter(|w| w.len() >= from + 2)
+        .cloned()
+        .collect();
+    if windows.is_empty() {
+        return Err(CheckError::Unmeasurable(format!(
+            "no prompt of `{}` has the {} tokens the SAE's CE loss recovered needs",
+            t.name,
+            from + 2
+        )));
+    }
+    let micro_batch = cx.session.micro_batch().min(8);
+    let r = probes::sae::eval::evaluate_from(
+        cx.session.model,
+        &s.sae,
+        s.hook,
+        &windows,
+        from,
+        micro_batch,
+    )?;
+    if !(r.ce_zero_ablation > r.ce_clean && r.ce_loss_recovered.is_finite()) {
+        return Err(CheckError::Unmeasurable(format!(
+            "zero-ablating `{}` does not raise the next-token CE loss on `{}` (clean {:.4}, \
+             zero-ablated {:.4}, SAE spliced in {:.4}), so the share of it the SAE recovers is \
+             undefined",
+            s.hook, t.name, r.ce_clean, r.ce_zero_ablation, r.ce_sae
+        )));
+    }
+    Ok(r.ce_loss_recovered)
 }
 
 /// The fraction of the variance of `acts` (per prompt `[len, d]`, after the first `prefix`
@@ -317,8 +400,14 @@ fn fvu(
 
 #[cfg(test)]
 mod tests {
-    use crate::checks::testing::{metric, Tiny};
-    use crate::result::Status;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use candle_core::{DType, Device, Tensor};
+    use probes::testing;
+
+    use crate::checks::testing::{metric, run_policy, Tiny};
+    use crate::result::{Finding, Status};
 
     const DRIFT: &str = r#"
 [[checks]]
@@ -330,6 +419,7 @@ prompts = "pos"
 baseline = "last-pass"
 max_rate_change = 0.0
 max_fvu = 1000.0
+min_ce_recovered = -1000.0
 "#;
 
     #[test]
@@ -364,6 +454,183 @@ max_fvu = 1000.0
         assert!(metric(&f, "SAE FVU") > 1e-9);
         let f = tiny.finding(DRIFT);
         assert_eq!(f.status, Status::Warn, "{f:?}");
+    }
+
+    /// A tiny model that predicts its prompts: its blocks write nothing and its unembedding
+    /// reads each word's embedding as the word two on, so that zero-ablating the residual
+    /// stream costs CE loss that an SAE can win back. `blind`: its unembedding is zero, so
+    /// that it predicts nothing, zero-ablated or not.
+    fn predictive_model(dir: &Path, blind: bool) -> probes::Model {
+        let mut tensors = testing::llama_tensors(7);
+        let embed = tensors[0].1.clone();
+        for (name, t) in &mut tensors {
+            if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                *t = t.zeros_like().unwrap();
+            }
+            if name == "lm_head.weight" {
+                // Row k + 2 is word k's embedding.
+                let v = testing::VOCAB;
+                *t = Tensor::cat(
+                    &[
+                        embed.narrow(0, v - 2, 2).unwrap(),
+                        embed.narrow(0, 0, v - 2).unwrap(),
+                    ],
+                    0,
+                )
+                .unwrap();
+                if blind {
+                    *t = t.zeros_like().unwrap();
+                }
+            }
+        }
+        let path = dir.join("predictive");
+        testing::write_dir(&path, &testing::llama_config(), &tensors);
+        testing::load(&path)
+    }
+
+    /// A ReLU SAE at `blocks.0.hook_resid_post` with latents `x+` and `x-` per dimension,
+    /// decoded by `decode` (`[D, D]`: the identity reconstructs exactly); its digest.
+    fn write_sae(dir: &Path, decode: &Tensor) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        let d = testing::D;
+        let cfg = serde_json::json!({
+            "architecture": "standard", "d_in": d, "d_sae": 2 * d, "dtype": "float32",
+            "apply_b_dec_to_input": true, "normalize_activations": "none",
+            "metadata": {"hook_name": "blocks.0.hook_resid_post"}
+        });
+        std::fs::write(dir.join("cfg.json"), cfg.to_string()).unwrap();
+        let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+        let zeros = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        let tensors = vec![
+            (
+                "W_enc".to_string(),
+                Tensor::cat(&[&eye, &eye.neg().unwrap()], 1).unwrap(),
+            ),
+            ("b_enc".to_string(), zeros(2 * d)),
+            (
+                "W_dec".to_string(),
+                Tensor::cat(&[decode, &decode.neg().unwrap()], 0).unwrap(),
+            ),
+            ("b_dec".to_string(), zeros(d)),
+        ];
+        probes::safetensors::write(
+            &dir.join("sae_weights.safetensors"),
+            &tensors,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        probes::sae::load_sae(dir).unwrap().manifest.root()
+    }
+
+    /// The drift check of a policy beside `model` reading the SAE at `sae/` (FVU unbounded, so
+    /// that only the CE loss recovered can fail it).
+    fn ce_finding(dir: &Path, model: &probes::Model, sae_sha: &str) -> Finding {
+        let prompts: String = (0..8)
+            .map(|i| {
+                (0..6)
+                    .map(|j| format!("w{}", 10 + i + 2 * j))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(dir.join("prompts.txt"), prompts).unwrap();
+        let policy = format!(
+            r#"schema = 1
+name = "fit"
+version = "1"
+
+[prompts.text]
+file = "prompts.txt"
+chat = false
+
+[saes.s]
+path = "sae"
+sha256 = "{sae_sha}"
+
+[[checks]]
+id = "drift"
+kind = "drift"
+severity = "medium"
+sae = "s"
+prompts = "text"
+baseline = "last-pass"
+max_rate_change = 1.0
+max_fvu = 1000.0
+"#
+        );
+        let path = dir.join("fit.toml");
+        std::fs::write(&path, policy).unwrap();
+        run_policy(model, &path).policies[0].findings[0].clone()
+    }
+
+    #[test]
+    fn an_sae_that_recovers_too_little_ce_loss_fails_and_one_that_recovers_it_passes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = predictive_model(tmp.path(), false);
+        let d = probes::testing::D;
+        let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+        let exact = write_sae(&tmp.path().join("sae"), &eye);
+        let good = ce_finding(tmp.path(), &model, &exact);
+        // No baseline yet: a warning, with the SAE's fit within its bounds.
+        assert_eq!(good.status, Status::Warn, "{good:?}");
+        let recovered = metric(&good, "SAE CE loss recovered");
+        assert!(recovered > 0.99, "{good:?}");
+        assert!(recovered >= super::DEFAULT_MIN_CE_RECOVERED);
+
+        // Decoded one dimension over: each latent writes its neighbour's direction.
+        let shifted = Tensor::cat(
+            &[
+                eye.narrow(1, 1, d - 1).unwrap(),
+                eye.narrow(1, 0, 1).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        std::fs::remove_dir_all(tmp.path().join("sae")).unwrap();
+        let bad_sha = write_sae(&tmp.path().join("sae"), &shifted);
+        let bad = ce_finding(tmp.path(), &model, &bad_sha);
+        assert_eq!(bad.status, Status::Fail, "{bad:?}");
+        assert!(
+            metric(&bad, "SAE CE loss recovered") < super::DEFAULT_MIN_CE_RECOVERED,
+            "{bad:?}"
+        );
+        assert!(
+            bad.explanation.contains("no longer reconstructs")
+                && bad.explanation.contains("CE loss"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn ce_loss_recovered_where_zero_ablation_costs_nothing_is_an_error() {
+        // A model that predicts nothing: zeroing its residual stream does not raise the CE
+        // loss, so no share of it can be recovered, and the check cannot pass.
+        let tmp = tempfile::tempdir().unwrap();
+        let model = predictive_model(tmp.path(), true);
+        let eye = Tensor::eye(probes::testing::D, DType::F32, &Device::Cpu).unwrap();
+        let exact = write_sae(&tmp.path().join("sae"), &eye);
+        let f = ce_finding(tmp.path(), &model, &exact);
+        assert_eq!(f.status, Status::Error, "{f:?}");
+        assert!(
+            f.explanation
+                .contains("does not raise the next-token CE loss on `text`"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_ce_bound_above_1_is_an_error_at_its_check() {
+        let tiny = Tiny::new();
+        let errs = tiny
+            .policy(&DRIFT.replace("min_ce_recovered = -1000.0", "min_ce_recovered = 1.5"))
+            .unwrap_err();
+        let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(
+            all.iter()
+                .any(|e| e.contains("tiny.toml:") && e.contains("`min_ce_recovered`")),
+            "{all:?}"
+        );
     }
 
     #[test]

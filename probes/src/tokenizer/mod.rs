@@ -62,6 +62,8 @@ pub struct TextCodec {
     /// A GGUF SentencePiece vocabulary encodes and decodes through this (`tokenizer` then
     /// serves look-ups and conversion to `tokenizer.json`).
     spm: Option<spm::Spm>,
+    /// See [`TextCodec::digest`].
+    digest: String,
 }
 
 /// One chat message.
@@ -100,6 +102,7 @@ impl TextCodec {
             add_bos: None,
             add_eos: None,
             spm: None,
+            digest: String::new(),
         };
         if let Some(cfg) = read("tokenizer_config.json")? {
             let cfg_path = dir.join("tokenizer_config.json");
@@ -130,6 +133,12 @@ impl TextCodec {
                 codec.chat_template = Some(t);
             }
         }
+        codec.digest = codec
+            .canonical_digest()
+            .map_err(|detail| LoadError::Tokenizer {
+                path: path.clone(),
+                detail,
+            })?;
         Ok(codec)
     }
 
@@ -238,7 +247,7 @@ impl TextCodec {
                     .to_string(),
             ),
         };
-        Ok(Self {
+        let mut codec = Self {
             tokenizer,
             chat_template,
             bos_token: text(bos),
@@ -246,7 +255,46 @@ impl TextCodec {
             add_bos,
             add_eos,
             spm,
-        })
+            digest: String::new(),
+        };
+        codec.digest = codec.canonical_digest().map_err(err)?;
+        Ok(codec)
+    }
+
+    /// sha256 of the tokenizer's canonical content, as loaded: the vocabulary with its merges
+    /// (or scores) in the order `tokenizers` writes them (by id, by rank), the added tokens by
+    /// id with whether each is special, and the BOS and EOS tokens. The file it came from
+    /// (GGUF metadata or `tokenizer.json`) and how plain text gets its BOS are not part of it,
+    /// so a GGUF checkpoint and its `model convert` copy have the same digest; another
+    /// vocabulary, merge order or special token gives another.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    fn canonical_digest(&self) -> Result<String, String> {
+        #[derive(serde::Serialize)]
+        struct Canonical<'a> {
+            model: &'a tokenizers::ModelWrapper,
+            added_tokens: Vec<(u32, String, bool)>,
+            bos_token: Option<&'a str>,
+            eos_token: Option<&'a str>,
+        }
+        let mut added_tokens: Vec<(u32, String, bool)> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, t.content, t.special))
+            .collect();
+        added_tokens.sort();
+        let canonical = Canonical {
+            model: self.tokenizer.get_model(),
+            added_tokens,
+            bos_token: self.bos_token.as_deref(),
+            eos_token: self.eos_token.as_deref(),
+        };
+        let bytes = serde_json::to_vec(&canonical)
+            .map_err(|e| format!("writing the vocabulary out to digest it: {e}"))?;
+        Ok(crate::digest::sha256_hex(&bytes))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, RunError> {
