@@ -155,6 +155,8 @@ mod tests {
             position: -2,
             scored: 2,
             prompts: 8,
+            harmful_score: Some(-1.5),
+            harmless_score: Some(-2.9),
             candidates: vec![
                 candidate(0, -2, 0.0, "zero length"),
                 candidate(0, -1, 0.0, "zero length"),
