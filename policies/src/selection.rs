@@ -699,7 +699,9 @@ max_depth = 0.75"#;
         assert!((f - (1.0 - auroc)).abs() < 1e-5, "{auroc} {f}");
         assert_eq!(pin(&flipped).selection, pin(&first).selection);
         // A changed definition selects afresh.
-        let narrower = SELECT.replace("max_depth = 0.75", "max_depth = 0.5");
+        // (Below half depth the planted block's best candidate moves the harmless outputs by a
+        // KL of 0.24, so the narrower definition also allows more.)
+        let narrower = SELECT.replace("max_depth = 0.75", "max_depth = 0.5\nmax_kl = 0.25");
         let third = t.run(&narrower, Some(&first));
         assert_ne!(pin(&third).recipe, pin(&first).recipe);
         let sel = pin(&third).selection.as_ref().unwrap();
