@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: they drive the real `mechwatch`
 //! binary, built from this workspace, against real files.
 
+pub mod peers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

@@ -274,6 +274,7 @@ fn model_ref(model: &Model, lineage: String) -> ModelRef {
         d_model: info.d_model,
         vocab_size: info.vocab_size,
         tokenizer_digest: model.codec.digest().to_string(),
+        precision: model.transformer.precision().to_string(),
     }
 }
 

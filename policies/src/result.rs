@@ -46,6 +46,10 @@ pub struct ModelRef {
     /// recorded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tokenizer_digest: String,
+    /// The arithmetic the checks ran in (`probes::Transformer::precision`); empty in records
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub precision: String,
 }
 
 fn is_zero(n: &usize) -> bool {

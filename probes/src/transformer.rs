@@ -3,9 +3,15 @@
 //! norms, soft-caps, sliding windows, embedding scale), with TransformerLens hook points at
 //! which activations are captured or rewritten. It never looks at the architecture's name.
 //!
-//! Weights are f32 in HF layout (`[out, in]`). Batched prompt passes use real f32 matmuls;
-//! single-row decode steps may use a Q8_0 copy of the weights (built on first use), because a
-//! matrix-vector product is memory bound and Q8_0 reads a quarter of the bytes.
+//! Weights are f32 in HF layout (`[out, in]`). Prompt passes use real f32 matmuls; decode
+//! steps may use a Q8_0 copy of the weights (built on first use), because a matrix-vector
+//! product is memory bound and Q8_0 reads a quarter of the bytes.
+//!
+//! No output depends on how prompts are batched. Every f32 matmul takes one route through
+//! gemm whatever its row count (see [`Linear::forward`]), a decode step's precision does not
+//! depend on how many rows it has, and attention runs on each row's own real queries and
+//! keys, never on padding. A prompt's activations, logits and generation are therefore the
+//! same bits alone as in any batch (`probes/tests/batch_independence.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
@@ -18,9 +24,7 @@ use crate::config::{Activation, ModelConfig, PositionEncoding};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Block as HookBlock, Edit, HookPoint, Hooks, Positions};
 
-/// Decode steps with at most this many rows use the Q8_0 weights when enabled.
-const QUANTIZED_DECODE_MAX_ROWS: usize = 4;
-/// Below this many rows an f32 matmul is computed transposed (see `Linear::forward`).
+/// Above this many rows an f32 matmul is computed as `x Wᵀ`, at or below it as `(W xᵀ)ᵀ`.
 const SMALL_BATCH_ROWS: usize = 64;
 
 /// A linear layer `y = x W^T + b`.
@@ -53,31 +57,39 @@ impl Linear {
             .as_ref()
     }
 
-    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`.
-    fn forward(&self, x: &Tensor, quantized_decode: bool) -> candle_core::Result<Tensor> {
+    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`, with the Q8_0 weights in a decode step.
+    ///
+    /// Each output row depends on its own input row only, by the same arithmetic whatever the
+    /// number of rows. The Q8_0 product dots each row with each weight row. The f32 product
+    /// always takes gemm's blocked route (never its matrix-vector or small-matrix routes,
+    /// which order the sum differently): there every output is one fused multiply-add chain
+    /// over `in`, split at depths that depend on `in` alone. A single row is therefore
+    /// computed as two, and whether gemm sees `x Wᵀ` or `W xᵀ` (chosen for speed) does not
+    /// change a bit.
+    fn forward(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let q = if quantized_decode && b * t <= QUANTIZED_DECODE_MAX_ROWS {
-            self.quantized()
-        } else {
-            None
-        };
-        let y = match q {
+        let rows = b * t;
+        let out = self.w.dim(0)?;
+        let y = match decode.then(|| self.quantized()).flatten() {
             Some(q) => q.forward(x)?,
-            None if b * t <= SMALL_BATCH_ROWS => {
+            None if rows > SMALL_BATCH_ROWS => x
+                .reshape((rows, d_in))?
+                .matmul(&self.w.t()?)?
+                .reshape((b, t, out))?,
+            None => {
                 // Few rows: compute (W xᵀ)ᵀ so gemm streams the weights as its left operand
                 // instead of repacking all of them as the right one on every call.
-                let out = self.w.dim(0)?;
-                let xt = x.reshape((b * t, d_in))?.t()?.contiguous()?;
+                let xt = x.reshape((rows, d_in))?.t()?.contiguous()?;
+                let xt = if rows == 1 {
+                    Tensor::cat(&[&xt, &xt], 1)?
+                } else {
+                    xt
+                };
                 self.w
                     .matmul(&xt)?
+                    .narrow(1, 0, rows)?
                     .t()?
                     .contiguous()?
-                    .reshape((b, t, out))?
-            }
-            None => {
-                let out = self.w.dim(0)?;
-                x.reshape((b * t, d_in))?
-                    .matmul(&self.w.t()?)?
                     .reshape((b, t, out))?
             }
         };
@@ -160,7 +172,7 @@ pub struct Transformer {
     pub(crate) ln_final: Norm,
     pub(crate) unembed: Linear,
     pub(crate) device: Device,
-    /// Use Q8_0 weights for single-row decode steps.
+    /// Use Q8_0 weights in decode steps (prompt passes and prefill stay f32).
     pub quantized_decode: bool,
 }
 
@@ -293,11 +305,60 @@ struct PassCtx {
     abs: Vec<Vec<Option<usize>>>,
     /// Per row, real tokens including this pass.
     totals: Vec<usize>,
+    /// Per row, where its real queries and the keys they see sit in the padded pass.
+    spans: Vec<RowSpan>,
+}
+
+/// One row's real queries (padded positions `query_start..query_start + queries`) and the
+/// keys they attend over (padded key positions `key_start..key_start + keys`, all real).
+#[derive(Debug, Clone, Copy)]
+struct RowSpan {
+    query_start: usize,
+    queries: usize,
+    key_start: usize,
+    keys: usize,
+}
+
+/// Row `r`'s span in a pass over `queries` real tokens at padded offset `off`, after `past`
+/// cached keys; `key_real` marks its real keys, past and present. The real keys a row's
+/// queries see are contiguous (left padding puts pads before them, right padding after them,
+/// and a cache only ever appends real tokens).
+fn row_span(
+    key_real: &[bool],
+    past: usize,
+    off: usize,
+    queries: usize,
+) -> Result<RowSpan, RunError> {
+    let key_end = past + off + queries;
+    let key_start = key_real[..key_end]
+        .iter()
+        .position(|&real| real)
+        .unwrap_or(key_end);
+    if key_real[key_start..key_end].iter().any(|&real| !real) {
+        return Err(RunError::Batch(
+            "padding between a prompt's cached tokens (a cache must be filled left-padded)".into(),
+        ));
+    }
+    Ok(RowSpan {
+        query_start: off,
+        queries,
+        key_start,
+        keys: key_end - key_start,
+    })
 }
 
 impl Transformer {
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The arithmetic of this model's passes, as an audit record states it.
+    pub fn precision(&self) -> &'static str {
+        if self.quantized_decode {
+            "f32 prompt passes; decode steps Q8_0 weights x Q8_0 activations"
+        } else {
+            "f32"
+        }
     }
 
     /// Check hook names against this model and vectors against the hook widths.
@@ -500,6 +561,7 @@ impl Transformer {
         let window = self.config.sliding_window;
         let mut sliding = window.map(|_| vec![f32::NEG_INFINITY; b * t * keys]);
         let mut totals = Vec::with_capacity(b);
+        let mut spans = Vec::with_capacity(b);
         for r in 0..b {
             let off = layout.offset(r);
             let mut key_real = past_real[r].clone();
@@ -541,6 +603,7 @@ impl Transformer {
                     }
                 }
             }
+            spans.push(row_span(&key_real, past, off, layout.lengths[r])?);
             totals.push(past_totals[r] + layout.lengths[r]);
             if let Some(c) = cache.as_mut() {
                 if c.key_real.len() < b {
@@ -602,6 +665,7 @@ impl Transformer {
             mask,
             abs,
             totals,
+            spans,
         })
     }
 
@@ -800,39 +864,81 @@ impl Transformer {
         }
         let keys = k.dim(2).run_ctx("keys")?;
         let groups = c.n_heads / c.n_kv_heads;
-        // Grouped-query attention without copying k and v: fold each group's heads into rows.
-        let qg = q
-            .reshape((b, c.n_kv_heads, groups * t, hd))
-            .run_ctx("grouped query")?;
         let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
         let mask = match (&pass.ctx.sliding_mask, sliding) {
             (Some(m), true) => m,
             _ => &pass.ctx.mask,
         };
-        let scores = qg
-            .matmul(&k.t().run_ctx("keys")?)
-            .and_then(|s| s * scale)
-            .and_then(|s| match c.attn_softcap {
-                Some(cap) => softcap(&s, cap),
-                None => Ok(s),
-            })
-            .and_then(|s| s.reshape((b, c.n_heads, t, keys)))
-            .and_then(|s| s.broadcast_add(mask))
-            .run_ctx("attention scores")?; // [b, h, t, keys]
-        let pattern = if diff {
-            candle_nn::ops::softmax(&scores, D::Minus1)
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)
+        // Each row on its own real queries and keys: the shapes, and so the arithmetic, are
+        // those of the prompt alone, whatever shares its batch and however it is padded.
+        let spans = pass.ctx.spans.clone();
+        let row = |x: &Tensor, r: usize, start: usize, len: usize| {
+            x.narrow(0, r, 1)?.narrow(2, start, len)?.contiguous()
+        };
+        let mut patterns = Vec::with_capacity(b);
+        for (r, s) in spans.iter().enumerate() {
+            let q = row(&q, r, s.query_start, s.queries).run_ctx("query rows")?;
+            let k = row(&k, r, s.key_start, s.keys).run_ctx("key rows")?;
+            let mask = mask
+                .narrow(0, r, 1)
+                .and_then(|m| m.narrow(2, s.query_start, s.queries))
+                .and_then(|m| m.narrow(3, s.key_start, s.keys))
+                .run_ctx("attention mask")?;
+            // Grouped-query attention without copying k: fold each group's heads into rows.
+            let scores = q
+                .reshape((1, c.n_kv_heads, groups * s.queries, hd))
+                .and_then(|q| q.matmul(&k.t()?))
+                .and_then(|s| s * scale)
+                .and_then(|s| match c.attn_softcap {
+                    Some(cap) => softcap(&s, cap),
+                    None => Ok(s),
+                })
+                .and_then(|x| x.reshape((1, c.n_heads, s.queries, s.keys)))
+                .and_then(|x| x.broadcast_add(&mask))
+                .run_ctx("attention scores")?;
+            let pattern = if diff {
+                candle_nn::ops::softmax(&scores, D::Minus1)
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)
+            }
+            .run_ctx("softmax")?;
+            patterns.push(pattern);
         }
-        .run_ctx("softmax")?;
-        let pattern = pass.hook(HookPoint::AttnPattern(layer), pattern)?;
-        let out = pattern
-            .reshape((b, c.n_kv_heads, groups * t, keys))
-            .and_then(|p| p.matmul(&v))
-            .and_then(|o| o.reshape((b, c.n_heads, t, hd)))
-            .and_then(|o| o.transpose(1, 2))
-            .and_then(|o| o.reshape((b, t, c.n_heads * hd)))
-            .run_ctx("attention output")?;
+        let point = HookPoint::AttnPattern(layer);
+        if pass.sees(point) {
+            // Hooks see the pattern in the padded layout `[batch, heads, pos, keys]`, zero
+            // wherever a row has no real query or key.
+            let padded = spans
+                .iter()
+                .zip(&patterns)
+                .map(|(s, p)| {
+                    p.pad_with_zeros(2, s.query_start, t - s.query_start - s.queries)?
+                        .pad_with_zeros(3, s.key_start, keys - s.key_start - s.keys)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+                .and_then(|p| Tensor::cat(&p, 0))
+                .run_ctx("attention pattern")?;
+            let hooked = pass.hook(point, padded)?;
+            for (r, s) in spans.iter().enumerate() {
+                patterns[r] = row(&hooked, r, s.query_start, s.queries)
+                    .and_then(|p| p.narrow(3, s.key_start, s.keys)?.contiguous())
+                    .run_ctx("attention pattern")?;
+            }
+        }
+        let mut outs = Vec::with_capacity(b);
+        for (r, (s, pattern)) in spans.iter().zip(&patterns).enumerate() {
+            let v = row(&v, r, s.key_start, s.keys).run_ctx("value rows")?;
+            let out = pattern
+                .reshape((1, c.n_kv_heads, groups * s.queries, s.keys))
+                .and_then(|p| p.matmul(&v))
+                .and_then(|o| o.reshape((1, c.n_heads, s.queries, hd)))
+                .and_then(|o| o.transpose(1, 2))
+                .and_then(|o| o.reshape((1, s.queries, c.n_heads * hd)))
+                .and_then(|o| o.pad_with_zeros(1, s.query_start, t - s.query_start - s.queries))
+                .run_ctx("attention output")?;
+            outs.push(out);
+        }
+        let out = Tensor::cat(&outs, 0).run_ctx("attention output")?;
         block.o.forward(&out, decode).run_ctx("output projection")
     }
 }
@@ -912,13 +1018,18 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    /// Whether anything reads or rewrites `point` in this pass.
+    fn sees(&self, point: HookPoint) -> bool {
+        self.hooks.touches(point) || self.grad.is_some_and(|g| g.contains(&point))
+    }
+
     /// Apply the interventions registered at `point`, then capture if asked. Untouched hooks
     /// return `x` itself, so a pass with no hooks is bit-identical to a plain forward.
     fn hook(&mut self, point: HookPoint, mut x: Tensor) -> Result<Tensor, RunError> {
-        let leaf = self.grad.is_some_and(|g| g.contains(&point));
-        if !self.hooks.touches(point) && !leaf {
+        if !self.sees(point) {
             return Ok(x);
         }
+        let leaf = self.grad.is_some_and(|g| g.contains(&point));
         let name = point.to_string();
         for i in self.hooks.interventions.iter().filter(|i| i.hook == point) {
             let mask = self.position_mask(&i.positions, point)?;
