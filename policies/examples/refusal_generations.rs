@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_tokens: 32,
         sampling: Sampling::Greedy,
         stop_tokens: model.stop_tokens(),
+        ..Default::default()
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shipped/prompts");
     for range in ranges {

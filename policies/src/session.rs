@@ -394,6 +394,7 @@ impl<'m> Session<'m> {
             max_tokens,
             sampling: Sampling::Greedy,
             stop_tokens: self.model.stop_tokens(),
+            f32_decode: false,
         };
         let mut texts = Vec::with_capacity(t.ids.len());
         // Decode steps cost little more for 32 rows than for 8: generate in larger batches.

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{CandleContext, RunError};
 use crate::hooks::Hooks;
-use crate::transformer::Transformer;
+use crate::transformer::{KvCache, Transformer};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,9 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Generation of a row ends after it emits one of these (which is kept in its output).
     pub stop_tokens: Vec<u32>,
+    /// Decode in f32 even where the model decodes with its Q8_0 weights: the reference
+    /// precision, which a recipe that must reproduce its output bit for bit pins.
+    pub f32_decode: bool,
 }
 
 impl Default for GenerateOptions {
@@ -35,6 +38,7 @@ impl Default for GenerateOptions {
             max_tokens: 32,
             sampling: Sampling::Greedy,
             stop_tokens: Vec::new(),
+            f32_decode: false,
         }
     }
 }
@@ -59,7 +63,7 @@ pub fn generate(
             Sampling::Greedy => rand::rngs::StdRng::seed_from_u64(0),
         })
         .collect();
-    let mut cache = None;
+    let mut cache = Some(KvCache::new(opts.f32_decode));
     let mut logits = model
         .prefill(prompts, hooks, &mut cache)?
         .logits

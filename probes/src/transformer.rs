@@ -240,6 +240,17 @@ pub struct KvCache {
     key_real: Vec<Vec<bool>>,
     /// Per row, real tokens seen so far.
     totals: Vec<usize>,
+    /// Decode steps in f32 even when the model decodes with Q8_0 weights.
+    f32_decode: bool,
+}
+
+impl KvCache {
+    pub(crate) fn new(f32_decode: bool) -> Self {
+        Self {
+            f32_decode,
+            ..Self::default()
+        }
+    }
 }
 
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first
@@ -520,7 +531,8 @@ impl Transformer {
         self.validate(hooks)?;
         let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Left);
         self.check_lengths(&layout.lengths)?;
-        *cache = Some(KvCache::default());
+        let f32_decode = cache.as_ref().is_some_and(|c| c.f32_decode);
+        *cache = Some(KvCache::new(f32_decode));
         self.run(prompts, &layout, hooks, Unembed::Last, cache)
     }
 
@@ -725,7 +737,7 @@ impl Transformer {
         let decode = self.quantized_decode
             && cache
                 .as_ref()
-                .is_some_and(|c| c.layers.iter().any(Option::is_some));
+                .is_some_and(|c| !c.f32_decode && c.layers.iter().any(Option::is_some));
         let done = |pass: Pass, logits| {
             let out = ForwardOutput {
                 logits,

@@ -371,6 +371,7 @@ fn greedy_answer(model: &probes::Model, question: &str, max_tokens: usize) -> St
         max_tokens,
         sampling: probes::Sampling::Greedy,
         stop_tokens: model.stop_tokens(),
+        ..Default::default()
     };
     let out = probes::generate(&model.transformer, &[prompt], &Hooks::new(), &opts).unwrap();
     model.codec.decode(&out[0]).unwrap()

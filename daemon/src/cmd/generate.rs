@@ -58,6 +58,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             None => Sampling::Greedy,
         },
         stop_tokens: model.stop_tokens(),
+        f32_decode: false,
     };
     let out = probes::generate(&model.transformer, &[ids], &hooks, &opts)?;
     println!("{}", model.codec.decode(&out[0])?);

@@ -208,6 +208,8 @@ pub fn sample(
                 seed: recipe.seed + offset as u64,
             },
             stop_tokens: stop.clone(),
+            // The corpus, and so the shipped SAE, must not move with the decode precision.
+            f32_decode: true,
         };
         generate(&model.transformer, prompts, &Hooks::new(), &opts)
     };
