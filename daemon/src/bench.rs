@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use probes::{GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
 
@@ -107,6 +108,10 @@ pub struct ForwardArgs {
     /// Tokens per generation (timed including the chat prompt's prefill).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Also write the benchmark's token ids (`prompts`, `gen_prompt`, `gen_tokens`) to this
+    /// JSON file, so a peer runtime can time the same work (`scripts/bench-peers`).
+    #[arg(long, value_name = "FILE")]
+    prompts_out: Option<std::path::PathBuf>,
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
@@ -508,6 +513,15 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     );
 
     let prompt = model.encode_prompt("Write a short note about checkpoints.", true)?;
+    if let Some(path) = &a.prompts_out {
+        let ids = serde_json::json!({
+            "prompts": prompts,
+            "gen_prompt": prompt,
+            "gen_tokens": a.gen_tokens,
+        });
+        std::fs::write(path, ids.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let opts = GenerateOptions {
         max_tokens: a.gen_tokens,
         stop_tokens: vec![],
