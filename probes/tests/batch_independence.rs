@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{IndexOp, Tensor};
-use common::default_model_path;
+use common::{bits, default_model_path};
 use probes::{generate, GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
 
 /// Chat-templated and raw prompts of very different lengths, down to a single token.
@@ -32,16 +32,6 @@ fn prompts(m: &probes::Model) -> Vec<Vec<u32>> {
     PROMPTS
         .iter()
         .map(|(text, chat)| m.encode_prompt(text, *chat).unwrap())
-        .collect()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
         .collect()
 }
 

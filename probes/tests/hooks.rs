@@ -60,11 +60,6 @@ fn empty_hooks_are_bit_identical_to_a_plain_forward() {
     assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 #[test]
 fn padded_batches_equal_one_prompt_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();

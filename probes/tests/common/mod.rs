@@ -317,6 +317,12 @@ pub fn set_meta(meta: &mut GgufMeta, key: &str, value: gguf_file::Value) {
 }
 
 /// max |a - b| / max |b|
+/// The bits of every value of `t`, for comparisons that must be exact.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b)
         .unwrap()
