@@ -83,28 +83,20 @@ fn agree_with_llama_cpp(name: &str, tolerance: Tolerance) {
     // llama.cpp's rounding on this model: the median over the prompts of the largest logit
     // difference. Greedy continuations may part only where one runtime's top two are closer
     // than half of it.
-    let mut largest: Vec<f32> = ours
+    let largest: Vec<f32> = ours
         .iter()
         .zip(&peer.logits)
-        .map(|(a, b)| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max)
-        })
+        .map(|(a, b)| peers::largest_difference(a, b))
         .collect();
-    largest.sort_by(f32::total_cmp);
-    let greedy_tie = largest[largest.len() / 2] / 2.0;
+    let mut sorted = largest.clone();
+    sorted.sort_by(f32::total_cmp);
+    let greedy_tie = sorted[sorted.len() / 2] / 2.0;
     let mut problems = Vec::new();
     let mut worst = f64::INFINITY;
     let mut top1 = 0;
     for (i, (a, b)) in ours.iter().zip(&peer.logits).enumerate() {
         assert_eq!(a.len(), b.len(), "{name}: vocabulary sizes differ");
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = largest[i];
         let r = pearson(a, b);
         worst = worst.min(r);
         eprintln!(

@@ -40,11 +40,7 @@ fn agree_with_the_f32_reference(model: &Model) {
     let mut worst = 0f32;
     for (i, (a, b)) in ours.iter().zip(&peer.logits).enumerate() {
         assert_eq!(a.len(), b.len(), "{name}: vocabulary sizes differ");
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = peers::largest_difference(a, b);
         worst = worst.max(diff);
         assert!(
             diff <= LOGIT_TOLERANCE,
