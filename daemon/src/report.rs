@@ -399,15 +399,16 @@ fn finding(s: &mut String, seq: u64, policy: &str, f: &Finding) {
         s.push_str(&attribution::plots(ev, &f.metrics));
     }
     if !ev.latents.is_empty() {
-        s.push_str("<h4>SAE latents</h4><table><tr><th>SAE</th><th>latent</th><th>label</th><th>value</th><th>measure</th></tr>");
+        s.push_str("<h4>SAE latents</h4><table><tr><th>SAE</th><th>latent</th><th>label</th><th>value</th><th>real effect</th><th>measure</th></tr>");
         for l in &ev.latents {
             let _ = write!(
                 s,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&l.sae),
                 l.latent,
                 esc(&l.label),
                 l.value,
+                l.effect.map(|e| e.to_string()).unwrap_or_default(),
                 esc(&l.measure)
             );
         }

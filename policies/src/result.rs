@@ -432,7 +432,11 @@ pub struct LatentEvidence {
     pub label: String,
     #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
-    /// How `value` was computed.
+    /// For attributed latents: the behaviour's real drop when the latent is removed, beside
+    /// the estimate in `value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<f64>,
+    /// How `value` (and `effect`) were computed.
     pub measure: String,
 }
 

@@ -245,27 +245,6 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
-    /// Each prompt's projection onto `unit` at `position` of `hook`, with `interventions`.
-    pub fn projections(
-        &self,
-        t: &Tokens,
-        hook: HookPoint,
-        unit: &Tensor,
-        position: i64,
-        interventions: &Hooks,
-    ) -> Result<Vec<f64>, CheckError> {
-        let hooks = interventions.clone().capture(hook);
-        let mut out = Vec::with_capacity(t.ids.len());
-        self.each_prompt(t, &hooks, |_, x| {
-            let x = at_position(&x, position).ok_or_else(|| {
-                candle_core::Error::Msg(format!("position {position} is outside a prompt"))
-            })?;
-            out.push(dot(&x, unit));
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
     /// Forward `t` with `hooks` in micro-batches, handing each prompt's activations at each
     /// captured hook, padding cut off, to `each` in prompt order.
     fn each_prompt(

@@ -33,7 +33,7 @@ fn reference(
     apply_b_dec: bool,
     norm: &str,
     k: usize,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, f32) {
     let n = x.len() as f32;
     let (xn, scale, shift): (Vec<f32>, f32, f32) = match norm {
         "constant_norm_rescale" => {
@@ -78,7 +78,7 @@ fn reference(
             ((0..D_SAE).map(|j| a[j] * r.w_dec[j][i]).sum::<f32>() + r.b_dec[i]) * scale + shift
         })
         .collect();
-    (a, y)
+    (a, y, scale)
 }
 
 fn weights(seed: u64) -> (Vec<(String, Tensor)>, Ref) {
@@ -119,8 +119,19 @@ fn check(sae: &probes::sae::Sae, r: &Ref, arch: &str, apply: bool, norm: &str, k
     let x = inputs();
     let acts = sae.encode(&x).unwrap().to_vec2::<f32>().unwrap();
     let recon = sae.reconstruct(&x).unwrap().to_vec2::<f32>().unwrap();
+    let coefficients = sae.contributions(&x).unwrap().to_vec2::<f32>().unwrap();
     for (row, xr) in x.to_vec2::<f32>().unwrap().iter().enumerate() {
-        let (a, y) = reference(r, xr, arch, apply, norm, k);
+        let (a, y, scale) = reference(r, xr, arch, apply, norm, k);
+        // A latent's coefficient on its decoder row in the reconstruction: the activation
+        // times the normalisation's scale.
+        for j in 0..D_SAE {
+            let want = a[j] * scale;
+            assert!(
+                (coefficients[row][j] - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{arch}/{norm}: coefficient of latent {j} in row {row}: {} vs {want}",
+                coefficients[row][j]
+            );
+        }
         for j in 0..D_SAE {
             assert!(
                 (acts[row][j] - a[j]).abs() < 1e-4,

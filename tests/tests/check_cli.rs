@@ -561,11 +561,11 @@ fn gate_exit_codes_and_junit_and_sarif_outputs() {
     assert_eq!(results[0]["message"]["text"], explanation.as_str());
 }
 
-/// A direction explained by SAE latents at an earlier layer: each candidate latent is removed
-/// there and the model re-run, and the drops are ranked by size. An SAE after the direction's
-/// layer cannot explain it, and the policy is refused.
+/// The latents behind a direction probe, by attribution patching: one gradient pass gives each
+/// latent's estimated share of the refusal score through every later block, and the top
+/// latents are ablated for real. The SAE may read a layer before or after the direction's.
 #[test]
-fn directions_are_attributed_to_latents_of_an_earlier_sae() {
+fn directions_are_attributed_to_latents_checked_by_ablation() {
     let model = default_model();
     let model = model.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -582,46 +582,47 @@ fn directions_are_attributed_to_latents_of_an_earlier_sae() {
             "-q",
         ])
     };
-
-    // The direction at blocks.13, after the default SAE's blocks.11.
-    let later = small_policy(&tmp.path().join("later"), attributed);
-    let text = std::fs::read_to_string(&later)
-        .unwrap()
-        .replace("blocks.10.", "blocks.13.");
-    std::fs::write(&later, text).unwrap();
-    let o = run(&later);
-    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
-    let r = json(&o);
-    let sep = finding(&r, "small", "separates");
-    let latents = sep["evidence"]["latents"].as_array().unwrap();
-    assert!(!latents.is_empty(), "{sep}");
-    let values: Vec<f64> = latents
-        .iter()
-        .map(|l| l["value"].as_f64().unwrap())
-        .collect();
-    assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
-    assert!(values[0].abs() > 0.0, "{values:?}");
-    assert!(
-        values.windows(2).all(|w| w[0].abs() >= w[1].abs()),
-        "not ranked by size: {values:?}"
-    );
-    let measure = latents[0]["measure"].as_str().unwrap();
-    assert!(
-        measure.contains("at `blocks.13.hook_resid_post` when the latent is removed at `blocks.11.hook_resid_post`"),
-        "{measure}"
-    );
-    // Deterministic: the same run gives the same bytes.
-    assert_eq!(run(&later).stdout, o.stdout);
-
-    // The direction at blocks.10, before the SAE: refused before anything runs.
-    let earlier = small_policy(&tmp.path().join("earlier"), attributed);
-    let o = run(&earlier);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("after the direction's hook `blocks.10.hook_resid_post`"),
-        "{}",
-        stderr(&o)
-    );
+    // The direction at blocks.10, before the default SAE's blocks.11, and at blocks.13.
+    for block in ["10", "13"] {
+        let policy = small_policy(&tmp.path().join(block), attributed);
+        let text = std::fs::read_to_string(&policy)
+            .unwrap()
+            .replace("blocks.10.", &format!("blocks.{block}."));
+        std::fs::write(&policy, text).unwrap();
+        let o = run(&policy);
+        assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+        let r = json(&o);
+        let sep = finding(&r, "small", "separates");
+        let latents = sep["evidence"]["latents"].as_array().unwrap();
+        assert!(!latents.is_empty(), "{sep}");
+        let values: Vec<f64> = latents
+            .iter()
+            .map(|l| l["value"].as_f64().unwrap())
+            .collect();
+        assert!(values[0].abs() > 0.0, "{values:?}");
+        assert!(
+            values.windows(2).all(|w| w[0].abs() >= w[1].abs()),
+            "not ranked by size: {values:?}"
+        );
+        // Every ranked latent was ablated for real.
+        assert!(
+            latents
+                .iter()
+                .all(|l| l["effect"].as_f64().is_some_and(f64::is_finite)),
+            "{sep}"
+        );
+        let measure = latents[0]["measure"].as_str().unwrap();
+        assert!(
+            measure.contains(
+                "refusal score at the last token without the latent at `blocks.11.hook_resid_post`"
+            ),
+            "{measure}"
+        );
+        let fit = metric(sep, "latent attribution: pearson correlation");
+        assert!((-1.0..=1.0).contains(&fit), "{fit}");
+        // Deterministic: the same run gives the same bytes.
+        assert_eq!(run(&policy).stdout, o.stdout);
+    }
 }
 
 #[test]

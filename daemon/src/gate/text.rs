@@ -50,8 +50,12 @@ fn checked(r: &RunResult) -> String {
             s.push_str(&format!("      {} = {}{bound}\n", m.name, m.value));
         }
         for l in f.evidence.latents.iter().take(5) {
+            let effect = l
+                .effect
+                .map(|e| format!(", real effect {e}"))
+                .unwrap_or_default();
             s.push_str(&format!(
-                "      latent {} \"{}\": {} ({})\n",
+                "      latent {} \"{}\": {}{effect} ({})\n",
                 l.latent, l.label, l.value, l.measure
             ));
         }

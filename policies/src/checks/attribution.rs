@@ -1,131 +1,164 @@
-//! Which SAE latents a direction's projection comes from, for direction probes and steering
-//! checks that name `attribute_with`.
+//! Which SAE latents carry a behaviour, for direction probes and steering checks that name
+//! `attribute_with`: attribution patching onto the SAE's latents (Syed, Rager and Conmy 2023;
+//! Marks et al. 2024), checked against real ablations.
+//!
+//! One gradient pass over the first [`PROMPTS`] prompts of a set gives the behaviour's
+//! gradient `g` at the SAE's hook, through every path from there to the logits. A latent's
+//! estimate is its first-order contribution to the behaviour, `sum over positions of
+//! c[pos, l] * (W_dec[l] . g[pos])` (`c` from [`probes::sae::Sae::contributions`]), averaged
+//! over the prompts: how far the behaviour would drop without the latent. The [`TOP`] latents
+//! with the largest estimates are then removed for real (their decoder contribution taken
+//! away at every position, the SAE's error term kept) and the behaviour measured again; the
+//! drop is the latent's real effect, and the correlation of estimates and effects says how far
+//! the estimates can be trusted.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use candle_core::Tensor;
-use probes::hooks::{HookPoint, Hooks, Positions};
+use candle_core::{DType, IndexOp, Tensor};
+use probes::hooks::{Hooks, Positions, ReplaceFn};
+use probes::{BatchLayout, Padding, Unembed};
 
+use super::attribution_patching::correlation;
 use crate::error::CheckError;
-use crate::result::{round, LatentEvidence};
-use crate::session::{at_position, dot, ResolvedSae, Session, Tokens};
+use crate::metrics::Behaviour;
+use crate::result::{round, LatentEvidence, Metric};
+use crate::session::{ResolvedSae, Session, Tokens};
 
-/// Latents tried by cross-layer attribution, from each of its two rankings.
-const CANDIDATES: usize = 6;
+/// Prompts attributed, from the start of the set: each costs a gradient pass row and
+/// [`TOP`] ablated rows.
+pub(crate) const PROMPTS: usize = 8;
+/// Latents ablated for real, by largest estimate.
+pub(crate) const TOP: usize = 8;
 
-/// The SAE latents behind a direction's projection at `position` of each prompt in `t`.
-///
-/// With the SAE at the direction's own hook: activation x gradient of the projection (the
-/// gradient is the direction itself, so this is exact). With the SAE at an earlier hook,
-/// each candidate latent (the [`CANDIDATES`] with the largest direct-path estimate, and as
-/// many of the most active at the position) is removed there, at that position, with the
-/// SAE's error term kept, and the model re-run: its value is the mean drop in the projection
-/// at the direction's hook, through every path.
+/// The latents of `s` that carry `behaviour` at the last token of the first [`PROMPTS`]
+/// prompts of `t`, the largest estimates first, and the Pearson correlation of the top
+/// latents' estimates with their real effects as a metric.
 pub(crate) fn attribute(
     session: &mut Session<'_>,
     s: &ResolvedSae,
     t: &Tokens,
-    (dir_hook, unit): (HookPoint, &Tensor),
-    position: i64,
-) -> Result<Vec<LatentEvidence>, CheckError> {
-    if s.hook.order() > dir_hook.order() {
+    behaviour: &Behaviour,
+) -> Result<(Vec<LatentEvidence>, Metric), CheckError> {
+    let prompts: Vec<Vec<u32>> = t.ids.iter().take(PROMPTS).cloned().collect();
+    if prompts.is_empty() {
         return Err(CheckError::Unmeasurable(format!(
-            "SAE `{}` reads `{}`, after the direction's hook `{dir_hook}`: it cannot explain it",
-            s.name, s.hook
+            "`{}` has no prompts to attribute",
+            t.name
         )));
     }
-    let acts = session.acts(t, s.hook)?;
-    let rows = acts
-        .iter()
-        .map(|a| {
-            at_position(a, position)
-                .ok_or_else(|| CheckError::Unmeasurable("position outside a prompt".to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let x = Tensor::stack(&rows, 0)?;
-    let sparse = s.sae.encode_tokens(&x)?;
-    let grads: Vec<f32> = s
+    let model = &session.model.transformer;
+    let forward = |source| CheckError::Forward {
+        set: t.name.clone(),
+        source,
+    };
+    let b = behaviour.clone();
+    let metric = move |logits: &Tensor, layout: &BatchLayout| {
+        b.tensor(&logits.i((.., layout.seq_len - 1))?)?.sum_all()
+    };
+    let g = model
+        .gradients(&prompts, &Hooks::new(), &BTreeSet::from([s.hook]), &metric)
+        .map_err(forward)?;
+    let missing = || CheckError::Unmeasurable(format!("the pass did not capture `{}`", s.hook));
+    let acts = g.acts.get(&s.hook).ok_or_else(missing)?;
+    let grads = g.grads.get(&s.hook).ok_or_else(missing)?;
+    let (rows, len, d) = acts.dims3()?;
+    // Padding positions are no part of any prompt: no latent of theirs is attributed.
+    let real: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..len).map(move |p| (r, p)))
+        .map(|(r, p)| if p >= g.layout.offset(r) { 1.0 } else { 0.0 })
+        .collect();
+    let real = Tensor::from_vec(real, (rows * len, 1), acts.device())?;
+    let c = s
         .sae
-        .w_dec
-        .matmul(&unit.unsqueeze(1)?)
-        .and_then(|g| g.flatten_all())
-        .and_then(|g| g.to_vec1())?;
-    let n = sparse.len() as f64;
-    let (mut direct, mut active): (BTreeMap<u32, f64>, BTreeMap<u32, f64>) = Default::default();
-    for row in &sparse {
-        for &(l, v) in row {
-            *direct.entry(l).or_default() += v as f64 * grads[l as usize] as f64 / n;
-            *active.entry(l).or_default() += v as f64 / n;
-        }
+        .contributions(&acts.to_dtype(DType::F32)?.reshape((rows * len, d))?)?
+        .broadcast_mul(&real)?; // [rows * len, d_sae]
+    let w_dec = &s.sae.w_dec;
+    let per_latent_grad = grads
+        .to_dtype(DType::F32)?
+        .reshape((rows * len, d))?
+        .matmul(&w_dec.t()?)?;
+    let n = rows as f64;
+    let estimates: Vec<f32> = (&c * per_latent_grad)?.sum(0)?.to_vec1()?;
+    let active: Vec<f32> = c.abs()?.sum(0)?.to_vec1()?;
+    let mut ranked: Vec<(usize, f64)> = estimates
+        .iter()
+        .zip(&active)
+        .enumerate()
+        .filter(|(_, (_, a))| **a > 0.0)
+        .map(|(l, (e, _))| (l, f64::from(*e) / n))
+        .collect();
+    ranked.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+    ranked.truncate(TOP);
+
+    let values = |hooks: &Hooks| -> Result<Vec<f64>, CheckError> {
+        let out = model
+            .forward(&prompts, Padding::Left, hooks, Unembed::Last)
+            .map_err(forward)?;
+        let logits: Vec<Vec<f32>> = out
+            .logits
+            .ok_or_else(|| CheckError::NonFinite("the pass produced no logits".into()))?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        Ok(logits.iter().map(|row| behaviour.value(row)).collect())
+    };
+    let base = values(&Hooks::new())?;
+    let mut effects = Vec::with_capacity(ranked.len());
+    for &(l, _) in &ranked {
+        // The latent's decoder contribution at every position, taken away.
+        let column = c.narrow(1, l, 1)?; // [rows * len, 1]
+        let removed = column
+            .broadcast_mul(&w_dec.narrow(0, l, 1)?)?
+            .reshape((rows, len, d))?;
+        let f: ReplaceFn = Arc::new(move |x: &Tensor| x - removed.to_dtype(x.dtype())?);
+        let ablated = values(&Hooks::new().replace(s.hook, Positions::All, f))?;
+        let drop = base.iter().zip(&ablated).map(|(b, a)| b - a).sum::<f64>() / n;
+        effects.push(drop);
     }
-    let (ranked, measure) = if s.hook == dir_hook {
-        (
-            by_magnitude(direct),
-            "activation x gradient of the projection onto the direction".to_string(),
-        )
-    } else {
-        let mut candidates: Vec<u32> = Vec::new();
-        for scores in [direct, active] {
-            for (l, _) in by_magnitude(scores).into_iter().take(CANDIDATES) {
-                if !candidates.contains(&l) {
-                    candidates.push(l);
-                }
-            }
-        }
-        let clean: Vec<f64> = session
-            .acts(t, dir_hook)?
-            .iter()
-            .map(|a| at_position(a, position).map_or(f64::NAN, |x| dot(&x, unit)))
-            .collect();
-        let mut effects = BTreeMap::new();
-        for l in candidates {
-            let edit = probes::sae::LatentEdit::Scale {
-                latent: l as usize,
-                factor: 0.0,
-            };
-            let removed = probes::sae::keep_sinks(s.sae.splice(vec![edit], true), s.sae.d_in);
-            let hooks = Hooks::new().replace(s.hook, Positions::Indices(vec![position]), removed);
-            let ablated = session.projections(t, dir_hook, unit, position, &hooks)?;
-            let drop = clean.iter().zip(&ablated).map(|(c, a)| c - a).sum::<f64>() / n;
-            effects.insert(l, drop);
-        }
-        (
-            by_magnitude(effects),
-            format!(
-                "drop in the projection onto the direction at `{dir_hook}` when the latent is removed at `{}` (error term kept)",
-                s.hook
-            ),
-        )
+    if ranked
+        .iter()
+        .map(|r| r.1)
+        .chain(effects.iter().copied())
+        .any(|x| !x.is_finite())
+    {
+        return Err(CheckError::NonFinite(format!(
+            "a latent attribution of the {} on `{}` is NaN or infinite",
+            behaviour.name(),
+            t.name
+        )));
+    }
+    let est: Vec<f64> = ranked.iter().map(|r| r.1).collect();
+    let r = correlation(&est, &effects);
+    let metric = Metric {
+        name: format!(
+            "latent attribution: pearson correlation of estimates and ablations, top {}",
+            ranked.len()
+        ),
+        value: round(r.unwrap_or(f64::NAN)),
+        bound: String::new(),
     };
     let all = session.sparse(t, s)?;
     let sets = [(t, all.as_slice())];
-    Ok(ranked
+    let k = prompts.len();
+    let latents = ranked
         .into_iter()
-        .take(8)
-        .map(|(l, v)| LatentEvidence {
+        .zip(effects)
+        .map(|((l, v), effect)| LatentEvidence {
             sae: s.name.clone(),
-            latent: l as usize,
-            label: session.label(s, l, &sets),
+            latent: l,
+            label: session.label(s, l as u32, &sets),
             value: round(v),
-            measure: format!("{measure}, mean over `{}`", t.name),
+            effect: Some(round(effect)),
+            measure: format!(
+                "first-order estimate of the drop in the {} at the last token without the \
+                 latent at `{}` (activation x gradient through every later block); effect: \
+                 the real drop when it is removed there, SAE error kept; mean over the first \
+                 {k} prompts of `{}`",
+                behaviour.name(),
+                s.hook,
+                t.name
+            ),
         })
-        .collect())
-}
-
-/// Largest magnitude first, ties by latent index.
-fn by_magnitude(scores: BTreeMap<u32, f64>) -> Vec<(u32, f64)> {
-    let mut ranked: Vec<(u32, f64)> = scores.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
-    ranked
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranking_is_by_magnitude_then_index() {
-        let scores = BTreeMap::from([(3, -2.0), (1, 2.0), (2, 0.5)]);
-        assert_eq!(by_magnitude(scores), [(1, 2.0), (3, -2.0), (2, 0.5)]);
-    }
+        .collect();
+    Ok((latents, metric))
 }

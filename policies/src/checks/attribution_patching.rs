@@ -11,7 +11,12 @@
 //!   (`blocks.L.hook_resid_pre[P]`);
 //! - each attention head's contribution to the residual stream, summed over positions
 //!   (`blocks.L.attn.hook_result[H]`);
-//! - each MLP's output, summed over positions (`blocks.L.hook_mlp_out`).
+//! - each MLP's output, summed over positions (`blocks.L.hook_mlp_out`);
+//! - with `sae`, each of the SAE's latents at its hook, summed over positions
+//!   (`<hook>.hook_sae_acts_post[L]`, SAELens's name): the estimate is
+//!   `sum over positions of (c_clean - c_corrupted)[pos, L] * (W_dec[L] . grad[pos])`, with `c`
+//!   each latent's coefficient on its decoder row (`Sae::contributions`), and patching it adds
+//!   that difference times `W_dec[L]` at the hook, so the SAE's error term stays as it was.
 //!
 //! The `top_k` components with the largest mean estimate (and any `heads` the policy names)
 //! are then patched for real: the corrupted prompt is run with that one component replaced by
@@ -20,7 +25,8 @@
 //! be trusted; a policy bounds it (`min_correlation`) and the largest real effect.
 //!
 //! Metrics, at each prompt's last token: `logit_diff`, the logit of `tokens[0]` minus that of
-//! `tokens[1]`; `kl`, KL(clean || run) of the next-token distributions.
+//! `tokens[1]`; `refusal_score`, the log-odds of the policy's refusal tokens (its `[refusal]`
+//! table, as steering checks read it); `kl`, KL(clean || run) of the next-token distributions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -34,7 +40,12 @@ use toml::Spanned;
 use super::{violated, Cx, Kind, Planner};
 use crate::error::{CheckError, Loc};
 use crate::load::{Located, Names, Validator};
-use crate::result::{round, AttributionMap, ComponentEffect, Evidence, Finding, Metric, Status};
+use crate::metrics::{log_softmax, Behaviour};
+use crate::refusal;
+use crate::result::{
+    round, AttributionMap, ComponentEffect, Evidence, Finding, Metric, RefusalToken, Status,
+};
+use crate::session::ResolvedSae;
 
 /// Most components a check may patch for real.
 const MAX_TOP_K: i64 = 256;
@@ -50,13 +61,15 @@ pub struct Spec {
     /// The prompt set of corrupted prompts, paired with `clean` line by line; each pair has
     /// the same number of tokens.
     pub corrupted: Spanned<String>,
-    /// `logit_diff` (default) or `kl`.
+    /// `logit_diff` (default), `refusal_score` or `kl`.
     pub metric: Option<Spanned<String>>,
     /// For `logit_diff`: `[answer, other]`, two texts of one token each (e.g. `[" Paris",
     /// " Rome"]`).
     pub tokens: Option<Spanned<Vec<String>>>,
     /// Which components: any of `resid`, `heads`, `mlp` (default all three).
     pub components: Option<Spanned<Vec<String>>>,
+    /// Also attribute this SAE's latents, at the SAE's hook.
+    pub sae: Option<Spanned<String>>,
     /// Heads patched and shown besides the top components, as `"layer.head"`.
     #[serde(default)]
     pub heads: Vec<Spanned<String>>,
@@ -77,6 +90,8 @@ pub struct Spec {
 pub enum MetricKind {
     /// `logit[answer] - logit[other]`, the texts with where they were written.
     LogitDiff(Located<Vec<String>>),
+    /// The log-odds of the policy's refusal tokens.
+    RefusalScore,
     /// KL(clean || run) of the next-token distributions.
     Kl,
 }
@@ -97,6 +112,8 @@ pub struct AttributionPatching {
     pub corrupted: Located<String>,
     pub metric: MetricKind,
     pub families: Families,
+    /// The SAE whose latents are attributed too.
+    pub sae: Option<String>,
     /// Where the components were chosen (or the check's id).
     pub families_at: Loc,
     /// `(layer, head)`, checked against the model when the check runs.
@@ -146,20 +163,29 @@ impl Kind for AttributionPatching {
                     None
                 }
             },
-            Some("kl") => {
+            Some(name @ ("kl" | "refusal_score")) => {
                 if let Some(t) = &spec.tokens {
                     v.err(
                         t,
-                        format!("{check}: `tokens` is for `logit_diff`, not `kl`"),
+                        format!(
+                            "{check}: `tokens` is for `logit_diff`, not `{name}` (the refusal \
+                             score reads the policy's `[refusal]` tokens)"
+                        ),
                     );
                 }
-                Some(MetricKind::Kl)
+                Some(if name == "kl" {
+                    MetricKind::Kl
+                } else {
+                    MetricKind::RefusalScore
+                })
             }
             Some(other) => {
                 let m = spec.metric.as_ref().expect("matched Some");
                 v.err(
                     m,
-                    format!("{check}: unknown metric `{other}` (valid: logit_diff, kl)"),
+                    format!(
+                        "{check}: unknown metric `{other}` (valid: logit_diff, refusal_score, kl)"
+                    ),
                 );
                 None
             }
@@ -201,6 +227,10 @@ impl Kind for AttributionPatching {
                 }
                 (f, v.located(c).at)
             }
+        };
+        let sae = match &spec.sae {
+            Some(s) => Some(v.named("SAE", s, n.saes)?),
+            None => None,
         };
         let heads = super::induction::parse_heads(v, &check, &spec.heads);
         if !heads.is_empty() && !families.heads {
@@ -262,6 +292,7 @@ impl Kind for AttributionPatching {
             corrupted: corrupted?,
             metric: metric?,
             families,
+            sae,
             families_at,
             heads,
             top_k,
@@ -385,6 +416,7 @@ impl Kind for AttributionPatching {
         let evidence = Evidence {
             components,
             attribution_map: run.map(&estimates),
+            refusal_tokens: run.refusal_tokens.clone(),
             ..Evidence::default()
         };
         let summary = format!(
@@ -413,6 +445,7 @@ enum Component {
     Resid { layer: usize, position: usize },
     Head { layer: usize, head: usize },
     Mlp { layer: usize },
+    Latent { hook: HookPoint, latent: usize },
 }
 
 impl Component {
@@ -424,6 +457,7 @@ impl Component {
             }
             Component::Head { layer, head } => format!("blocks.{layer}.attn.hook_result[{head}]"),
             Component::Mlp { layer } => HookPoint::MlpOut(layer).to_string(),
+            Component::Latent { hook, latent } => format!("{hook}.hook_sae_acts_post[{latent}]"),
         }
     }
 
@@ -433,6 +467,7 @@ impl Component {
             Component::Resid { layer, .. } => HookPoint::ResidPre(layer),
             Component::Head { layer, .. } => HookPoint::AttnOut(layer),
             Component::Mlp { layer } => HookPoint::MlpOut(layer),
+            Component::Latent { hook, .. } => hook,
         }
     }
 }
@@ -443,8 +478,12 @@ struct Run<'c, 'm> {
     t: &'m Transformer,
     n_layers: usize,
     ids: Vec<(Vec<u32>, Vec<u32>)>,
-    /// `[answer, other]` for `logit_diff`.
-    tokens: Option<[u32; 2]>,
+    /// The metric, when it is read from one run's logits; `None` for `kl`.
+    behaviour: Option<Behaviour>,
+    /// How the refusal score's tokens were chosen, when they were measured.
+    refusal_tokens: Vec<RefusalToken>,
+    /// The SAE whose latents are attributed.
+    sae: Option<ResolvedSae>,
     /// The first clean prompt's tokens, as text.
     first: Vec<String>,
     /// The heads the policy names, as (block, head) of this model.
@@ -458,6 +497,8 @@ struct PairRun {
     deltas: BTreeMap<HookPoint, Tensor>,
     /// Per layer, clean minus corrupted head results `[pos, head, d_model]`.
     head_deltas: BTreeMap<usize, Tensor>,
+    /// Clean minus corrupted latent coefficients at the SAE's hook, `[pos, d_sae]`.
+    latent_deltas: Option<Tensor>,
     estimates: Vec<(Component, f64)>,
     /// The clean run's next-token log-probabilities, for `kl`.
     clean_logp: Vec<f64>,
@@ -502,8 +543,14 @@ impl<'c, 'm> Run<'c, 'm> {
                     .into(),
             ));
         }
-        let tokens = match &check.metric {
+        let mut refusal_tokens = Vec::new();
+        let behaviour = match &check.metric {
             MetricKind::Kl => None,
+            MetricKind::RefusalScore => {
+                let (ids, chosen) = refusal::score_tokens(cx.session, policy)?;
+                refusal_tokens = chosen;
+                Some(Behaviour::RefusalScore(ids))
+            }
             MetricKind::LogitDiff(t) => {
                 let mut ids = [0u32; 2];
                 for (slot, text) in ids.iter_mut().zip(&t.value) {
@@ -522,8 +569,15 @@ impl<'c, 'm> Run<'c, 'm> {
                         }
                     }
                 }
-                Some(ids)
+                Some(Behaviour::LogitDiff {
+                    positive: vec![ids[0]],
+                    negative: vec![ids[1]],
+                })
             }
+        };
+        let sae = match &check.sae {
+            Some(name) => Some(cx.instruments.sae(policy, name)?),
+            None => None,
         };
         let clean = cx.session.set_tokens(policy, &check.clean)?;
         let corrupted = cx.session.set_tokens(policy, &check.corrupted.value)?;
@@ -575,7 +629,9 @@ impl<'c, 'm> Run<'c, 'm> {
                 .cloned()
                 .zip(corrupted.ids.iter().cloned())
                 .collect(),
-            tokens,
+            behaviour,
+            refusal_tokens,
+            sae,
             first,
             heads,
         })
@@ -584,6 +640,7 @@ impl<'c, 'm> Run<'c, 'm> {
     fn metric_name(&self) -> &'static str {
         match self.check.metric {
             MetricKind::LogitDiff(_) => "logit difference",
+            MetricKind::RefusalScore => "refusal score",
             MetricKind::Kl => "KL(clean || run)",
         }
     }
@@ -607,13 +664,17 @@ impl<'c, 'm> Run<'c, 'm> {
                 acts.insert(HookPoint::MlpOut(l));
             }
         }
+        if let Some(s) = &self.sae {
+            grad.insert(s.hook);
+            acts.insert(s.hook);
+        }
         (grad, acts)
     }
 
     /// The metric of one row of last-token logits, in f64.
     fn metric_of(&self, logits: &[f32], clean_logp: &[f64]) -> f64 {
-        match self.tokens {
-            Some([a, b]) => f64::from(logits[a as usize]) - f64::from(logits[b as usize]),
+        match &self.behaviour {
+            Some(b) => b.value(logits),
             None => {
                 let logq = log_softmax(logits);
                 clean_logp
@@ -655,11 +716,11 @@ impl<'c, 'm> Run<'c, 'm> {
             clean_logp.len(),
             self.t.device(),
         )?;
-        let tokens = self.tokens;
+        let behaviour = self.behaviour.clone();
         let metric = move |logits: &Tensor, layout: &probes::BatchLayout| {
             let last = logits.i((0, layout.seq_len - 1))?; // [vocab]
-            match tokens {
-                Some([a, b]) => last.i(a as usize)? - last.i(b as usize)?,
+            match &behaviour {
+                Some(b) => b.tensor(&last.unsqueeze(0)?)?.sum_all(),
                 None => {
                     // The shift only steadies exp; log-softmax does not depend on it.
                     let m = last.max_keepdim(D::Minus1)?.detach();
@@ -729,10 +790,28 @@ impl<'c, 'm> Run<'c, 'm> {
                 deltas.insert(h, d);
             }
         }
+        let mut latent_deltas = None;
+        if let Some(s) = &self.sae {
+            let h = s.hook;
+            let coefficients = |m: &BTreeMap<HookPoint, Tensor>| -> Result<Tensor, CheckError> {
+                Ok(s.sae.contributions(&row(m, h)?)?)
+            };
+            let d = (coefficients(&out.captures)? - coefficients(&g.acts)?)?; // [pos, d_sae]
+            let grad = row(&g.grads, h)?.matmul(&s.sae.w_dec.t()?)?; // [pos, d_sae]
+            let per_latent: Vec<f32> = (&d * grad)?.sum(0)?.to_vec1()?;
+            let moved: Vec<f32> = d.abs()?.sum(0)?.to_vec1()?;
+            for (latent, (e, m)) in per_latent.into_iter().zip(moved).enumerate() {
+                if m > 0.0 {
+                    estimates.push((Component::Latent { hook: h, latent }, f64::from(e)));
+                }
+            }
+            latent_deltas = Some(d);
+        }
         PairRun {
             corrupted: corrupted.to_vec(),
             deltas,
             head_deltas,
+            latent_deltas,
             estimates,
             clean_logp,
             clean_metric,
@@ -813,6 +892,12 @@ impl<'c, 'm> Run<'c, 'm> {
                 .squeeze(1)?
                 .contiguous()?,
             Component::Mlp { .. } => p.deltas.get(&c.hook()).ok_or_else(missing)?.clone(),
+            Component::Latent { latent, .. } => {
+                let s = self.sae.as_ref().ok_or_else(missing)?;
+                let d = p.latent_deltas.as_ref().ok_or_else(missing)?;
+                d.narrow(1, latent, 1)?
+                    .broadcast_mul(&s.sae.w_dec.narrow(0, latent, 1)?)?
+            }
         })
     }
 
@@ -863,19 +948,8 @@ impl PairRun {
     }
 }
 
-/// Log-softmax in f64.
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits
-        .iter()
-        .map(|&x| f64::from(x))
-        .fold(f64::NEG_INFINITY, f64::max);
-    let z: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
-    let lz = max + z.ln();
-    logits.iter().map(|&x| f64::from(x) - lz).collect()
-}
-
 /// Pearson correlation; `None` when either side does not vary or has fewer than 2 values.
-fn correlation(a: &[f64], b: &[f64]) -> Option<f64> {
+pub(crate) fn correlation(a: &[f64], b: &[f64]) -> Option<f64> {
     let n = a.len() as f64;
     if a.len() < 2 || a.len() != b.len() {
         return None;
@@ -971,6 +1045,31 @@ mod tests {
     }
 
     #[test]
+    fn sae_latents_are_attributed_and_patched_on_the_refusal_score() {
+        let tiny = Tiny::new();
+        let f = tiny.finding(&check(
+            "metric = \"refusal_score\"\nsae = \"s\"\ncomponents = [\"mlp\"]\ntop_k = 8\n\
+             min_correlation = 0.5\n\n[refusal]\ntokens = [\"w5\", \"w7\"]",
+        ));
+        assert_eq!(f.status, Status::Pass, "{f:?}");
+        let latent = "blocks.0.hook_resid_post.hook_sae_acts_post[";
+        let c = &f.evidence.components;
+        let latents: Vec<_> = c
+            .iter()
+            .filter(|x| x.component.starts_with(latent))
+            .collect();
+        assert!(!latents.is_empty(), "{c:?}");
+        assert!(latents.iter().any(|x| x.effect.abs() > 1e-4), "{c:?}");
+        // Only the MLPs and the latents were asked for.
+        assert!(c
+            .iter()
+            .all(|x| x.component.starts_with(latent) || x.component.ends_with("hook_mlp_out")));
+        let clean = metric(&f, "refusal score on clean prompts");
+        let corrupted = metric(&f, "refusal score on corrupted prompts");
+        assert!(clean.is_finite() && corrupted.is_finite() && clean != corrupted);
+    }
+
+    #[test]
     fn an_unreachable_bound_fails() {
         let tiny = Tiny::new();
         let f = tiny.finding(&check(
@@ -1055,6 +1154,14 @@ mod tests {
                 "`attn`",
             ),
             ("metric = \"kl\"\nmin_correlation = 2.0", "outside [-1, 1]"),
+            (
+                "metric = \"refusal_score\"\ntokens = [\"w3\", \"w4\"]\nmin_correlation = 0.5",
+                "`tokens` is for `logit_diff`, not `refusal_score`",
+            ),
+            (
+                "metric = \"kl\"\nsae = \"nope\"\nmin_correlation = 0.5",
+                "nope",
+            ),
             (
                 "metric = \"kl\"\ntop_k = 0\nmin_correlation = 0.5",
                 "`top_k` 0",

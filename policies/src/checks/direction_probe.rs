@@ -1,5 +1,6 @@
 //! `direction_probe`: how well a direction's projection separates two prompt sets (AUROC),
-//! with the prompts it ranks worst and, optionally, the SAE latents it is made of.
+//! with the prompts it ranks worst and, optionally, the SAE latents that carry the behaviour
+//! it stands for (the policy's refusal score; see `attribution.rs`).
 
 use probes::hooks::HookPoint;
 use probes::sae::search::auroc;
@@ -10,6 +11,8 @@ use toml::Spanned;
 use super::{attribution, violated, Cx, Kind, Planner};
 use crate::error::CheckError;
 use crate::load::{Names, Validator};
+use crate::metrics::Behaviour;
+use crate::refusal;
 use crate::result::{round, Distribution, Evidence, Finding, Metric, PromptEvidence, Status};
 use crate::session::{at_position, dot};
 
@@ -21,7 +24,8 @@ pub struct Spec {
     pub positive: Option<Spanned<String>>,
     pub negative: Option<Spanned<String>>,
     pub min_auroc: Option<f64>,
-    /// Attribute the direction to this SAE's latents (at its hook or an earlier one).
+    /// Attribute the policy's refusal score on the positive prompts to this SAE's latents
+    /// (attribution patching, checked by ablating the top latents).
     #[serde(default)]
     pub attribute_with: Option<Spanned<String>>,
 }
@@ -98,9 +102,6 @@ fn plan(k: &DirectionProbe, p: &mut Planner<'_, '_>) {
         .as_deref()
         .and_then(|a| p.instruments.sae_if_resolved(p.policy, a));
     if let Some(a) = attribution {
-        if a.hook.order() > h.order() {
-            p.error(format!("`attribute_with` SAE reads `{}`, after the direction's hook `{h}`; attribution needs an SAE at that hook or before it", a.hook));
-        }
         p.want(positive, a.hook);
     }
 }
@@ -170,12 +171,18 @@ fn evaluate(k: &DirectionProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckErr
             });
         }
     }
+    let mut attributed = None;
     if let Some(sae_name) = attribute_with {
         let s = cx.instruments.sae(p, sae_name)?;
         let t = scores[0].0.clone();
-        evidence.latents = attribution::attribute(session, &s, &t, (d.hook, &d.unit), d.position)?;
+        let (ids, chosen) = refusal::score_tokens(session, p)?;
+        evidence.refusal_tokens = chosen;
+        let (latents, fit) =
+            attribution::attribute(session, &s, &t, &Behaviour::RefusalScore(ids))?;
+        evidence.latents = latents;
+        attributed = Some(fit);
     }
-    let metrics = vec![
+    let mut metrics = vec![
         Metric {
             name: format!("AUROC ({positive} vs {negative})"),
             value: round(a),
@@ -197,6 +204,7 @@ fn evaluate(k: &DirectionProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckErr
             bound: String::new(),
         },
     ];
+    metrics.extend(attributed);
     let status = if a >= min_auroc {
         Status::Pass
     } else {
@@ -248,7 +256,7 @@ min_auroc = 0.9
     }
 
     #[test]
-    fn attribution_to_an_sae_at_an_earlier_hook_ranks_latents_by_effect() {
+    fn attribution_ranks_latents_by_estimate_and_ablates_the_top_ones() {
         let tiny = Tiny::new();
         let f = tiny.finding(&format!("{PROBE}attribute_with = \"s\"\n"));
         let values: Vec<f64> = f.evidence.latents.iter().map(|l| l.value).collect();
@@ -257,9 +265,13 @@ min_auroc = 0.9
             values.windows(2).all(|w| w[0].abs() >= w[1].abs()),
             "{values:?}"
         );
-        assert!(f.evidence.latents[0]
+        let latents = &f.evidence.latents;
+        assert!(latents.iter().all(|l| l.effect.is_some_and(f64::is_finite)));
+        assert!(latents[0]
             .measure
-            .contains("removed at `blocks.0.hook_resid_post`"));
+            .contains("without the latent at `blocks.0.hook_resid_post`"));
+        let r = metric(&f, "latent attribution: pearson correlation");
+        assert!(r.is_nan() || (-1.0..=1.0).contains(&r), "{r}");
     }
 
     #[test]

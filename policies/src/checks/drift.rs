@@ -277,6 +277,7 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             latent: l as usize,
             label: cx.session.label(&s, l, &sets),
             value: round(n - o),
+            effect: None,
             measure: format!("change in firing rate on `{prompts}` ({o:.4} -> {n:.4})"),
         });
     }

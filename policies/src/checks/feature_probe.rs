@@ -366,6 +366,7 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
             latent: l as usize,
             label: session.label(&s, l, &sets),
             value: round(mean),
+            effect: None,
             measure: format!("mean over `{}` of the prompt's max activation", t0.name),
         });
     }

@@ -42,15 +42,6 @@ impl Planner<'_, '_> {
                 .push(PolicyError::at(&self.policy.path, None, e.to_string()));
         }
     }
-
-    /// An error about this check that has no more precise place than the policy file.
-    pub fn error(&mut self, message: String) {
-        self.errors.push(PolicyError::at(
-            &self.policy.path,
-            None,
-            format!("check `{}`: {message}", self.check.id),
-        ));
-    }
 }
 
 /// What a check reads while it is evaluated.

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use probes::hooks::{HookPoint, Hooks, Positions};
 
 use serde::Deserialize;
@@ -13,7 +12,7 @@ use toml::Spanned;
 use super::{attribution, violated, Cx, Kind, Planner};
 use crate::error::CheckError;
 use crate::load::{Located, Names, Validator};
-use crate::metrics;
+use crate::metrics::{self, Behaviour};
 use crate::refusal::{self, Classifier};
 use crate::result::{
     round, Distribution, Evidence, Finding, GenerationPair, InterventionMeans, Metric,
@@ -49,9 +48,9 @@ pub struct Spec {
     pub flip_at: Option<f64>,
     #[serde(default)]
     pub bounds: Option<Bounds>,
-    /// Attribute the behaviour to this SAE's latents. The SAE reads the direction's hook
-    /// (activation x gradient) or an earlier one (each candidate latent removed there and the
-    /// model re-run); an SAE at a later hook is refused.
+    /// Attribute the behaviour without the intervention to this SAE's latents (attribution
+    /// patching, checked by ablating the top latents; see `attribution.rs`). Refusal rates
+    /// and KL have no gradient: they attribute the refusal score.
     #[serde(default)]
     pub attribute_with: Option<Spanned<String>>,
 }
@@ -246,14 +245,13 @@ fn intervention_hooks(
     cx: &Cx<'_, '_>,
     i: &Intervention,
     coeff: Option<f64>,
-) -> Result<(Hooks, Tensor, Option<HookPoint>), CheckError> {
+) -> Result<(Hooks, Option<HookPoint>), CheckError> {
     let p = cx.policy;
     Ok(match i {
         Intervention::Ablate { direction } => {
             let d = cx.instruments.direction(p, direction)?;
             (
                 Hooks::new().ablate_everywhere(cx.session.n_layers(), &d.unit),
-                d.unit,
                 Some(d.hook),
             )
         }
@@ -265,7 +263,6 @@ fn intervention_hooks(
             let c = coeff.unwrap_or(*c) as f32;
             (
                 Hooks::new().add(d.hook, Positions::All, d.raw.clone(), c),
-                d.unit,
                 Some(d.hook),
             )
         }
@@ -277,11 +274,7 @@ fn intervention_hooks(
             let s = cx.instruments.sae(p, sae)?;
             let v = s.sae.decoder_direction(latent.value)?;
             let c = coeff.unwrap_or(*c) as f32;
-            (
-                Hooks::new().add(s.hook, Positions::All, v.clone(), c),
-                v,
-                Some(s.hook),
-            )
+            (Hooks::new().add(s.hook, Positions::All, v, c), Some(s.hook))
         }
     })
 }
@@ -331,7 +324,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         Some((pos, neg)) => (cx.session.first_tokens(pos)?, cx.session.first_tokens(neg)?),
         None => (Vec::new(), Vec::new()),
     };
-    let (hooks, unit, hook) = intervention_hooks(cx, intervention, None)?;
+    let (hooks, hook) = intervention_hooks(cx, intervention, None)?;
     // Per-prompt metric under `h`, plus generations when the metric is the refusal rate.
     let measure = |eng: &mut Session<'_>, h: &Hooks| -> Result<Measured, CheckError> {
         Ok(match metric {
@@ -388,7 +381,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         let m = if Some(c) == main_coeff {
             v
         } else {
-            let (h, _, _) = intervention_hooks(cx, intervention, Some(c))?;
+            let (h, _) = intervention_hooks(cx, intervention, Some(c))?;
             mean(&measure(cx.session, &h)?.0)
         };
         evidence.sweep.push(SweepPoint {
@@ -451,13 +444,28 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             tokens: Vec::new(),
         });
     }
+    let mut attributed = None;
     if let Some(sae_name) = attribute_with {
         let s = cx.instruments.sae(p, sae_name)?;
-        if let Some(hook) = hook {
-            evidence.latents = attribution::attribute(cx.session, &s, &t, (hook, &unit), -1)?;
-        }
+        let behaviour = match metric {
+            MetricKind::LogitDiff => Behaviour::LogitDiff {
+                positive: target_ids.0.clone(),
+                negative: target_ids.1.clone(),
+            },
+            MetricKind::RefusalScore => Behaviour::RefusalScore(refusal_ids.clone()),
+            // Rates and KL have no gradient: their latents are those of the refusal score.
+            MetricKind::RefusalRate | MetricKind::Kl => {
+                let (ids, chosen) = refusal::score_tokens(cx.session, p)?;
+                evidence.refusal_tokens = chosen;
+                Behaviour::RefusalScore(ids)
+            }
+        };
+        let (latents, fit) = attribution::attribute(cx.session, &s, &t, &behaviour)?;
+        evidence.latents = latents;
+        attributed = Some(fit);
     }
-    let (metric_rows, violations, undefined) = judge(mname, b, v, flip, bounds);
+    let (mut metric_rows, violations, undefined) = judge(mname, b, v, flip, bounds);
+    metric_rows.extend(attributed);
     let status = if !violations.is_empty() {
         violated(severity)
     } else if undefined.is_some() {

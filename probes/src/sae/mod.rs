@@ -313,6 +313,33 @@ impl Sae {
         Ok((a, y))
     }
 
+    /// Each latent's coefficient on its decoder row in the reconstruction of each row of `x`
+    /// `[n, d_in]`: `c` `[n, d_sae]` such that the reconstruction is `c . W_dec` plus a term
+    /// that no latent changes (the decoder bias, and the normalisation's shift). So setting
+    /// latent `l` of row `r` to zero changes the reconstruction by exactly
+    /// `-c[r, l] * W_dec[l]`, and a metric's gradient `g` at the hook gives that latent the
+    /// first-order effect `c[r, l] * (W_dec[l] . g[r])`. Attention-sink rows get zeros: the
+    /// SAE leaves them alone (see [`keep_sinks`]).
+    pub fn contributions(&self, x: &Tensor) -> Result<Tensor, SaeError> {
+        self.check_input(x)?;
+        let (a, undo) = self.encode_inner(x).map_err(candle("encoding"))?;
+        let flat = x
+            .flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .map_err(candle("encoding"))?;
+        let keep: Vec<f32> = sink_rows(&flat, self.d_in)
+            .into_iter()
+            .map(|sink| if sink { 0.0 } else { 1.0 })
+            .collect();
+        let n = keep.len();
+        let keep = Tensor::from_vec(keep, (n, 1), x.device()).map_err(candle("encoding"))?;
+        let scaled = match undo {
+            None => a,
+            Some((scale, _)) => a.broadcast_mul(&scale).map_err(candle("encoding"))?,
+        };
+        scaled.broadcast_mul(&keep).map_err(candle("encoding"))
+    }
+
     /// The active latents of each token row of `x` `[n, d_in]` (at most 64 per row for SAEs
     /// without a fixed k), for statistics over tokens. Attention-sink rows ([`SINK_NORM_RATIO`])
     /// get none: their norm is far outside what SAEs are trained on, and what they fire says
