@@ -313,7 +313,7 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Attribution patching's backward pass against the forward it differentiates: on one
-/// prompt, the median of 3 plain forwards, 3 differentiable forwards (no gradient asked) and 3
+/// prompt, the median of 7 plain forwards, 7 differentiable forwards (no gradient asked) and 7
 /// gradient passes at every block's resid_pre, attn_out and mlp_out (forward + backward).
 fn gradient_cost(model: &probes::Model) -> anyhow::Result<()> {
     use candle_core::IndexOp;
@@ -321,9 +321,8 @@ fn gradient_cost(model: &probes::Model) -> anyhow::Result<()> {
     let mut prompt = model.encode_prompt(BENCH_TEXT, false)?;
     prompt.truncate(32);
     let prompts = vec![prompt];
-    let metric = |l: &candle_core::Tensor, layout: &probes::BatchLayout| {
-        l.i((0, layout.seq_len - 1)).and_then(|x| x.i(0)? - x.i(1)?)
-    };
+    let metric =
+        |l: &candle_core::Tensor, _: &probes::BatchLayout| l.i(0).and_then(|x| x.i(0)? - x.i(1)?);
     let mut points = std::collections::BTreeSet::new();
     for l in 0..t.config.n_layers {
         points.extend([
@@ -335,13 +334,13 @@ fn gradient_cost(model: &probes::Model) -> anyhow::Result<()> {
     let none = std::collections::BTreeSet::new();
     let reps = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<Duration> {
         let mut v = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..7 {
             v.push(time(f)?.0);
         }
         Ok(median(v))
     };
     let plain = reps(&|| {
-        t.forward(&prompts, Padding::Left, &Hooks::new(), Unembed::All)?;
+        t.forward(&prompts, Padding::Left, &Hooks::new(), Unembed::Last)?;
         Ok(())
     })?;
     let diff = reps(&|| {

@@ -20,7 +20,7 @@ use crate::transformer::{BatchLayout, Block, Linear, Mlp, Norm, Transformer};
 /// What a gradient pass returns.
 #[derive(Debug)]
 pub struct Gradients {
-    /// `[batch, pos, vocab]`
+    /// Each prompt's next-token logits, `[batch, vocab]`.
     pub logits: Tensor,
     /// The metric's value.
     pub metric: f64,
@@ -32,8 +32,11 @@ pub struct Gradients {
 }
 
 impl Transformer {
-    /// The gradient of `metric` (a scalar computed from the logits `[batch, pos, vocab]` of
-    /// left-padded `prompts`) at every hook of `points`, with `hooks` active.
+    /// The gradient of `metric` (a scalar computed from the next-token logits `[batch, vocab]`
+    /// at each prompt's last token; `prompts` are left-padded) at every hook of `points`, with
+    /// `hooks` active. Only the last positions are unembedded: every metric reads them, and
+    /// the whole sequence's logits would cost a fifth of the forward pass and as much again
+    /// backward.
     pub fn gradients(
         &self,
         prompts: &[Vec<u32>],

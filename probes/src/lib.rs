@@ -8,6 +8,7 @@ pub mod error;
 mod family;
 pub mod fetch;
 pub mod files;
+mod frozen;
 pub mod generate;
 pub mod gguf;
 pub mod grad;

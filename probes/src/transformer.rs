@@ -67,37 +67,49 @@ impl Linear {
     /// computed as two, and whether gemm sees `x Wᵀ` or `W xᵀ` (chosen for speed) does not
     /// change a bit.
     fn forward(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
-        let (b, t, d_in) = x.dims3()?;
-        let rows = b * t;
-        let out = self.w.dim(0)?;
         let y = match decode.then(|| self.quantized()).flatten() {
             Some(q) => q.forward(x)?,
-            None if rows > SMALL_BATCH_ROWS => x
-                .reshape((rows, d_in))?
-                .matmul(&self.w.t()?)?
-                .reshape((b, t, out))?,
-            None => {
-                // Few rows: compute (W xᵀ)ᵀ so gemm streams the weights as its left operand
-                // instead of repacking all of them as the right one on every call.
-                let xt = x.reshape((rows, d_in))?.t()?.contiguous()?;
-                let xt = if rows == 1 {
-                    Tensor::cat(&[&xt, &xt], 1)?
-                } else {
-                    xt
-                };
-                self.w
-                    .matmul(&xt)?
-                    .narrow(1, 0, rows)?
-                    .t()?
-                    .contiguous()?
-                    .reshape((b, t, out))?
+            // In a gradient pass: the same product, recording only the input's gradient.
+            None if x.track_op() && x.device().is_cpu() => {
+                x.contiguous()?.apply_op1(crate::frozen::FrozenProduct {
+                    w: self.w.clone(),
+                    product: f32_product,
+                })?
             }
+            None => f32_product(&self.w, x)?,
         };
         match &self.b {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
     }
+}
+
+/// `x Wᵀ` for `x` `[batch, pos, in]` and `w` `[out, in]`, by gemm's blocked route whatever
+/// the row count (see [`Linear::forward`]).
+fn f32_product(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, d_in) = x.dims3()?;
+    let rows = b * t;
+    let out = w.dim(0)?;
+    if rows > SMALL_BATCH_ROWS {
+        return x
+            .reshape((rows, d_in))?
+            .matmul(&w.t()?)?
+            .reshape((b, t, out));
+    }
+    // Few rows: compute (W xᵀ)ᵀ so gemm streams the weights as its left operand instead of
+    // repacking all of them as the right one on every call.
+    let xt = x.reshape((rows, d_in))?.t()?.contiguous()?;
+    let xt = if rows == 1 {
+        Tensor::cat(&[&xt, &xt], 1)?
+    } else {
+        xt
+    };
+    w.matmul(&xt)?
+        .narrow(1, 0, rows)?
+        .t()?
+        .contiguous()?
+        .reshape((b, t, out))
 }
 
 /// RMSNorm (weight already including any `1 + w` offset) or LayerNorm (GPT-2).
@@ -460,7 +472,14 @@ impl Transformer {
         self.validate(hooks)?;
         let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Left);
         self.check_lengths(&layout.lengths)?;
-        self.run_pass(prompts, &layout, hooks, Unembed::All, &mut None, Some(grad))
+        self.run_pass(
+            prompts,
+            &layout,
+            hooks,
+            Unembed::Last,
+            &mut None,
+            Some(grad),
+        )
     }
 
     /// Forward `prompts` in micro-batches of at most `micro_batch` prompts, handing each

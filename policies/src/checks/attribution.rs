@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Tensor};
 use probes::hooks::{Hooks, Positions, ReplaceFn};
 use probes::{BatchLayout, Padding, Unembed};
 
@@ -53,9 +53,7 @@ pub(crate) fn attribute(
         source,
     };
     let b = behaviour.clone();
-    let metric = move |logits: &Tensor, layout: &BatchLayout| {
-        b.tensor(&logits.i((.., layout.seq_len - 1))?)?.sum_all()
-    };
+    let metric = move |logits: &Tensor, _: &BatchLayout| b.tensor(logits)?.sum_all();
     let g = model
         .gradients(&prompts, &Hooks::new(), &BTreeSet::from([s.hook]), &metric)
         .map_err(forward)?;

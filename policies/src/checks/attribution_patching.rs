@@ -717,8 +717,8 @@ impl<'c, 'm> Run<'c, 'm> {
             self.t.device(),
         )?;
         let behaviour = self.behaviour.clone();
-        let metric = move |logits: &Tensor, layout: &probes::BatchLayout| {
-            let last = logits.i((0, layout.seq_len - 1))?; // [vocab]
+        let metric = move |logits: &Tensor, _: &probes::BatchLayout| {
+            let last = logits.i(0)?; // [vocab]
             match &behaviour {
                 Some(b) => b.tensor(&last.unsqueeze(0)?)?.sum_all(),
                 None => {
