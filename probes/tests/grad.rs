@@ -22,7 +22,7 @@ fn prompts() -> Vec<Vec<u32>> {
 /// non-linear in the logits.
 fn metric(last: &Tensor, _: &BatchLayout) -> candle_core::Result<Tensor> {
     let diff = (last.i((.., 7))? - last.i((.., 11))?)?;
-    let logp = candle_nn::ops::log_softmax(&last, D::Minus1)?.i((.., 7))?;
+    let logp = candle_nn::ops::log_softmax(last, D::Minus1)?.i((.., 7))?;
     (diff + (logp * 0.5)?)?.sum_all()
 }
 
