@@ -24,6 +24,11 @@ use crate::load::Policy;
 use crate::result::{Evidence, Finding, InputRecord, ModelRef, PolicyResult, RunResult, Status};
 use crate::schema::ModelMatch;
 use crate::session::Session;
+
+/// The arithmetic of every audit, recorded in its result: f32 weights and activations in
+/// prompt passes and in generation's decode steps alike (the Q8_0 decode of interactive
+/// `mechwatch generate` is never used), whatever the batch.
+pub const AUDIT_PRECISION: &str = "f32 (prompt passes and decode steps)";
 use crate::store::Store;
 
 /// How a run is carried out.
@@ -274,7 +279,7 @@ fn model_ref(model: &Model, lineage: String) -> ModelRef {
         d_model: info.d_model,
         vocab_size: info.vocab_size,
         tokenizer_digest: model.codec.digest().to_string(),
-        precision: model.transformer.precision().to_string(),
+        precision: AUDIT_PRECISION.to_string(),
     }
 }
 

@@ -46,8 +46,8 @@ pub struct ModelRef {
     /// recorded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tokenizer_digest: String,
-    /// The arithmetic the checks ran in (`probes::Transformer::precision`); empty in records
-    /// written before it was recorded.
+    /// The arithmetic the checks ran in (`policies::engine::AUDIT_PRECISION`); empty in
+    /// records written before it was recorded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub precision: String,
 }

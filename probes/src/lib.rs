@@ -3,6 +3,7 @@
 //! (steering, directional ablation, replacement), plus generation with a KV cache.
 
 pub mod config;
+mod decode_attention;
 pub mod digest;
 pub mod error;
 mod family;

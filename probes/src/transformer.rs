@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, PositionEncoding};
+use crate::decode_attention::{self, Heads, RowKeys};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Block as HookBlock, Edit, HookPoint, Hooks, Positions};
 
@@ -330,6 +331,9 @@ struct PassCtx {
     totals: Vec<usize>,
     /// Per row, where its real queries and the keys they see sit in the padded pass.
     spans: Vec<RowSpan>,
+    /// In a pass of one position: the attention mask and the sliding-window one, `[batch,
+    /// keys]`, for [`decode_attention`].
+    host_masks: Option<(Vec<f32>, Option<Vec<f32>>)>,
 }
 
 /// One row's real queries (padded positions `query_start..query_start + queries`) and the
@@ -649,6 +653,7 @@ impl Transformer {
         // The weights' dtype: f32, or f64 in a model converted for finite differences.
         let dtype = self.embed.dtype();
         let pos_ids = Tensor::from_vec(pos.clone(), (b, t), dev).run_ctx("positions")?;
+        let host_masks = (t == 1).then(|| (mask.clone(), sliding.clone()));
         let mask = Tensor::from_vec(mask, (b, 1, t, keys), dev)
             .and_then(|m| m.to_dtype(dtype))
             .run_ctx("attention mask")?;
@@ -697,6 +702,7 @@ impl Transformer {
             abs,
             totals,
             spans,
+            host_masks,
         })
     }
 
@@ -896,6 +902,36 @@ impl Transformer {
         let keys = k.dim(2).run_ctx("keys")?;
         let groups = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        let point = HookPoint::AttnPattern(layer);
+        if let (Some((mask, sliding_mask)), false, false) =
+            (&pass.ctx.host_masks, diff, pass.sees(point))
+        {
+            if decode_attention::applies(&q) {
+                let mask = match (sliding_mask, sliding) {
+                    (Some(m), true) => m,
+                    _ => mask,
+                };
+                let rows: Vec<RowKeys> = pass
+                    .ctx
+                    .spans
+                    .iter()
+                    .map(|s| RowKeys {
+                        start: s.key_start,
+                        len: s.keys,
+                        query: s.queries == 1,
+                    })
+                    .collect();
+                let heads = Heads {
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    scale: scale as f32,
+                    softcap: c.attn_softcap.map(|x| x as f32),
+                };
+                let out = decode_attention::attend(&q, &k, &v, &rows, mask, heads)
+                    .run_ctx("decode attention")?;
+                return block.o.forward(&out, decode).run_ctx("output projection");
+            }
+        }
         let mask = match (&pass.ctx.sliding_mask, sliding) {
             (Some(m), true) => m,
             _ => &pass.ctx.mask,
@@ -935,7 +971,6 @@ impl Transformer {
             .run_ctx("softmax")?;
             patterns.push(pattern);
         }
-        let point = HookPoint::AttnPattern(layer);
         if pass.sees(point) {
             // Hooks see the pattern in the padded layout `[batch, heads, pos, keys]`, zero
             // wherever a row has no real query or key.

@@ -105,11 +105,18 @@ fn prompt_pass_outputs_do_not_depend_on_the_batch() {
 fn generations_do_not_depend_on_the_batch() {
     let m = model();
     let ids = prompts(&m);
-    let opts = GenerateOptions {
-        max_tokens: 16,
-        ..Default::default()
-    };
-    for hooks in [Hooks::new(), steering(&m)] {
+    // Both decode precisions: Q8_0 (interactive generation) and f32 (audits).
+    for (hooks, f32_decode) in [
+        (Hooks::new(), false),
+        (steering(&m), false),
+        (Hooks::new(), true),
+        (steering(&m), true),
+    ] {
+        let opts = GenerateOptions {
+            max_tokens: 16,
+            f32_decode,
+            ..Default::default()
+        };
         let alone: Vec<Vec<u32>> = ids
             .iter()
             .map(|p| {

@@ -125,9 +125,10 @@ fn agree_with_llama_cpp(name: &str, tolerance: Tolerance) {
         }
     }
 
-    // Greedy continuations, as an audit generates them (the model's default precision).
+    // Greedy continuations, as an audit generates them (f32 decode steps).
     let opts = GenerateOptions {
         max_tokens: MAX_TOKENS,
+        f32_decode: true,
         ..Default::default()
     };
     let gens = generate(&model.transformer, &prompts, &Hooks::new(), &opts).unwrap();
