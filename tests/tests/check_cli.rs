@@ -66,17 +66,15 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
     let explained = finding(&r, "harmful-recognition", "refusal-direction-latents");
     assert_eq!(explained["status"], "pass", "{explained}");
     assert_eq!(metric(explained, "AUROC"), metric(sep, "AUROC"));
-    // The direction lives at blocks.15 and the default SAE reads blocks.11: its latents are
-    // found by removing each one there and re-running the model.
+    // The default SAE reads blocks.11: its latents that carry the refusal score, by
+    // attribution patching, each then removed there for real.
     let attributed = explained["evidence"]["latents"].as_array().unwrap();
     assert!(!attributed.is_empty(), "{sep}");
     for l in attributed {
         assert!(!l["label"].as_str().unwrap().is_empty(), "{l}");
+        assert!(l["effect"].as_f64().is_some_and(f64::is_finite), "{l}");
         assert!(
-            l["measure"]
-                .as_str()
-                .unwrap()
-                .contains("removed at `blocks.11"),
+            l["measure"].as_str().unwrap().contains("removed there"),
             "{l}"
         );
     }
