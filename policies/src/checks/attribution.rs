@@ -71,13 +71,12 @@ pub(crate) fn attribute(
         .sae
         .contributions(&acts.to_dtype(DType::F32)?.reshape((rows * len, d))?)?
         .broadcast_mul(&real)?; // [rows * len, d_sae]
-    let w_dec = &s.sae.w_dec;
-    let per_latent_grad = grads
-        .to_dtype(DType::F32)?
-        .reshape((rows * len, d))?
-        .matmul(&w_dec.t()?)?;
     let n = rows as f64;
-    let estimates: Vec<f32> = (&c * per_latent_grad)?.sum(0)?.to_vec1()?;
+    let estimates: Vec<f32> = s
+        .sae
+        .latent_effects(&c, &grads.reshape((rows * len, d))?)?
+        .sum(0)?
+        .to_vec1()?;
     let active: Vec<f32> = c.abs()?.sum(0)?.to_vec1()?;
     let mut ranked: Vec<(usize, f64)> = estimates
         .iter()
@@ -104,10 +103,7 @@ pub(crate) fn attribute(
     let mut effects = Vec::with_capacity(ranked.len());
     for &(l, _) in &ranked {
         // The latent's decoder contribution at every position, taken away.
-        let column = c.narrow(1, l, 1)?; // [rows * len, 1]
-        let removed = column
-            .broadcast_mul(&w_dec.narrow(0, l, 1)?)?
-            .reshape((rows, len, d))?;
+        let removed = s.sae.decoded_latent(&c, l)?.reshape((rows, len, d))?;
         let f: ReplaceFn = Arc::new(move |x: &Tensor| x - removed.to_dtype(x.dtype())?);
         let ablated = values(&Hooks::new().replace(s.hook, Positions::All, f))?;
         let drop = base.iter().zip(&ablated).map(|(b, a)| b - a).sum::<f64>() / n;

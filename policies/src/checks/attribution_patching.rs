@@ -797,8 +797,11 @@ impl<'c, 'm> Run<'c, 'm> {
                 Ok(s.sae.contributions(&row(m, h)?)?)
             };
             let d = (coefficients(&out.captures)? - coefficients(&g.acts)?)?; // [pos, d_sae]
-            let grad = row(&g.grads, h)?.matmul(&s.sae.w_dec.t()?)?; // [pos, d_sae]
-            let per_latent: Vec<f32> = (&d * grad)?.sum(0)?.to_vec1()?;
+            let per_latent: Vec<f32> = s
+                .sae
+                .latent_effects(&d, &row(&g.grads, h)?)?
+                .sum(0)?
+                .to_vec1()?;
             let moved: Vec<f32> = d.abs()?.sum(0)?.to_vec1()?;
             for (latent, (e, m)) in per_latent.into_iter().zip(moved).enumerate() {
                 if m > 0.0 {
@@ -895,8 +898,7 @@ impl<'c, 'm> Run<'c, 'm> {
             Component::Latent { latent, .. } => {
                 let s = self.sae.as_ref().ok_or_else(missing)?;
                 let d = p.latent_deltas.as_ref().ok_or_else(missing)?;
-                d.narrow(1, latent, 1)?
-                    .broadcast_mul(&s.sae.w_dec.narrow(0, latent, 1)?)?
+                s.sae.decoded_latent(d, latent)?
             }
         })
     }

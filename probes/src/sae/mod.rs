@@ -340,6 +340,25 @@ impl Sae {
         scaled.broadcast_mul(&keep).map_err(candle("encoding"))
     }
 
+    /// The first-order effect on a metric of each latent's coefficient `c` `[n, d_sae]` (from
+    /// [`Sae::contributions`], or a difference of two), given the metric's gradient `grad`
+    /// `[n, d_in]` at the hook: `c[r, l] * (W_dec[l] . grad[r])`, `[n, d_sae]`.
+    pub fn latent_effects(&self, c: &Tensor, grad: &Tensor) -> Result<Tensor, SaeError> {
+        grad.to_dtype(DType::F32)
+            .and_then(|g| g.matmul(&self.w_dec.t()?))
+            .and_then(|g| c * g)
+            .map_err(candle("latent effects"))
+    }
+
+    /// Latent `latent`'s part of the reconstruction for coefficients `c` `[n, d_sae]`:
+    /// `c[r, latent] * W_dec[latent]`, `[n, d_in]`.
+    pub fn decoded_latent(&self, c: &Tensor, latent: usize) -> Result<Tensor, SaeError> {
+        self.check_latent(latent)?;
+        c.narrow(1, latent, 1)
+            .and_then(|col| col.broadcast_mul(&self.w_dec.narrow(0, latent, 1)?))
+            .map_err(candle("decoded latent"))
+    }
+
     /// The active latents of each token row of `x` `[n, d_in]` (at most 64 per row for SAEs
     /// without a fixed k), for statistics over tokens. Attention-sink rows ([`SINK_NORM_RATIO`])
     /// get none: their norm is far outside what SAEs are trained on, and what they fire says
