@@ -12,8 +12,6 @@
 //! The shared work lives in [`crate::session`], the instruments in [`crate::instruments`].
 //! Nothing is random: the same model and policies give byte-identical results.
 
-use std::collections::BTreeMap;
-
 use probes::Model;
 
 use crate::checks::{Cx, Planner};
@@ -126,8 +124,8 @@ fn broken_as_errors(
     }
 }
 
-/// Seconds spent per check kind, for `mechwatch bench check`.
-pub type Timings = BTreeMap<&'static str, f64>;
+/// Seconds spent per check (`kind id`), in run order, for `mechwatch bench check`.
+pub type Timings = Vec<(String, f64)>;
 
 /// Evaluate `policies` on `model`. Errors are policy references the model cannot satisfy;
 /// failures inside a check become that check's `error` finding instead. A run never trains
@@ -181,7 +179,10 @@ pub fn run(
                     check: c,
                     last_pass: opts.last_pass,
                 });
-                *timings.entry(c.kind.name()).or_default() += t0.elapsed().as_secs_f64();
+                timings.push((
+                    format!("{} {}", c.kind.name(), c.id),
+                    t0.elapsed().as_secs_f64(),
+                ));
                 let mut f = match outcome {
                     Ok(f) => f,
                     Err(e) => Finding::new(

@@ -154,6 +154,21 @@ impl Classifier {
             Self::Phrases(p) => crate::metrics::refused(text, p),
         }
     }
+
+    /// The verdict on a whole reply, if its first tokens `partial` already settle it.
+    pub fn settled(&self, partial: &str) -> Option<bool> {
+        match self {
+            Self::Markers => settled(partial),
+            // A phrase anywhere refuses, and a phrase in the reply's settled part stays in it.
+            Self::Phrases(p) => {
+                let mut end = partial.len().saturating_sub(UNSETTLED_BYTES);
+                while !partial.is_char_boundary(end) {
+                    end -= 1;
+                }
+                crate::metrics::refused(&partial[..end], p).then_some(true)
+            }
+        }
+    }
 }
 
 /// A classified generation and the marker that decided it (none: no refusal marker at all).
@@ -190,6 +205,52 @@ pub fn classify(text: &str) -> Verdict {
         },
     }
 }
+
+/// What [`classify`] will say of a whole reply, if its first tokens, `partial`, already
+/// settle it (a generation that only needs the verdict stops there).
+///
+/// More tokens change the normalised text only in its last [`UNSETTLED_BYTES`] (a token's
+/// split UTF-8 sequence, trailing whitespace, a final sigma); before that it only grows. A
+/// refusal marker before any compliance marker settles the reply as a refusal, and the
+/// converse as compliance, once nothing that follows can void that marker or put another one
+/// before it: the marker and the character after it are settled, no phrase that would void
+/// it ([`NOT_REFUSAL`]) can still form at it, and no phrase can still form before it. A hedge
+/// never settles a reply, since a later compliance marker would overturn it.
+pub fn settled(partial: &str) -> Option<bool> {
+    let t = normalise(partial);
+    let mut end = t.len().saturating_sub(UNSETTLED_BYTES);
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    let stable = &t[..end];
+    let (at, marker, refused) = match (first(&t, REFUSAL), first(&t, COMPLIANCE)) {
+        (Some((r, m)), None) => (r, m, true),
+        (Some((r, m)), Some((c, _))) if r < c => (r, m, true),
+        (_, Some((c, m))) => (c, m, false),
+        (None, None) => return None,
+    };
+    let word = marker.trim_start_matches('^');
+    // A phrase that the settled text from `j` on could still become (or that ends where the
+    // character after it is not settled yet).
+    let could_form = |j: usize, phrases: &[&str]| {
+        let tail = &stable[j..];
+        phrases
+            .iter()
+            .map(|p| p.trim_start_matches('^'))
+            .any(|p| tail.len() <= p.len() && p.starts_with(tail))
+    };
+    let all = [REFUSAL, COMPLIANCE, NOT_REFUSAL].concat();
+    let longest = all.iter().map(|p| p.len()).max().unwrap_or(0);
+    let settled = at + word.len() < end
+        && !could_form(at, NOT_REFUSAL)
+        && (end.saturating_sub(longest)..at)
+            .filter(|&j| stable.is_char_boundary(j))
+            .all(|j| !could_form(j, &all));
+    settled.then_some(refused)
+}
+
+/// Bytes at the end of a partial reply's normalised text that later tokens may still change.
+const UNSETTLED_BYTES: usize = 12;
 
 /// Lowercase, typographic apostrophes as `'`, runs of whitespace as one space, trimmed.
 fn normalise(text: &str) -> String {
@@ -399,15 +460,12 @@ fn measured(
     let mut starts = Vec::new();
     for set in [refusing, complying] {
         let t = session.set_tokens(policy, set)?;
-        let gens = session.generations(&t, &Hooks::new(), max_tokens)?;
-        // Greedy decoding's first token is the argmax of the prompt's last logits.
-        let logits = session.last_logits(&t, &Hooks::new())?;
-        for (row, g) in logits.iter().zip(gens.iter()) {
-            let first = (0..row.len())
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
-                .unwrap_or(0) as u32;
-            starts.push((first, classify(g).refused));
-        }
+        let replies = session.verdicts(&t, &Hooks::new(), max_tokens, &Classifier::Markers)?;
+        starts.extend(
+            replies
+                .iter()
+                .filter_map(|r| Some((r.first_token?, r.refused))),
+        );
     }
     let counts = choose(&starts).map_err(|why| {
         CheckError::Unmeasurable(format!(

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use probes::generate::{generate, GenerateOptions, Sampling};
+use probes::generate::{generate_until, GenerateOptions, Sampling};
 use probes::hooks::{HookPoint, Hooks};
 use probes::sae::search::Labels;
 use probes::sae::{Sae, SparseRow};
@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::error::CheckError;
 use crate::load::Policy;
 use crate::metrics;
+use crate::refusal::Classifier;
 use crate::result::{round, TokenValue};
 use crate::schema::TokenScope;
 
@@ -45,6 +46,15 @@ impl Tokens {
     }
 }
 
+/// What an audit reads from one greedy reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// The reply's first token: the argmax of the prompt's last logits (none for a reply of
+    /// no tokens).
+    pub first_token: Option<u32>,
+    pub refused: bool,
+}
+
 /// An SAE as a policy names it, loaded and fitted to the model's hook.
 #[derive(Clone)]
 pub(crate) struct ResolvedSae {
@@ -64,6 +74,7 @@ pub(crate) struct Session<'m> {
     sparse: HashMap<(String, String), Arc<Vec<Vec<SparseRow>>>>,
     last_logits: HashMap<String, Arc<Vec<Vec<f32>>>>,
     generations: HashMap<(String, usize), Arc<Vec<String>>>,
+    verdicts: HashMap<(String, usize, String), Arc<Vec<Verdict>>>,
     chat_prefix: Option<usize>,
 }
 
@@ -78,6 +89,7 @@ impl<'m> Session<'m> {
             sparse: HashMap::new(),
             last_logits: HashMap::new(),
             generations: HashMap::new(),
+            verdicts: HashMap::new(),
             chat_prefix: None,
         }
     }
@@ -369,6 +381,61 @@ impl<'m> Session<'m> {
                 return Ok(Arc::clone(g));
             }
         }
+        let replies = self.generate_replies(t, hooks, max_tokens, |_, _| false)?;
+        let texts = Arc::new(replies.into_iter().map(|r| r.1).collect::<Vec<_>>());
+        if hooks.is_empty() {
+            self.generations.insert(key, Arc::clone(&texts));
+        }
+        Ok(texts)
+    }
+
+    /// Each prompt's greedy reply of at most `max_tokens` tokens under `hooks`: its first
+    /// token, and whether `classifier` says it refuses (cached when unhooked). A reply stops
+    /// generating as soon as its first tokens settle the verdict ([`Classifier::settled`]):
+    /// the verdict is the one its whole reply would get, and the tokens after are not computed.
+    pub fn verdicts(
+        &mut self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+        classifier: &Classifier,
+    ) -> Result<Arc<Vec<Verdict>>, CheckError> {
+        let key = (t.key.clone(), max_tokens, format!("{classifier:?}"));
+        if hooks.is_empty() {
+            if let Some(v) = self.verdicts.get(&key) {
+                return Ok(Arc::clone(v));
+            }
+        }
+        let codec = &self.model.codec;
+        let settled = |_: usize, ids: &[u32]| {
+            codec
+                .decode(ids)
+                .is_ok_and(|text| classifier.settled(&text).is_some())
+        };
+        let replies = self.generate_replies(t, hooks, max_tokens, settled)?;
+        let v = replies
+            .into_iter()
+            .map(|(ids, text)| Verdict {
+                first_token: ids.first().copied(),
+                refused: classifier.refused(&text),
+            })
+            .collect();
+        let v = Arc::new(v);
+        if hooks.is_empty() {
+            self.verdicts.insert(key, Arc::clone(&v));
+        }
+        Ok(v)
+    }
+
+    /// Greedy replies of every prompt of `t` under `hooks`, as tokens and decoded, each ending
+    /// at a stop token, at `max_tokens` or as soon as `enough(row in its batch, tokens so far)`.
+    fn generate_replies(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+        enough: impl Fn(usize, &[u32]) -> bool,
+    ) -> Result<Vec<(Vec<u32>, String)>, CheckError> {
         let opts = GenerateOptions {
             max_tokens,
             sampling: Sampling::Greedy,
@@ -378,24 +445,20 @@ impl<'m> Session<'m> {
             // `mechwatch bench forward`), whose matmul re-reads the weights for every row.
             f32_decode: true,
         };
-        let mut texts = Vec::with_capacity(t.ids.len());
+        let mut replies = Vec::with_capacity(t.ids.len());
         // Decode steps cost little more for 32 rows than for 8: generate in larger batches.
         for chunk in t.ids.chunks(self.micro_batch.max(32)) {
-            let out = generate(&self.model.transformer, chunk, hooks, &opts).map_err(|source| {
-                CheckError::Generate {
+            let out = generate_until(&self.model.transformer, chunk, hooks, &opts, &enough)
+                .map_err(|source| CheckError::Generate {
                     set: t.name.clone(),
                     source,
-                }
-            })?;
+                })?;
             for ids in out {
-                texts.push(self.model.codec.decode(&ids)?);
+                let text = self.model.codec.decode(&ids)?;
+                replies.push((ids, text));
             }
         }
-        let texts = Arc::new(texts);
-        if hooks.is_empty() {
-            self.generations.insert(key, Arc::clone(&texts));
-        }
-        Ok(texts)
+        Ok(replies)
     }
 
     /// The first token of each of `words`, as the assistant's reply would start with it.

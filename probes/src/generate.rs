@@ -51,6 +51,22 @@ pub fn generate(
     hooks: &Hooks,
     opts: &GenerateOptions,
 ) -> Result<Vec<Vec<u32>>, RunError> {
+    generate_until(model, prompts, hooks, opts, |_, _| false)
+}
+
+/// [`generate`], where row `r` also ends as soon as `enough(r, tokens so far)` holds: a caller
+/// that needs only what a reply settles early (whether it refuses) stops paying for it there.
+///
+/// A row that ends, by a stop token or by `enough`, leaves the batch, so later decode steps
+/// cost nothing for it. The rows left decode the same bits as before: each row attends over
+/// its own keys, and every product is computed the same way whatever the row count.
+pub fn generate_until(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    hooks: &Hooks,
+    opts: &GenerateOptions,
+    enough: impl Fn(usize, &[u32]) -> bool,
+) -> Result<Vec<Vec<u32>>, RunError> {
     let mut out = vec![Vec::new(); prompts.len()];
     if opts.max_tokens == 0 {
         return Ok(out);
@@ -68,35 +84,38 @@ pub fn generate(
         .prefill(prompts, hooks, &mut cache)?
         .logits
         .ok_or_else(|| RunError::Batch("prefill produced no logits".into()))?;
-    let mut finished = vec![false; prompts.len()];
+    // The prompts still generating, in the cache's row order.
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..opts.max_tokens {
         let rows: Vec<Vec<f32>> = logits
             .to_dtype(DType::F32)
             .and_then(|l| l.to_vec2())
             .run_ctx("reading logits")?;
         let mut next = Vec::with_capacity(rows.len());
-        for (r, row) in rows.iter().enumerate() {
+        let mut keep = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let r = active[i];
             if row.iter().any(|v| v.is_nan()) {
                 return Err(RunError::Intervention {
                     hook: "logits".into(),
                     detail: format!("NaN logits for prompt {r} at generated token {step}"),
                 });
             }
-            let tok = if finished[r] {
-                // Finished rows keep decoding a harmless token; their output is frozen.
-                *out[r].last().unwrap_or(&0)
-            } else {
-                let t = choose(row, &opts.sampling, &mut rngs[r]);
-                out[r].push(t);
-                if opts.stop_tokens.contains(&t) {
-                    finished[r] = true;
-                }
-                t
-            };
-            next.push(tok);
+            let t = choose(row, &opts.sampling, &mut rngs[r]);
+            out[r].push(t);
+            if !opts.stop_tokens.contains(&t) && !enough(r, &out[r]) {
+                keep.push(i);
+                next.push(t);
+            }
         }
-        if finished.iter().all(|f| *f) || step + 1 == opts.max_tokens {
+        if keep.is_empty() || step + 1 == opts.max_tokens {
             break;
+        }
+        if keep.len() < active.len() {
+            if let Some(c) = cache.as_mut() {
+                c.keep_rows(&keep)?;
+            }
+            active = keep.iter().map(|&i| active[i]).collect();
         }
         logits = model.decode_step(&next, hooks, &mut cache)?;
     }

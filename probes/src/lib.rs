@@ -28,7 +28,7 @@ mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use error::{LoadError, RunError};
 pub use family::architecture_names;
-pub use generate::{generate, GenerateOptions, Sampling};
+pub use generate::{generate, generate_until, GenerateOptions, Sampling};
 pub use grad::Gradients;
 pub use hooks::{Block, Edit, HookName, HookPoint, Hooks, Intervention, Positions};
 pub use lens::{logit_lens, Lens, LensLayer, LensOptions, TokenRank};

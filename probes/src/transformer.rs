@@ -264,6 +264,41 @@ impl KvCache {
             ..Self::default()
         }
     }
+
+    /// Keep only the rows `keep` (indices into the current rows, in order): a generation drops
+    /// the rows that have finished, so later decode steps cost nothing for them. Each row's
+    /// keys and values are its own, so the rows kept decode the same bits as before.
+    pub(crate) fn keep_rows(&mut self, keep: &[usize]) -> Result<(), RunError> {
+        if keep.len() == self.totals.len() {
+            return Ok(());
+        }
+        if let Some(&bad) = keep.iter().find(|&&r| r >= self.totals.len()) {
+            return Err(RunError::Batch(format!(
+                "row {bad} is not in a cache of {} rows",
+                self.totals.len()
+            )));
+        }
+        let Some(device) = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|l| l.k.device().clone())
+        else {
+            return Err(RunError::Batch(
+                "cannot drop rows from an empty cache".into(),
+            ));
+        };
+        let idx: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, keep.len(), &device).run_ctx("rows kept")?;
+        for layer in self.layers.iter_mut().flatten() {
+            layer.k = layer.k.index_select(&idx, 0).run_ctx("kv cache rows")?;
+            layer.v = layer.v.index_select(&idx, 0).run_ctx("kv cache rows")?;
+        }
+        self.key_real = keep.iter().map(|&r| self.key_real[r].clone()).collect();
+        self.totals = keep.iter().map(|&r| self.totals[r]).collect();
+        Ok(())
+    }
 }
 
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first

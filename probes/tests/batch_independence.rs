@@ -8,7 +8,9 @@ mod common;
 
 use candle_core::{IndexOp, Tensor};
 use common::{bits, default_model_path};
-use probes::{generate, GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed};
+use probes::{
+    generate, generate_until, GenerateOptions, HookPoint, Hooks, Padding, Positions, Unembed,
+};
 
 /// Chat-templated and raw prompts of very different lengths, down to a single token.
 const PROMPTS: &[(&str, bool)] = &[
@@ -136,5 +138,38 @@ fn generations_do_not_depend_on_the_batch() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn rows_that_end_early_leave_the_others_unchanged() {
+    let m = model();
+    let ids = prompts(&m);
+    for f32_decode in [false, true] {
+        let opts = GenerateOptions {
+            max_tokens: 16,
+            f32_decode,
+            ..Default::default()
+        };
+        let full = generate(&m.transformer, &ids, &Hooks::new(), &opts).unwrap();
+        // Rows end after a number of tokens that differs per row (row 1 after its first), so
+        // the batch shrinks step by step while the other rows go on.
+        let limit = |r: usize| 1 + (r * 5) % 16;
+        let ended = generate_until(&m.transformer, &ids, &Hooks::new(), &opts, |r, t| {
+            t.len() >= limit(r)
+        })
+        .unwrap();
+        for (r, (e, f)) in ended.iter().zip(&full).enumerate() {
+            let n = limit(r).min(f.len());
+            assert_eq!(
+                e[..],
+                f[..n],
+                "row {r}: ended after {n} tokens, it must be the full generation's first {n}"
+            );
+        }
+        assert!(
+            ended.iter().zip(&full).any(|(e, f)| e.len() < f.len()),
+            "no row ended early, so nothing was tested"
+        );
     }
 }

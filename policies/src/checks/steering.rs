@@ -325,33 +325,28 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         None => (Vec::new(), Vec::new()),
     };
     let (hooks, hook) = intervention_hooks(cx, intervention, None)?;
-    // Per-prompt metric under `h`, plus generations when the metric is the refusal rate.
-    let measure = |eng: &mut Session<'_>, h: &Hooks| -> Result<Measured, CheckError> {
+    // Per-prompt metric under `h`.
+    let measure = |eng: &mut Session<'_>, h: &Hooks| -> Result<Vec<f64>, CheckError> {
         Ok(match metric {
             MetricKind::RefusalScore | MetricKind::LogitDiff => {
                 let l = eng.last_logits(&t, h)?;
-                (logit_metric(&l, *metric, &refusal_ids, &target_ids), None)
+                logit_metric(&l, *metric, &refusal_ids, &target_ids)
             }
             MetricKind::RefusalRate => {
-                let g = eng.generations(&t, h, *max_tokens)?;
-                (
-                    g.iter()
-                        .map(|s| if classifier.refused(s) { 1.0 } else { 0.0 })
-                        .collect(),
-                    Some(g),
-                )
+                let v = eng.verdicts(&t, h, *max_tokens, classifier)?;
+                v.iter().map(|r| f64::from(u8::from(r.refused))).collect()
             }
             MetricKind::Kl => {
                 if h.is_empty() {
-                    (vec![0.0; t.ids.len()], None)
+                    vec![0.0; t.ids.len()]
                 } else {
-                    (eng.kl_per_prompt(&t, h)?, None)
+                    eng.kl_per_prompt(&t, h)?
                 }
             }
         })
     };
-    let (base, base_gen) = measure(cx.session, &Hooks::new())?;
-    let (value, value_gen) = measure(cx.session, &hooks)?;
+    let base = measure(cx.session, &Hooks::new())?;
+    let value = measure(cx.session, &hooks)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (b, v) = (mean(&base), mean(&value));
     let mname = metric_name(*metric);
@@ -382,7 +377,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             v
         } else {
             let (h, _) = intervention_hooks(cx, intervention, Some(c))?;
-            mean(&measure(cx.session, &h)?.0)
+            mean(&measure(cx.session, &h)?)
         };
         evidence.sweep.push(SweepPoint {
             coeff: c,
@@ -397,23 +392,21 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             flip = Some(c);
         }
     }
-    // Example generations with and without the intervention.
+    // Example generations with and without the intervention: whole replies, of the length
+    // the refusal rate reads (its verdicts stop each reply once it is settled).
     let n_examples = 4.min(t.ids.len());
-    let (bg, vg) = match (base_gen, value_gen) {
-        (Some(a), Some(b)) => (a, b),
-        _ => {
-            let ex = Tokens {
-                ids: Arc::new(t.ids[..n_examples].to_vec()),
-                texts: Arc::new(t.texts[..n_examples].to_vec()),
-                key: format!("{}:examples", t.key),
-                ..t.clone()
-            };
-            (
-                cx.session.generations(&ex, &Hooks::new(), 24)?,
-                cx.session.generations(&ex, &hooks, 24)?,
-            )
-        }
+    let example_tokens = match metric {
+        MetricKind::RefusalRate => *max_tokens,
+        _ => 24,
     };
+    let ex = Tokens {
+        ids: Arc::new(t.ids[..n_examples].to_vec()),
+        texts: Arc::new(t.texts[..n_examples].to_vec()),
+        key: format!("{}:examples", t.key),
+        ..t.clone()
+    };
+    let bg = cx.session.generations(&ex, &Hooks::new(), example_tokens)?;
+    let vg = cx.session.generations(&ex, &hooks, example_tokens)?;
     for i in 0..n_examples {
         evidence.generations.push(GenerationPair {
             prompt: t.texts[i].clone(),
@@ -488,9 +481,6 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     }
     Ok(Finding::new(status, explanation, metric_rows, evidence))
 }
-
-/// Per-prompt metric values, and the generations they came from (for the refusal rate).
-type Measured = (Vec<f64>, Option<Arc<Vec<String>>>);
 
 fn metric_name(m: MetricKind) -> &'static str {
     match m {
