@@ -479,46 +479,58 @@ impl<'m> Session<'m> {
         Ok(self.model.codec.encode(text)?)
     }
 
-    /// Mean KL(clean || hooked) over every real position, per prompt.
+    /// Mean KL(clean || hooked) over every real position, per prompt. Micro-batches of 4 (each
+    /// holds two passes' logits at every position) run one per thread.
     pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
-        let mb = self.micro_batch.min(8);
-        let mut out = Vec::with_capacity(t.ids.len());
-        for chunk in t.ids.chunks(mb) {
-            let run = |h: &Hooks| -> Result<Tensor, CheckError> {
-                self.model
-                    .transformer
-                    .forward(chunk, Padding::Right, h, Unembed::All)
-                    .map_err(|source| CheckError::Forward {
-                        set: t.name.clone(),
-                        source,
-                    })?
-                    .logits
-                    .ok_or_else(|| CheckError::NonFinite("no logits".to_string()))
-            };
-            let (clean, hooked) = (run(&Hooks::new())?, run(hooks)?);
-            for (r, p) in chunk.iter().enumerate() {
-                let c: Vec<Vec<f32>> = clean
-                    .get(r)
-                    .and_then(|x| x.narrow(0, 0, p.len()))
-                    .and_then(|x| x.to_vec2())?;
-                let h: Vec<Vec<f32>> = hooked
-                    .get(r)
-                    .and_then(|x| x.narrow(0, 0, p.len()))
-                    .and_then(|x| x.to_vec2())?;
-                let kl = c
-                    .par_iter()
-                    .zip(&h)
-                    .map(|(a, b)| metrics::kl(a, b))
-                    .sum::<f64>()
-                    / p.len() as f64;
-                if !kl.is_finite() {
-                    return Err(CheckError::NonFinite(format!(
-                        "non-finite KL for a prompt of `{}`",
-                        t.name
-                    )));
-                }
-                out.push(kl);
+        let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(self.micro_batch.min(4)).collect();
+        let per_chunk = chunks
+            .par_iter()
+            .map(|chunk| self.kl_of_chunk(t, chunk, hooks))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(per_chunk.into_iter().flatten().collect())
+    }
+
+    fn kl_of_chunk(
+        &self,
+        t: &Tokens,
+        chunk: &[Vec<u32>],
+        hooks: &Hooks,
+    ) -> Result<Vec<f64>, CheckError> {
+        let run = |h: &Hooks| -> Result<Tensor, CheckError> {
+            self.model
+                .transformer
+                .forward(chunk, Padding::Right, h, Unembed::All)
+                .map_err(|source| CheckError::Forward {
+                    set: t.name.clone(),
+                    source,
+                })?
+                .logits
+                .ok_or_else(|| CheckError::NonFinite("no logits".to_string()))
+        };
+        let (clean, hooked) = (run(&Hooks::new())?, run(hooks)?);
+        let mut out = Vec::with_capacity(chunk.len());
+        for (r, p) in chunk.iter().enumerate() {
+            let c: Vec<Vec<f32>> = clean
+                .get(r)
+                .and_then(|x| x.narrow(0, 0, p.len()))
+                .and_then(|x| x.to_vec2())?;
+            let h: Vec<Vec<f32>> = hooked
+                .get(r)
+                .and_then(|x| x.narrow(0, 0, p.len()))
+                .and_then(|x| x.to_vec2())?;
+            let kl = c
+                .iter()
+                .zip(&h)
+                .map(|(a, b)| metrics::kl(a, b))
+                .sum::<f64>()
+                / p.len() as f64;
+            if !kl.is_finite() {
+                return Err(CheckError::NonFinite(format!(
+                    "non-finite KL for a prompt of `{}`",
+                    t.name
+                )));
             }
+            out.push(kl);
         }
         Ok(out)
     }

@@ -202,6 +202,9 @@ pub enum Padding {
 pub enum Unembed {
     /// `[batch, pos, vocab]`
     All,
+    /// `[batch, pos - n, vocab]`: the padded positions from `n` on (a prompt's start that no
+    /// one scores, such as a chat template's preamble, is not unembedded).
+    From(usize),
     /// `[batch, vocab]` at each prompt's last real token.
     Last,
     /// No logits: the pass stops after the deepest hook it needs.
@@ -867,6 +870,12 @@ impl Transformer {
         let logits = match unembed {
             Unembed::None => None,
             Unembed::All => Some(self.unembed.forward(&x, decode).run_ctx("unembed")?),
+            Unembed::From(n) => {
+                let x = x
+                    .narrow(1, n.min(t), t - n.min(t))
+                    .run_ctx("positions unembedded")?;
+                Some(self.unembed.forward(&x, decode).run_ctx("unembed")?)
+            }
             Unembed::Last => {
                 let idx: Vec<u32> = (0..b)
                     .map(|r| (r * t + layout.offset(r) + layout.lengths[r] - 1) as u32)

@@ -108,6 +108,34 @@ fn training_learns_saves_saelens_and_evaluates() {
     assert!(r.l0 <= 8.0 + 1e-9);
     assert!(r.ce_loss_recovered.is_finite() && r.kl_sae >= 0.0);
     assert!(r.ce_zero_ablation.is_finite() && r.ce_clean.is_finite());
+
+    // Windows of different lengths share padded micro-batches: the padding must not leak
+    // into any figure, whatever the batching (one window per batch has none).
+    let mixed: Vec<Vec<u32>> = wins[..12]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w[..w.len() - i % 5].to_vec())
+        .collect();
+    let together = probes::sae::eval::evaluate_from(&m, &sae, hook, &mixed, 2, 6).unwrap();
+    let alone = probes::sae::eval::evaluate_from(&m, &sae, hook, &mixed, 2, 1).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1e-3);
+    assert_eq!(
+        (together.tokens, together.sink_tokens, together.dead_latents),
+        (alone.tokens, alone.sink_tokens, alone.dead_latents)
+    );
+    for (what, a, b) in [
+        ("l0", together.l0, alone.l0),
+        ("fvu", together.fvu, alone.fvu),
+        ("ce clean", together.ce_clean, alone.ce_clean),
+        ("ce sae", together.ce_sae, alone.ce_sae),
+        ("ce zero", together.ce_zero_ablation, alone.ce_zero_ablation),
+        ("kl", together.kl_sae, alone.kl_sae),
+    ] {
+        assert!(
+            close(a, b),
+            "{what}: {a} in padded batches, {b} one window at a time"
+        );
+    }
 }
 
 #[test]

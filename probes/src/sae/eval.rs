@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{candle, keep_sinks, sink_rows, Sae, SaeError};
@@ -42,21 +43,16 @@ fn run_err(e: crate::error::RunError) -> SaeError {
     }
 }
 
-/// Per-token next-token CE `[b, t-1]` and log-probs `[b, t-1, vocab]` from logits `[b, t, v]`.
-fn next_token_ce(logits: &Tensor, windows: &[Vec<u32>]) -> candle_core::Result<(Tensor, Tensor)> {
-    let (b, t, _) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
-    let targets: Vec<u32> = windows
-        .iter()
-        .flat_map(|w| w[1..].iter().copied())
-        .collect();
-    let targets = Tensor::from_vec(targets, (b, t - 1, 1), logits.device())?;
-    let ce = logp.gather(&targets, 2)?.squeeze(2)?.neg()?;
+/// Next-token CE `[n]` and log-probs `[n, vocab]` of `logits` `[n, vocab]` (predictions at
+/// consecutive positions) against the `n` tokens that follow them.
+fn next_token_ce(logits: &Tensor, targets: &[u32]) -> candle_core::Result<(Tensor, Tensor)> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let targets = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), logits.device())?;
+    let ce = logp.gather(&targets, 1)?.squeeze(1)?.neg()?;
     Ok((ce, logp))
 }
 
-/// Evaluate `sae` at `hook` on `windows` (token ids; each at least 3 long, of any lengths:
-/// windows of one length run together, so no batch needs padding).
+/// Evaluate `sae` at `hook` on `windows` (token ids; each at least 3 long, of any lengths).
 pub fn evaluate(
     model: &Model,
     sae: &Arc<Sae>,
@@ -95,102 +91,31 @@ pub fn evaluate_from(
             from + 2
         )));
     }
-    let mut lengths: Vec<usize> = windows.iter().map(Vec::len).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    let (mut tokens, mut sink_tokens, mut l0_sum, mut sse) = (0u64, 0u64, 0f64, 0f64);
-    let (mut sum_x, mut sum_sq) = (vec![0f64; sae.d_in], 0f64);
-    let mut fired = vec![false; sae.d_sae];
-    let (mut ce_clean, mut ce_sae, mut ce_zero, mut kl) = (0f64, 0f64, 0f64, 0f64);
-    let mut scored = 0usize;
-    for t in lengths {
-        let group: Vec<Vec<u32>> = windows.iter().filter(|w| w.len() == t).cloned().collect();
-        scored += group.len() * (t - 1 - from);
-        let later: Vec<i64> = (from as i64..t as i64).collect();
-        let capture = Hooks::new().capture(hook);
-        let spliced = Hooks::new().replace(
-            hook,
-            Positions::Indices(later.clone()),
-            keep_sinks(sae.splice(vec![], false), sae.d_in),
-        );
-        let zeroed = Hooks::new().replace(
-            hook,
-            Positions::Indices(later),
-            keep_sinks(Arc::new(|x: &Tensor| x.zeros_like()), sae.d_in),
-        );
-        for chunk in group.chunks(micro_batch.max(1)) {
-            let clean = model
-                .transformer
-                .forward(chunk, Padding::Right, &capture, Unembed::All)
-                .map_err(run_err)?;
-            let act = &clean.captures[&hook];
-            let x = act
-                .narrow(1, from, t - from)
-                .and_then(|a| a.reshape(((), sae.d_in)))
-                .map_err(candle("activations"))?;
-            let (acts, recon) = sae.encode_and_reconstruct(&x)?;
-            let rows = |t: &Tensor, what| -> Result<Vec<f32>, SaeError> {
-                t.flatten_all()
-                    .and_then(|a| a.to_vec1())
-                    .map_err(candle(what))
-            };
-            let (a, xv) = (rows(&acts, "latents")?, rows(&x, "fvu")?);
-            let err = rows(&(&recon - &x).map_err(candle("fvu"))?, "fvu")?;
-            let sinks = sink_rows(&xv, sae.d_in);
-            let scored = a
-                .chunks(sae.d_sae)
-                .zip(xv.chunks(sae.d_in))
-                .zip(err.chunks(sae.d_in))
-                .zip(&sinks)
-                .filter(|(_, sink)| !**sink);
-            for ((latents, row), e) in scored.map(|(r, _)| r) {
-                for (j, v) in latents.iter().enumerate() {
-                    if *v > 0.0 {
-                        l0_sum += 1.0;
-                        fired[j] = true;
-                    }
-                }
-                for (i, v) in row.iter().enumerate() {
-                    sum_x[i] += f64::from(*v);
-                    sum_sq += f64::from(v * v);
-                }
-                sse += e.iter().map(|v| f64::from(v * v)).sum::<f64>();
-                tokens += 1;
-            }
-            sink_tokens += sinks.iter().filter(|s| **s).count() as u64;
-
-            let (ce_c, logp_c) = next_token_ce(clean.logits.as_ref().expect("logits"), chunk)
-                .map_err(candle("ce"))?;
-            let s_out = model
-                .transformer
-                .forward(chunk, Padding::Right, &spliced, Unembed::All)
-                .map_err(run_err)?;
-            let (ce_s, logp_s) = next_token_ce(s_out.logits.as_ref().expect("logits"), chunk)
-                .map_err(candle("ce"))?;
-            let z_out = model
-                .transformer
-                .forward(chunk, Padding::Right, &zeroed, Unembed::All)
-                .map_err(run_err)?;
-            let (ce_z, _) = next_token_ce(z_out.logits.as_ref().expect("logits"), chunk)
-                .map_err(candle("ce"))?;
-            // Score the predictions made at the spliced positions (`from..t-1` predict the
-            // tokens after them).
-            let tail = |c: &Tensor| -> Result<f64, SaeError> {
-                c.narrow(1, from, t - 1 - from)
-                    .and_then(|c| c.sum_all()?.to_scalar::<f32>())
-                    .map(f64::from)
-                    .map_err(candle("ce"))
-            };
-            ce_clean += tail(&ce_c)?;
-            ce_sae += tail(&ce_s)?;
-            ce_zero += tail(&ce_z)?;
-            let p_c = logp_c.exp().map_err(candle("kl"))?;
-            let kl_tok = (p_c * (&logp_c - &logp_s).map_err(candle("kl"))?)
-                .and_then(|k| k.sum(D::Minus1))
-                .map_err(candle("kl"))?;
-            kl += tail(&kl_tok)?;
-        }
+    // Micro-batches run one per thread; each sums its own windows, and the sums are added in
+    // window order, so the report does not depend on the thread count.
+    let chunks: Vec<&[Vec<u32>]> = windows.chunks(micro_batch.max(1)).collect();
+    let sums = chunks
+        .par_iter()
+        .map(|chunk| chunk_sums(model, sae, hook, chunk, from))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut total = Sums::new(sae);
+    for s in sums {
+        total.add(s);
     }
+    let Sums {
+        tokens,
+        sink_tokens,
+        l0_sum,
+        sse,
+        sum_x,
+        sum_sq,
+        fired,
+        ce_clean,
+        ce_sae,
+        ce_zero,
+        kl,
+        scored,
+    } = total;
     let n = tokens as f64;
     let total_var = sum_sq - sum_x.iter().map(|s| s * s).sum::<f64>() / n;
     let fvu = sse / total_var.max(1e-12);
@@ -211,4 +136,167 @@ pub fn evaluate_from(
         ce_loss_recovered: (ce_zero - ce_sae) / (ce_zero - ce_clean),
         kl_sae: kl / scored,
     })
+}
+
+/// What one micro-batch of windows adds to an evaluation.
+struct Sums {
+    tokens: u64,
+    sink_tokens: u64,
+    l0_sum: f64,
+    sse: f64,
+    sum_x: Vec<f64>,
+    sum_sq: f64,
+    fired: Vec<bool>,
+    ce_clean: f64,
+    ce_sae: f64,
+    ce_zero: f64,
+    kl: f64,
+    /// Predictions scored.
+    scored: usize,
+}
+
+impl Sums {
+    fn new(sae: &Sae) -> Self {
+        Self {
+            tokens: 0,
+            sink_tokens: 0,
+            l0_sum: 0.0,
+            sse: 0.0,
+            sum_x: vec![0.0; sae.d_in],
+            sum_sq: 0.0,
+            fired: vec![false; sae.d_sae],
+            ce_clean: 0.0,
+            ce_sae: 0.0,
+            ce_zero: 0.0,
+            kl: 0.0,
+            scored: 0,
+        }
+    }
+
+    fn add(&mut self, o: Sums) {
+        self.tokens += o.tokens;
+        self.sink_tokens += o.sink_tokens;
+        self.l0_sum += o.l0_sum;
+        self.sse += o.sse;
+        for (a, b) in self.sum_x.iter_mut().zip(o.sum_x) {
+            *a += b;
+        }
+        self.sum_sq += o.sum_sq;
+        for (a, b) in self.fired.iter_mut().zip(o.fired) {
+            *a |= b;
+        }
+        self.ce_clean += o.ce_clean;
+        self.ce_sae += o.ce_sae;
+        self.ce_zero += o.ce_zero;
+        self.kl += o.kl;
+        self.scored += o.scored;
+    }
+}
+
+/// The sums of one micro-batch of windows (right-padded together): SAE statistics on the
+/// activations from `from` on, and next-token CE and KL of the predictions made there, clean,
+/// with the SAE spliced in and with the hook zeroed. The preamble before `from` is neither
+/// changed nor unembedded.
+fn chunk_sums(
+    model: &Model,
+    sae: &Arc<Sae>,
+    hook: HookPoint,
+    chunk: &[Vec<u32>],
+    from: usize,
+) -> Result<Sums, SaeError> {
+    let mut s = Sums::new(sae);
+    let t = chunk.iter().map(Vec::len).max().unwrap_or(0);
+    let later: Vec<i64> = (from as i64..t as i64).collect();
+    let capture = Hooks::new().capture(hook);
+    let spliced = Hooks::new().replace(
+        hook,
+        Positions::Indices(later.clone()),
+        keep_sinks(sae.splice(vec![], false), sae.d_in),
+    );
+    let zeroed = Hooks::new().replace(
+        hook,
+        Positions::Indices(later),
+        keep_sinks(Arc::new(|x: &Tensor| x.zeros_like()), sae.d_in),
+    );
+    let pass = |hooks: &Hooks| {
+        model
+            .transformer
+            .forward(chunk, Padding::Right, hooks, Unembed::From(from))
+            .map_err(run_err)
+    };
+    let clean = pass(&capture)?;
+    let act = &clean.captures[&hook];
+    let x = chunk
+        .iter()
+        .enumerate()
+        .map(|(r, w)| act.get(r)?.narrow(0, from, w.len() - from))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .and_then(|rows| Tensor::cat(&rows, 0))
+        .map_err(candle("activations"))?;
+    let (acts, recon) = sae.encode_and_reconstruct(&x)?;
+    let rows = |t: &Tensor, what| -> Result<Vec<f32>, SaeError> {
+        t.flatten_all()
+            .and_then(|a| a.to_vec1())
+            .map_err(candle(what))
+    };
+    let (a, xv) = (rows(&acts, "latents")?, rows(&x, "fvu")?);
+    let err = rows(&(&recon - &x).map_err(candle("fvu"))?, "fvu")?;
+    let sinks = sink_rows(&xv, sae.d_in);
+    let kept = a
+        .chunks(sae.d_sae)
+        .zip(xv.chunks(sae.d_in))
+        .zip(err.chunks(sae.d_in))
+        .zip(&sinks)
+        .filter(|(_, sink)| !**sink);
+    for ((latents, row), e) in kept.map(|(r, _)| r) {
+        for (j, v) in latents.iter().enumerate() {
+            if *v > 0.0 {
+                s.l0_sum += 1.0;
+                s.fired[j] = true;
+            }
+        }
+        for (i, v) in row.iter().enumerate() {
+            s.sum_x[i] += f64::from(*v);
+            s.sum_sq += f64::from(v * v);
+        }
+        s.sse += e.iter().map(|v| f64::from(v * v)).sum::<f64>();
+        s.tokens += 1;
+    }
+    s.sink_tokens += sinks.iter().filter(|s| **s).count() as u64;
+
+    let clean = clean.logits.expect("unembedded");
+    let with_sae = pass(&spliced)?.logits.expect("unembedded");
+    let zero = pass(&zeroed)?.logits.expect("unembedded");
+    for (r, w) in chunk.iter().enumerate() {
+        // Positions `from..len-1` predict the tokens after them.
+        let n = w.len() - 1 - from;
+        let targets = &w[from + 1..];
+        let row = |l: &Tensor| l.get(r).and_then(|l| l.narrow(0, 0, n));
+        let (ce_c, logp_c) = row(&clean)
+            .and_then(|l| next_token_ce(&l, targets))
+            .map_err(candle("ce"))?;
+        let (ce_s, logp_s) = row(&with_sae)
+            .and_then(|l| next_token_ce(&l, targets))
+            .map_err(candle("ce"))?;
+        let (ce_z, _) = row(&zero)
+            .and_then(|l| next_token_ce(&l, targets))
+            .map_err(candle("ce"))?;
+        let kl_tok = logp_c
+            .exp()
+            .and_then(|p| p * (&logp_c - &logp_s)?)
+            .and_then(|k| k.sum(D::Minus1))
+            .map_err(candle("kl"))?;
+        let sum = |c: &Tensor| -> Result<f64, SaeError> {
+            c.sum_all()
+                .and_then(|c| c.to_scalar::<f32>())
+                .map(f64::from)
+                .map_err(candle("ce"))
+        };
+        s.ce_clean += sum(&ce_c)?;
+        s.ce_sae += sum(&ce_s)?;
+        s.ce_zero += sum(&ce_z)?;
+        s.kl += sum(&kl_tok)?;
+        s.scored += n;
+    }
+    Ok(s)
 }
