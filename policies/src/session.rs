@@ -434,7 +434,7 @@ impl<'m> Session<'m> {
         t: &Tokens,
         hooks: &Hooks,
         max_tokens: usize,
-        enough: impl Fn(usize, &[u32]) -> bool,
+        enough: impl Fn(usize, &[u32]) -> bool + Sync,
     ) -> Result<Vec<(Vec<u32>, String)>, CheckError> {
         let opts = GenerateOptions {
             max_tokens,
@@ -445,18 +445,26 @@ impl<'m> Session<'m> {
             // `mechwatch bench forward`), whose matmul re-reads the weights for every row.
             f32_decode: true,
         };
+        // Decode steps cost little more for 32 rows than for 8: generate in batches of up to
+        // 32, one per thread at once (as the prompt passes run their micro-batches), split
+        // evenly so that every thread has one. Rows do not depend on their batch.
+        let threads = rayon::current_num_threads().max(1);
+        let n = t.ids.len().max(1);
+        let rounds = n.div_ceil(self.micro_batch.max(32)).div_ceil(threads);
+        let size = n.div_ceil(rounds * threads);
+        let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(size).collect();
+        let outs = chunks
+            .par_iter()
+            .map(|chunk| generate_until(&self.model.transformer, chunk, hooks, &opts, &enough))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| CheckError::Generate {
+                set: t.name.clone(),
+                source,
+            })?;
         let mut replies = Vec::with_capacity(t.ids.len());
-        // Decode steps cost little more for 32 rows than for 8: generate in larger batches.
-        for chunk in t.ids.chunks(self.micro_batch.max(32)) {
-            let out = generate_until(&self.model.transformer, chunk, hooks, &opts, &enough)
-                .map_err(|source| CheckError::Generate {
-                    set: t.name.clone(),
-                    source,
-                })?;
-            for ids in out {
-                let text = self.model.codec.decode(&ids)?;
-                replies.push((ids, text));
-            }
+        for ids in outs.into_iter().flatten() {
+            let text = self.model.codec.decode(&ids)?;
+            replies.push((ids, text));
         }
         Ok(replies)
     }
