@@ -257,8 +257,8 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
-    /// Forward `t` with `hooks` in micro-batches, handing each prompt's activations at each
-    /// captured hook, padding cut off, to `each` in prompt order.
+    /// Forward `t` with `hooks` in micro-batches (the shared preamble once), handing each
+    /// prompt's activations at each captured hook, padding cut off, to `each` in prompt order.
     fn each_prompt(
         &self,
         t: &Tokens,
@@ -267,10 +267,10 @@ impl<'m> Session<'m> {
     ) -> Result<(), CheckError> {
         self.model
             .transformer
-            .forward_chunked(
+            .forward_chunked_shared(
                 &t.ids,
+                t.prefix,
                 self.micro_batch,
-                Padding::Right,
                 hooks,
                 Unembed::None,
                 |_, out| {
@@ -330,6 +330,8 @@ impl<'m> Session<'m> {
             }
         }
         let mut rows = Vec::with_capacity(t.ids.len());
+        // The full pass, shared preamble or not: steering and selection compare these logits
+        // with those of passes that edit every position, which cannot share it.
         self.model
             .transformer
             .forward_chunked(
@@ -504,10 +506,16 @@ impl<'m> Session<'m> {
         chunk: &[Vec<u32>],
         hooks: &Hooks,
     ) -> Result<Vec<f64>, CheckError> {
+        // Both passes the same way: with the shared preamble computed once only where the
+        // hooked pass can do so too, so that a hook that changes nothing costs no KL.
+        let m = &self.model.transformer;
+        let shared = if m.can_share(chunk, t.prefix, hooks) {
+            t.prefix
+        } else {
+            0
+        };
         let run = |h: &Hooks| -> Result<Tensor, CheckError> {
-            self.model
-                .transformer
-                .forward(chunk, Padding::Right, h, Unembed::All)
+            m.forward_shared(chunk, shared, h, Unembed::All)
                 .map_err(|source| CheckError::Forward {
                     set: t.name.clone(),
                     source,

@@ -19,6 +19,7 @@ pub mod model;
 pub mod progress;
 pub mod sae;
 pub mod safetensors;
+mod shared_prefix;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod tokenizer;

@@ -268,6 +268,40 @@ impl KvCache {
         }
     }
 
+    /// A cache of `rows` rows, each a copy of this one-row cache's row: a shared start's keys
+    /// and values, for a batch of prompts that all begin with it.
+    pub(crate) fn repeat_row(&self, rows: usize) -> Result<KvCache, RunError> {
+        if self.totals.len() != 1 {
+            return Err(RunError::Batch(format!(
+                "a shared start's cache has one row, not {}",
+                self.totals.len()
+            )));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|l| -> candle_core::Result<LayerKv> {
+                        let copy = |x: &Tensor| x.narrow(2, 0, l.len)?.repeat((rows, 1, 1, 1));
+                        Ok(LayerKv {
+                            k: copy(&l.k)?,
+                            v: copy(&l.v)?,
+                            len: l.len,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .run_ctx("shared start's cache")?;
+        Ok(KvCache {
+            layers,
+            key_real: vec![self.key_real[0].clone(); rows],
+            totals: vec![self.totals[0]; rows],
+            f32_decode: self.f32_decode,
+        })
+    }
+
     /// Keep only the rows `keep` (indices into the current rows, in order): a generation drops
     /// the rows that have finished, so later decode steps cost nothing for them. Each row's
     /// keys and values are its own, so the rows kept decode the same bits as before.
@@ -427,7 +461,7 @@ impl Transformer {
     }
 
     /// Check hook names against this model and vectors against the hook widths.
-    fn validate(&self, hooks: &Hooks) -> Result<(), RunError> {
+    pub(crate) fn validate(&self, hooks: &Hooks) -> Result<(), RunError> {
         let n = self.config.n_layers;
         let d = self.config.d_model;
         for h in hooks
@@ -566,7 +600,7 @@ impl Transformer {
 
     /// Refuse any prompt longer than the model's context: beyond it the attention buffers grow
     /// quadratically (gigabytes for a long prompt file) and the positions mean nothing.
-    fn check_lengths(&self, lengths: &[usize]) -> Result<(), RunError> {
+    pub(crate) fn check_lengths(&self, lengths: &[usize]) -> Result<(), RunError> {
         let context = self.config.max_positions;
         match lengths.iter().position(|&n| n > context) {
             Some(i) => Err(RunError::Batch(format!(
@@ -744,7 +778,7 @@ impl Transformer {
         })
     }
 
-    fn run(
+    pub(crate) fn run(
         &self,
         prompts: &[Vec<u32>],
         layout: &BatchLayout,

@@ -908,3 +908,57 @@ fn every_dequantizable_gguf_tensor_type_is_read() {
         );
     }
 }
+
+/// A shared start computed once gives each prompt's full-pass logits where sliding windows
+/// and per-layer RoPE bases reach back into it: a start longer than the window.
+#[test]
+fn a_shared_start_longer_than_the_window_gives_the_full_passs_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = 6;
+    let parts = Parts {
+        layers,
+        gemma: true,
+        qk_norm: true,
+        tied: true,
+        ..Parts::default()
+    };
+    let dir = tmp.path().join("gemma3");
+    let config = merge(
+        base_config("Gemma3ForCausalLM", layers),
+        serde_json::json!({
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": HEAD_DIM, "sliding_window": WINDOW,
+            "tie_word_embeddings": true
+        }),
+    );
+    write_dir(&dir, &config, &tensors(40, parts));
+    let m = load(&dir);
+    let mut r = Rand::new(11);
+    let start = r.tokens(WINDOW + 2);
+    let prompts: Vec<Vec<u32>> = [1, WINDOW + 3, 4]
+        .iter()
+        .map(|&n| [start.clone(), r.tokens(n)].concat())
+        .collect();
+    let hooks = Hooks::new().capture(HookPoint::ResidPost(3));
+    let full = m
+        .transformer
+        .forward(&prompts, Padding::Right, &hooks, Unembed::All)
+        .unwrap();
+    let shared = m
+        .transformer
+        .forward_shared(&prompts, start.len(), &hooks, Unembed::All)
+        .unwrap();
+    assert_eq!(shared.layout, full.layout);
+    for (row, p) in prompts.iter().enumerate() {
+        let cut = |t: &Tensor| t.i(row).unwrap().narrow(0, 0, p.len()).unwrap();
+        let (a, b) = (
+            full.logits.as_ref().unwrap(),
+            shared.logits.as_ref().unwrap(),
+        );
+        let e = rel_err(&cut(b), &cut(a));
+        assert!(e < TOL, "row {row}: logits' relative error {e}");
+        let h = HookPoint::ResidPost(3);
+        let e = rel_err(&cut(&shared.captures[&h]), &cut(&full.captures[&h]));
+        assert!(e < TOL, "row {row}: capture's relative error {e}");
+    }
+}

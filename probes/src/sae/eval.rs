@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{candle, keep_sinks, sink_rows, Sae, SaeError};
 use crate::hooks::{HookPoint, Hooks, Positions};
 use crate::model::Model;
-use crate::transformer::{Padding, Unembed};
+use crate::transformer::Unembed;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -196,7 +196,7 @@ impl Sums {
 /// The sums of one micro-batch of windows (right-padded together): SAE statistics on the
 /// activations from `from` on, and next-token CE and KL of the predictions made there, clean,
 /// with the SAE spliced in and with the hook zeroed. The preamble before `from` is neither
-/// changed nor unembedded.
+/// changed nor unembedded, and where the windows share it, it is computed once.
 fn chunk_sums(
     model: &Model,
     sae: &Arc<Sae>,
@@ -221,7 +221,7 @@ fn chunk_sums(
     let pass = |hooks: &Hooks| {
         model
             .transformer
-            .forward(chunk, Padding::Right, hooks, Unembed::From(from))
+            .forward_shared(chunk, from, hooks, Unembed::From(from))
             .map_err(run_err)
     };
     let clean = pass(&capture)?;

@@ -1,0 +1,219 @@
+//! Prompt passes that compute a shared start once.
+//!
+//! Chat-templated prompts all begin with the template's preamble (about half the tokens of a
+//! short request). [`Transformer::forward_chunked_shared`] runs that preamble once, as a
+//! one-row pass whose keys and values become every micro-batch's cache, runs only each
+//! prompt's own tokens after it, and hands back the same output as the full pass: captures
+//! and logits of the preamble are the one row's, repeated for every prompt. Each prompt's own
+//! tokens attend over the same keys as in the full pass, so the outputs agree with it to
+//! rounding (the products run over fewer rows; `--test shared_prefix` bounds the difference).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::error::{CandleContext, RunError};
+use crate::hooks::{HookPoint, Hooks, Positions};
+use crate::transformer::{BatchLayout, ForwardOutput, KvCache, Padding, Transformer, Unembed};
+
+/// The preamble's pass: its cache, captures `[1, shared, ..]` and logits `[1, shared, vocab]`.
+struct Preamble {
+    cache: KvCache,
+    captures: BTreeMap<HookPoint, Tensor>,
+    logits: Option<Tensor>,
+}
+
+impl Transformer {
+    /// [`Transformer::forward_chunked`] with right padding, computing the first `shared` tokens,
+    /// which every prompt must have in common, once. Falls back to the full pass where sharing
+    /// cannot give the same output: a prompt no longer than the shared start, a hook that
+    /// changes a position of it (an intervention at every position, or at an index that
+    /// falls inside it), or an attention pattern hook (whose keys the split pass would cut).
+    pub fn forward_chunked_shared(
+        &self,
+        prompts: &[Vec<u32>],
+        shared: usize,
+        micro_batch: usize,
+        hooks: &Hooks,
+        unembed: Unembed,
+        mut consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
+    ) -> Result<(), RunError> {
+        if !self.can_share(prompts, shared, hooks) {
+            return self.forward_chunked(
+                prompts,
+                micro_batch,
+                Padding::Right,
+                hooks,
+                unembed,
+                consume,
+            );
+        }
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.check_lengths(&lengths)?;
+        self.validate(hooks)?;
+        let preamble = Arc::new(self.preamble(&prompts[0][..shared], hooks, unembed)?);
+        let micro_batch = micro_batch.max(1);
+        let chunks: Vec<&[Vec<u32>]> = prompts.chunks(micro_batch).collect();
+        let in_flight = rayon::current_num_threads().max(1);
+        for (g, group) in chunks.chunks(in_flight).enumerate() {
+            let outs: Vec<Result<ForwardOutput, RunError>> = group
+                .par_iter()
+                .map(|chunk| self.after_preamble(&preamble, chunk, shared, hooks, unembed))
+                .collect();
+            for (j, out) in outs.into_iter().enumerate() {
+                consume((g * in_flight + j) * micro_batch, out?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Transformer::forward`] with right padding, computing the first `shared` tokens, which
+    /// every prompt must have in common, once (as [`Transformer::forward_chunked_shared`]).
+    pub fn forward_shared(
+        &self,
+        prompts: &[Vec<u32>],
+        shared: usize,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        if !self.can_share(prompts, shared, hooks) {
+            return self.forward(prompts, Padding::Right, hooks, unembed);
+        }
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.check_lengths(&lengths)?;
+        self.validate(hooks)?;
+        let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
+        self.after_preamble(&preamble, prompts, shared, hooks, unembed)
+    }
+
+    /// Whether every prompt starts with the same `shared` tokens and has more, and `hooks`
+    /// leave those positions alone: whether [`Transformer::forward_shared`] shares the start.
+    /// A measure that compares two passes (a KL divergence) should run both the same way.
+    pub fn can_share(&self, prompts: &[Vec<u32>], shared: usize, hooks: &Hooks) -> bool {
+        let Some(first) = prompts.first() else {
+            return false;
+        };
+        let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+        if shared == 0 || shortest <= shared {
+            return false;
+        }
+        let start = &first[..shared];
+        if prompts.iter().any(|p| &p[..shared] != start) {
+            return false;
+        }
+        let own = (shortest - shared) as i64;
+        let untouched = |positions: &Positions| match positions {
+            Positions::All => false,
+            Positions::Last => true,
+            Positions::Indices(ix) => {
+                ix.iter()
+                    .all(|&i| if i < 0 { -i <= own } else { i >= shared as i64 })
+            }
+        };
+        let patterns = hooks
+            .capture
+            .iter()
+            .chain(hooks.interventions.iter().map(|i| &i.hook))
+            .any(|h| matches!(h, HookPoint::AttnPattern(_)));
+        !patterns && hooks.interventions.iter().all(|i| untouched(&i.positions))
+    }
+
+    /// The shared start alone, with the captures of `hooks` (its interventions touch none of
+    /// its positions) and, when every position is unembedded, its logits.
+    fn preamble(&self, ids: &[u32], hooks: &Hooks, unembed: Unembed) -> Result<Preamble, RunError> {
+        let captures_only = Hooks {
+            capture: hooks.capture.clone(),
+            interventions: Vec::new(),
+        };
+        // Logits of the preamble's positions only where the caller reads some of them.
+        let preamble_unembed = match unembed {
+            Unembed::All => Unembed::All,
+            Unembed::From(n) if n < ids.len() => Unembed::From(n),
+            Unembed::None => Unembed::None,
+            _ => Unembed::None,
+        };
+        // A pass that stops early must stop where the prompts' passes will.
+        let stop = match unembed {
+            Unembed::None => hooks.deepest(),
+            _ => None,
+        };
+        let captures_only = match (stop, preamble_unembed) {
+            (Some(h), Unembed::None) => captures_only.capture(h),
+            _ => captures_only,
+        };
+        let run_unembed = match (preamble_unembed, unembed) {
+            (Unembed::None, Unembed::None) => Unembed::None,
+            (Unembed::None, _) => Unembed::Last,
+            (u, _) => u,
+        };
+        let layout = BatchLayout::new(vec![ids.len()], Padding::Right);
+        let mut cache = Some(KvCache::new(true));
+        let out = self.run(
+            &[ids.to_vec()],
+            &layout,
+            &captures_only,
+            run_unembed,
+            &mut cache,
+        )?;
+        let logits = match preamble_unembed {
+            Unembed::None => None,
+            _ => out.logits,
+        };
+        let captures = out
+            .captures
+            .into_iter()
+            .filter(|(h, _)| hooks.capture.contains(h))
+            .collect();
+        Ok(Preamble {
+            cache: cache.expect("filled by the pass"),
+            captures,
+            logits,
+        })
+    }
+
+    /// One micro-batch's own tokens after the preamble, and its output stitched to the shape
+    /// of the full pass.
+    fn after_preamble(
+        &self,
+        preamble: &Preamble,
+        chunk: &[Vec<u32>],
+        shared: usize,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        let b = chunk.len();
+        let own: Vec<Vec<u32>> = chunk.iter().map(|p| p[shared..].to_vec()).collect();
+        let layout = BatchLayout::new(own.iter().map(Vec::len).collect(), Padding::Right);
+        let mut cache = Some(preamble.cache.repeat_row(b)?);
+        let own_unembed = match unembed {
+            Unembed::From(n) => Unembed::From(n.saturating_sub(shared)),
+            u => u,
+        };
+        let out = self.run(&own, &layout, hooks, own_unembed, &mut cache)?;
+        let stitch = |start: &Tensor, rest: &Tensor| -> candle_core::Result<Tensor> {
+            let mut dims = start.dims().to_vec();
+            dims[0] = b;
+            Tensor::cat(&[&start.broadcast_as(dims)?.contiguous()?, rest], 1)
+        };
+        let mut captures = BTreeMap::new();
+        for (h, rest) in out.captures {
+            let start = preamble.captures.get(&h).ok_or_else(|| {
+                RunError::Batch(format!("`{h}` was not captured in the preamble"))
+            })?;
+            captures.insert(h, stitch(start, &rest).run_ctx("shared preamble captures")?);
+        }
+        let logits = match (unembed, out.logits, &preamble.logits) {
+            (Unembed::All | Unembed::From(_), Some(rest), Some(start)) => {
+                Some(stitch(start, &rest).run_ctx("shared preamble logits")?)
+            }
+            (_, l, _) => l,
+        };
+        Ok(ForwardOutput {
+            logits,
+            captures,
+            layout: BatchLayout::new(chunk.iter().map(Vec::len).collect(), Padding::Right),
+        })
+    }
+}

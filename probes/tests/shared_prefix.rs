@@ -1,0 +1,197 @@
+//! Prompt passes that compute the chat template's shared preamble once give the outputs of
+//! the full pass (issue 19): captures and logits at every position, under hooks that leave the
+//! preamble alone, to 1e-5 relative; hooks that would change it fall back to the full pass.
+//! On the real default model, in its audited precision (f32 prompt passes).
+
+mod common;
+
+use candle_core::{Tensor, D};
+use common::{bits, default_model_path};
+use probes::{HookPoint, Hooks, Positions, Unembed};
+
+const TOL: f32 = 1e-5;
+
+const PROMPTS: &[&str] = &[
+    "What is the capital of France?",
+    "Hi",
+    "Write a function that parses an ISO 8601 date, and list three edge cases to test.",
+    "How do I open a locked door without its key?",
+    "Name a prime number larger than 100.",
+];
+
+fn model() -> probes::Model {
+    probes::Model::load_path(&default_model_path(), &probes::LoadOptions::default()).unwrap()
+}
+
+/// The chat-templated prompts and the number of tokens they all start with.
+fn prompts(m: &probes::Model) -> (Vec<Vec<u32>>, usize) {
+    let ids: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| m.encode_prompt(p, true).unwrap())
+        .collect();
+    let shared = (0..)
+        .take_while(|&i| ids.iter().all(|p| p.len() > i && p[i] == ids[0][i]))
+        .count();
+    (ids, shared)
+}
+
+/// Every micro-batch's output, each prompt's rows cut to its length: per prompt, the captures
+/// in hook order, then the logits.
+fn outputs(
+    m: &probes::Model,
+    ids: &[Vec<u32>],
+    shared: usize,
+    hooks: &Hooks,
+    unembed: Unembed,
+) -> Vec<Vec<Tensor>> {
+    let mut out = Vec::new();
+    let consume = |_, o: probes::ForwardOutput| {
+        for (r, len) in o.layout.lengths.iter().enumerate() {
+            let mut parts: Vec<Tensor> = o
+                .captures
+                .values()
+                .map(|c| {
+                    // `[pos, d]`, or `[heads, pos, keys]` for attention patterns.
+                    let c = c.get(r).unwrap();
+                    c.narrow(c.rank() - 2, 0, *len).unwrap()
+                })
+                .collect();
+            if let Some(l) = &o.logits {
+                let l = l.get(r).unwrap();
+                parts.push(match unembed {
+                    Unembed::All => l.narrow(0, 0, *len).unwrap(),
+                    Unembed::From(n) => l.narrow(0, 0, len - n).unwrap(),
+                    _ => l,
+                });
+            }
+            out.push(parts);
+        }
+        Ok(())
+    };
+    m.transformer
+        .forward_chunked_shared(ids, shared, 2, hooks, unembed, consume)
+        .unwrap();
+    out
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(D::Minus1)
+        .unwrap();
+    let scale = b.abs().unwrap().max_keepdim(D::Minus1).unwrap();
+    let r: Vec<f32> = (diff / (scale + 1e-6).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    r.into_iter().fold(0.0, f32::max)
+}
+
+#[test]
+fn a_shared_preamble_gives_the_full_passs_outputs() {
+    let m = model();
+    let (ids, shared) = prompts(&m);
+    assert!(shared > 10, "the chat template shares {shared} tokens");
+    let d = m.transformer.config.d_model;
+    let v: Vec<f32> = (0..d).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+    let v = Tensor::from_vec(v, d, m.transformer.device()).unwrap();
+    let captures = Hooks::new()
+        .capture(HookPoint::ResidPre(0))
+        .capture(HookPoint::ResidPost(12))
+        .capture(HookPoint::MlpOut(20));
+    let own_tokens: Vec<i64> = (shared as i64..shared as i64 + 40).collect();
+    let cases = [
+        ("captures", captures.clone(), Unembed::All),
+        ("captures, last logits", captures.clone(), Unembed::Last),
+        (
+            "logits after the preamble",
+            Hooks::new(),
+            Unembed::From(shared + 1),
+        ),
+        (
+            "logits from inside the preamble",
+            Hooks::new(),
+            Unembed::From(shared - 3),
+        ),
+        (
+            "steering the last token",
+            captures
+                .clone()
+                .add(HookPoint::ResidPost(6), Positions::Last, v.clone(), 2.0),
+            Unembed::All,
+        ),
+        (
+            "ablating the prompts' own tokens",
+            captures.clone().ablate(
+                HookPoint::ResidMid(9),
+                Positions::Indices(own_tokens),
+                v.clone(),
+            ),
+            Unembed::All,
+        ),
+        ("a capture with early exit", captures.clone(), Unembed::None),
+    ];
+    for (what, hooks, unembed) in cases {
+        let full = outputs(&m, &ids, 0, &hooks, unembed);
+        let split = outputs(&m, &ids, shared, &hooks, unembed);
+        assert_eq!(full.len(), ids.len());
+        let worst = full
+            .iter()
+            .zip(&split)
+            .flat_map(|(f, s)| f.iter().zip(s).map(|(a, b)| rel_err(b, a)))
+            .fold(0.0, f32::max);
+        println!("{what}: largest relative error {worst:e}");
+        for (p, (f, s)) in full.iter().zip(&split).enumerate() {
+            assert_eq!(
+                f.len(),
+                s.len(),
+                "{what}: prompt {p}: outputs differ in number"
+            );
+            for (i, (a, b)) in s.iter().zip(f).enumerate() {
+                assert_eq!(a.dims(), b.dims(), "{what}: prompt {p}, output {i}");
+                let e = rel_err(a, b);
+                assert!(
+                    e <= TOL,
+                    "{what}: prompt {p}, output {i}: relative error {e}"
+                );
+            }
+        }
+    }
+}
+
+/// Hooks that change a position of the preamble (every position, or an index inside it) run
+/// the full pass: the same bits.
+#[test]
+fn hooks_that_change_the_preamble_run_the_full_pass() {
+    let m = model();
+    let (ids, shared) = prompts(&m);
+    let d = m.transformer.config.d_model;
+    let v = Tensor::ones(d, candle_core::DType::F32, m.transformer.device()).unwrap();
+    for hooks in [
+        Hooks::new().add(HookPoint::ResidPost(3), Positions::All, v.clone(), 1.0),
+        Hooks::new().add(
+            HookPoint::ResidPost(3),
+            Positions::Indices(vec![2]),
+            v.clone(),
+            1.0,
+        ),
+        Hooks::new().capture(HookPoint::AttnPattern(4)),
+    ] {
+        let full = outputs(&m, &ids, 0, &hooks, Unembed::All);
+        let split = outputs(&m, &ids, shared, &hooks, Unembed::All);
+        for (f, s) in full.iter().zip(&split) {
+            for (a, b) in f.iter().zip(s) {
+                assert_eq!(bits(a), bits(b));
+            }
+        }
+    }
+    // A padded batch of prompts that share nothing runs as before.
+    let mixed = vec![ids[0].clone(), vec![1, 2, 3]];
+    let a = outputs(&m, &mixed, shared, &Hooks::new(), Unembed::All);
+    let b = outputs(&m, &mixed, 0, &Hooks::new(), Unembed::All);
+    assert_eq!(bits(&a[1][0]), bits(&b[1][0]));
+}
