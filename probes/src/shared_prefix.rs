@@ -8,15 +8,14 @@
 //! tokens attend over the same keys as in the full pass, so the outputs agree with it to
 //! rounding (the products run over fewer rows; `--test shared_prefix` bounds the difference).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use candle_core::Tensor;
-use rayon::prelude::*;
+use std::collections::BTreeMap;
 
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{HookPoint, Hooks, Positions};
-use crate::transformer::{BatchLayout, ForwardOutput, KvCache, Padding, Transformer, Unembed};
+use crate::transformer::{
+    in_micro_batches, BatchLayout, ForwardOutput, KvCache, Padding, Transformer, Unembed,
+};
 
 /// The preamble's pass: its cache, captures `[1, shared, ..]` and logits `[1, shared, vocab]`.
 struct Preamble {
@@ -38,7 +37,7 @@ impl Transformer {
         micro_batch: usize,
         hooks: &Hooks,
         unembed: Unembed,
-        mut consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
+        consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
     ) -> Result<(), RunError> {
         if !self.can_share(prompts, shared, hooks) {
             return self.forward_chunked(
@@ -53,20 +52,13 @@ impl Transformer {
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         self.check_lengths(&lengths)?;
         self.validate(hooks)?;
-        let preamble = Arc::new(self.preamble(&prompts[0][..shared], hooks, unembed)?);
-        let micro_batch = micro_batch.max(1);
-        let chunks: Vec<&[Vec<u32>]> = prompts.chunks(micro_batch).collect();
-        let in_flight = rayon::current_num_threads().max(1);
-        for (g, group) in chunks.chunks(in_flight).enumerate() {
-            let outs: Vec<Result<ForwardOutput, RunError>> = group
-                .par_iter()
-                .map(|chunk| self.after_preamble(&preamble, chunk, shared, hooks, unembed))
-                .collect();
-            for (j, out) in outs.into_iter().enumerate() {
-                consume((g * in_flight + j) * micro_batch, out?)?;
-            }
-        }
-        Ok(())
+        let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
+        in_micro_batches(
+            prompts,
+            micro_batch,
+            |chunk| self.after_preamble(&preamble, chunk, shared, hooks, unembed),
+            consume,
+        )
     }
 
     /// [`Transformer::forward`] with right padding, computing the first `shared` tokens, which

@@ -385,6 +385,27 @@ impl LayerKv {
     }
 }
 
+/// Run `pass` on `prompts` in micro-batches of at most `micro_batch`, up to one per rayon
+/// thread at once, handing each output (with its first prompt's index) to `consume` in order.
+pub(crate) fn in_micro_batches(
+    prompts: &[Vec<u32>],
+    micro_batch: usize,
+    pass: impl Fn(&[Vec<u32>]) -> Result<ForwardOutput, RunError> + Sync,
+    mut consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
+) -> Result<(), RunError> {
+    let micro_batch = micro_batch.max(1);
+    let chunks: Vec<&[Vec<u32>]> = prompts.chunks(micro_batch).collect();
+    let in_flight = rayon::current_num_threads().max(1);
+    for (g, group) in chunks.chunks(in_flight).enumerate() {
+        let outs: Vec<Result<ForwardOutput, RunError>> =
+            group.par_iter().map(|chunk| pass(chunk)).collect();
+        for (j, out) in outs.into_iter().enumerate() {
+            consume((g * in_flight + j) * micro_batch, out?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Per-pass positional bookkeeping.
 struct PassCtx {
     /// `[batch, pos, head_dim/2]` each, for RoPE in the global layers.
@@ -573,23 +594,16 @@ impl Transformer {
         padding: Padding,
         hooks: &Hooks,
         unembed: Unembed,
-        mut consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
+        consume: impl FnMut(usize, ForwardOutput) -> Result<(), RunError>,
     ) -> Result<(), RunError> {
-        let micro_batch = micro_batch.max(1);
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         self.check_lengths(&lengths)?;
-        let chunks: Vec<&[Vec<u32>]> = prompts.chunks(micro_batch).collect();
-        let in_flight = rayon::current_num_threads().max(1);
-        for (g, group) in chunks.chunks(in_flight).enumerate() {
-            let outs: Vec<Result<ForwardOutput, RunError>> = group
-                .par_iter()
-                .map(|chunk| self.forward(chunk, padding, hooks, unembed))
-                .collect();
-            for (j, out) in outs.into_iter().enumerate() {
-                consume((g * in_flight + j) * micro_batch, out?)?;
-            }
-        }
-        Ok(())
+        in_micro_batches(
+            prompts,
+            micro_batch,
+            |chunk| self.forward(chunk, padding, hooks, unembed),
+            consume,
+        )
     }
 
     /// Refuse any prompt longer than the model's context, naming its index in `prompts`. Callers

@@ -758,11 +758,9 @@ fn gemma3_matches_candle_gemma3_from_hf_and_gguf() {
     });
 }
 
-/// Sliding windows and per-layer RoPE bases hold in cached generation too: greedy tokens
-/// with the KV cache equal those of full forwards, past the window.
-#[test]
-fn gemma3_cached_generation_equals_full_forwards_past_the_window() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A six-block Gemma 3 with a sliding window of [`WINDOW`] and its own RoPE base for the
+/// sliding layers, written under `root`.
+fn gemma3_with_local_rope(root: &std::path::Path, seed: u64) -> probes::Model {
     let layers = 6;
     let parts = Parts {
         layers,
@@ -771,7 +769,7 @@ fn gemma3_cached_generation_equals_full_forwards_past_the_window() {
         tied: true,
         ..Parts::default()
     };
-    let dir = tmp.path().join("gemma3");
+    let dir = root.join("gemma3");
     let config = merge(
         base_config("Gemma3ForCausalLM", layers),
         serde_json::json!({
@@ -780,8 +778,16 @@ fn gemma3_cached_generation_equals_full_forwards_past_the_window() {
             "tie_word_embeddings": true
         }),
     );
-    write_dir(&dir, &config, &tensors(38, parts));
-    let m = load(&dir);
+    write_dir(&dir, &config, &tensors(seed, parts));
+    load(&dir)
+}
+
+/// Sliding windows and per-layer RoPE bases hold in cached generation too: greedy tokens
+/// with the KV cache equal those of full forwards, past the window.
+#[test]
+fn gemma3_cached_generation_equals_full_forwards_past_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = gemma3_with_local_rope(tmp.path(), 38);
     let prompts = vec![Rand::new(5).tokens(3), Rand::new(6).tokens(6)];
     let opts = probes::GenerateOptions {
         max_tokens: 2 * WINDOW,
@@ -914,25 +920,7 @@ fn every_dequantizable_gguf_tensor_type_is_read() {
 #[test]
 fn a_shared_start_longer_than_the_window_gives_the_full_passs_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    let layers = 6;
-    let parts = Parts {
-        layers,
-        gemma: true,
-        qk_norm: true,
-        tied: true,
-        ..Parts::default()
-    };
-    let dir = tmp.path().join("gemma3");
-    let config = merge(
-        base_config("Gemma3ForCausalLM", layers),
-        serde_json::json!({
-            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-            "query_pre_attn_scalar": HEAD_DIM, "sliding_window": WINDOW,
-            "tie_word_embeddings": true
-        }),
-    );
-    write_dir(&dir, &config, &tensors(40, parts));
-    let m = load(&dir);
+    let m = gemma3_with_local_rope(tmp.path(), 40);
     let mut r = Rand::new(11);
     let start = r.tokens(WINDOW + 2);
     let prompts: Vec<Vec<u32>> = [1, WINDOW + 3, 4]
