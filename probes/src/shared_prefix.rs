@@ -123,7 +123,6 @@ impl Transformer {
         let preamble_unembed = match unembed {
             Unembed::All => Unembed::All,
             Unembed::From(n) if n < ids.len() => Unembed::From(n),
-            Unembed::None => Unembed::None,
             _ => Unembed::None,
         };
         // A pass that stops early must stop where the prompts' passes will.
