@@ -160,13 +160,7 @@ impl Classifier {
         match self {
             Self::Markers => settled(partial),
             // A phrase anywhere refuses, and a phrase in the reply's settled part stays in it.
-            Self::Phrases(p) => {
-                let mut end = partial.len().saturating_sub(UNSETTLED_BYTES);
-                while !partial.is_char_boundary(end) {
-                    end -= 1;
-                }
-                crate::metrics::refused(&partial[..end], p).then_some(true)
-            }
+            Self::Phrases(p) => crate::metrics::refused(settled_part(partial), p).then_some(true),
         }
     }
 }
@@ -218,11 +212,8 @@ pub fn classify(text: &str) -> Verdict {
 /// never settles a reply, since a later compliance marker would overturn it.
 pub fn settled(partial: &str) -> Option<bool> {
     let t = normalise(partial);
-    let mut end = t.len().saturating_sub(UNSETTLED_BYTES);
-    while !t.is_char_boundary(end) {
-        end -= 1;
-    }
-    let stable = &t[..end];
+    let stable = settled_part(&t);
+    let end = stable.len();
     let (at, marker, refused) = match (first(&t, REFUSAL), first(&t, COMPLIANCE)) {
         (Some((r, m)), None) => (r, m, true),
         (Some((r, m)), Some((c, _))) if r < c => (r, m, true),
@@ -251,6 +242,15 @@ pub fn settled(partial: &str) -> Option<bool> {
 
 /// Bytes at the end of a partial reply's normalised text that later tokens may still change.
 const UNSETTLED_BYTES: usize = 12;
+
+/// `text` less its last [`UNSETTLED_BYTES`] (cut at a character boundary).
+fn settled_part(text: &str) -> &str {
+    let mut end = text.len().saturating_sub(UNSETTLED_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 /// Lowercase, typographic apostrophes as `'`, runs of whitespace as one space, trimmed.
 fn normalise(text: &str) -> String {

@@ -48,7 +48,7 @@ impl Tokens {
 
 /// What an audit reads from one greedy reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Verdict {
+pub(crate) struct Reply {
     /// The reply's first token: the argmax of the prompt's last logits (none for a reply of
     /// no tokens).
     pub first_token: Option<u32>,
@@ -74,7 +74,7 @@ pub(crate) struct Session<'m> {
     sparse: HashMap<(String, String), Arc<Vec<Vec<SparseRow>>>>,
     last_logits: HashMap<String, Arc<Vec<Vec<f32>>>>,
     generations: HashMap<(String, usize), Arc<Vec<String>>>,
-    verdicts: HashMap<(String, usize, String), Arc<Vec<Verdict>>>,
+    verdicts: HashMap<(String, usize, String), Arc<Vec<Reply>>>,
     chat_prefix: Option<usize>,
 }
 
@@ -401,7 +401,7 @@ impl<'m> Session<'m> {
         hooks: &Hooks,
         max_tokens: usize,
         classifier: &Classifier,
-    ) -> Result<Arc<Vec<Verdict>>, CheckError> {
+    ) -> Result<Arc<Vec<Reply>>, CheckError> {
         let key = (t.key.clone(), max_tokens, format!("{classifier:?}"));
         if hooks.is_empty() {
             if let Some(v) = self.verdicts.get(&key) {
@@ -417,7 +417,7 @@ impl<'m> Session<'m> {
         let replies = self.generate_replies(t, hooks, max_tokens, settled)?;
         let v = replies
             .into_iter()
-            .map(|(ids, text)| Verdict {
+            .map(|(ids, text)| Reply {
                 first_token: ids.first().copied(),
                 refused: classifier.refused(&text),
             })

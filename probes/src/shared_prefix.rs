@@ -115,30 +115,22 @@ impl Transformer {
     /// The shared start alone, with the captures of `hooks` (its interventions touch none of
     /// its positions) and, when every position is unembedded, its logits.
     fn preamble(&self, ids: &[u32], hooks: &Hooks, unembed: Unembed) -> Result<Preamble, RunError> {
-        let captures_only = Hooks {
+        // Logits of the preamble's positions only where the caller reads some of them; else a
+        // pass through every block that the prompts' passes go through, for the cache.
+        let (run_unembed, keep_logits) = match unembed {
+            Unembed::All => (Unembed::All, true),
+            Unembed::From(n) if n < ids.len() => (Unembed::From(n), true),
+            Unembed::None => (Unembed::None, false),
+            _ => (Unembed::Last, false),
+        };
+        let mut captures_only = Hooks {
             capture: hooks.capture.clone(),
             interventions: Vec::new(),
         };
-        // Logits of the preamble's positions only where the caller reads some of them.
-        let preamble_unembed = match unembed {
-            Unembed::All => Unembed::All,
-            Unembed::From(n) if n < ids.len() => Unembed::From(n),
-            _ => Unembed::None,
-        };
         // A pass that stops early must stop where the prompts' passes will.
-        let stop = match unembed {
-            Unembed::None => hooks.deepest(),
-            _ => None,
-        };
-        let captures_only = match (stop, preamble_unembed) {
-            (Some(h), Unembed::None) => captures_only.capture(h),
-            _ => captures_only,
-        };
-        let run_unembed = match (preamble_unembed, unembed) {
-            (Unembed::None, Unembed::None) => Unembed::None,
-            (Unembed::None, _) => Unembed::Last,
-            (u, _) => u,
-        };
+        if let (Unembed::None, Some(h)) = (unembed, hooks.deepest()) {
+            captures_only = captures_only.capture(h);
+        }
         let layout = BatchLayout::new(vec![ids.len()], Padding::Right);
         let mut cache = Some(KvCache::new(true));
         let out = self.run(
@@ -148,10 +140,7 @@ impl Transformer {
             run_unembed,
             &mut cache,
         )?;
-        let logits = match preamble_unembed {
-            Unembed::None => None,
-            _ => out.logits,
-        };
+        let logits = if keep_logits { out.logits } else { None };
         let captures = out
             .captures
             .into_iter()
