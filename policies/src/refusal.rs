@@ -460,7 +460,7 @@ fn measured(
     let mut starts = Vec::new();
     for set in [refusing, complying] {
         let t = session.set_tokens(policy, set)?;
-        let replies = session.verdicts(&t, &Hooks::new(), max_tokens, &Classifier::Markers)?;
+        let replies = session.verdicts(&t, &Hooks::new(), max_tokens, &Classifier::Markers, 0)?;
         starts.extend(
             replies
                 .iter()

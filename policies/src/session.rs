@@ -47,12 +47,45 @@ impl Tokens {
 }
 
 /// What an audit reads from one greedy reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Reply {
     /// The reply's first token: the argmax of the prompt's last logits (none for a reply of
     /// no tokens).
     pub first_token: Option<u32>,
     pub refused: bool,
+    /// The whole reply, for the replies asked for whole (examples for a report).
+    pub whole: Option<String>,
+}
+
+/// Logs, at debug level, how long one pass over a prompt set took (`MECHWATCH_LOG=debug`).
+struct Timed<'a> {
+    what: &'static str,
+    set: &'a str,
+    hooks: usize,
+    start: std::time::Instant,
+}
+
+impl<'a> Timed<'a> {
+    fn new(what: &'static str, set: &'a str, hooks: &Hooks) -> Self {
+        Self {
+            what,
+            set,
+            hooks: hooks.interventions.len(),
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        tracing::debug!(
+            set = self.set,
+            interventions = self.hooks,
+            seconds = self.start.elapsed().as_secs_f64(),
+            "{}",
+            self.what
+        );
+    }
 }
 
 /// An SAE as a policy names it, loaded and fitted to the model's hook.
@@ -74,7 +107,7 @@ pub(crate) struct Session<'m> {
     sparse: HashMap<(String, String), Arc<Vec<Vec<SparseRow>>>>,
     last_logits: HashMap<String, Arc<Vec<Vec<f32>>>>,
     generations: HashMap<(String, usize), Arc<Vec<String>>>,
-    verdicts: HashMap<(String, usize, String), Arc<Vec<Reply>>>,
+    verdicts: HashMap<(String, usize, String, usize), Arc<Vec<Reply>>>,
     chat_prefix: Option<usize>,
 }
 
@@ -265,6 +298,7 @@ impl<'m> Session<'m> {
         hooks: &Hooks,
         mut each: impl FnMut(HookPoint, Tensor) -> candle_core::Result<()>,
     ) -> Result<(), CheckError> {
+        let _timed = Timed::new("captures", &t.name, hooks);
         self.model
             .transformer
             .forward_chunked_shared(
@@ -324,20 +358,22 @@ impl<'m> Session<'m> {
         t: &Tokens,
         hooks: &Hooks,
     ) -> Result<Arc<Vec<Vec<f32>>>, CheckError> {
+        let _timed = Timed::new("last logits", &t.name, hooks);
         if hooks.is_empty() {
             if let Some(l) = self.last_logits.get(&t.key) {
                 return Ok(Arc::clone(l));
             }
         }
         let mut rows = Vec::with_capacity(t.ids.len());
-        // The full pass, shared preamble or not: steering and selection compare these logits
-        // with those of passes that edit every position, which cannot share it.
+        // The shared preamble once, where `hooks` allow it. Steering and selection compare
+        // these logits with those of passes that add or ablate a direction at every position,
+        // which share it too, so both sides of a comparison run the same way.
         self.model
             .transformer
-            .forward_chunked(
+            .forward_chunked_shared(
                 &t.ids,
+                t.prefix,
                 self.micro_batch,
-                Padding::Right,
                 hooks,
                 Unembed::Last,
                 |_, out| {
@@ -383,43 +419,57 @@ impl<'m> Session<'m> {
                 return Ok(Arc::clone(g));
             }
         }
-        let replies = self.generate_replies(t, hooks, max_tokens, |_, _| false)?;
-        let texts = Arc::new(replies.into_iter().map(|r| r.1).collect::<Vec<_>>());
+        let texts = self.texts(t, hooks, max_tokens)?;
         if hooks.is_empty() {
             self.generations.insert(key, Arc::clone(&texts));
         }
         Ok(texts)
     }
 
+    fn texts(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+    ) -> Result<Arc<Vec<String>>, CheckError> {
+        let replies = self.generate_replies(t, hooks, max_tokens, |_, _| false)?;
+        Ok(Arc::new(replies.into_iter().map(|r| r.1).collect()))
+    }
+
     /// Each prompt's greedy reply of at most `max_tokens` tokens under `hooks`: its first
     /// token, and whether `classifier` says it refuses (cached when unhooked). A reply stops
     /// generating as soon as its first tokens settle the verdict ([`Classifier::settled`]):
     /// the verdict is the one its whole reply would get, and the tokens after are not computed.
+    /// The first `whole` replies run to their end and carry their text.
     pub fn verdicts(
         &mut self,
         t: &Tokens,
         hooks: &Hooks,
         max_tokens: usize,
         classifier: &Classifier,
+        whole: usize,
     ) -> Result<Arc<Vec<Reply>>, CheckError> {
-        let key = (t.key.clone(), max_tokens, format!("{classifier:?}"));
+        let key = (t.key.clone(), max_tokens, format!("{classifier:?}"), whole);
         if hooks.is_empty() {
             if let Some(v) = self.verdicts.get(&key) {
                 return Ok(Arc::clone(v));
             }
         }
         let codec = &self.model.codec;
-        let settled = |_: usize, ids: &[u32]| {
-            codec
-                .decode(ids)
-                .is_ok_and(|text| classifier.settled(&text).is_some())
+        let settled = |i: usize, ids: &[u32]| {
+            i >= whole
+                && codec
+                    .decode(ids)
+                    .is_ok_and(|text| classifier.settled(&text).is_some())
         };
         let replies = self.generate_replies(t, hooks, max_tokens, settled)?;
         let v = replies
             .into_iter()
-            .map(|(ids, text)| Reply {
+            .enumerate()
+            .map(|(i, (ids, text))| Reply {
                 first_token: ids.first().copied(),
                 refused: classifier.refused(&text),
+                whole: (i < whole).then_some(text),
             })
             .collect();
         let v = Arc::new(v);
@@ -430,7 +480,7 @@ impl<'m> Session<'m> {
     }
 
     /// Greedy replies of every prompt of `t` under `hooks`, as tokens and decoded, each ending
-    /// at a stop token, at `max_tokens` or as soon as `enough(row in its batch, tokens so far)`.
+    /// at a stop token, at `max_tokens` or as soon as `enough(prompt index, tokens so far)`.
     fn generate_replies(
         &self,
         t: &Tokens,
@@ -438,6 +488,7 @@ impl<'m> Session<'m> {
         max_tokens: usize,
         enough: impl Fn(usize, &[u32]) -> bool + Sync,
     ) -> Result<Vec<(Vec<u32>, String)>, CheckError> {
+        let _timed = Timed::new("generation", &t.name, hooks);
         let opts = GenerateOptions {
             max_tokens,
             sampling: Sampling::Greedy,
@@ -457,7 +508,11 @@ impl<'m> Session<'m> {
         let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(size).collect();
         let outs = chunks
             .par_iter()
-            .map(|chunk| generate_until(&self.model.transformer, chunk, hooks, &opts, &enough))
+            .enumerate()
+            .map(|(c, chunk)| {
+                let enough = |r: usize, ids: &[u32]| enough(c * size + r, ids);
+                generate_until(&self.model.transformer, chunk, hooks, &opts, enough)
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| CheckError::Generate {
                 set: t.name.clone(),
@@ -492,6 +547,7 @@ impl<'m> Session<'m> {
     /// Mean KL(clean || hooked) over every real position, per prompt. Micro-batches of 4 (each
     /// holds two passes' logits at every position) run one per thread.
     pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
+        let _timed = Timed::new("kl", &t.name, hooks);
         let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(self.micro_batch.min(4)).collect();
         let per_chunk = chunks
             .par_iter()

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 
 use crate::error::{CandleContext, RunError};
-use crate::hooks::{HookPoint, Hooks, Positions};
+use crate::hooks::{Edit, HookPoint, Hooks, Intervention, Positions};
 use crate::transformer::{
     in_micro_batches, BatchLayout, ForwardOutput, KvCache, Padding, Transformer, Unembed,
 };
@@ -28,8 +28,10 @@ impl Transformer {
     /// [`Transformer::forward_chunked`] with right padding, computing the first `shared` tokens,
     /// which every prompt must have in common, once. Falls back to the full pass where sharing
     /// cannot give the same output: a prompt no longer than the shared start, a hook that
-    /// changes a position of it (an intervention at every position, or at an index that
-    /// falls inside it), or an attention pattern hook (whose keys the split pass would cut).
+    /// may change it differently from row to row (a replacement at every position, or an
+    /// edit at an index that falls inside it), or an attention pattern hook (whose keys the
+    /// split pass would cut). An added vector or an ablated direction at every position is
+    /// computed in the preamble's pass too.
     pub fn forward_chunked_shared(
         &self,
         prompts: &[Vec<u32>],
@@ -96,8 +98,8 @@ impl Transformer {
             return false;
         }
         let own = (shortest - shared) as i64;
-        let untouched = |positions: &Positions| match positions {
-            Positions::All => false,
+        let shareable = |i: &Intervention| match &i.positions {
+            Positions::All => same_for_every_row(i),
             Positions::Last => true,
             Positions::Indices(ix) => {
                 ix.iter()
@@ -109,11 +111,12 @@ impl Transformer {
             .iter()
             .chain(hooks.interventions.iter().map(|i| &i.hook))
             .any(|h| matches!(h, HookPoint::AttnPattern(_)));
-        !patterns && hooks.interventions.iter().all(|i| untouched(&i.positions))
+        !patterns && hooks.interventions.iter().all(shareable)
     }
 
-    /// The shared start alone, with the captures of `hooks` (its interventions touch none of
-    /// its positions) and, when every position is unembedded, its logits.
+    /// The shared start alone, with the captures of `hooks` and those of its interventions
+    /// that edit every position (the others touch none of its positions), and, when every
+    /// position is unembedded, its logits.
     fn preamble(&self, ids: &[u32], hooks: &Hooks, unembed: Unembed) -> Result<Preamble, RunError> {
         // Logits of the preamble's positions only where the caller reads some of them; else a
         // pass through every block that the prompts' passes go through, for the cache.
@@ -123,20 +126,25 @@ impl Transformer {
             Unembed::None => (Unembed::None, false),
             _ => (Unembed::Last, false),
         };
-        let mut captures_only = Hooks {
+        let mut own_hooks = Hooks {
             capture: hooks.capture.clone(),
-            interventions: Vec::new(),
+            interventions: hooks
+                .interventions
+                .iter()
+                .filter(|i| i.positions == Positions::All)
+                .cloned()
+                .collect(),
         };
         // A pass that stops early must stop where the prompts' passes will.
         if let (Unembed::None, Some(h)) = (unembed, hooks.deepest()) {
-            captures_only = captures_only.capture(h);
+            own_hooks = own_hooks.capture(h);
         }
         let layout = BatchLayout::new(vec![ids.len()], Padding::Right);
         let mut cache = Some(KvCache::new(true));
         let out = self.run(
             &[ids.to_vec()],
             &layout,
-            &captures_only,
+            &own_hooks,
             run_unembed,
             &mut cache,
         )?;
@@ -196,4 +204,12 @@ impl Transformer {
             layout: BatchLayout::new(chunk.iter().map(Vec::len).collect(), Padding::Right),
         })
     }
+}
+
+/// Whether an edit of every position does the same to the shared start of every row, so that
+/// the start can be computed once with it: adding a vector and ablating a direction act on
+/// each position alone; a replacement may be any function of the whole batch (an SAE splice
+/// is not, but a per-row patch is), so it is never shared.
+fn same_for_every_row(i: &Intervention) -> bool {
+    matches!(i.edit, Edit::Add { .. } | Edit::Ablate { .. })
 }

@@ -1,6 +1,7 @@
 //! Prompt passes that compute the chat template's shared preamble once give the outputs of
 //! the full pass (issue 19): captures and logits at every position, under hooks that leave the
-//! preamble alone, to 1e-5 relative; hooks that would change it fall back to the full pass.
+//! preamble alone or do the same to every row's (steering, directional ablation), to 1e-5
+//! relative; hooks that could change it row by row fall back to the full pass.
 //! On the real default model, in its audited precision (f32 prompt passes).
 
 mod common;
@@ -134,6 +135,25 @@ fn a_shared_preamble_gives_the_full_passs_outputs() {
             Unembed::All,
         ),
         ("a capture with early exit", captures.clone(), Unembed::None),
+        (
+            "steering every position",
+            captures
+                .clone()
+                .add(HookPoint::ResidPost(6), Positions::All, v.clone(), 2.0),
+            Unembed::Last,
+        ),
+        (
+            "ablating a direction everywhere",
+            Hooks::new().ablate_everywhere(m.transformer.config.n_layers, &v),
+            Unembed::All,
+        ),
+        (
+            "steering every position, early exit",
+            Hooks::new()
+                .add(HookPoint::ResidPost(6), Positions::All, v.clone(), 2.0)
+                .capture(HookPoint::ResidPost(12)),
+            Unembed::None,
+        ),
     ];
     for (what, hooks, unembed) in cases {
         let full = outputs(&m, &ids, 0, &hooks, unembed);
@@ -163,16 +183,17 @@ fn a_shared_preamble_gives_the_full_passs_outputs() {
     }
 }
 
-/// Hooks that change a position of the preamble (every position, or an index inside it) run
-/// the full pass: the same bits.
+/// Hooks that may change the preamble differently from row to row (a replacement at every
+/// position, an edit at an index inside it) run the full pass: the same bits.
 #[test]
 fn hooks_that_change_the_preamble_run_the_full_pass() {
     let m = model();
     let (ids, shared) = prompts(&m);
     let d = m.transformer.config.d_model;
     let v = Tensor::ones(d, candle_core::DType::F32, m.transformer.device()).unwrap();
+    let shift: probes::hooks::ReplaceFn = std::sync::Arc::new(|x: &Tensor| x + 1.0);
     for hooks in [
-        Hooks::new().add(HookPoint::ResidPost(3), Positions::All, v.clone(), 1.0),
+        Hooks::new().replace(HookPoint::ResidPost(3), Positions::All, shift),
         Hooks::new().add(
             HookPoint::ResidPost(3),
             Positions::Indices(vec![2]),

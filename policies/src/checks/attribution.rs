@@ -54,6 +54,7 @@ pub(crate) fn attribute(
     };
     let b = behaviour.clone();
     let metric = move |logits: &Tensor, _: &BatchLayout| b.tensor(logits)?.sum_all();
+    let started = std::time::Instant::now();
     let g = model
         .gradients(&prompts, &Hooks::new(), &BTreeSet::from([s.hook]), &metric)
         .map_err(forward)?;
@@ -99,6 +100,10 @@ pub(crate) fn attribute(
             .to_vec2()?;
         Ok(logits.iter().map(|row| behaviour.value(row)).collect())
     };
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "attribution gradient"
+    );
     let base = values(&Hooks::new())?;
     let mut effects = Vec::with_capacity(ranked.len());
     for &(l, _) in &ranked {
@@ -109,6 +114,10 @@ pub(crate) fn attribute(
         let drop = base.iter().zip(&ablated).map(|(b, a)| b - a).sum::<f64>() / n;
         effects.push(drop);
     }
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "attribution ablations"
+    );
     if ranked
         .iter()
         .map(|r| r.1)

@@ -326,6 +326,7 @@ fn ce_recovered(
             from + 2
         )));
     }
+    let started = std::time::Instant::now();
     let micro_batch = cx.session.micro_batch().min(8);
     let r = probes::sae::eval::evaluate_from(
         cx.session.model,
@@ -335,6 +336,10 @@ fn ce_recovered(
         from,
         micro_batch,
     )?;
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "drift CE loss recovered"
+    );
     if !(r.ce_zero_ablation > r.ce_clean && r.ce_loss_recovered.is_finite()) {
         return Err(CheckError::Unmeasurable(format!(
             "zero-ablating `{}` does not raise the next-token CE loss on `{}` (clean {:.4}, \

@@ -325,28 +325,31 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         None => (Vec::new(), Vec::new()),
     };
     let (hooks, hook) = intervention_hooks(cx, intervention, None)?;
-    // Per-prompt metric under `h`.
-    let measure = |eng: &mut Session<'_>, h: &Hooks| -> Result<Vec<f64>, CheckError> {
+    // Example generations with and without the intervention, of the first prompts.
+    let n_examples = 4.min(t.ids.len());
+    // Per-prompt metric under `h`; for the refusal rate, also the examples' whole replies
+    // (their rows run on in the generation that decides the verdicts).
+    type Measured = (Vec<f64>, Option<Vec<String>>);
+    let measure = |eng: &mut Session<'_>, h: &Hooks| -> Result<Measured, CheckError> {
         Ok(match metric {
             MetricKind::RefusalScore | MetricKind::LogitDiff => {
                 let l = eng.last_logits(&t, h)?;
-                logit_metric(&l, *metric, &refusal_ids, &target_ids)
+                (logit_metric(&l, *metric, &refusal_ids, &target_ids), None)
             }
             MetricKind::RefusalRate => {
-                let v = eng.verdicts(&t, h, *max_tokens, classifier)?;
-                v.iter().map(|r| f64::from(u8::from(r.refused))).collect()
+                let v = eng.verdicts(&t, h, *max_tokens, classifier, n_examples)?;
+                let rates = v.iter().map(|r| f64::from(u8::from(r.refused))).collect();
+                (
+                    rates,
+                    Some(v.iter().filter_map(|r| r.whole.clone()).collect()),
+                )
             }
-            MetricKind::Kl => {
-                if h.is_empty() {
-                    vec![0.0; t.ids.len()]
-                } else {
-                    eng.kl_per_prompt(&t, h)?
-                }
-            }
+            MetricKind::Kl if h.is_empty() => (vec![0.0; t.ids.len()], None),
+            MetricKind::Kl => (eng.kl_per_prompt(&t, h)?, None),
         })
     };
-    let base = measure(cx.session, &Hooks::new())?;
-    let value = measure(cx.session, &hooks)?;
+    let (base, base_replies) = measure(cx.session, &Hooks::new())?;
+    let (value, value_replies) = measure(cx.session, &hooks)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (b, v) = (mean(&base), mean(&value));
     let mname = metric_name(*metric);
@@ -377,7 +380,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             v
         } else {
             let (h, _) = intervention_hooks(cx, intervention, Some(c))?;
-            mean(&measure(cx.session, &h)?)
+            mean(&measure(cx.session, &h)?.0)
         };
         evidence.sweep.push(SweepPoint {
             coeff: c,
@@ -392,21 +395,24 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             flip = Some(c);
         }
     }
-    // Example generations with and without the intervention: whole replies, of the length
-    // the refusal rate reads (its verdicts stop each reply once it is settled).
-    let n_examples = 4.min(t.ids.len());
-    let example_tokens = match metric {
-        MetricKind::RefusalRate => *max_tokens,
-        _ => 24,
+    // Whole replies: the refusal rate's, or replies of 24 tokens.
+    let (bg, vg) = match (base_replies, value_replies) {
+        (Some(b), Some(v)) => (Arc::new(b), Arc::new(v)),
+        _ => {
+            let ex = Tokens {
+                ids: Arc::new(t.ids[..n_examples].to_vec()),
+                texts: Arc::new(t.texts[..n_examples].to_vec()),
+                key: format!("{}:examples", t.key),
+                ..t.clone()
+            };
+            // Small batches decode at the speed of memory, not of the cores: the two run
+            // one after the other (at once, each took as long as both).
+            (
+                cx.session.generations(&ex, &Hooks::new(), 24)?,
+                cx.session.generations(&ex, &hooks, 24)?,
+            )
+        }
     };
-    let ex = Tokens {
-        ids: Arc::new(t.ids[..n_examples].to_vec()),
-        texts: Arc::new(t.texts[..n_examples].to_vec()),
-        key: format!("{}:examples", t.key),
-        ..t.clone()
-    };
-    let bg = cx.session.generations(&ex, &Hooks::new(), example_tokens)?;
-    let vg = cx.session.generations(&ex, &hooks, example_tokens)?;
     for i in 0..n_examples {
         evidence.generations.push(GenerationPair {
             prompt: t.texts[i].clone(),
