@@ -387,6 +387,15 @@ impl LayerKv {
 
 /// Run `pass` on `prompts` in micro-batches of at most `micro_batch`, up to one per rayon
 /// thread at once, handing each output (with its first prompt's index) to `consume` in order.
+/// How a pass runs: plain; with a gradient leaf at each of some hooks; or from a residual
+/// activation captured at a hook ([`Transformer::forward_from`]).
+#[derive(Clone, Copy)]
+enum PassKind<'a> {
+    Plain,
+    Differentiable(&'a BTreeSet<HookPoint>),
+    From(HookPoint, &'a Tensor),
+}
+
 pub(crate) fn in_micro_batches(
     prompts: &[Vec<u32>],
     micro_batch: usize,
@@ -575,7 +584,7 @@ impl Transformer {
             hooks,
             Unembed::Last,
             &mut None,
-            Some(grad),
+            PassKind::Differentiable(grad),
         )
     }
 
@@ -801,7 +810,66 @@ impl Transformer {
         cache: &mut Option<KvCache>,
     ) -> Result<ForwardOutput, RunError> {
         Ok(self
-            .run_pass(prompts, layout, hooks, unembed, cache, None)?
+            .run_pass(prompts, layout, hooks, unembed, cache, PassKind::Plain)?
+            .0)
+    }
+
+    /// The rest of [`Transformer::forward`] from the residual stream at `start`
+    /// (`hook_resid_pre` or `hook_resid_post` of a block), whose activation `x` `[b, t, d]`
+    /// (before any hook there) a pass over the same prompts and padding captured. The blocks
+    /// before `start` are not run: passes that change nothing before it (an edit at or after
+    /// it) share them. `hooks` may touch `start` and later points only.
+    pub fn forward_from(
+        &self,
+        prompts: &[Vec<u32>],
+        padding: Padding,
+        start: HookPoint,
+        x: &Tensor,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(RunError::Batch(
+                "every prompt needs at least one token".into(),
+            ));
+        }
+        self.validate(hooks)?;
+        if !matches!(start, HookPoint::ResidPre(_) | HookPoint::ResidPost(_)) {
+            return Err(RunError::BadBlock {
+                name: start.to_string(),
+                why: "a pass starts in the residual stream (`hook_resid_pre` or `hook_resid_post`)"
+                    .into(),
+            });
+        }
+        let early = hooks
+            .capture
+            .iter()
+            .chain(hooks.interventions.iter().map(|i| &i.hook))
+            .find(|h| h.order() < start.order());
+        if let Some(h) = early {
+            return Err(RunError::BadBlock {
+                name: h.to_string(),
+                why: format!("it comes before `{start}`, where this pass starts"),
+            });
+        }
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), padding);
+        self.check_lengths(&layout.lengths)?;
+        let want = [prompts.len(), layout.seq_len, self.config.d_model];
+        if x.dims() != want {
+            return Err(RunError::Batch(format!(
+                "the activation to start from at `{start}` is {:?}, not {want:?}",
+                x.dims()
+            )));
+        }
+        Ok(self
+            .run_pass(
+                prompts,
+                &layout,
+                hooks,
+                unembed,
+                &mut None,
+                PassKind::From(start, x),
+            )?
             .0)
     }
 
@@ -812,8 +880,13 @@ impl Transformer {
         hooks: &Hooks,
         unembed: Unembed,
         cache: &mut Option<KvCache>,
-        grad: Option<&BTreeSet<HookPoint>>,
+        how: PassKind<'_>,
     ) -> Result<(ForwardOutput, BTreeMap<HookPoint, Var>), RunError> {
+        let (grad, start) = match how {
+            PassKind::Plain => (None, None),
+            PassKind::Differentiable(grad) => (Some(grad), None),
+            PassKind::From(point, x) => (None, Some((point, x))),
+        };
         let b = prompts.len();
         let t = layout.seq_len;
         let pad = self.config.bos_token_id.unwrap_or(0);
@@ -858,19 +931,32 @@ impl Transformer {
             (out, pass.leaves)
         };
 
-        let mut x = embed(&self.embed, &ids).run_ctx("embedding")?; // [b, t, d]
-        if let Some(scale) = self.config.embed_scale {
-            x = (x * scale).run_ctx("embedding scale")?;
-        }
-        x = pass.hook(HookPoint::Embed, x)?;
-        if HookPoint::Embed.order() >= stop {
-            return Ok(done(pass, None));
-        }
-        if let Some(pe) = &self.pos_embed {
-            let p = embed(pe, &ctx.pos_ids).run_ctx("position embedding")?;
-            x = (x + p).run_ctx("position embedding")?;
-        }
-        for (l, block) in self.blocks.iter().enumerate() {
+        let (first, mut x) = match start {
+            None => {
+                let mut x = embed(&self.embed, &ids).run_ctx("embedding")?; // [b, t, d]
+                if let Some(scale) = self.config.embed_scale {
+                    x = (x * scale).run_ctx("embedding scale")?;
+                }
+                x = pass.hook(HookPoint::Embed, x)?;
+                if HookPoint::Embed.order() >= stop {
+                    return Ok(done(pass, None));
+                }
+                if let Some(pe) = &self.pos_embed {
+                    let p = embed(pe, &ctx.pos_ids).run_ctx("position embedding")?;
+                    x = (x + p).run_ctx("position embedding")?;
+                }
+                (0, x)
+            }
+            Some((HookPoint::ResidPost(l), x)) => {
+                let x = pass.hook(HookPoint::ResidPost(l), x.clone())?;
+                if HookPoint::ResidPost(l).order() >= stop {
+                    return Ok(done(pass, None));
+                }
+                (l + 1, x)
+            }
+            Some((point, x)) => (point.layer().unwrap_or(0), x.clone()),
+        };
+        for (l, block) in self.blocks.iter().enumerate().skip(first) {
             x = pass.hook(HookPoint::ResidPre(l), x)?;
             if HookPoint::ResidPre(l).order() >= stop {
                 return Ok(done(pass, None));

@@ -509,3 +509,72 @@ fn chat_template_renders_and_generation_answers() {
     let text = m.codec.decode(&out[0]).unwrap();
     assert!(text.contains("Paris"), "{text:?}");
 }
+
+/// A pass that starts from a captured residual activation runs only the blocks after it and
+/// gives the full pass's output bit for bit, with the hooks at its start applied; a hook
+/// before the start is refused.
+#[test]
+fn a_pass_resumed_from_the_residual_stream_equals_the_full_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path());
+    let b = batch();
+    let d = m.transformer.config.d_model;
+    let v = Tensor::ones(d, DType::F32, &Device::Cpu).unwrap();
+    for start in [HookPoint::ResidPre(1), HookPoint::ResidPost(0)] {
+        let clean = m
+            .transformer
+            .forward(
+                &b,
+                Padding::Left,
+                &Hooks::new().capture(start),
+                Unembed::All,
+            )
+            .unwrap();
+        let x = &clean.captures[&start];
+        let edits = Hooks::new()
+            .add(start, Positions::All, v.clone(), 0.5)
+            .capture(HookPoint::MlpOut(1));
+        let full = m
+            .transformer
+            .forward(&b, Padding::Left, &edits, Unembed::All)
+            .unwrap();
+        let resumed = m
+            .transformer
+            .forward_from(&b, Padding::Left, start, x, &edits, Unembed::All)
+            .unwrap();
+        let (f, r) = (full.logits.unwrap(), resumed.logits.unwrap());
+        assert_eq!(bits(&f), bits(&r), "logits from `{start}`");
+        let h = HookPoint::MlpOut(1);
+        assert_eq!(bits(&full.captures[&h]), bits(&resumed.captures[&h]));
+        assert!(max_abs(&(&f - &clean.logits.unwrap()).unwrap()) > 0.0);
+    }
+    let x = Tensor::zeros((b.len(), 14, d), DType::F32, &Device::Cpu).unwrap();
+    let early = Hooks::new().capture(HookPoint::ResidPre(0));
+    let e = m
+        .transformer
+        .forward_from(
+            &b,
+            Padding::Left,
+            HookPoint::ResidPost(0),
+            &x,
+            &early,
+            Unembed::Last,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("comes before `blocks.0.hook_resid_post`"), "{e}");
+    let wrong = Tensor::zeros((b.len(), 3, d), DType::F32, &Device::Cpu).unwrap();
+    let e = m
+        .transformer
+        .forward_from(
+            &b,
+            Padding::Left,
+            HookPoint::ResidPost(0),
+            &wrong,
+            &Hooks::new(),
+            Unembed::Last,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not [4, 14"), "{e}");
+}

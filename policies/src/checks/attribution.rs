@@ -16,8 +16,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use probes::hooks::{Hooks, Positions, ReplaceFn};
-use probes::{BatchLayout, Padding, Unembed};
+use probes::hooks::{HookPoint, Hooks, Positions, ReplaceFn};
+use probes::{BatchLayout, ForwardOutput, Padding, Unembed};
+use rayon::prelude::*;
 
 use super::attribution_patching::correlation;
 use crate::error::CheckError;
@@ -89,12 +90,10 @@ pub(crate) fn attribute(
     ranked.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
     ranked.truncate(TOP);
 
-    let values = |hooks: &Hooks| -> Result<Vec<f64>, CheckError> {
-        let out = model
-            .forward(&prompts, Padding::Left, hooks, Unembed::Last)
-            .map_err(forward)?;
+    let values = |out: &ForwardOutput| -> Result<Vec<f64>, CheckError> {
         let logits: Vec<Vec<f32>> = out
             .logits
+            .as_ref()
             .ok_or_else(|| CheckError::NonFinite("the pass produced no logits".into()))?
             .to_dtype(DType::F32)?
             .to_vec2()?;
@@ -104,16 +103,43 @@ pub(crate) fn attribute(
         seconds = started.elapsed().as_secs_f64(),
         "attribution gradient"
     );
-    let base = values(&Hooks::new())?;
-    let mut effects = Vec::with_capacity(ranked.len());
-    for &(l, _) in &ranked {
-        // The latent's decoder contribution at every position, taken away.
-        let removed = s.sae.decoded_latent(&c, l)?.reshape((rows, len, d))?;
-        let f: ReplaceFn = Arc::new(move |x: &Tensor| x - removed.to_dtype(x.dtype())?);
-        let ablated = values(&Hooks::new().replace(s.hook, Positions::All, f))?;
-        let drop = base.iter().zip(&ablated).map(|(b, a)| b - a).sum::<f64>() / n;
-        effects.push(drop);
-    }
+    // The unablated pass keeps the activation at the SAE's hook; in the residual stream, the
+    // ablated passes start from it instead of running the blocks before it again.
+    let clean = model
+        .forward(
+            &prompts,
+            Padding::Left,
+            &Hooks::new().capture(s.hook),
+            Unembed::Last,
+        )
+        .map_err(forward)?;
+    let base = values(&clean)?;
+    let at_hook = clean.captures.get(&s.hook).ok_or_else(missing)?;
+    let resumable = matches!(s.hook, HookPoint::ResidPre(_) | HookPoint::ResidPost(_));
+    // The passes run one per thread.
+    let effects = ranked
+        .par_iter()
+        .map(|&(l, _)| {
+            // The latent's decoder contribution at every position, taken away.
+            let removed = s.sae.decoded_latent(&c, l)?.reshape((rows, len, d))?;
+            let f: ReplaceFn = Arc::new(move |x: &Tensor| x - removed.to_dtype(x.dtype())?);
+            let hooks = Hooks::new().replace(s.hook, Positions::All, f);
+            let out = if resumable {
+                model.forward_from(
+                    &prompts,
+                    Padding::Left,
+                    s.hook,
+                    at_hook,
+                    &hooks,
+                    Unembed::Last,
+                )
+            } else {
+                model.forward(&prompts, Padding::Left, &hooks, Unembed::Last)
+            };
+            let ablated = values(&out.map_err(forward)?)?;
+            Ok(base.iter().zip(&ablated).map(|(b, a)| b - a).sum::<f64>() / n)
+        })
+        .collect::<Result<Vec<f64>, CheckError>>()?;
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
         "attribution ablations"
