@@ -497,6 +497,8 @@ impl<'m> Session<'m> {
             // they generate in, f32 decode steps are also faster than Q8_0 ones (1.6x,
             // `mechwatch bench forward`), whose matmul re-reads the weights for every row.
             f32_decode: true,
+            // The set's chat preamble, prefilled once per batch.
+            shared_start: t.prefix,
         };
         // Decode steps cost little more for 32 rows than for 8: generate in batches of up to
         // 32, one per thread at once (as the prompt passes run their micro-batches), split

@@ -30,6 +30,11 @@ pub struct GenerateOptions {
     /// Decode in f32 even where the model decodes with its Q8_0 weights: the reference
     /// precision, which a recipe that must reproduce its output bit for bit pins.
     pub f32_decode: bool,
+    /// How many first tokens every prompt has in common (a chat template's preamble), to
+    /// prefill once for the whole batch ([`Transformer::prefill_shared`]); 0 for none. It must
+    /// not depend on the batch (a prompt set's preamble, not the batch's common prefix), or
+    /// a row's tokens would depend on the rows beside it.
+    pub shared_start: usize,
 }
 
 impl Default for GenerateOptions {
@@ -39,6 +44,7 @@ impl Default for GenerateOptions {
             sampling: Sampling::Greedy,
             stop_tokens: Vec::new(),
             f32_decode: false,
+            shared_start: 0,
         }
     }
 }
@@ -81,7 +87,7 @@ pub fn generate_until(
         .collect();
     let mut cache = Some(KvCache::new(opts.f32_decode));
     let mut logits = model
-        .prefill(prompts, hooks, &mut cache)?
+        .prefill_shared(prompts, opts.shared_start, hooks, &mut cache)?
         .logits
         .ok_or_else(|| RunError::Batch("prefill produced no logits".into()))?;
     // The prompts still generating, in the cache's row order.

@@ -82,6 +82,38 @@ impl Transformer {
         self.after_preamble(&preamble, prompts, shared, hooks, unembed)
     }
 
+    /// [`Transformer::prefill`] computing the first `shared` tokens, which every prompt must
+    /// have in common, once (as [`Transformer::forward_chunked_shared`]): the prompts' own
+    /// tokens run right-padded after the preamble's cache, which is then left-aligned so that
+    /// decode steps append after every row's real keys. Falls back to the full prefill where
+    /// sharing cannot give the same output ([`Transformer::can_share`]).
+    pub(crate) fn prefill_shared(
+        &self,
+        prompts: &[Vec<u32>],
+        shared: usize,
+        hooks: &Hooks,
+        cache: &mut Option<KvCache>,
+    ) -> Result<ForwardOutput, RunError> {
+        if !self.can_share(prompts, shared, hooks) {
+            return self.prefill(prompts, hooks, cache);
+        }
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.check_lengths(&lengths)?;
+        self.validate(hooks)?;
+        let f32_decode = cache.as_ref().is_some_and(|c| c.f32_decode);
+        let preamble = self.preamble(&prompts[0][..shared], hooks, Unembed::Last)?;
+        let mut filled = preamble.cache.repeat_row(prompts.len())?;
+        filled.f32_decode = f32_decode;
+        let own: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
+        let layout = BatchLayout::new(own.iter().map(Vec::len).collect(), Padding::Right);
+        let mut filled = Some(filled);
+        let out = self.run(&own, &layout, hooks, Unembed::Last, &mut filled)?;
+        let mut filled = filled.expect("filled by the pass");
+        filled.left_align()?;
+        *cache = Some(filled);
+        Ok(out)
+    }
+
     /// Whether every prompt starts with the same `shared` tokens and has more, and `hooks`
     /// leave those positions alone: whether [`Transformer::forward_shared`] shares the start.
     /// A measure that compares two passes (a KL divergence) should run both the same way.

@@ -257,7 +257,7 @@ pub struct KvCache {
     /// Per row, real tokens seen so far.
     totals: Vec<usize>,
     /// Decode steps in f32 even when the model decodes with Q8_0 weights.
-    f32_decode: bool,
+    pub(crate) f32_decode: bool,
 }
 
 impl KvCache {
@@ -300,6 +300,58 @@ impl KvCache {
             totals: vec![self.totals[0]; rows],
             f32_decode: self.f32_decode,
         })
+    }
+
+    /// Move each row's real keys and values to the end of the cache, in order, and its pads
+    /// before them: the layout a left-padded prefill leaves, after which every row's decode
+    /// steps append right after its real keys. A row's keys carry their positions (RoPE was
+    /// applied per token), so where they sit in the cache changes nothing they compute.
+    pub(crate) fn left_align(&mut self) -> Result<(), RunError> {
+        let Some(len) = self.key_real.first().map(Vec::len) else {
+            return Ok(());
+        };
+        let orders: Vec<Vec<u32>> = self
+            .key_real
+            .iter()
+            .map(|real| {
+                let pads = (0..len).filter(|&k| !real[k]);
+                let reals = (0..len).filter(|&k| real[k]);
+                pads.chain(reals).map(|k| k as u32).collect()
+            })
+            .collect();
+        let unmoved = |o: &Vec<u32>| o.iter().enumerate().all(|(k, &i)| i as usize == k);
+        if orders.iter().all(unmoved) {
+            return Ok(());
+        }
+        for layer in self.layers.iter_mut().flatten() {
+            if layer.len != len {
+                return Err(RunError::Batch(format!(
+                    "a cache layer holds {} positions, not the {len} its rows mark",
+                    layer.len
+                )));
+            }
+            let device = layer.k.device().clone();
+            let reorder = |x: &Tensor| -> candle_core::Result<Tensor> {
+                let rows = orders
+                    .iter()
+                    .enumerate()
+                    .map(|(r, order)| {
+                        let idx = Tensor::from_slice(order, len, &device)?;
+                        x.narrow(0, r, 1)?
+                            .narrow(2, 0, len)?
+                            .contiguous()?
+                            .index_select(&idx, 2)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)
+            };
+            layer.k = reorder(&layer.k).run_ctx("left-aligning the cache")?;
+            layer.v = reorder(&layer.v).run_ctx("left-aligning the cache")?;
+        }
+        for real in &mut self.key_real {
+            real.sort();
+        }
+        Ok(())
     }
 
     /// Keep only the rows `keep` (indices into the current rows, in order): a generation drops

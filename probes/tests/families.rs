@@ -950,3 +950,38 @@ fn a_shared_start_longer_than_the_window_gives_the_full_passs_logits() {
         assert!(e < TOL, "row {row}: capture's relative error {e}");
     }
 }
+
+/// A generation that prefills a shared start once, longer than the window, decodes the
+/// greedy tokens of full forwards: the left-aligned cache keeps every key's position.
+#[test]
+fn a_shared_start_prefilled_once_decodes_as_full_forwards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = gemma3_with_local_rope(tmp.path(), 41);
+    let mut r = Rand::new(12);
+    let start = r.tokens(WINDOW + 2);
+    let prompts: Vec<Vec<u32>> = [1, WINDOW + 3, 4]
+        .iter()
+        .map(|&n| [start.clone(), r.tokens(n)].concat())
+        .collect();
+    let opts = probes::GenerateOptions {
+        max_tokens: WINDOW + 2,
+        f32_decode: true,
+        shared_start: start.len(),
+        ..Default::default()
+    };
+    let cached = probes::generate(&m.transformer, &prompts, &Hooks::new(), &opts).unwrap();
+    for (prompt, got) in prompts.iter().zip(&cached) {
+        assert_eq!(got.len(), WINDOW + 2);
+        let mut seq = prompt.clone();
+        for &tok in got {
+            let want = ours_last(&m, &seq).argmax(0).unwrap();
+            assert_eq!(
+                tok,
+                want.to_scalar::<u32>().unwrap(),
+                "after {} tokens",
+                seq.len()
+            );
+            seq.push(tok);
+        }
+    }
+}

@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{Tensor, D};
 use common::{bits, default_model_path};
-use probes::{HookPoint, Hooks, Positions, Unembed};
+use probes::{generate, GenerateOptions, HookPoint, Hooks, Positions, Unembed};
 
 const TOL: f32 = 1e-5;
 
@@ -215,4 +215,57 @@ fn hooks_that_change_the_preamble_run_the_full_pass() {
     let a = outputs(&m, &mixed, shared, &Hooks::new(), Unembed::All);
     let b = outputs(&m, &mixed, 0, &Hooks::new(), Unembed::All);
     assert_eq!(bits(&a[1][0]), bits(&b[1][0]));
+}
+
+/// A generation whose prefill computes the preamble once (`GenerateOptions::shared_start`)
+/// gives the greedy tokens of the full prefill, under hooks or none, and they do not depend on
+/// the batch: each prompt alone gives the same bits as in the batch, in any order.
+#[test]
+fn a_generation_prefilled_after_a_shared_preamble_equals_the_full_prefill() {
+    let m = model();
+    let (ids, shared) = prompts(&m);
+    let d = m.transformer.config.d_model;
+    let v: Vec<f32> = (0..d).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+    let v = Tensor::from_vec(v, d, m.transformer.device()).unwrap();
+    let cases = [
+        ("no hooks", Hooks::new()),
+        (
+            "steering every position",
+            Hooks::new().add(HookPoint::ResidPost(6), Positions::All, v.clone(), 1.0),
+        ),
+        (
+            "ablating a direction everywhere",
+            Hooks::new().ablate_everywhere(m.transformer.config.n_layers, &v),
+        ),
+    ];
+    let opts = |shared_start| GenerateOptions {
+        max_tokens: 16,
+        f32_decode: true,
+        stop_tokens: m.stop_tokens(),
+        shared_start,
+        ..Default::default()
+    };
+    for (what, hooks) in cases {
+        let full = generate(&m.transformer, &ids, &hooks, &opts(0)).unwrap();
+        let split = generate(&m.transformer, &ids, &hooks, &opts(shared)).unwrap();
+        assert_eq!(
+            split, full,
+            "{what}: the shared prefill changed a generation"
+        );
+        assert!(full.iter().all(|g| !g.is_empty()));
+        let reversed: Vec<Vec<u32>> = ids.iter().rev().cloned().collect();
+        let mut back = generate(&m.transformer, &reversed, &hooks, &opts(shared)).unwrap();
+        back.reverse();
+        assert_eq!(back, split, "{what}: the batch reversed");
+        for (i, p) in ids.iter().enumerate() {
+            let alone = generate(
+                &m.transformer,
+                std::slice::from_ref(p),
+                &hooks,
+                &opts(shared),
+            )
+            .unwrap();
+            assert_eq!(alone[0], split[i], "{what}: prompt {i} alone");
+        }
+    }
 }

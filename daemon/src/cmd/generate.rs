@@ -59,6 +59,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         },
         stop_tokens: model.stop_tokens(),
         f32_decode: false,
+        shared_start: 0,
     };
     let out = probes::generate(&model.transformer, &[ids], &hooks, &opts)?;
     println!("{}", model.codec.decode(&out[0])?);

@@ -210,6 +210,7 @@ pub fn sample(
             stop_tokens: stop.clone(),
             // The corpus, and so the shipped SAE, must not move with the decode precision.
             f32_decode: true,
+            shared_start: 0,
         };
         generate(&model.transformer, prompts, &Hooks::new(), &opts)
     };
