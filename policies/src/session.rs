@@ -24,6 +24,14 @@ use crate::refusal::Classifier;
 use crate::result::{round, TokenValue};
 use crate::schema::TokenScope;
 
+/// Rows a generation keeps on one thread: a decode step of this many rows or fewer reads the
+/// weights in about the time of one row's, so splitting them across threads only reads the
+/// weights more often.
+const SMALL_BATCH: usize = 8;
+
+/// Decoded replies, one per prompt.
+pub type Texts = Arc<Vec<String>>;
+
 /// A prompt set as tokens, with its key (a digest of its content) for sharing work.
 #[derive(Clone)]
 pub(crate) struct Tokens {
@@ -426,6 +434,29 @@ impl<'m> Session<'m> {
         Ok(texts)
     }
 
+    /// [`Session::generations`] of `t` unhooked and under `hooks`, the two at once: a small
+    /// set decodes at the speed of memory, so each runs on one thread and the two together
+    /// take about as long as one.
+    pub fn generations_with_and_without(
+        &mut self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+    ) -> Result<(Texts, Texts), CheckError> {
+        let key = (t.key.clone(), max_tokens);
+        if self.generations.contains_key(&key) || hooks.is_empty() {
+            let base = self.generations(t, &Hooks::new(), max_tokens)?;
+            return Ok((base, self.generations(t, hooks, max_tokens)?));
+        }
+        let (base, with) = rayon::join(
+            || self.texts(t, &Hooks::new(), max_tokens),
+            || self.texts(t, hooks, max_tokens),
+        );
+        let base = base?;
+        self.generations.insert(key, Arc::clone(&base));
+        Ok((base, with?))
+    }
+
     fn texts(
         &self,
         t: &Tokens,
@@ -506,7 +537,7 @@ impl<'m> Session<'m> {
         let threads = rayon::current_num_threads().max(1);
         let n = t.ids.len().max(1);
         let rounds = n.div_ceil(self.micro_batch.max(32)).div_ceil(threads);
-        let size = n.div_ceil(rounds * threads);
+        let size = n.div_ceil(rounds * threads).max(n.min(SMALL_BATCH));
         let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(size).collect();
         let outs = chunks
             .par_iter()

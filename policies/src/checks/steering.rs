@@ -405,12 +405,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
                 key: format!("{}:examples", t.key),
                 ..t.clone()
             };
-            // Small batches decode at the speed of memory, not of the cores: the two run
-            // one after the other (at once, each took as long as both).
-            (
-                cx.session.generations(&ex, &Hooks::new(), 24)?,
-                cx.session.generations(&ex, &hooks, 24)?,
-            )
+            cx.session.generations_with_and_without(&ex, &hooks, 24)?
         }
     };
     for i in 0..n_examples {
