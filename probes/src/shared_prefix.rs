@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Edit, HookPoint, Hooks, Intervention, Positions};
 use crate::transformer::{
-    in_micro_batches, BatchLayout, ForwardOutput, KvCache, Padding, Transformer, Unembed,
+    in_micro_batches, BatchLayout, ForwardOutput, KvCache, Padding, PassKind, Transformer, Unembed,
 };
 
 /// The preamble's pass: its cache, captures `[1, shared, ..]` and logits `[1, shared, vocab]`.
@@ -58,7 +58,7 @@ impl Transformer {
         in_micro_batches(
             prompts,
             micro_batch,
-            |chunk| self.after_preamble(&preamble, chunk, shared, hooks, unembed),
+            |chunk| self.after_preamble(&preamble, chunk, shared, hooks, unembed, PassKind::Plain),
             consume,
         )
     }
@@ -79,7 +79,34 @@ impl Transformer {
         self.check_lengths(&lengths)?;
         self.validate(hooks)?;
         let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
-        self.after_preamble(&preamble, prompts, shared, hooks, unembed)
+        self.after_preamble(&preamble, prompts, shared, hooks, unembed, PassKind::Plain)
+    }
+
+    /// [`Transformer::forward_from`] with right padding, computing the first `shared` tokens,
+    /// which every prompt must have in common, once (as [`Transformer::forward_shared`]): only
+    /// the blocks after `start` run, and only on the prompts' own tokens. `x` is the full
+    /// pass's activation at `start`, `[batch, positions, d_model]`, of which only the prompts'
+    /// own positions are read; the preamble's keys and values come from its one-row pass.
+    pub fn forward_shared_from(
+        &self,
+        prompts: &[Vec<u32>],
+        shared: usize,
+        start: HookPoint,
+        x: &Tensor,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        if !self.can_share(prompts, shared, hooks) {
+            return self.forward_from(prompts, Padding::Right, start, x, hooks, unembed);
+        }
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Right);
+        self.check_start(&layout, start, x, hooks)?;
+        let own = x
+            .narrow(1, shared, layout.seq_len - shared)
+            .run_ctx("the prompts' own positions")?;
+        let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
+        let how = PassKind::From(start, &own);
+        self.after_preamble(&preamble, prompts, shared, hooks, unembed, how)
     }
 
     /// [`Transformer::prefill`] computing the first `shared` tokens, which every prompt must
@@ -202,6 +229,7 @@ impl Transformer {
         shared: usize,
         hooks: &Hooks,
         unembed: Unembed,
+        how: PassKind<'_>,
     ) -> Result<ForwardOutput, RunError> {
         let b = chunk.len();
         let own: Vec<Vec<u32>> = chunk.iter().map(|p| p[shared..].to_vec()).collect();
@@ -211,7 +239,7 @@ impl Transformer {
             Unembed::From(n) => Unembed::From(n.saturating_sub(shared)),
             u => u,
         };
-        let out = self.run(&own, &layout, hooks, own_unembed, &mut cache)?;
+        let (out, _) = self.run_pass(&own, &layout, hooks, own_unembed, &mut cache, how)?;
         let stitch = |start: &Tensor, rest: &Tensor| -> candle_core::Result<Tensor> {
             let mut dims = start.dims().to_vec();
             dims[0] = b;

@@ -442,7 +442,7 @@ impl LayerKv {
 /// How a pass runs: plain; with a gradient leaf at each of some hooks; or from a residual
 /// activation captured at a hook ([`Transformer::forward_from`]).
 #[derive(Clone, Copy)]
-enum PassKind<'a> {
+pub(crate) enum PassKind<'a> {
     Plain,
     Differentiable(&'a BTreeSet<HookPoint>),
     From(HookPoint, &'a Tensor),
@@ -885,6 +885,29 @@ impl Transformer {
                 "every prompt needs at least one token".into(),
             ));
         }
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), padding);
+        self.check_start(&layout, start, x, hooks)?;
+        Ok(self
+            .run_pass(
+                prompts,
+                &layout,
+                hooks,
+                unembed,
+                &mut None,
+                PassKind::From(start, x),
+            )?
+            .0)
+    }
+
+    /// Check a pass that starts at `start` from `x`: hooks, lengths, where it starts and the
+    /// shape of `x` for `layout`.
+    pub(crate) fn check_start(
+        &self,
+        layout: &BatchLayout,
+        start: HookPoint,
+        x: &Tensor,
+        hooks: &Hooks,
+    ) -> Result<(), RunError> {
         self.validate(hooks)?;
         if !matches!(start, HookPoint::ResidPre(_) | HookPoint::ResidPost(_)) {
             return Err(RunError::BadBlock {
@@ -904,28 +927,18 @@ impl Transformer {
                 why: format!("it comes before `{start}`, where this pass starts"),
             });
         }
-        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), padding);
         self.check_lengths(&layout.lengths)?;
-        let want = [prompts.len(), layout.seq_len, self.config.d_model];
+        let want = [layout.lengths.len(), layout.seq_len, self.config.d_model];
         if x.dims() != want {
             return Err(RunError::Batch(format!(
                 "the activation to start from at `{start}` is {:?}, not {want:?}",
                 x.dims()
             )));
         }
-        Ok(self
-            .run_pass(
-                prompts,
-                &layout,
-                hooks,
-                unembed,
-                &mut None,
-                PassKind::From(start, x),
-            )?
-            .0)
+        Ok(())
     }
 
-    fn run_pass(
+    pub(crate) fn run_pass(
         &self,
         prompts: &[Vec<u32>],
         layout: &BatchLayout,

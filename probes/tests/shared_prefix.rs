@@ -269,3 +269,67 @@ fn a_generation_prefilled_after_a_shared_preamble_equals_the_full_prefill() {
         }
     }
 }
+
+/// A pass resumed at a residual hook from the full pass's activation, with the preamble
+/// computed once (`forward_shared_from`), gives the shared pass's outputs: the SAE
+/// evaluation's spliced and zero-ablated passes on the prompts' own tokens.
+#[test]
+fn a_shared_pass_resumed_at_a_hook_equals_the_shared_pass() {
+    let m = model();
+    let (ids, shared) = prompts(&m);
+    let longest = ids.iter().map(Vec::len).max().unwrap();
+    let own: Vec<i64> = (shared as i64..longest as i64).collect();
+    let zero: probes::hooks::ReplaceFn = std::sync::Arc::new(|x: &Tensor| x.zeros_like());
+    for start in [HookPoint::ResidPost(11), HookPoint::ResidPre(20)] {
+        let clean = m
+            .transformer
+            .forward_shared(&ids, shared, &Hooks::new().capture(start), Unembed::All)
+            .unwrap();
+        let edits = Hooks::new()
+            .replace(start, Positions::Indices(own.clone()), zero.clone())
+            .capture(HookPoint::ResidPost(25));
+        let unembed = Unembed::From(shared);
+        let whole = m
+            .transformer
+            .forward_shared(&ids, shared, &edits, unembed)
+            .unwrap();
+        let resumed = m
+            .transformer
+            .forward_shared_from(
+                &ids,
+                shared,
+                start,
+                &clean.captures[&start],
+                &edits,
+                unembed,
+            )
+            .unwrap();
+        assert_eq!(whole.layout, resumed.layout);
+        let h = HookPoint::ResidPost(25);
+        for (r, len) in whole.layout.lengths.iter().enumerate() {
+            let cut = |t: &Tensor, n| t.get(r).unwrap().narrow(0, 0, n).unwrap();
+            let (a, b) = (
+                whole.logits.as_ref().unwrap(),
+                resumed.logits.as_ref().unwrap(),
+            );
+            let e = rel_err(&cut(b, len - shared), &cut(a, len - shared));
+            assert!(
+                e <= TOL,
+                "from `{start}`, prompt {r}: logits' relative error {e}"
+            );
+            let e = rel_err(
+                &cut(&resumed.captures[&h], *len),
+                &cut(&whole.captures[&h], *len),
+            );
+            assert!(
+                e <= TOL,
+                "from `{start}`, prompt {r}: capture's relative error {e}"
+            );
+        }
+        let moved = rel_err(
+            &clean.logits.as_ref().unwrap().narrow(1, shared, 1).unwrap(),
+            &resumed.logits.as_ref().unwrap().narrow(1, 0, 1).unwrap(),
+        );
+        assert!(moved > 1e-3, "zeroing `{start}` changed nothing ({moved})");
+    }
+}

@@ -264,9 +264,18 @@ fn chunk_sums(
     }
     s.sink_tokens += sinks.iter().filter(|s| **s).count() as u64;
 
+    // The edited passes share the clean one's blocks before the hook: in the residual stream,
+    // they start there from its activation.
+    let edited = |hooks: &Hooks| match hook {
+        HookPoint::ResidPre(_) | HookPoint::ResidPost(_) => model
+            .transformer
+            .forward_shared_from(chunk, from, hook, act, hooks, Unembed::From(from))
+            .map_err(run_err),
+        _ => pass(hooks),
+    };
     let clean = clean.logits.expect("unembedded");
-    let with_sae = pass(&spliced)?.logits.expect("unembedded");
-    let zero = pass(&zeroed)?.logits.expect("unembedded");
+    let with_sae = edited(&spliced)?.logits.expect("unembedded");
+    let zero = edited(&zeroed)?.logits.expect("unembedded");
     for (r, w) in chunk.iter().enumerate() {
         // Positions `from..len-1` predict the tokens after them.
         let n = w.len() - 1 - from;
