@@ -293,7 +293,29 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear::new(w, b))
+        self.in_out(prefix, w, b)
+    }
+
+    /// An untied output layer `[vocab, d_model]`, kept as stored ([`Linear::new`]).
+    pub(crate) fn unembedding(
+        &self,
+        prefix: &str,
+        out: usize,
+        d_in: usize,
+    ) -> Result<Linear, LoadError> {
+        Ok(Linear::new(
+            self.get(&format!("{prefix}.weight"), &[out, d_in])?,
+            None,
+        ))
+    }
+
+    /// A block's layer from its `[out, in]` weight ([`Linear::stored_in_out`]).
+    fn in_out(&self, prefix: &str, w: Tensor, b: Option<Tensor>) -> Result<Linear, LoadError> {
+        Linear::stored_in_out(w, b).map_err(|source| LoadError::Candle {
+            path: self.src.path_of(prefix),
+            context: format!("laying out `{prefix}.weight`"),
+            source: Box::new(source),
+        })
     }
 
     /// Stack linear layers that read the same input into one, so one matmul does their work.
@@ -311,7 +333,7 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear::new(w, b))
+        self.in_out(prefix, w, b)
     }
 
     pub(crate) fn rms(&self, name: &str) -> Result<Norm, LoadError> {
@@ -512,15 +534,13 @@ impl Loader<'_> {
     ) -> Result<Linear, LoadError> {
         let w = self.get(&format!("{prefix}.weight"), &[d_in, out])?;
         let b = self.get(&format!("{prefix}.bias"), &[out])?;
-        let w = w
-            .t()
-            .and_then(|w| w.contiguous())
-            .map_err(|source: candle_core::Error| LoadError::Candle {
-                path: self.src.path_of(prefix),
-                context: format!("transposing `{prefix}.weight`"),
-                source: Box::new(source),
-            })?;
-        Ok(Linear::new(w, Some(b)))
+        // Conv1D stores `[in, out]`, the layout a block's layer keeps: its `[out, in]` view.
+        let w = w.t().map_err(|source| LoadError::Candle {
+            path: self.src.path_of(prefix),
+            context: format!("transposing `{prefix}.weight`"),
+            source: Box::new(source),
+        })?;
+        self.in_out(prefix, w, Some(b))
     }
 }
 

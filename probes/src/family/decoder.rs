@@ -166,7 +166,7 @@ pub fn build(l: &Loader, names: &DecoderTensors) -> Result<Transformer, LoadErro
         l.tied_copy("lm_head.weight", &embed)?;
         Linear::new(embed.clone(), None)
     } else {
-        l.linear("lm_head", c.vocab_size, d, false)?
+        l.unembedding("lm_head", c.vocab_size, d)?
     };
     Ok(Transformer {
         config: c.clone(),
