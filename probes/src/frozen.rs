@@ -50,10 +50,15 @@ impl CustomOp1 for FrozenProduct {
         let (b, t, out) = grad.dims3()?;
         let w = self.w.to_dtype(grad.dtype())?;
         let d_in = w.dim(1)?;
-        Ok(Some(
-            grad.reshape((b * t, out))?
-                .matmul(&w)?
-                .reshape((b, t, d_in))?,
-        ))
+        let g = grad.reshape((b * t, out))?;
+        // `g W`; a weight stored `[in, out]` is read row-major as the left operand of
+        // `(W_stored gᵀ)ᵀ` instead of being repacked as a right one.
+        let wt = w.t()?;
+        let x_grad = if wt.is_contiguous() {
+            wt.matmul(&g.t()?)?.t()?
+        } else {
+            g.matmul(&w)?
+        };
+        Ok(Some(x_grad.reshape((b, t, d_in))?))
     }
 }
