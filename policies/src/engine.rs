@@ -107,6 +107,7 @@ fn resolve_all(
         }
     }
     for p in resolved {
+        instruments.resolve_refusal_tokens(session, p);
         instruments.compute_directions(session, p, errors);
     }
 }

@@ -16,9 +16,12 @@ use probes::hooks::HookPoint;
 use probes::sae::Sae;
 
 use crate::error::{CheckError, PolicyError};
-use crate::lineage::{builtin_sae_recipe, direction_recipe, Lineage};
+use crate::lineage::{
+    builtin_sae_recipe, direction_recipe, refusal_tokens_digest, refusal_tokens_recipe, Lineage,
+};
 use crate::load::{Direction, DirectionSource, Located, Policy, SaeSource};
-use crate::result::{InputRecord, PinnedInstrument, SelectionRecord};
+use crate::refusal::{self, ScoreTokens};
+use crate::result::{InputRecord, PinnedInstrument, RefusalToken, SelectionRecord};
 use crate::selection;
 use crate::session::{at_position, ResolvedSae, Session};
 use crate::store::{Store, StoredDirection};
@@ -54,7 +57,16 @@ pub(crate) struct Instruments {
     broken: HashMap<(String, String), String>,
     /// Directions to compute on this checkpoint (not pinned by the lineage).
     to_compute: HashSet<(String, String)>,
+    /// Each policy's measured refusal-score tokens (ids, and the evidence of the choice), or
+    /// why there are none; policies with listed or default tokens have no entry.
+    refusal_tokens: HashMap<String, Result<RefusalTokens, String>>,
 }
+
+/// Refusal-score token ids and the evidence of their choice.
+pub(crate) type RefusalTokens = (Vec<u32>, Vec<RefusalToken>);
+
+/// The policy's own name for its measured refusal tokens, in the record's pins.
+const REFUSAL_TOKENS: &str = "refusal";
 
 impl Instruments {
     pub fn new(lineage: Lineage, store: Store, record: bool) -> Self {
@@ -69,6 +81,7 @@ impl Instruments {
             pins: Vec::new(),
             broken: HashMap::new(),
             to_compute: HashSet::new(),
+            refusal_tokens: HashMap::new(),
         }
     }
 
@@ -325,6 +338,7 @@ impl Instruments {
             reference: digest,
             origin,
             selection: None,
+            refusal_tokens: Vec::new(),
         })
     }
 
@@ -389,7 +403,10 @@ impl Instruments {
                 continue;
             }
             let computed = match &d.select {
-                Some(sel) => selection::select(s, p, d, sel).map(|(r, e)| (r, Some(e))),
+                Some(sel) => self
+                    .score_tokens(s, p)
+                    .and_then(|(refusal, _)| selection::select(s, p, d, sel, &refusal))
+                    .map(|(r, e)| (r, Some(e))),
                 None => compute_direction(s, p, d).map(|r| (r, None)),
             };
             let pinned = computed.and_then(|(r, evidence)| {
@@ -403,6 +420,105 @@ impl Instruments {
                 }
                 Err(e) => errors.push(p.error(&d.at, format!("direction `{name}`: {e}"))),
             }
+        }
+    }
+
+    /// Choose `p`'s measured refusal-score tokens from the model's replies to its `[refusal]`
+    /// prompt sets, or reuse those its lineage pinned, so that the refusal score reads the
+    /// same tokens on every checkpoint of the lineage (and a later audit generates nothing
+    /// to choose them). Nothing for listed or default tokens, which cost nothing to find.
+    pub fn resolve_refusal_tokens(&mut self, s: &mut Session<'_>, p: &Policy) {
+        let ScoreTokens::Measured {
+            refusing,
+            complying,
+            max_tokens,
+        } = &p.refusal
+        else {
+            return;
+        };
+        let recipe = refusal_tokens_recipe(p, refusing, complying, *max_tokens);
+        let pinned = self
+            .lineage
+            .pin(&p.name, REFUSAL_TOKENS, "refusal-tokens", &recipe)
+            .cloned();
+        let outcome = match pinned {
+            Some(pin) => self.pinned_refusal_tokens(s, &pin).map(|ids| {
+                let evidence = pin.refusal_tokens.clone();
+                self.pins.push(pin);
+                (ids, evidence)
+            }),
+            None => refusal::measured(s, p, refusing, complying, *max_tokens)
+                .map_err(|e| e.to_string())
+                .inspect(|(_, evidence)| {
+                    if self.record {
+                        let digest = s.model.manifest.root();
+                        self.pins.push(PinnedInstrument {
+                            policy: p.name.clone(),
+                            name: REFUSAL_TOKENS.into(),
+                            kind: "refusal-tokens".into(),
+                            sha256: refusal_tokens_digest(evidence),
+                            recipe,
+                            reference: digest.clone(),
+                            origin: format!("built on {digest}"),
+                            selection: None,
+                            refusal_tokens: evidence.clone(),
+                        });
+                    }
+                }),
+        };
+        self.refusal_tokens.insert(p.name.clone(), outcome);
+    }
+
+    /// The ids of the refusal tokens a lineage pinned, checked against their digest and
+    /// against this model's tokenizer (each id must still be the same token).
+    fn pinned_refusal_tokens(
+        &self,
+        s: &Session<'_>,
+        pin: &PinnedInstrument,
+    ) -> Result<Vec<u32>, String> {
+        let tokens = &pin.refusal_tokens;
+        if tokens.is_empty() || refusal_tokens_digest(tokens) != pin.sha256 {
+            return Err(format!(
+                "the lineage `{}`'s pinned refusal tokens do not match their digest {}: set the \
+                 lineage's reference again with `check --base <reference checkpoint>`, or audit \
+                 under a new `--lineage`",
+                self.lineage.name, pin.sha256
+            ));
+        }
+        let vocab = s.model.config().vocab_size;
+        for t in tokens {
+            let here = (t.id as usize) < vocab;
+            if !here || s.token_text(t.id) != t.token {
+                return Err(format!(
+                    "the lineage `{}` scores refusal with the tokens chosen on {} (`{}` is id \
+                     {}), but this model's tokenizer {}: it cannot be measured with the \
+                     lineage's refusal tokens. Audit it under a new `--lineage`",
+                    self.lineage.name,
+                    pin.reference,
+                    t.token,
+                    t.id,
+                    if here {
+                        format!("reads id {} as `{}`", t.id, s.token_text(t.id))
+                    } else {
+                        format!("has only {vocab} ids")
+                    }
+                ));
+            }
+        }
+        Ok(tokens.iter().map(|t| t.id).collect())
+    }
+
+    /// `p`'s refusal-score token ids and the evidence of their choice: measured ones as
+    /// resolved ([`Instruments::resolve_refusal_tokens`]), listed or default ones looked up.
+    pub fn score_tokens(&self, s: &Session<'_>, p: &Policy) -> Result<RefusalTokens, CheckError> {
+        match (&p.refusal, self.refusal_tokens.get(&p.name)) {
+            (_, Some(Ok(r))) => Ok(r.clone()),
+            (_, Some(Err(why))) => Err(CheckError::Unmeasurable(why.clone())),
+            (ScoreTokens::Measured { .. }, None) => Err(CheckError::Unresolved {
+                what: "refusal tokens",
+                name: REFUSAL_TOKENS.into(),
+            }),
+            _ => refusal::listed_or_default(s, p),
         }
     }
 
@@ -444,6 +560,7 @@ impl Instruments {
             reference,
             origin,
             selection,
+            refusal_tokens: Vec::new(),
         }))
     }
 
@@ -540,6 +657,7 @@ impl ResolvedDirection {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::checks::testing::{metric, Tiny};
     use crate::result::Status;
     use crate::store::{Store, StoredDirection};
@@ -723,5 +841,97 @@ min_auroc = 0.5
         let f = &second.policies[0].findings[0];
         assert_eq!(f.status, Status::Error, "{f:?}");
         assert!(f.explanation.contains("qwen2"), "{}", f.explanation);
+    }
+
+    const MEASURED: &str = r#"
+[refusal]
+refusing = "pos"
+complying = "neg"
+
+[[checks]]
+id = "score"
+kind = "steering"
+severity = "medium"
+prompts = "neg"
+intervention = { add_direction = "d", coeff = 2.0 }
+metric = "refusal_score"
+bounds = { max = 1000.0 }
+"#;
+
+    /// A lineage's pinned refusal tokens are read from its record and checked against this
+    /// model's tokenizer, never chosen again: the tiny model refuses nothing, so choosing
+    /// them afresh would fail.
+    #[test]
+    fn pinned_refusal_tokens_are_reused_and_checked_against_the_tokenizer() {
+        let tiny = Tiny::new();
+        let first = tiny.run(MEASURED, None);
+        let f = &first.policies[0].findings[0];
+        assert_eq!(f.status, Status::Error, "{f:?}");
+        assert!(f.explanation.contains("refused none"), "{}", f.explanation);
+        assert!(!first.instruments.iter().any(|i| i.kind == "refusal-tokens"));
+
+        let policy = tiny.policy(MEASURED).unwrap();
+        let ScoreTokens::Measured {
+            refusing,
+            complying,
+            max_tokens,
+        } = &policy.refusal
+        else {
+            panic!("measured tokens")
+        };
+        let tokens: Vec<RefusalToken> = [3u32, 5]
+            .iter()
+            .map(|&id| RefusalToken {
+                token: tiny.model.codec.token_text(id),
+                id,
+                refusals: 4,
+                compliant: 0,
+            })
+            .collect();
+        let mut base = first.clone();
+        base.instruments.push(PinnedInstrument {
+            policy: policy.name.clone(),
+            name: REFUSAL_TOKENS.into(),
+            kind: "refusal-tokens".into(),
+            sha256: refusal_tokens_digest(&tokens),
+            recipe: refusal_tokens_recipe(&policy, refusing, complying, *max_tokens),
+            reference: "sha256:reference".into(),
+            origin: "built on sha256:reference".into(),
+            selection: None,
+            refusal_tokens: tokens.clone(),
+        });
+        let second = tiny.run(MEASURED, Some(&base));
+        let f = &second.policies[0].findings[0];
+        assert_ne!(f.status, Status::Error, "{f:?}");
+        assert_eq!(f.evidence.refusal_tokens, tokens);
+        assert!(second
+            .instruments
+            .iter()
+            .any(|i| i.kind == "refusal-tokens" && i.refusal_tokens == tokens));
+
+        let error_of = |edit: &dyn Fn(&mut PinnedInstrument)| {
+            let mut lineage = base.clone();
+            let pin = lineage
+                .instruments
+                .iter_mut()
+                .find(|i| i.kind == "refusal-tokens")
+                .unwrap();
+            edit(pin);
+            let f = tiny.run(MEASURED, Some(&lineage)).policies[0].findings[0].clone();
+            assert_eq!(f.status, Status::Error, "{f:?}");
+            f.explanation
+        };
+        // Another tokenizer: the pinned id is another token here.
+        let e = error_of(&|pin| {
+            pin.refusal_tokens[0].token = "not-a-token".into();
+            pin.sha256 = refusal_tokens_digest(&pin.refusal_tokens);
+        });
+        assert!(
+            e.contains("`not-a-token`") && e.contains("tokenizer"),
+            "{e}"
+        );
+        // An edited pin no longer matches its digest.
+        let e = error_of(&|pin| pin.refusal_tokens[0].refusals = 9);
+        assert!(e.contains("do not match their digest"), "{e}");
     }
 }

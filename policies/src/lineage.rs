@@ -10,7 +10,7 @@ use probes::{HookPoint, Model};
 use serde_json::json;
 
 use crate::load::{Direction, DirectionSource, Policy};
-use crate::result::{PinnedInstrument, RunResult};
+use crate::result::{PinnedInstrument, RefusalToken, RunResult};
 
 /// The pins a run may reuse, read from its lineage's last passing audit.
 #[derive(Debug, Default)]
@@ -89,6 +89,34 @@ impl Lineage {
             .iter()
             .find(|i| i.policy == policy && i.name == name && i.kind == kind && i.recipe == recipe)
     }
+}
+
+/// The digest of a policy's measured refusal tokens' definition: the text of the prompt sets
+/// they are chosen from, the reply length, the classifier and the ratio that keeps a token.
+pub(crate) fn refusal_tokens_recipe(
+    p: &Policy,
+    refusing: &str,
+    complying: &str,
+    max_tokens: usize,
+) -> String {
+    let set = |name: &str| {
+        p.prompt_sets
+            .get(name)
+            .map(|s| json!({"chat": s.chat, "prompts": s.prompts}))
+    };
+    let recipe = json!({
+        "refusing": set(refusing),
+        "complying": set(complying),
+        "max_tokens": max_tokens,
+        "classifier": "markers",
+        "min_ratio": crate::refusal::MIN_RATIO,
+    });
+    sha256_hex(recipe.to_string().as_bytes())
+}
+
+/// The digest that names a set of chosen refusal tokens (their canonical JSON).
+pub fn refusal_tokens_digest(tokens: &[RefusalToken]) -> String {
+    sha256_hex(json!(tokens).to_string().as_bytes())
 }
 
 /// The digest of a builtin SAE's definition (the hook it is read at, if the policy says).

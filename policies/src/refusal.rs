@@ -389,22 +389,33 @@ pub(crate) fn validate(
 
 /// The refusal score's token ids for `policy` on the session's model, and the evidence of the
 /// choice (for measured tokens: each kept token with how many refusals and compliant replies
-/// it starts).
+/// it starts), without a lineage to reuse measured tokens from (the audit reads them from
+/// [`crate::instruments::Instruments::score_tokens`]).
 pub(crate) fn score_tokens(
     session: &mut Session<'_>,
     policy: &Policy,
 ) -> Result<(Vec<u32>, Vec<RefusalToken>), CheckError> {
     match &policy.refusal {
-        ScoreTokens::Listed(words) => Ok((single_tokens(session, policy, words)?, Vec::new())),
-        ScoreTokens::Default => {
-            let words: Vec<String> = DEFAULT_TOKENS.iter().map(|s| s.to_string()).collect();
-            Ok((session.first_tokens(&words)?, Vec::new()))
-        }
         ScoreTokens::Measured {
             refusing,
             complying,
             max_tokens,
         } => measured(session, policy, refusing, complying, *max_tokens),
+        _ => listed_or_default(session, policy),
+    }
+}
+
+/// The refusal score's token ids for a policy whose tokens are listed or the defaults.
+pub(crate) fn listed_or_default(
+    session: &Session<'_>,
+    policy: &Policy,
+) -> Result<(Vec<u32>, Vec<RefusalToken>), CheckError> {
+    match &policy.refusal {
+        ScoreTokens::Listed(words) => Ok((single_tokens(session, policy, words)?, Vec::new())),
+        _ => {
+            let words: Vec<String> = DEFAULT_TOKENS.iter().map(|s| s.to_string()).collect();
+            Ok((session.first_tokens(&words)?, Vec::new()))
+        }
     }
 }
 
@@ -450,7 +461,8 @@ fn not_one(word: &str, n: usize) -> String {
     format!("refusal token `{word}` is {n} tokens for this model, not one: the refusal score reads a single next token")
 }
 
-fn measured(
+/// Tokens chosen from the model's greedy replies to `refusing` and `complying` ([`choose`]).
+pub(crate) fn measured(
     session: &mut Session<'_>,
     policy: &Policy,
     refusing: &str,

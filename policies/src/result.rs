@@ -77,7 +77,7 @@ pub struct PinnedInstrument {
     pub policy: String,
     /// The policy's own name for it (`[saes.NAME]`, `[directions.NAME]`).
     pub name: String,
-    /// `sae` or `direction`.
+    /// `sae`, `direction` or `refusal-tokens`.
     pub kind: String,
     /// The instrument's content: an SAE's manifest root, or the sha256 of the direction's
     /// file in the instrument store.
@@ -95,6 +95,10 @@ pub struct PinnedInstrument {
     /// from the run that selected it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selection: Option<SelectionRecord>,
+    /// For measured refusal-score tokens: the tokens themselves, with the counts that chose
+    /// them (`sha256` is their digest, [`crate::lineage::refusal_tokens_digest`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusal_tokens: Vec<RefusalToken>,
 }
 
 /// How a direction was selected among its candidates (Arditi et al. 2024): every candidate's
@@ -318,7 +322,7 @@ pub struct Evidence {
 
 /// A first token kept for the refusal score, with how many of the model's refusals and
 /// compliant replies to the policy's training prompts start with it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RefusalToken {
     pub token: String,
     pub id: u32,

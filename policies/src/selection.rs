@@ -207,6 +207,7 @@ pub(crate) fn select(
     p: &Policy,
     d: &Direction,
     sel: &SelectSpec,
+    refusal: &[u32],
 ) -> Result<(ResolvedDirection, SelectionRecord), CheckError> {
     let (layers, offsets) =
         candidates(s, p, sel).map_err(|e| CheckError::Unmeasurable(e.to_string()))?;
@@ -314,14 +315,11 @@ pub(crate) fn select(
     }
     let ranked = scored;
     let (vp, vn) = (first(&vp, SCORED_PROMPTS), first(&vn, SCORED_PROMPTS));
-    // The policy's refusal-score tokens (chosen from the model's own refusals when the
-    // policy has a `[refusal]` table).
-    let (refusal, _) = crate::refusal::score_tokens(s, p)?;
     let score = |logits: &[Vec<f32>]| {
         round(mean(
             &logits
                 .iter()
-                .map(|l| metrics::refusal_score(l, &refusal))
+                .map(|l| metrics::refusal_score(l, refusal))
                 .collect::<Vec<_>>(),
         ))
     };
@@ -436,7 +434,8 @@ pub fn bench(
             // The refusal score's tokens are the policy's, shared with its steering checks (a
             // `[refusal]` table generates on the training sets to choose them): not a cost of
             // selecting.
-            crate::refusal::score_tokens(&mut s, p).map_err(|e| e.to_string())?;
+            let (refusal, _) =
+                crate::refusal::score_tokens(&mut s, p).map_err(|e| e.to_string())?;
             let t0 = std::time::Instant::now();
             let mut errors = Vec::new();
             plan(&mut s, p, d, sel, &mut errors);
@@ -445,7 +444,7 @@ pub fn bench(
             }
             // A selection that finds no candidate costs the same; the fixed build then reads
             // the middle candidate block's last token.
-            let (hook, offset, outcome) = match select(&mut s, p, d, sel) {
+            let (hook, offset, outcome) = match select(&mut s, p, d, sel, &refusal) {
                 Ok((r, _)) => (r.hook, r.position, format!("chose {}", r.hook)),
                 Err(e) => {
                     let (layers, _) = candidates(&s, p, sel).map_err(|e| e.to_string())?;

@@ -41,7 +41,6 @@ use super::{violated, Cx, Kind, Planner};
 use crate::error::{CheckError, Loc};
 use crate::load::{Located, Names, Validator};
 use crate::metrics::{log_softmax, Behaviour};
-use crate::refusal;
 use crate::result::{
     round, AttributionMap, ComponentEffect, Evidence, Finding, Metric, RefusalToken, Status,
 };
@@ -547,7 +546,7 @@ impl<'c, 'm> Run<'c, 'm> {
         let behaviour = match &check.metric {
             MetricKind::Kl => None,
             MetricKind::RefusalScore => {
-                let (ids, chosen) = refusal::score_tokens(cx.session, policy)?;
+                let (ids, chosen) = cx.instruments.score_tokens(cx.session, policy)?;
                 refusal_tokens = chosen;
                 Some(Behaviour::RefusalScore(ids))
             }

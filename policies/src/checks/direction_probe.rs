@@ -12,7 +12,6 @@ use super::{attribution, violated, Cx, Kind, Planner};
 use crate::error::CheckError;
 use crate::load::{Names, Validator};
 use crate::metrics::Behaviour;
-use crate::refusal;
 use crate::result::{round, Distribution, Evidence, Finding, Metric, PromptEvidence, Status};
 use crate::session::{at_position, dot};
 
@@ -175,7 +174,7 @@ fn evaluate(k: &DirectionProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckErr
     if let Some(sae_name) = attribute_with {
         let s = cx.instruments.sae(p, sae_name)?;
         let t = scores[0].0.clone();
-        let (ids, chosen) = refusal::score_tokens(session, p)?;
+        let (ids, chosen) = cx.instruments.score_tokens(session, p)?;
         evidence.refusal_tokens = chosen;
         let (latents, fit) =
             attribution::attribute(session, &s, &t, &Behaviour::RefusalScore(ids))?;

@@ -78,7 +78,8 @@ pub struct Steering {
     pub intervention: Intervention,
     pub metric: MetricKind,
     pub target: Option<(Vec<String>, Vec<String>)>,
-    /// The check's own refusal tokens; `None`: the policy's (see [`refusal::score_tokens`]).
+    /// The check's own refusal tokens; `None`: the policy's (see
+    /// [`crate::instruments::Instruments::score_tokens`]).
     pub refusal_tokens: Option<Vec<Located<String>>>,
     pub classifier: Classifier,
     pub max_tokens: usize,
@@ -314,7 +315,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let refusal_ids = match (metric, refusal_tokens) {
         (MetricKind::RefusalScore, Some(words)) => refusal::single_tokens(cx.session, p, words)?,
         (MetricKind::RefusalScore, None) => {
-            let (ids, chosen) = refusal::score_tokens(cx.session, p)?;
+            let (ids, chosen) = cx.instruments.score_tokens(cx.session, p)?;
             evidence.refusal_tokens = chosen;
             ids
         }
@@ -449,7 +450,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             MetricKind::RefusalScore => Behaviour::RefusalScore(refusal_ids.clone()),
             // Rates and KL have no gradient: their latents are those of the refusal score.
             MetricKind::RefusalRate | MetricKind::Kl => {
-                let (ids, chosen) = refusal::score_tokens(cx.session, p)?;
+                let (ids, chosen) = cx.instruments.score_tokens(cx.session, p)?;
                 evidence.refusal_tokens = chosen;
                 Behaviour::RefusalScore(ids)
             }
