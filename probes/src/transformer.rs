@@ -525,6 +525,16 @@ struct RowSpan {
     keys: usize,
 }
 
+/// A pass needs a prompt, and every prompt a token.
+fn check_nonempty(prompts: &[Vec<u32>]) -> Result<(), RunError> {
+    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(RunError::Batch(
+            "every prompt needs at least one token".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Row `r`'s span in a pass over `queries` real tokens at padded offset `off`, after `past`
 /// cached keys; `key_real` marks its real keys, past and present. The real keys a row's
 /// queries see are contiguous (left padding puts pads before them, right padding after them,
@@ -627,11 +637,7 @@ impl Transformer {
         hooks: &Hooks,
         unembed: Unembed,
     ) -> Result<ForwardOutput, RunError> {
-        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            return Err(RunError::Batch(
-                "every prompt needs at least one token".into(),
-            ));
-        }
+        check_nonempty(prompts)?;
         self.validate(hooks)?;
         let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), padding);
         self.check_lengths(&layout.lengths)?;
@@ -647,11 +653,7 @@ impl Transformer {
         hooks: &Hooks,
         grad: &BTreeSet<HookPoint>,
     ) -> Result<(ForwardOutput, BTreeMap<HookPoint, Var>), RunError> {
-        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            return Err(RunError::Batch(
-                "every prompt needs at least one token".into(),
-            ));
-        }
+        check_nonempty(prompts)?;
         self.validate(hooks)?;
         let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Left);
         self.check_lengths(&layout.lengths)?;
@@ -718,11 +720,7 @@ impl Transformer {
         hooks: &Hooks,
         cache: &mut Option<KvCache>,
     ) -> Result<ForwardOutput, RunError> {
-        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            return Err(RunError::Batch(
-                "every prompt needs at least one token".into(),
-            ));
-        }
+        check_nonempty(prompts)?;
         self.validate(hooks)?;
         let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Left);
         self.check_lengths(&layout.lengths)?;
@@ -905,11 +903,7 @@ impl Transformer {
         hooks: &Hooks,
         unembed: Unembed,
     ) -> Result<ForwardOutput, RunError> {
-        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            return Err(RunError::Batch(
-                "every prompt needs at least one token".into(),
-            ));
-        }
+        check_nonempty(prompts)?;
         let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), padding);
         self.check_start(&layout, start, x, hooks)?;
         Ok(self
