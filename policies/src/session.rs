@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 use probes::generate::{generate_until, GenerateOptions, Sampling};
-use probes::hooks::{HookPoint, Hooks};
+use probes::hooks::{Edit, HookPoint, Hooks};
 use probes::sae::search::Labels;
 use probes::sae::{Sae, SparseRow};
 use probes::transformer::{Padding, Unembed};
@@ -372,10 +372,30 @@ impl<'m> Session<'m> {
                 return Ok(Arc::clone(l));
             }
         }
+        let rows = match resumable_at(hooks) {
+            Some(start) => self.last_logits_from(t, start, hooks)?,
+            None => self.last_logits_of(t, hooks)?,
+        };
+        if let Some(i) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+            return Err(CheckError::NonFinite(format!(
+                "NaN or infinite logits for prompt {} of `{}`",
+                i + 1,
+                t.name
+            )));
+        }
+        let rows = Arc::new(rows);
+        if hooks.is_empty() {
+            self.last_logits.insert(t.key.clone(), Arc::clone(&rows));
+        }
+        Ok(rows)
+    }
+
+    /// Last-token logits of `t` under `hooks`, by full passes (the shared preamble once, where
+    /// `hooks` allow it). Steering and selection compare these logits with those of passes
+    /// that add or ablate a direction at every position, which share it too, so both sides of
+    /// a comparison run the same way.
+    fn last_logits_of(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<Vec<f32>>, CheckError> {
         let mut rows = Vec::with_capacity(t.ids.len());
-        // The shared preamble once, where `hooks` allow it. Steering and selection compare
-        // these logits with those of passes that add or ablate a direction at every position,
-        // which share it too, so both sides of a comparison run the same way.
         self.model
             .transformer
             .forward_chunked_shared(
@@ -400,18 +420,44 @@ impl<'m> Session<'m> {
                 set: t.name.clone(),
                 source,
             })?;
-        if let Some(i) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
-            return Err(CheckError::NonFinite(format!(
-                "NaN or infinite logits for prompt {} of `{}`",
-                i + 1,
-                t.name
-            )));
-        }
-        let rows = Arc::new(rows);
-        if hooks.is_empty() {
-            self.last_logits.insert(t.key.clone(), Arc::clone(&rows));
-        }
         Ok(rows)
+    }
+
+    /// Last-token logits of `t` under `hooks`, whose every edit is at the residual hook
+    /// `start`: each pass starts there, from the set's unhooked activations, instead of
+    /// running the blocks before it again (a steering sweep, a candidate's addition).
+    fn last_logits_from(
+        &mut self,
+        t: &Tokens,
+        start: HookPoint,
+        hooks: &Hooks,
+    ) -> Result<Vec<Vec<f32>>, CheckError> {
+        let acts = self.acts(t, start)?;
+        let m = &self.model.transformer;
+        let n = self.micro_batch.max(1);
+        let chunks: Vec<(usize, &[Vec<u32>])> = t.ids.chunks(n).enumerate().collect();
+        let per_chunk = chunks
+            .par_iter()
+            .map(|&(c, chunk)| -> Result<Vec<Vec<f32>>, CheckError> {
+                let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
+                let x = acts[c * n..c * n + chunk.len()]
+                    .iter()
+                    .map(|a| a.pad_with_zeros(0, 0, longest - a.dim(0)?))
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .and_then(|rows| Tensor::stack(&rows, 0))?;
+                let out = m
+                    .forward_shared_from(chunk, t.prefix, start, &x, hooks, Unembed::Last)
+                    .map_err(|source| CheckError::Forward {
+                        set: t.name.clone(),
+                        source,
+                    })?;
+                let l = out
+                    .logits
+                    .ok_or_else(|| CheckError::NonFinite("no logits".into()))?;
+                Ok(l.to_dtype(DType::F32)?.to_vec2()?)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(per_chunk.into_iter().flatten().collect())
     }
 
     /// Greedy generations (decoded) of every prompt of `t` under `hooks` (cached when unhooked).
@@ -708,6 +754,19 @@ impl<'m> Session<'m> {
             None => self.auto_label(latent, sets),
         }
     }
+}
+
+/// The residual hook where every edit of `hooks` acts, when they are all additions or
+/// ablations there and nothing is captured: a pass under them can start at that hook.
+fn resumable_at(hooks: &Hooks) -> Option<HookPoint> {
+    let first = hooks.interventions.first()?.hook;
+    let resumable = hooks.capture.is_empty()
+        && matches!(first, HookPoint::ResidPre(_) | HookPoint::ResidPost(_))
+        && hooks
+            .interventions
+            .iter()
+            .all(|i| i.hook == first && matches!(i.edit, Edit::Add { .. } | Edit::Ablate { .. }));
+    resumable.then_some(first)
 }
 
 /// A token's text for a label: trimmed, or its escaped whitespace when that is all it is.
