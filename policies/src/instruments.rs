@@ -426,7 +426,9 @@ impl Instruments {
     /// Choose `p`'s measured refusal-score tokens from the model's replies to its `[refusal]`
     /// prompt sets, or reuse those its lineage pinned, so that the refusal score reads the
     /// same tokens on every checkpoint of the lineage (and a later audit generates nothing
-    /// to choose them). Nothing for listed or default tokens, which cost nothing to find.
+    /// to choose them). Nothing for listed or default tokens, which cost nothing to find, and
+    /// nothing when only resolving a policy without a selected direction: no check reads them
+    /// then, and a model they cannot be chosen on fails its checks, not its policy.
     pub fn resolve_refusal_tokens(&mut self, s: &mut Session<'_>, p: &Policy) {
         let ScoreTokens::Measured {
             refusing,
@@ -436,6 +438,9 @@ impl Instruments {
         else {
             return;
         };
+        if !self.record && p.directions.values().all(|d| d.select.is_none()) {
+            return;
+        }
         let recipe = refusal_tokens_recipe(p, refusing, complying, *max_tokens);
         let pinned = self
             .lineage
