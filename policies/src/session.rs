@@ -761,7 +761,7 @@ impl<'m> Session<'m> {
 fn resumable_at(hooks: &Hooks) -> Option<HookPoint> {
     let first = hooks.interventions.first()?.hook;
     let resumable = hooks.capture.is_empty()
-        && matches!(first, HookPoint::ResidPre(_) | HookPoint::ResidPost(_))
+        && first.is_residual_stream()
         && hooks
             .interventions
             .iter()

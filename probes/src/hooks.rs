@@ -99,6 +99,12 @@ impl HookPoint {
     pub fn is_residual_width(self) -> bool {
         !matches!(self, HookPoint::AttnPattern(_))
     }
+
+    /// True for the residual stream between blocks (`hook_resid_pre`, `hook_resid_post`),
+    /// where a pass can start from a captured activation ([`crate::Transformer::forward_from`]).
+    pub fn is_residual_stream(self) -> bool {
+        matches!(self, HookPoint::ResidPre(_) | HookPoint::ResidPost(_))
+    }
 }
 
 /// A block as a hook name or a policy gives it: an index, or a fraction of the model's depth

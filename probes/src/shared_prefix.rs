@@ -58,7 +58,10 @@ impl Transformer {
         in_micro_batches(
             prompts,
             micro_batch,
-            |chunk| self.after_preamble(&preamble, chunk, shared, hooks, unembed, PassKind::Plain),
+            |chunk| {
+                self.own_tokens(&preamble, chunk, shared, hooks, unembed, PassKind::Plain)
+                    .map(|(out, _)| out)
+            },
             consume,
         )
     }
@@ -79,7 +82,8 @@ impl Transformer {
         self.check_lengths(&lengths)?;
         self.validate(hooks)?;
         let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
-        self.after_preamble(&preamble, prompts, shared, hooks, unembed, PassKind::Plain)
+        self.own_tokens(&preamble, prompts, shared, hooks, unembed, PassKind::Plain)
+            .map(|(out, _)| out)
     }
 
     /// [`Transformer::forward_from`] with right padding, computing the first `shared` tokens,
@@ -106,7 +110,8 @@ impl Transformer {
             .run_ctx("the prompts' own positions")?;
         let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
         let how = PassKind::From(start, &own);
-        self.after_preamble(&preamble, prompts, shared, hooks, unembed, how)
+        self.own_tokens(&preamble, prompts, shared, hooks, unembed, how)
+            .map(|(out, _)| out)
     }
 
     /// [`Transformer::prefill`] computing the first `shared` tokens, which every prompt must
@@ -127,15 +132,17 @@ impl Transformer {
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         self.check_lengths(&lengths)?;
         self.validate(hooks)?;
-        let f32_decode = cache.as_ref().is_some_and(|c| c.f32_decode);
         let preamble = self.preamble(&prompts[0][..shared], hooks, Unembed::Last)?;
-        let mut filled = preamble.cache.repeat_row(prompts.len())?;
-        filled.f32_decode = f32_decode;
-        let own: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
-        let layout = BatchLayout::new(own.iter().map(Vec::len).collect(), Padding::Right);
-        let mut filled = Some(filled);
-        let out = self.run(&own, &layout, hooks, Unembed::Last, &mut filled)?;
-        let mut filled = filled.expect("filled by the pass");
+        let (out, mut filled) = self.own_tokens(
+            &preamble,
+            prompts,
+            shared,
+            hooks,
+            Unembed::Last,
+            PassKind::Plain,
+        )?;
+        // Set after the prefill, which runs in f32 whatever the decode steps' precision.
+        filled.f32_decode = cache.as_ref().is_some_and(|c| c.f32_decode);
         filled.left_align()?;
         *cache = Some(filled);
         Ok(out)
@@ -220,9 +227,9 @@ impl Transformer {
         })
     }
 
-    /// One micro-batch's own tokens after the preamble, and its output stitched to the shape
-    /// of the full pass.
-    fn after_preamble(
+    /// One micro-batch's own tokens after the preamble: its output stitched to the shape of
+    /// the full pass, and its cache (the preamble's keys and values, then its own).
+    fn own_tokens(
         &self,
         preamble: &Preamble,
         chunk: &[Vec<u32>],
@@ -230,7 +237,7 @@ impl Transformer {
         hooks: &Hooks,
         unembed: Unembed,
         how: PassKind<'_>,
-    ) -> Result<ForwardOutput, RunError> {
+    ) -> Result<(ForwardOutput, KvCache), RunError> {
         let b = chunk.len();
         let own: Vec<Vec<u32>> = chunk.iter().map(|p| p[shared..].to_vec()).collect();
         let layout = BatchLayout::new(own.iter().map(Vec::len).collect(), Padding::Right);
@@ -258,11 +265,12 @@ impl Transformer {
             }
             (_, l, _) => l,
         };
-        Ok(ForwardOutput {
+        let out = ForwardOutput {
             logits,
             captures,
             layout: BatchLayout::new(chunk.iter().map(Vec::len).collect(), Padding::Right),
-        })
+        };
+        Ok((out, cache.expect("filled by the pass")))
     }
 }
 

@@ -928,7 +928,7 @@ impl Transformer {
         hooks: &Hooks,
     ) -> Result<(), RunError> {
         self.validate(hooks)?;
-        if !matches!(start, HookPoint::ResidPre(_) | HookPoint::ResidPost(_)) {
+        if !start.is_residual_stream() {
             return Err(RunError::BadBlock {
                 name: start.to_string(),
                 why: "a pass starts in the residual stream (`hook_resid_pre` or `hook_resid_post`)"

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use probes::hooks::{HookPoint, Hooks, Positions, ReplaceFn};
+use probes::hooks::{Hooks, Positions, ReplaceFn};
 use probes::{BatchLayout, ForwardOutput, Padding, Unembed};
 use rayon::prelude::*;
 
@@ -115,7 +115,7 @@ pub(crate) fn attribute(
         .map_err(forward)?;
     let base = values(&clean)?;
     let at_hook = clean.captures.get(&s.hook).ok_or_else(missing)?;
-    let resumable = matches!(s.hook, HookPoint::ResidPre(_) | HookPoint::ResidPost(_));
+    let resumable = s.hook.is_residual_stream();
     // The passes run one per thread.
     let effects = ranked
         .par_iter()

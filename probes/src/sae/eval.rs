@@ -266,12 +266,15 @@ fn chunk_sums(
 
     // The edited passes share the clean one's blocks before the hook: in the residual stream,
     // they start there from its activation.
-    let edited = |hooks: &Hooks| match hook {
-        HookPoint::ResidPre(_) | HookPoint::ResidPost(_) => model
-            .transformer
-            .forward_shared_from(chunk, from, hook, act, hooks, Unembed::From(from))
-            .map_err(run_err),
-        _ => pass(hooks),
+    let edited = |hooks: &Hooks| {
+        if hook.is_residual_stream() {
+            model
+                .transformer
+                .forward_shared_from(chunk, from, hook, act, hooks, Unembed::From(from))
+                .map_err(run_err)
+        } else {
+            pass(hooks)
+        }
     };
     let clean = clean.logits.expect("unembedded");
     let with_sae = edited(&spliced)?.logits.expect("unembedded");
