@@ -477,18 +477,21 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     // A warm-up pass, then each repetition measures every variant once, so that the machine's
     // noise spreads evenly over them.
     fwd(&plain, Unembed::All)?;
-    let (mut t_plain, mut t_hooked, mut t_early, mut t_serial) = (vec![], vec![], vec![], vec![]);
+    let (mut t_plain, mut t_hooked, mut t_early, mut t_serial, mut t_last) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..a.reps {
         t_plain.push(time(|| fwd(&plain, Unembed::All))?.0);
         t_hooked.push(time(|| fwd(&hooked, Unembed::All))?.0);
         t_early.push(time(|| fwd(&hooked, Unembed::None))?.0);
         t_serial.push(time(|| serial(&hooked))?.0);
+        t_last.push(time(|| fwd(&hooked, Unembed::Last))?.0);
     }
-    let (p, h, e, s) = (
+    let (p, h, e, s, l) = (
         median(t_plain),
         median(t_hooked),
         median(t_early),
         median(t_serial),
+        median(t_last),
     );
     let tps = |d: Duration| n_tokens / d.as_secs_f64();
     println!(
@@ -504,6 +507,11 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         "hooked forward, one micro-batch at a time:    {:>8.0} tok/s   {:.2}x the time of the above",
         tps(s),
         s.as_secs_f64() / h.as_secs_f64()
+    );
+    // What a peer's prompt processing computes: the cache, and logits at the last position.
+    println!(
+        "hooked prompt processing (capture {hook}, last-position logits): {:>8.0} tok/s",
+        tps(l)
     );
     println!(
         "capture {hook} only, early exit: {:>8.0} tok/s   {:.2}x plain",
@@ -541,6 +549,7 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         Ok(probes::generate(&model.transformer, std::slice::from_ref(&prompt), h, &opts)?[0].len())
     };
     gen(&plain)?; // warm-up (builds the Q8_0 decode weights)
+    println!("decode precision: {}", model.transformer.precision());
     let (g_plain, n_plain) = time(|| gen(&plain))?;
     let (g_steer, n_steer) = time(|| gen(&steering))?;
     println!(

@@ -1032,13 +1032,18 @@ impl Transformer {
                 (0, x)
             }
             Some((HookPoint::ResidPost(l), x)) => {
-                let x = pass.hook(HookPoint::ResidPost(l), x.clone())?;
+                // The caller's activation may be a strided view (its prompts' own positions).
+                let x = x.contiguous().run_ctx("starting activation")?;
+                let x = pass.hook(HookPoint::ResidPost(l), x)?;
                 if HookPoint::ResidPost(l).order() >= stop {
                     return Ok(done(pass, None));
                 }
                 (l + 1, x)
             }
-            Some((point, x)) => (point.layer().unwrap_or(0), x.clone()),
+            Some((point, x)) => (
+                point.layer().unwrap_or(0),
+                x.contiguous().run_ctx("starting activation")?,
+            ),
         };
         for (l, block) in self.blocks.iter().enumerate().skip(first) {
             x = pass.hook(HookPoint::ResidPre(l), x)?;

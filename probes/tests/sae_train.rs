@@ -136,6 +136,33 @@ fn training_learns_saves_saelens_and_evaluates() {
             "{what}: {a} in padded batches, {b} one window at a time"
         );
     }
+
+    // Given the windows' activations at the hook, the clean pass starts there: the same
+    // report, figure for figure.
+    let acts: Vec<candle_core::Tensor> = mixed
+        .iter()
+        .map(|w| {
+            let hooks = probes::Hooks::new().capture(hook);
+            let out = m
+                .transformer
+                .forward(
+                    std::slice::from_ref(w),
+                    probes::Padding::Right,
+                    &hooks,
+                    probes::Unembed::None,
+                )
+                .unwrap();
+            out.captures[&hook].get(0).unwrap()
+        })
+        .collect();
+    let resumed =
+        probes::sae::eval::evaluate_captured(&m, &sae, hook, &mixed, &acts, 2, 6).unwrap();
+    assert_eq!(
+        serde_json::to_string(&resumed).unwrap(),
+        serde_json::to_string(&together).unwrap()
+    );
+    let e = probes::sae::eval::evaluate_captured(&m, &sae, hook, &mixed, &acts[1..], 2, 6);
+    assert!(e.unwrap_err().to_string().contains("captured activations"));
 }
 
 #[test]

@@ -304,7 +304,7 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
 
 /// The share of the next-token CE loss on the prompts of `t` that zero-ablating the SAE's
 /// hook costs and splicing its reconstruction in wins back, as `mechwatch sae eval` measures
-/// it ([`probes::sae::eval::evaluate_from`]). Like the FVU, on the prompts' own tokens: the
+/// it ([`probes::sae::eval::evaluate_captured`]). Like the FVU, on the prompts' own tokens: the
 /// chat template's preamble is left as it is and unscored (and so is the first token), so a
 /// prompt needs two tokens past it to count.
 fn ce_recovered(
@@ -313,12 +313,15 @@ fn ce_recovered(
     t: &crate::session::Tokens,
 ) -> Result<f64, CheckError> {
     let from = t.prefix.max(1);
-    let windows: Vec<Vec<u32>> = t
+    // The session's pass over the set captured the hook already: the clean pass starts there.
+    let acts = cx.session.acts(t, s.hook)?;
+    let (windows, captured): (Vec<Vec<u32>>, Vec<candle_core::Tensor>) = t
         .ids
         .iter()
-        .filter(|w| w.len() >= from + 2)
-        .cloned()
-        .collect();
+        .zip(acts.iter())
+        .filter(|(w, _)| w.len() >= from + 2)
+        .map(|(w, a)| (w.clone(), a.clone()))
+        .unzip();
     if windows.is_empty() {
         return Err(CheckError::Unmeasurable(format!(
             "no prompt of `{}` has the {} tokens the SAE's CE loss recovered needs",
@@ -328,11 +331,12 @@ fn ce_recovered(
     }
     let started = std::time::Instant::now();
     let micro_batch = cx.session.micro_batch().min(8);
-    let r = probes::sae::eval::evaluate_from(
+    let r = probes::sae::eval::evaluate_captured(
         cx.session.model,
         &s.sae,
         s.hook,
         &windows,
+        &captured,
         from,
         micro_batch,
     )?;

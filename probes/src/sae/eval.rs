@@ -73,6 +73,33 @@ pub fn evaluate_from(
     from: usize,
     micro_batch: usize,
 ) -> Result<EvalReport, SaeError> {
+    evaluate_windows(model, sae, hook, windows, None, from, micro_batch)
+}
+
+/// [`evaluate_from`] given each window's activations at `hook` (`[len, d_in]`, as a pass
+/// over the windows captured them): where `hook` is in the residual stream, the clean pass
+/// then runs only the blocks after it.
+pub fn evaluate_captured(
+    model: &Model,
+    sae: &Arc<Sae>,
+    hook: HookPoint,
+    windows: &[Vec<u32>],
+    acts: &[Tensor],
+    from: usize,
+    micro_batch: usize,
+) -> Result<EvalReport, SaeError> {
+    evaluate_windows(model, sae, hook, windows, Some(acts), from, micro_batch)
+}
+
+fn evaluate_windows(
+    model: &Model,
+    sae: &Arc<Sae>,
+    hook: HookPoint,
+    windows: &[Vec<u32>],
+    acts: Option<&[Tensor]>,
+    from: usize,
+    micro_batch: usize,
+) -> Result<EvalReport, SaeError> {
     let bad = |detail: String| SaeError::Format {
         path: "<evaluation windows>".into(),
         detail,
@@ -93,10 +120,28 @@ pub fn evaluate_from(
     }
     // Micro-batches run one per thread; each sums its own windows, and the sums are added in
     // window order, so the report does not depend on the thread count.
-    let chunks: Vec<&[Vec<u32>]> = windows.chunks(micro_batch.max(1)).collect();
+    if let Some(a) = acts {
+        let d = sae.d_in;
+        let fits = |(w, x): (&Vec<u32>, &Tensor)| x.dims() == [w.len(), d];
+        if a.len() != windows.len() || !windows.iter().zip(a).all(fits) {
+            return Err(bad(format!(
+                "the captured activations do not match the {} windows (each `[tokens, {d}]`)",
+                windows.len()
+            )));
+        }
+    }
+    let size = micro_batch.max(1);
+    let chunks: Vec<(usize, &[Vec<u32>])> = windows
+        .chunks(size)
+        .enumerate()
+        .map(|(i, c)| (i * size, c))
+        .collect();
     let sums = chunks
         .par_iter()
-        .map(|chunk| chunk_sums(model, sae, hook, chunk, from))
+        .map(|&(start, chunk)| {
+            let captured = acts.map(|a| &a[start..start + chunk.len()]);
+            chunk_sums(model, sae, hook, chunk, captured, from)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut total = Sums::new(sae);
     for s in sums {
@@ -202,6 +247,7 @@ fn chunk_sums(
     sae: &Arc<Sae>,
     hook: HookPoint,
     chunk: &[Vec<u32>],
+    captured: Option<&[Tensor]>,
     from: usize,
 ) -> Result<Sums, SaeError> {
     let mut s = Sums::new(sae);
@@ -224,8 +270,24 @@ fn chunk_sums(
             .forward_shared(chunk, from, hooks, Unembed::From(from))
             .map_err(run_err)
     };
-    let clean = pass(&capture)?;
-    let act = &clean.captures[&hook];
+    // The clean pass: from the captured activations where they are given and the hook is in
+    // the residual stream, else whole.
+    let (clean_logits, act) = match captured {
+        Some(rows) if hook.is_residual_stream() => {
+            let act = right_padded(rows, t).map_err(candle("captured activations"))?;
+            let out = model
+                .transformer
+                .forward_shared_from(chunk, from, hook, &act, &Hooks::new(), Unembed::From(from))
+                .map_err(run_err)?;
+            (out.logits, act)
+        }
+        _ => {
+            let mut out = pass(&capture)?;
+            let act = out.captures.remove(&hook).expect("captured");
+            (out.logits, act)
+        }
+    };
+    let act = &act;
     let x = chunk
         .iter()
         .enumerate()
@@ -276,7 +338,7 @@ fn chunk_sums(
             pass(hooks)
         }
     };
-    let clean = clean.logits.expect("unembedded");
+    let clean = clean_logits.expect("unembedded");
     let with_sae = edited(&spliced)?.logits.expect("unembedded");
     let zero = edited(&zeroed)?.logits.expect("unembedded");
     for (r, w) in chunk.iter().enumerate() {
@@ -311,4 +373,16 @@ fn chunk_sums(
         s.scored += n;
     }
     Ok(s)
+}
+
+/// Per-row activations `[len, d]` as one right-padded `[rows, t, d]` batch.
+fn right_padded(rows: &[Tensor], t: usize) -> candle_core::Result<Tensor> {
+    let padded = rows
+        .iter()
+        .map(|x| {
+            let len = x.dim(0)?;
+            x.pad_with_zeros(0, 0, t - len)?.unsqueeze(0)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&padded, 0)
 }

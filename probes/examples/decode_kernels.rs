@@ -1,0 +1,45 @@
+//! Which quantised weights a decode step should read: candle's product of one and of two
+//! rows with Qwen2.5-Coder-1.5B's MLP shapes, 28 layers' worth of distinct matrices so that
+//! the weights stream from memory as in a real decode step, for each stored type against a
+//! Q8_0 copy.
+//!
+//!   cargo run --release -p probes --example decode_kernels
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+fn main() -> candle_core::Result<()> {
+    let layers = 28;
+    for (name, out, d_in) in [("gate_up", 17920, 1536), ("down", 1536, 8960)] {
+        let w = Tensor::randn(0f32, 0.02, (out, d_in), &Device::Cpu)?;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let bytes = q.storage_size_in_bytes();
+            let ms: Vec<QMatMul> = (0..layers)
+                .map(|_| QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?))
+                .collect::<candle_core::Result<_>>()?;
+            for rows in [1usize, 2, 8] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 1, d_in), &Device::Cpu)?;
+                for m in &ms {
+                    m.forward(&x)?; // warm-up (repacks where candle does)
+                }
+                let reps = 5;
+                let t = Instant::now();
+                for _ in 0..reps {
+                    for m in &ms {
+                        std::hint::black_box(m.forward(&x)?);
+                    }
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                println!(
+                    "{name:8} {out:6}x{d_in:5} x{layers} {dtype:?}  {rows} rows: {:7.2} ms, {:5.1} GB/s of stored blocks",
+                    s * 1e3,
+                    (bytes * layers) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+    Ok(())
+}
