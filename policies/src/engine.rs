@@ -106,8 +106,12 @@ fn resolve_all(
             resolved.push(*p);
         }
     }
-    for p in resolved {
+    // Refusal tokens first: choosing them generates from the training sets, and those
+    // generations' prefills capture what the directions read.
+    for p in &resolved {
         instruments.resolve_refusal_tokens(session, p);
+    }
+    for p in resolved {
         instruments.compute_directions(session, p, errors);
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use probes::generate::{generate_until, GenerateOptions, Sampling};
+use probes::generate::{generate_capturing, GenerateOptions, Sampling};
 use probes::hooks::{Edit, HookPoint, Hooks};
 use probes::sae::search::Labels;
 use probes::sae::{Sae, SparseRow};
@@ -104,6 +104,9 @@ pub(crate) struct ResolvedSae {
     pub hook: HookPoint,
     pub labels: Labels,
 }
+
+/// Replies as tokens and text, and the prompts' activations captured while generating them.
+type Replies = (Vec<(Vec<u32>, String)>, probes::PromptActivations);
 
 pub(crate) struct Session<'m> {
     pub model: &'m Model,
@@ -254,6 +257,27 @@ impl<'m> Session<'m> {
             per_hook.entry(h).or_default().push(x.contiguous()?);
             Ok(())
         })?;
+        self.keep_acts(t, per_hook)?;
+        Ok(Arc::clone(&self.acts[&(t.key.clone(), hook)]))
+    }
+
+    /// The planned hooks of set `t` whose activations no pass has captured yet.
+    fn uncaptured(&self, t: &Tokens) -> Vec<HookPoint> {
+        self.plan
+            .get(&t.key)
+            .into_iter()
+            .flatten()
+            .filter(|h| !self.acts.contains_key(&(t.key.clone(), **h)))
+            .copied()
+            .collect()
+    }
+
+    /// Keep each prompt's activations at each hook, refusing NaN and infinities.
+    fn keep_acts(
+        &mut self,
+        t: &Tokens,
+        per_hook: BTreeMap<HookPoint, Vec<Tensor>>,
+    ) -> Result<(), CheckError> {
         for (h, v) in per_hook {
             for (i, x) in v.iter().enumerate() {
                 if x.sum_all()
@@ -269,7 +293,7 @@ impl<'m> Session<'m> {
             }
             self.acts.insert((t.key.clone(), h), Arc::new(v));
         }
-        Ok(Arc::clone(&self.acts[&(t.key.clone(), hook)]))
+        Ok(())
     }
 
     /// Sparse SAE activations of every token of every prompt of `t`.
@@ -509,7 +533,7 @@ impl<'m> Session<'m> {
         hooks: &Hooks,
         max_tokens: usize,
     ) -> Result<Arc<Vec<String>>, CheckError> {
-        let replies = self.generate_replies(t, hooks, max_tokens, |_, _| false)?;
+        let (replies, _) = self.generate_replies(t, hooks, max_tokens, &[], |_, _| false)?;
         Ok(Arc::new(replies.into_iter().map(|r| r.1).collect()))
     }
 
@@ -539,7 +563,14 @@ impl<'m> Session<'m> {
                     .decode(ids)
                     .is_ok_and(|text| classifier.settled(&text).is_some())
         };
-        let replies = self.generate_replies(t, hooks, max_tokens, settled)?;
+        // An unhooked generation's prefill is the set's pass: it captures what the plan wants.
+        let capture = if hooks.is_empty() {
+            self.uncaptured(t)
+        } else {
+            Vec::new()
+        };
+        let (replies, captured) = self.generate_replies(t, hooks, max_tokens, &capture, settled)?;
+        self.keep_acts(t, captured)?;
         let v = replies
             .into_iter()
             .enumerate()
@@ -557,14 +588,16 @@ impl<'m> Session<'m> {
     }
 
     /// Greedy replies of every prompt of `t` under `hooks`, as tokens and decoded, each ending
-    /// at a stop token, at `max_tokens` or as soon as `enough(prompt index, tokens so far)`.
+    /// at a stop token, at `max_tokens` or as soon as `enough(prompt index, tokens so far)`;
+    /// and each prompt's activations at the `capture` hooks, taken in the prefill.
     fn generate_replies(
         &self,
         t: &Tokens,
         hooks: &Hooks,
         max_tokens: usize,
+        capture: &[HookPoint],
         enough: impl Fn(usize, &[u32]) -> bool + Sync,
-    ) -> Result<Vec<(Vec<u32>, String)>, CheckError> {
+    ) -> Result<Replies, CheckError> {
         let _timed = Timed::new("generation", &t.name, hooks);
         let opts = GenerateOptions {
             max_tokens,
@@ -590,7 +623,8 @@ impl<'m> Session<'m> {
             .enumerate()
             .map(|(c, chunk)| {
                 let enough = |r: usize, ids: &[u32]| enough(c * size + r, ids);
-                generate_until(&self.model.transformer, chunk, hooks, &opts, enough)
+                let m = &self.model.transformer;
+                generate_capturing(m, chunk, hooks, &opts, enough, capture)
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| CheckError::Generate {
@@ -598,11 +632,17 @@ impl<'m> Session<'m> {
                 source,
             })?;
         let mut replies = Vec::with_capacity(t.ids.len());
-        for ids in outs.into_iter().flatten() {
-            let text = self.model.codec.decode(&ids)?;
-            replies.push((ids, text));
+        let mut captured: BTreeMap<HookPoint, Vec<Tensor>> = BTreeMap::new();
+        for (tokens, acts) in outs {
+            for ids in tokens {
+                let text = self.model.codec.decode(&ids)?;
+                replies.push((ids, text));
+            }
+            for (h, rows) in acts {
+                captured.entry(h).or_default().extend(rows);
+            }
         }
-        Ok(replies)
+        Ok((replies, captured))
     }
 
     /// The first token of each of `words`, as the assistant's reply would start with it.

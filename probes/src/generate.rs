@@ -1,11 +1,13 @@
 //! Generation with a KV cache: greedy or seeded sampling, stop tokens, and the same hooks
 //! (steering, ablation, replacement) active on the prompt and on every generated token.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{CandleContext, RunError};
-use crate::hooks::Hooks;
+use crate::hooks::{HookPoint, Hooks};
 use crate::transformer::{KvCache, Transformer};
 
 /// How the next token is chosen.
@@ -73,9 +75,28 @@ pub fn generate_until(
     opts: &GenerateOptions,
     enough: impl Fn(usize, &[u32]) -> bool,
 ) -> Result<Vec<Vec<u32>>, RunError> {
+    generate_capturing(model, prompts, hooks, opts, enough, &[]).map(|(out, _)| out)
+}
+
+/// Each prompt's activations at each captured hook, `[tokens, width]`, in prompt order.
+pub type PromptActivations = BTreeMap<HookPoint, Vec<Tensor>>;
+
+/// [`generate_until`], also capturing `capture` in the pass over the prompts (the prefill):
+/// each prompt's activations at each of those hooks, the same bits a prompt pass captures.
+/// A caller that generates from a prompt set and also reads its activations runs the set
+/// once.
+pub fn generate_capturing(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    hooks: &Hooks,
+    opts: &GenerateOptions,
+    enough: impl Fn(usize, &[u32]) -> bool,
+    capture: &[HookPoint],
+) -> Result<(Vec<Vec<u32>>, PromptActivations), RunError> {
     let mut out = vec![Vec::new(); prompts.len()];
-    if opts.max_tokens == 0 {
-        return Ok(out);
+    let mut captured = BTreeMap::new();
+    if opts.max_tokens == 0 && capture.is_empty() {
+        return Ok((out, captured));
     }
     let mut rngs: Vec<rand::rngs::StdRng> = (0..prompts.len())
         .map(|r| match opts.sampling {
@@ -86,8 +107,30 @@ pub fn generate_until(
         })
         .collect();
     let mut cache = Some(KvCache::new(opts.f32_decode));
-    let mut logits = model
-        .prefill_shared(prompts, opts.shared_start, hooks, &mut cache)?
+    let prefill_hooks = capture
+        .iter()
+        .fold(hooks.clone(), |h, point| h.capture(*point));
+    let prefilled = model.prefill_shared(prompts, opts.shared_start, &prefill_hooks, &mut cache)?;
+    for point in capture {
+        let a = prefilled
+            .captures
+            .get(point)
+            .ok_or_else(|| RunError::Batch(format!("the prefill did not capture `{point}`")))?;
+        let layout = &prefilled.layout;
+        let rows = (0..prompts.len())
+            .map(|r| {
+                a.get(r)
+                    .and_then(|x| x.narrow(0, layout.offset(r), layout.lengths[r]))
+                    .and_then(|x| x.contiguous())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .run_ctx("prefill captures")?;
+        captured.insert(*point, rows);
+    }
+    if opts.max_tokens == 0 {
+        return Ok((out, captured));
+    }
+    let mut logits = prefilled
         .logits
         .ok_or_else(|| RunError::Batch("prefill produced no logits".into()))?;
     // The prompts still generating, in the cache's row order.
@@ -125,7 +168,7 @@ pub fn generate_until(
         }
         logits = model.decode_step(&next, hooks, &mut cache)?;
     }
-    Ok(out)
+    Ok((out, captured))
 }
 
 fn argmax(row: &[f32]) -> u32 {

@@ -29,7 +29,9 @@ mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use error::{LoadError, RunError};
 pub use family::architecture_names;
-pub use generate::{generate, generate_until, GenerateOptions, Sampling};
+pub use generate::{
+    generate, generate_capturing, generate_until, GenerateOptions, PromptActivations, Sampling,
+};
 pub use grad::Gradients;
 pub use hooks::{Block, Edit, HookName, HookPoint, Hooks, Intervention, Positions};
 pub use lens::{logit_lens, Lens, LensLayer, LensOptions, TokenRank};

@@ -270,6 +270,46 @@ fn a_generation_prefilled_after_a_shared_preamble_equals_the_full_prefill() {
     }
 }
 
+/// A generation that captures hooks in its prefill hands back the same bits a capture pass
+/// over the prompts gives (which the audit then does not run), with the shared preamble or
+/// without, and generates what it generates without capturing.
+#[test]
+fn a_generations_prefill_captures_what_a_prompt_pass_captures() {
+    let m = model();
+    let (ids, shared) = prompts(&m);
+    let points = [HookPoint::ResidPost(3), HookPoint::ResidPost(15)];
+    let capture = points.iter().fold(Hooks::new(), |h, p| h.capture(*p));
+    for shared_start in [shared, 0] {
+        let pass = outputs(&m, &ids, shared_start, &capture, Unembed::None);
+        let opts = GenerateOptions {
+            max_tokens: 8,
+            f32_decode: true,
+            shared_start,
+            ..Default::default()
+        };
+        let plain = generate(&m.transformer, &ids, &Hooks::new(), &opts).unwrap();
+        let (tokens, captured) = probes::generate_capturing(
+            &m.transformer,
+            &ids,
+            &Hooks::new(),
+            &opts,
+            |_, _| false,
+            &points,
+        )
+        .unwrap();
+        assert_eq!(tokens, plain, "shared start {shared_start}");
+        for (k, point) in points.iter().enumerate() {
+            for (i, prompt) in pass.iter().enumerate() {
+                assert!(
+                    bits(&captured[point][i]) == bits(&prompt[k]),
+                    "`{point}`, prompt {i}, shared start {shared_start}: the prefill's capture \
+                     differs from the prompt pass's"
+                );
+            }
+        }
+    }
+}
+
 /// A pass resumed at a residual hook from the full pass's activation, with the preamble
 /// computed once (`forward_shared_from`), gives the shared pass's outputs: the SAE
 /// evaluation's spliced and zero-ablated passes on the prompts' own tokens.
