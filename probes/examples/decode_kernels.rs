@@ -1,7 +1,7 @@
-//! Which quantised weights a decode step should read: candle's product of one and of two
+//! Which quantised weights a decode step should read: candle's product of one, two and eight
 //! rows with Qwen2.5-Coder-1.5B's MLP shapes, 28 layers' worth of distinct matrices so that
 //! the weights stream from memory as in a real decode step, for each stored type against a
-//! Q8_0 copy.
+//! Q8_0 copy; and mechwatch's own Q4_K kernel (`probes::q4k`) on the same blocks.
 //!
 //!   cargo run --release -p probes --example decode_kernels
 
@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use probes::q4k::Q4kMatrix;
 
 fn main() -> candle_core::Result<()> {
     let layers = 28;
@@ -38,6 +39,32 @@ fn main() -> candle_core::Result<()> {
                     s * 1e3,
                     (bytes * layers) as f64 / s / 1e9
                 );
+            }
+            if dtype == GgmlDType::Q4K && probes::q4k::supported() {
+                let ours: Vec<Q4kMatrix> = ms
+                    .iter()
+                    .map(|_| {
+                        let q = QTensor::quantize(&w, dtype)?;
+                        Q4kMatrix::from_ggml(&q.data()?, out, d_in)
+                            .ok_or_else(|| candle_core::Error::Msg("not Q4_K blocks".into()))
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                for rows in [1usize, 2, 8] {
+                    let x: Vec<f32> = (0..rows * d_in).map(|i| (i % 13) as f32 - 6.0).collect();
+                    let reps = 5;
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        for m in &ours {
+                            std::hint::black_box(m.matmul(&x, rows));
+                        }
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    println!(
+                        "{name:8} {out:6}x{d_in:5} x{layers} Q4K (probes::q4k)  {rows} rows: {:7.2} ms, {:5.1} GB/s of file blocks",
+                        s * 1e3,
+                        (bytes * layers) as f64 / s / 1e9
+                    );
+                }
             }
         }
     }

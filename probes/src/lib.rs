@@ -17,10 +17,11 @@ pub mod hooks;
 pub mod lens;
 pub mod model;
 pub mod progress;
+pub mod q4k;
 pub mod sae;
 pub mod safetensors;
 mod shared_prefix;
-#[cfg(feature = "test-util")]
+#[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod tokenizer;
 pub mod transformer;

@@ -25,6 +25,7 @@ use crate::config::{Activation, ModelConfig, PositionEncoding};
 use crate::decode_attention::{self, Heads, RowKeys};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Block as HookBlock, Edit, HookPoint, Hooks, Positions};
+use crate::q4k::Q4kMatrix;
 
 /// Above this many rows an f32 matmul is computed as `x Wᵀ`, at or below it as `(W xᵀ)ᵀ`.
 const SMALL_BATCH_ROWS: usize = 64;
@@ -35,6 +36,9 @@ pub struct Linear {
     /// ([`Linear::stored_in_out`]).
     pub(crate) w: Tensor,
     pub(crate) b: Option<Tensor>,
+    /// The checkpoint's own Q4_K blocks, kept for decode steps where the file stores them
+    /// and the CPU runs [`crate::q4k`]'s kernel.
+    pub(crate) q4k: Option<Q4kMatrix>,
     q8: OnceLock<Option<QMatMul>>,
 }
 
@@ -46,8 +50,15 @@ impl Linear {
         Self {
             w,
             b,
+            q4k: None,
             q8: OnceLock::new(),
         }
+    }
+
+    /// Decode steps use these Q4_K blocks (the same matrix as `w`) instead of a Q8_0 copy.
+    pub(crate) fn with_q4k(mut self, blocks: Option<Q4kMatrix>) -> Self {
+        self.q4k = blocks;
+        self
     }
 
     /// A layer inside a block, its `[out, in]` weight stored as `[in, out]`: gemm then reads
@@ -72,7 +83,8 @@ impl Linear {
             .as_ref()
     }
 
-    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`, with the Q8_0 weights in a decode step.
+    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`, with the file's Q4_K blocks or the
+    /// Q8_0 weights in a decode step.
     ///
     /// Each output row depends on its own input row only, by the same arithmetic whatever the
     /// number of rows. The Q8_0 product dots each row with each weight row. The f32 product
@@ -82,7 +94,18 @@ impl Linear {
     /// computed as two, and whether gemm sees `x Wᵀ`, `W xᵀ` or `x` against the weight stored
     /// `[in, out]` (chosen for speed) does not change a bit.
     fn forward(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
-        let y = match decode.then(|| self.quantized()).flatten() {
+        let y = match (decode, &self.q4k) {
+            (true, Some(q)) => q4k_product(q, x)?,
+            _ => self.forward_unbiased(x, decode)?,
+        };
+        match &self.b {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    fn forward_unbiased(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
+        Ok(match decode.then(|| self.quantized()).flatten() {
             Some(q) => q.forward(x)?,
             // In a gradient pass: the same product, recording only the input's gradient.
             None if x.track_op() && x.device().is_cpu() => {
@@ -92,12 +115,22 @@ impl Linear {
                 })?
             }
             None => f32_product(&self.w, x)?,
-        };
-        match &self.b {
-            Some(bias) => y.broadcast_add(bias),
-            None => Ok(y),
-        }
+        })
     }
+}
+
+/// `x Wᵀ` for `x` `[batch, pos, in]` by the Q4_K kernel, row by row.
+fn q4k_product(w: &Q4kMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, d_in) = x.dims3()?;
+    if d_in != w.cols() {
+        candle_core::bail!(
+            "Q4_K product: input width {d_in}, weight width {}",
+            w.cols()
+        );
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = w.matmul(&xs, b * t);
+    Tensor::from_vec(y, (b, t, w.rows()), x.device())
 }
 
 /// `x Wᵀ` for `x` `[batch, pos, in]` and `w` `[out, in]`, by gemm's blocked route whatever
@@ -198,6 +231,20 @@ pub struct Block {
     pub(crate) mlp: Mlp,
     /// Norm on the MLP output before the residual add (`sandwich_norms`).
     pub(crate) post_mlp_norm: Option<Norm>,
+}
+
+impl Block {
+    /// Whether a decode step reads any of this block's weights as the file's Q4_K blocks.
+    fn holds_q4k(&self) -> bool {
+        let mlp = match &self.mlp {
+            Mlp::Gated { gate_up, down, .. } => [gate_up, down],
+            Mlp::Plain { fc, proj, .. } => [fc, proj],
+        };
+        [&self.qkv, &self.o]
+            .into_iter()
+            .chain(mlp)
+            .any(|l| l.q4k.is_some())
+    }
 }
 
 /// The model's weights and configuration.
@@ -570,10 +617,13 @@ impl Transformer {
 
     /// The arithmetic of this model's passes, as an audit record states it.
     pub fn precision(&self) -> &'static str {
-        if self.quantized_decode {
-            "f32 prompt passes; decode steps Q8_0 weights x Q8_0 activations"
-        } else {
+        if !self.quantized_decode {
             "f32"
+        } else if self.blocks.iter().any(|b| b.holds_q4k()) {
+            "f32 prompt passes; decode steps the file's Q4_K blocks x Q8_K activations, \
+             other weights Q8_0 x Q8_0 activations"
+        } else {
+            "f32 prompt passes; decode steps Q8_0 weights x Q8_0 activations"
         }
     }
 

@@ -13,12 +13,14 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::LoadError;
 use crate::family::{self, Family};
 use crate::gguf::GgufFile;
+use crate::q4k::Q4kMatrix;
 use crate::safetensors::SafetensorsFile;
 use crate::transformer::{Linear, Norm, Transformer};
 
@@ -54,6 +56,11 @@ pub(crate) trait TensorSource {
     /// The file that holds `name`, for error messages.
     fn path_of(&self, name: &str) -> PathBuf;
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError>;
+    /// The tensor's own Q4_K blocks, where the checkpoint stores it so and decode steps are
+    /// to read them ([`crate::q4k`]); the same matrix as [`TensorSource::load`] gives.
+    fn load_q4k(&self, _name: &str) -> Result<Option<Q4kMatrix>, LoadError> {
+        Ok(None)
+    }
     /// The architecture's own tensors resolve to these names.
     fn has(&self, name: &str) -> bool;
     /// The file whose configuration describes the model, for error messages.
@@ -158,6 +165,8 @@ pub(crate) struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
     family: &'static dyn Family,
+    /// Keep Q4_K tensors' blocks for decode steps.
+    keep_q4k: bool,
 }
 
 impl<'a> GgufSource<'a> {
@@ -166,7 +175,14 @@ impl<'a> GgufSource<'a> {
             file,
             config,
             family: family::of(config.architecture),
+            keep_q4k: false,
         }
+    }
+
+    /// Keep the Q4_K tensors' blocks for decode steps, where this CPU runs the kernel.
+    pub fn keeping_q4k(mut self, keep: bool) -> Self {
+        self.keep_q4k = keep && crate::q4k::supported();
+        self
     }
 
     fn gguf_name(&self, name: &str) -> Option<(String, Option<bool>)> {
@@ -203,6 +219,46 @@ impl TensorSource for GgufSource<'_> {
             .filter(|t| !used.contains(&t.name))
             .map(|t| (self.file.path.clone(), t.name.clone()))
             .collect()
+    }
+    fn load_q4k(&self, name: &str) -> Result<Option<Q4kMatrix>, LoadError> {
+        if !self.keep_q4k {
+            return Ok(None);
+        }
+        let Some((gg, permute)) = self.gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.get(&gg).filter(|i| i.dtype == GgmlDType::Q4K) else {
+            return Ok(None);
+        };
+        let [rows, cols] = info.shape()[..] else {
+            return Ok(None);
+        };
+        let Some(blocks) =
+            Q4kMatrix::from_ggml(&self.file.bytes()[info.begin..info.end], rows, cols)
+        else {
+            return Ok(None);
+        };
+        let Some(is_q) = permute.filter(|_| self.family.gguf_permutes_qk()) else {
+            return Ok(Some(blocks));
+        };
+        // The rows of `load`'s un-permutation: row (head, half, i) comes from (head, i, half).
+        let heads = if is_q {
+            self.config.n_heads
+        } else {
+            self.config.n_kv_heads
+        };
+        if heads == 0 || rows % (heads * 2) != 0 {
+            return Ok(None);
+        }
+        let hd = rows / heads;
+        let order: Vec<usize> = (0..rows)
+            .map(|new| {
+                let (h, rest) = (new / hd, new % hd);
+                let (half, i) = (rest / (hd / 2), rest % (hd / 2));
+                h * hd + i * 2 + half
+            })
+            .collect();
+        Ok(blocks.gather_rows(&order))
     }
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
         let Some((gg, permute)) = self.gguf_name(name) else {
@@ -287,13 +343,15 @@ impl Loader<'_> {
         d_in: usize,
         bias: bool,
     ) -> Result<Linear, LoadError> {
-        let w = self.get(&format!("{prefix}.weight"), &[out, d_in])?;
+        let name = format!("{prefix}.weight");
+        let w = self.get(&name, &[out, d_in])?;
         let b = if bias {
             Some(self.get(&format!("{prefix}.bias"), &[out])?)
         } else {
             None
         };
-        self.in_out(prefix, w, b)
+        let q4k = self.src.load_q4k(&name)?;
+        Ok(self.in_out(prefix, w, b)?.with_q4k(q4k))
     }
 
     /// An untied output layer `[vocab, d_model]`, kept as stored ([`Linear::new`]).
@@ -303,10 +361,9 @@ impl Loader<'_> {
         out: usize,
         d_in: usize,
     ) -> Result<Linear, LoadError> {
-        Ok(Linear::new(
-            self.get(&format!("{prefix}.weight"), &[out, d_in])?,
-            None,
-        ))
+        let name = format!("{prefix}.weight");
+        let w = self.get(&name, &[out, d_in])?;
+        Ok(Linear::new(w, None).with_q4k(self.src.load_q4k(&name)?))
     }
 
     /// A block's layer from its `[out, in]` weight ([`Linear::stored_in_out`]).
@@ -333,7 +390,9 @@ impl Loader<'_> {
         } else {
             None
         };
-        self.in_out(prefix, w, b)
+        let q4k: Option<Vec<&Q4kMatrix>> = parts.iter().map(|l| l.q4k.as_ref()).collect();
+        let q4k = q4k.and_then(|q| Q4kMatrix::stack(&q));
+        Ok(self.in_out(prefix, w, b)?.with_q4k(q4k))
     }
 
     pub(crate) fn rms(&self, name: &str) -> Result<Norm, LoadError> {
@@ -657,4 +716,121 @@ pub(crate) fn llama_tensor_names(cfg: &ModelConfig) -> Vec<String> {
         names.push("lm_head.weight".into());
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Rand;
+    use crate::transformer::Mlp;
+    use candle_core::quantized::{gguf_file, QTensor};
+
+    const D: usize = 256;
+    const D_MLP: usize = 512;
+    const VOCAB: usize = 96;
+
+    fn values(l: &Linear) -> Vec<f32> {
+        l.w.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// A two-block Llama GGUF 256 wide, its matrices Q4_K except block 1's `attn_v` (Q6_K):
+    /// decode steps read the file's blocks, and they hold the very values of the f32 weights,
+    /// q/k rows un-permuted and fused projections stacked as theirs are.
+    #[test]
+    fn a_q4k_file_keeps_its_blocks_for_decode_steps_and_they_hold_its_weights() {
+        use gguf_file::Value as V;
+        let mut r = Rand::new(5);
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        let mut add = |name: &str, shape: &[usize], ty: GgmlDType, r: &mut Rand| {
+            let t = if shape.len() == 1 {
+                r.norm(shape[0])
+            } else {
+                r.tensor(shape, 0.5)
+            };
+            tensors.push((name.into(), QTensor::quantize(&t, ty).unwrap()));
+        };
+        add("token_embd.weight", &[VOCAB, D], GgmlDType::F32, &mut r);
+        add("output_norm.weight", &[D], GgmlDType::F32, &mut r);
+        add("output.weight", &[VOCAB, D], GgmlDType::Q4K, &mut r);
+        for l in 0..2 {
+            let v_type = if l == 0 {
+                GgmlDType::Q4K
+            } else {
+                GgmlDType::Q6K
+            };
+            for (n, shape, ty) in [
+                ("attn_norm", vec![D], GgmlDType::F32),
+                ("ffn_norm", vec![D], GgmlDType::F32),
+                ("attn_q", vec![D, D], GgmlDType::Q4K),
+                ("attn_k", vec![128, D], GgmlDType::Q4K),
+                ("attn_v", vec![128, D], v_type),
+                ("attn_output", vec![D, D], GgmlDType::Q4K),
+                ("ffn_gate", vec![D_MLP, D], GgmlDType::Q4K),
+                ("ffn_up", vec![D_MLP, D], GgmlDType::Q4K),
+                ("ffn_down", vec![D, D_MLP], GgmlDType::Q4K),
+            ] {
+                add(&format!("blk.{l}.{n}.weight"), &shape, ty, &mut r);
+            }
+        }
+        let meta: Vec<(&str, V)> = vec![
+            ("general.architecture", V::String("llama".into())),
+            ("llama.block_count", V::U32(2)),
+            ("llama.embedding_length", V::U32(D as u32)),
+            ("llama.feed_forward_length", V::U32(D_MLP as u32)),
+            ("llama.attention.head_count", V::U32(4)),
+            ("llama.attention.head_count_kv", V::U32(2)),
+            ("llama.rope.dimension_count", V::U32(64)),
+            ("llama.rope.freq_base", V::F32(10000.0)),
+            ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+            ("llama.context_length", V::U32(64)),
+            ("tokenizer.ggml.model", V::String("gpt2".into())),
+            (
+                "tokenizer.ggml.tokens",
+                V::Array((0..VOCAB).map(|i| V::String(format!("w{i}"))).collect()),
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q4k.gguf");
+        let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(
+            &mut std::fs::File::create(&path).unwrap(),
+            &meta_refs,
+            &t_refs,
+        )
+        .unwrap();
+
+        let file = GgufFile::read(&path).unwrap();
+        let cfg = ModelConfig::from_gguf(&file).unwrap();
+        let src = GgufSource::new(&file, &cfg).keeping_q4k(true);
+        let mut t = build(&src, &cfg).unwrap();
+        t.quantized_decode = true;
+        if !crate::q4k::supported() {
+            assert!(t.blocks.iter().all(|b| b.qkv.q4k.is_none()));
+            return;
+        }
+        let same = |l: &Linear, what: &str| {
+            let q = l
+                .q4k
+                .as_ref()
+                .unwrap_or_else(|| panic!("{what}: no Q4_K blocks kept"));
+            assert_eq!(q.dequantize(), values(l), "{what}");
+        };
+        let b0 = &t.blocks[0];
+        same(&b0.qkv, "block 0 qkv (q and k un-permuted)");
+        same(&b0.o, "block 0 o");
+        let Mlp::Gated { gate_up, down, .. } = &b0.mlp else {
+            panic!("llama's MLP is gated")
+        };
+        same(gate_up, "block 0 gate_up");
+        same(down, "block 0 down");
+        same(&t.unembed, "unembedding");
+        // A fused projection with a Q6_K part decodes through the Q8_0 copy.
+        assert!(t.blocks[1].qkv.q4k.is_none());
+        assert!(t.precision().contains("Q4_K"), "{}", t.precision());
+
+        // Not kept when decode steps run in f32.
+        let t = build(&GgufSource::new(&file, &cfg), &cfg).unwrap();
+        assert!(t.unembed.q4k.is_none() && t.blocks[0].qkv.q4k.is_none());
+    }
 }
