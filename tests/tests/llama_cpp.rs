@@ -33,8 +33,17 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 struct Tolerance {
     /// Least Pearson correlation of the next-token logits.
     pearson: f64,
-    /// A top-2 gap of llama.cpp's below this is a tie: its top-1 may differ from ours there.
-    tie: f32,
+    /// Where either runtime's top-2 gap is below the tie, the top-1 tokens may differ.
+    tie: Tie,
+}
+
+/// What counts as a near-tie of the top two next-token logits.
+enum Tie {
+    /// A fixed gap.
+    Under(f32),
+    /// Half of llama.cpp's measured rounding on this model: the median over the prompts of
+    /// the largest logit difference between it and us.
+    HalfTheRounding,
 }
 
 /// Compare mechwatch and llama.cpp on the cached model `name`.
@@ -91,6 +100,10 @@ fn agree_with_llama_cpp(name: &str, tolerance: Tolerance) {
     let mut sorted = largest.clone();
     sorted.sort_by(f32::total_cmp);
     let greedy_tie = sorted[sorted.len() / 2] / 2.0;
+    let top1_tie = match tolerance.tie {
+        Tie::Under(gap) => gap,
+        Tie::HalfTheRounding => greedy_tie,
+    };
     let mut problems = Vec::new();
     let mut worst = f64::INFINITY;
     let mut top1 = 0;
@@ -115,11 +128,13 @@ fn agree_with_llama_cpp(name: &str, tolerance: Tolerance) {
         }
         if argmax(a) == argmax(b) {
             top1 += 1;
-        } else if top2_gap(b) >= tolerance.tie {
+        } else if top2_gap(a).min(top2_gap(b)) >= top1_tie {
             problems.push(format!(
-                "prompt {i}: top-1 {} differs from llama.cpp's {}, whose top-2 gap {:.3} is no tie",
+                "prompt {i}: top-1 {} differs from llama.cpp's {} with no near-tie (top-2 \
+                 gaps: ours {:.3}, llama.cpp {:.3}; a tie is under {top1_tie:.3})",
                 argmax(a),
                 argmax(b),
+                top2_gap(a),
                 top2_gap(b)
             ));
         }
@@ -178,14 +193,17 @@ fn agree_with_llama_cpp(name: &str, tolerance: Tolerance) {
 /// continuations equal PyTorch's on 16 of 16 prompts).
 const QWEN: Tolerance = Tolerance {
     pearson: 0.999,
-    tie: NEAR_TIE,
+    tie: Tie::Under(NEAR_TIE),
 };
 
 /// The default model is Q4_1, whose activations llama.cpp rounds to Q8_1: its logits move by
-/// 0.45-1.77 (16 prompts, 2026-12-02), against 7e-5 between us and PyTorch in f32.
+/// 0.45-1.77 (16 prompts, 2026-12-02), against 7e-5 between us and PyTorch in f32. A fixed
+/// tie of 0.1 failed on a CI machine where our own top two were 0.082 apart and llama.cpp's
+/// rounding, 1.15 at most on that prompt, put its top-1 0.348 ahead (2026-12-03), so the
+/// tie is stated against the rounding measured in the same run.
 const DEFAULT: Tolerance = Tolerance {
     pearson: 0.998,
-    tie: 0.1,
+    tie: Tie::HalfTheRounding,
 };
 
 #[test]
