@@ -1,7 +1,8 @@
 //! Which quantised weights a decode step should read: candle's product of one, two and eight
 //! rows with Qwen2.5-Coder-1.5B's MLP shapes, 28 layers' worth of distinct matrices so that
 //! the weights stream from memory as in a real decode step, for each stored type against a
-//! Q8_0 copy; and mechwatch's own Q4_K kernel (`probes::q4k`) on the same blocks.
+//! Q8_0 copy; and mechwatch's own Q4_K and Q6_K kernels (`probes::kquant`) on the same
+//! blocks.
 //!
 //!   cargo run --release -p probes --example decode_kernels
 
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use probes::q4k::Q4kMatrix;
+use probes::kquant::{KMatrix, KQuant};
 
 fn main() -> candle_core::Result<()> {
     let layers = 28;
@@ -40,13 +41,14 @@ fn main() -> candle_core::Result<()> {
                     (bytes * layers) as f64 / s / 1e9
                 );
             }
-            if dtype == GgmlDType::Q4K && probes::q4k::supported() {
-                let ours: Vec<Q4kMatrix> = ms
+            let kind = KQuant::of(dtype).filter(|_| probes::kquant::supported());
+            if let Some(kind) = kind {
+                let ours: Vec<KMatrix> = ms
                     .iter()
                     .map(|_| {
                         let q = QTensor::quantize(&w, dtype)?;
-                        Q4kMatrix::from_ggml(&q.data()?, out, d_in)
-                            .ok_or_else(|| candle_core::Error::Msg("not Q4_K blocks".into()))
+                        KMatrix::from_ggml(kind, &q.data()?, out, d_in)
+                            .ok_or_else(|| candle_core::Error::Msg("not K-quant blocks".into()))
                     })
                     .collect::<candle_core::Result<_>>()?;
                 for rows in [1usize, 2, 8] {
@@ -60,7 +62,7 @@ fn main() -> candle_core::Result<()> {
                     }
                     let s = t.elapsed().as_secs_f64() / reps as f64;
                     println!(
-                        "{name:8} {out:6}x{d_in:5} x{layers} Q4K (probes::q4k)  {rows} rows: {:7.2} ms, {:5.1} GB/s of file blocks",
+                        "{name:8} {out:6}x{d_in:5} x{layers} {dtype:?} (probes::kquant)  {rows} rows: {:7.2} ms, {:5.1} GB/s of file blocks",
                         s * 1e3,
                         (bytes * layers) as f64 / s / 1e9
                     );

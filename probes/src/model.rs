@@ -27,8 +27,8 @@ pub enum Format {
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Decode steps read quantized weights: a GGUF file's own Q4_K blocks where it has them
-    /// and the CPU runs their kernel, otherwise a Q8_0 copy (about 2.5x faster generation on
+    /// Decode steps read quantized weights: a GGUF file's own Q4_K and Q6_K blocks where it
+    /// has them and the CPU runs their kernels, otherwise a Q8_0 copy (about 2.5x faster generation on
     /// CPU than f32; prompt passes always use f32).
     pub quantized_decode: bool,
 }
@@ -102,7 +102,7 @@ impl Model {
         let config = ModelConfig::from_gguf(&file)?;
         let codec = TextCodec::from_gguf(&file)?;
         check_vocab(path, &codec, &config)?;
-        let src = GgufSource::new(&file, &config).keeping_q4k(opts.quantized_decode);
+        let src = GgufSource::new(&file, &config).keeping_blocks(opts.quantized_decode);
         let transformer = weights::build(&src, &config)?;
         let mut manifest = Manifest::default();
         let name = path

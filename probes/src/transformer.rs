@@ -25,7 +25,7 @@ use crate::config::{Activation, ModelConfig, PositionEncoding};
 use crate::decode_attention::{self, Heads, RowKeys};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Block as HookBlock, Edit, HookPoint, Hooks, Positions};
-use crate::q4k::Q4kMatrix;
+use crate::kquant::KMatrix;
 
 /// Above this many rows an f32 matmul is computed as `x Wᵀ`, at or below it as `(W xᵀ)ᵀ`.
 const SMALL_BATCH_ROWS: usize = 64;
@@ -36,9 +36,9 @@ pub struct Linear {
     /// ([`Linear::stored_in_out`]).
     pub(crate) w: Tensor,
     pub(crate) b: Option<Tensor>,
-    /// The checkpoint's own Q4_K blocks, kept for decode steps where the file stores them
-    /// and the CPU runs [`crate::q4k`]'s kernel.
-    pub(crate) q4k: Option<Q4kMatrix>,
+    /// The checkpoint's own K-quant blocks, kept for decode steps where the file stores
+    /// them and the CPU runs [`crate::kquant`]'s kernels.
+    pub(crate) blocks: Option<KMatrix>,
     q8: OnceLock<Option<QMatMul>>,
 }
 
@@ -50,14 +50,14 @@ impl Linear {
         Self {
             w,
             b,
-            q4k: None,
+            blocks: None,
             q8: OnceLock::new(),
         }
     }
 
-    /// Decode steps use these Q4_K blocks (the same matrix as `w`) instead of a Q8_0 copy.
-    pub(crate) fn with_q4k(mut self, blocks: Option<Q4kMatrix>) -> Self {
-        self.q4k = blocks;
+    /// Decode steps use these K-quant blocks (the same matrix as `w`) instead of a Q8_0 copy.
+    pub(crate) fn with_blocks(mut self, blocks: Option<KMatrix>) -> Self {
+        self.blocks = blocks;
         self
     }
 
@@ -83,7 +83,7 @@ impl Linear {
             .as_ref()
     }
 
-    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`, with the file's Q4_K blocks or the
+    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`, with the file's K-quant blocks or the
     /// Q8_0 weights in a decode step.
     ///
     /// Each output row depends on its own input row only, by the same arithmetic whatever the
@@ -94,8 +94,8 @@ impl Linear {
     /// computed as two, and whether gemm sees `x Wᵀ`, `W xᵀ` or `x` against the weight stored
     /// `[in, out]` (chosen for speed) does not change a bit.
     fn forward(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
-        let y = match (decode, &self.q4k) {
-            (true, Some(q)) => q4k_product(q, x)?,
+        let y = match (decode, &self.blocks) {
+            (true, Some(q)) => kquant_product(q, x)?,
             _ => self.forward_unbiased(x, decode)?,
         };
         match &self.b {
@@ -119,12 +119,12 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ` for `x` `[batch, pos, in]` by the Q4_K kernel, row by row.
-fn q4k_product(w: &Q4kMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+/// `x Wᵀ` for `x` `[batch, pos, in]` by the K-quant kernels, row by row.
+fn kquant_product(w: &KMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t, d_in) = x.dims3()?;
     if d_in != w.cols() {
         candle_core::bail!(
-            "Q4_K product: input width {d_in}, weight width {}",
+            "K-quant product: input width {d_in}, weight width {}",
             w.cols()
         );
     }
@@ -234,8 +234,8 @@ pub struct Block {
 }
 
 impl Block {
-    /// Whether a decode step reads any of this block's weights as the file's Q4_K blocks.
-    fn holds_q4k(&self) -> bool {
+    /// Whether a decode step reads any of this block's weights as the file's K-quant blocks.
+    fn holds_file_blocks(&self) -> bool {
         let mlp = match &self.mlp {
             Mlp::Gated { gate_up, down, .. } => [gate_up, down],
             Mlp::Plain { fc, proj, .. } => [fc, proj],
@@ -243,7 +243,7 @@ impl Block {
         [&self.qkv, &self.o]
             .into_iter()
             .chain(mlp)
-            .any(|l| l.q4k.is_some())
+            .any(|l| l.blocks.is_some())
     }
 }
 
@@ -619,9 +619,9 @@ impl Transformer {
     pub fn precision(&self) -> &'static str {
         if !self.quantized_decode {
             "f32"
-        } else if self.blocks.iter().any(|b| b.holds_q4k()) {
-            "f32 prompt passes; decode steps the file's Q4_K blocks x Q8_K activations, \
-             other weights Q8_0 x Q8_0 activations"
+        } else if self.blocks.iter().any(|b| b.holds_file_blocks()) {
+            "f32 prompt passes; decode steps the file's Q4_K and Q6_K blocks x Q8_K \
+             activations where it stores them, other weights Q8_0 x Q8_0 activations"
         } else {
             "f32 prompt passes; decode steps Q8_0 weights x Q8_0 activations"
         }

@@ -13,14 +13,13 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::LoadError;
 use crate::family::{self, Family};
 use crate::gguf::GgufFile;
-use crate::q4k::Q4kMatrix;
+use crate::kquant::{KMatrix, KQuant};
 use crate::safetensors::SafetensorsFile;
 use crate::transformer::{Linear, Norm, Transformer};
 
@@ -56,9 +55,9 @@ pub(crate) trait TensorSource {
     /// The file that holds `name`, for error messages.
     fn path_of(&self, name: &str) -> PathBuf;
     fn load(&self, name: &str) -> Result<Option<Tensor>, LoadError>;
-    /// The tensor's own Q4_K blocks, where the checkpoint stores it so and decode steps are
-    /// to read them ([`crate::q4k`]); the same matrix as [`TensorSource::load`] gives.
-    fn load_q4k(&self, _name: &str) -> Result<Option<Q4kMatrix>, LoadError> {
+    /// The tensor's own K-quant blocks, where the checkpoint stores it so and decode steps
+    /// are to read them ([`crate::kquant`]); the same matrix as [`TensorSource::load`] gives.
+    fn load_blocks(&self, _name: &str) -> Result<Option<KMatrix>, LoadError> {
         Ok(None)
     }
     /// The architecture's own tensors resolve to these names.
@@ -165,8 +164,8 @@ pub(crate) struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
     family: &'static dyn Family,
-    /// Keep Q4_K tensors' blocks for decode steps.
-    keep_q4k: bool,
+    /// Keep Q4_K and Q6_K tensors' blocks for decode steps.
+    keep_blocks: bool,
 }
 
 impl<'a> GgufSource<'a> {
@@ -175,13 +174,14 @@ impl<'a> GgufSource<'a> {
             file,
             config,
             family: family::of(config.architecture),
-            keep_q4k: false,
+            keep_blocks: false,
         }
     }
 
-    /// Keep the Q4_K tensors' blocks for decode steps, where this CPU runs the kernel.
-    pub fn keeping_q4k(mut self, keep: bool) -> Self {
-        self.keep_q4k = keep && crate::q4k::supported();
+    /// Keep the Q4_K and Q6_K tensors' blocks for decode steps, where this CPU runs the
+    /// kernels.
+    pub fn keeping_blocks(mut self, keep: bool) -> Self {
+        self.keep_blocks = keep && crate::kquant::supported();
         self
     }
 
@@ -220,21 +220,24 @@ impl TensorSource for GgufSource<'_> {
             .map(|t| (self.file.path.clone(), t.name.clone()))
             .collect()
     }
-    fn load_q4k(&self, name: &str) -> Result<Option<Q4kMatrix>, LoadError> {
-        if !self.keep_q4k {
+    fn load_blocks(&self, name: &str) -> Result<Option<KMatrix>, LoadError> {
+        if !self.keep_blocks {
             return Ok(None);
         }
         let Some((gg, permute)) = self.gguf_name(name) else {
             return Ok(None);
         };
-        let Some(info) = self.file.get(&gg).filter(|i| i.dtype == GgmlDType::Q4K) else {
+        let Some(info) = self.file.get(&gg) else {
+            return Ok(None);
+        };
+        let Some(kind) = KQuant::of(info.dtype) else {
             return Ok(None);
         };
         let [rows, cols] = info.shape()[..] else {
             return Ok(None);
         };
         let Some(blocks) =
-            Q4kMatrix::from_ggml(&self.file.bytes()[info.begin..info.end], rows, cols)
+            KMatrix::from_ggml(kind, &self.file.bytes()[info.begin..info.end], rows, cols)
         else {
             return Ok(None);
         };
@@ -350,8 +353,8 @@ impl Loader<'_> {
         } else {
             None
         };
-        let q4k = self.src.load_q4k(&name)?;
-        Ok(self.in_out(prefix, w, b)?.with_q4k(q4k))
+        let blocks = self.src.load_blocks(&name)?;
+        Ok(self.in_out(prefix, w, b)?.with_blocks(blocks))
     }
 
     /// An untied output layer `[vocab, d_model]`, kept as stored ([`Linear::new`]).
@@ -363,7 +366,7 @@ impl Loader<'_> {
     ) -> Result<Linear, LoadError> {
         let name = format!("{prefix}.weight");
         let w = self.get(&name, &[out, d_in])?;
-        Ok(Linear::new(w, None).with_q4k(self.src.load_q4k(&name)?))
+        Ok(Linear::new(w, None).with_blocks(self.src.load_blocks(&name)?))
     }
 
     /// A block's layer from its `[out, in]` weight ([`Linear::stored_in_out`]).
@@ -390,9 +393,9 @@ impl Loader<'_> {
         } else {
             None
         };
-        let q4k: Option<Vec<&Q4kMatrix>> = parts.iter().map(|l| l.q4k.as_ref()).collect();
-        let q4k = q4k.and_then(|q| Q4kMatrix::stack(&q));
-        Ok(self.in_out(prefix, w, b)?.with_q4k(q4k))
+        let blocks: Option<Vec<&KMatrix>> = parts.iter().map(|l| l.blocks.as_ref()).collect();
+        let blocks = blocks.and_then(|q| KMatrix::stack(&q));
+        Ok(self.in_out(prefix, w, b)?.with_blocks(blocks))
     }
 
     pub(crate) fn rms(&self, name: &str) -> Result<Norm, LoadError> {
@@ -723,7 +726,7 @@ mod tests {
     use super::*;
     use crate::testing::Rand;
     use crate::transformer::Mlp;
-    use candle_core::quantized::{gguf_file, QTensor};
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 
     const D: usize = 256;
     const D_MLP: usize = 512;
@@ -733,11 +736,12 @@ mod tests {
         l.w.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// A two-block Llama GGUF 256 wide, its matrices Q4_K except block 1's `attn_v` (Q6_K):
-    /// decode steps read the file's blocks, and they hold the very values of the f32 weights,
-    /// q/k rows un-permuted and fused projections stacked as theirs are.
+    /// A two-block Llama GGUF 256 wide, as a Q4_K_M file mixes its types: matrices Q4_K but
+    /// block 1's `attn_v` and `ffn_down` and the output (Q6_K), and block 1's `attn_output`
+    /// (Q8_0): decode steps read the file's K-quant blocks, and they hold the very values of
+    /// the f32 weights, q/k rows un-permuted and fused projections stacked as theirs are.
     #[test]
-    fn a_q4k_file_keeps_its_blocks_for_decode_steps_and_they_hold_its_weights() {
+    fn a_k_quant_file_keeps_its_blocks_for_decode_steps_and_they_hold_its_weights() {
         use gguf_file::Value as V;
         let mut r = Rand::new(5);
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -751,12 +755,12 @@ mod tests {
         };
         add("token_embd.weight", &[VOCAB, D], GgmlDType::F32, &mut r);
         add("output_norm.weight", &[D], GgmlDType::F32, &mut r);
-        add("output.weight", &[VOCAB, D], GgmlDType::Q4K, &mut r);
+        add("output.weight", &[VOCAB, D], GgmlDType::Q6K, &mut r);
         for l in 0..2 {
-            let v_type = if l == 0 {
-                GgmlDType::Q4K
+            let (v_type, o_type) = if l == 0 {
+                (GgmlDType::Q4K, GgmlDType::Q4K)
             } else {
-                GgmlDType::Q6K
+                (GgmlDType::Q6K, GgmlDType::Q8_0)
             };
             for (n, shape, ty) in [
                 ("attn_norm", vec![D], GgmlDType::F32),
@@ -764,10 +768,10 @@ mod tests {
                 ("attn_q", vec![D, D], GgmlDType::Q4K),
                 ("attn_k", vec![128, D], GgmlDType::Q4K),
                 ("attn_v", vec![128, D], v_type),
-                ("attn_output", vec![D, D], GgmlDType::Q4K),
+                ("attn_output", vec![D, D], o_type),
                 ("ffn_gate", vec![D_MLP, D], GgmlDType::Q4K),
                 ("ffn_up", vec![D_MLP, D], GgmlDType::Q4K),
-                ("ffn_down", vec![D, D_MLP], GgmlDType::Q4K),
+                ("ffn_down", vec![D, D_MLP], v_type),
             ] {
                 add(&format!("blk.{l}.{n}.weight"), &shape, ty, &mut r);
             }
@@ -802,35 +806,44 @@ mod tests {
 
         let file = GgufFile::read(&path).unwrap();
         let cfg = ModelConfig::from_gguf(&file).unwrap();
-        let src = GgufSource::new(&file, &cfg).keeping_q4k(true);
+        let src = GgufSource::new(&file, &cfg).keeping_blocks(true);
         let mut t = build(&src, &cfg).unwrap();
         t.quantized_decode = true;
-        if !crate::q4k::supported() {
-            assert!(t.blocks.iter().all(|b| b.qkv.q4k.is_none()));
+        if !crate::kquant::supported() {
+            assert!(t.blocks.iter().all(|b| b.qkv.blocks.is_none()));
             return;
         }
-        let same = |l: &Linear, what: &str| {
+        let same = |l: &Linear, what: &str, kinds: &[KQuant]| {
             let q = l
-                .q4k
+                .blocks
                 .as_ref()
-                .unwrap_or_else(|| panic!("{what}: no Q4_K blocks kept"));
+                .unwrap_or_else(|| panic!("{what}: no K-quant blocks kept"));
+            assert_eq!(q.kinds(), kinds, "{what}");
             assert_eq!(q.dequantize(), values(l), "{what}");
         };
-        let b0 = &t.blocks[0];
-        same(&b0.qkv, "block 0 qkv (q and k un-permuted)");
-        same(&b0.o, "block 0 o");
-        let Mlp::Gated { gate_up, down, .. } = &b0.mlp else {
-            panic!("llama's MLP is gated")
-        };
-        same(gate_up, "block 0 gate_up");
-        same(down, "block 0 down");
-        same(&t.unembed, "unembedding");
-        // A fused projection with a Q6_K part decodes through the Q8_0 copy.
-        assert!(t.blocks[1].qkv.q4k.is_none());
-        assert!(t.precision().contains("Q4_K"), "{}", t.precision());
+        for (i, b) in t.blocks.iter().enumerate() {
+            let Mlp::Gated { gate_up, down, .. } = &b.mlp else {
+                panic!("llama's MLP is gated")
+            };
+            same(gate_up, &format!("block {i} gate_up"), &[KQuant::Q4K]);
+            let kind = [KQuant::Q4K, KQuant::Q6K][i];
+            same(down, &format!("block {i} down"), &[kind]);
+        }
+        same(
+            &t.blocks[0].qkv,
+            "block 0 qkv (q and k un-permuted)",
+            &[KQuant::Q4K],
+        );
+        same(&t.blocks[0].o, "block 0 o", &[KQuant::Q4K]);
+        // q and k Q4_K, v Q6_K: one matrix of two runs.
+        same(&t.blocks[1].qkv, "block 1 qkv", &[KQuant::Q4K, KQuant::Q6K]);
+        same(&t.unembed, "unembedding", &[KQuant::Q6K]);
+        // A Q8_0 tensor has no K-quant blocks: decode steps read a Q8_0 copy of it.
+        assert!(t.blocks[1].o.blocks.is_none());
+        assert!(t.precision().contains("Q6_K"), "{}", t.precision());
 
         // Not kept when decode steps run in f32.
         let t = build(&GgufSource::new(&file, &cfg), &cfg).unwrap();
-        assert!(t.unembed.q4k.is_none() && t.blocks[0].qkv.q4k.is_none());
+        assert!(t.unembed.blocks.is_none() && t.blocks[0].qkv.blocks.is_none());
     }
 }

@@ -1,0 +1,299 @@
+//! A checkpoint's own K-quant blocks (Q4_K and Q6_K), for decode steps.
+//!
+//! A decode step multiplies one row (or a few) by every weight matrix, so it is bound by the
+//! bytes it reads. A Q4_K_M file's blocks hold 4.5 (Q4_K) and 6.56 (Q6_K) bits a weight; the
+//! Q8_0 copy that decode steps otherwise use holds 8.5. This module keeps the file's blocks,
+//! Q4_K's 6-bit scales and mins unpacked (4.75 bits a weight), and multiplies them by
+//! activations quantised per 256 values to 8 bits, as llama.cpp does with the same blocks
+//! (ggml's `Q8_K`). A matrix may mix the two kinds by rows, as a fused q/k/v projection does
+//! when the file stores `attn_v` in Q6_K and `attn_q` in Q4_K.
+//!
+//! The kernels need AVX2 and FMA (every x86-64-v3 CPU, which the release build targets);
+//! [`supported`] says whether this CPU has them. Where it does not, nothing is kept and decode
+//! steps use the Q8_0 copy as before. Every output is one row of weights dotted with one row
+//! of activations, in the same order whatever the number of rows or threads, so a row's
+//! result does not depend on its batch.
+
+mod activations;
+mod q4k;
+mod q6k;
+
+use activations::{quantize_row, ActBlock};
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+/// Values per K-quant super-block.
+pub(crate) const QK_K: usize = 256;
+/// Weight rows a thread takes at a time.
+const ROWS_PER_TASK: usize = 64;
+
+/// The block kinds this module multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KQuant {
+    Q4K,
+    Q6K,
+}
+
+impl KQuant {
+    /// The kind of a GGUF tensor type, if this module reads it.
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
+            _ => None,
+        }
+    }
+
+    fn ggml_bytes(self) -> usize {
+        match self {
+            Self::Q4K => q4k::GGML_BYTES,
+            Self::Q6K => q6k::GGML_BYTES,
+        }
+    }
+}
+
+/// Consecutive rows' blocks, all of one kind.
+#[derive(Clone)]
+enum Blocks {
+    Q4k(Vec<q4k::Block>),
+    Q6k(Vec<q6k::Block>),
+}
+
+impl Blocks {
+    fn kind(&self) -> KQuant {
+        match self {
+            Self::Q4k(_) => KQuant::Q4K,
+            Self::Q6k(_) => KQuant::Q6K,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Q4k(b) => b.len(),
+            Self::Q6k(b) => b.len(),
+        }
+    }
+
+    fn empty(kind: KQuant) -> Self {
+        match kind {
+            KQuant::Q4K => Self::Q4k(Vec::new()),
+            KQuant::Q6K => Self::Q6k(Vec::new()),
+        }
+    }
+
+    /// Append blocks `range` of `other`, which is of the same kind.
+    fn extend_from(&mut self, other: &Self, range: std::ops::Range<usize>) {
+        match (self, other) {
+            (Self::Q4k(a), Self::Q4k(b)) => a.extend_from_slice(&b[range]),
+            (Self::Q6k(a), Self::Q6k(b)) => a.extend_from_slice(&b[range]),
+            _ => unreachable!("blocks extended only from blocks of their kind"),
+        }
+    }
+
+    /// Blocks `range` dotted with one activation row.
+    fn dot(&self, range: std::ops::Range<usize>, a: &[ActBlock]) -> f32 {
+        match self {
+            Self::Q4k(b) => q4k::dot(&b[range], a),
+            Self::Q6k(b) => q6k::dot(&b[range], a),
+        }
+    }
+
+    #[cfg(test)]
+    fn dot_reference(&self, range: std::ops::Range<usize>, a: &[ActBlock]) -> f32 {
+        match self {
+            Self::Q4k(b) => q4k::dot_reference(&b[range], a),
+            Self::Q6k(b) => q6k::dot_reference(&b[range], a),
+        }
+    }
+
+    fn dequantize_into(&self, out: &mut Vec<f32>) {
+        match self {
+            Self::Q4k(b) => b.iter().for_each(|b| b.dequantize_into(out)),
+            Self::Q6k(b) => b.iter().for_each(|b| b.dequantize_into(out)),
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]` as K-quant blocks, row by row, in runs of one kind.
+#[derive(Clone)]
+pub struct KMatrix {
+    rows: usize,
+    cols: usize,
+    /// Runs of consecutive rows; no two neighbours of the same kind.
+    parts: Vec<Blocks>,
+}
+
+/// Whether this CPU runs the kernels.
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`supported`], asked once.
+#[cfg(target_arch = "x86_64")]
+fn supported_cached() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(supported)
+}
+
+impl KMatrix {
+    /// The blocks of a `[rows, cols]` tensor of `kind` as a GGUF file stores them. `None`
+    /// when the byte count does not match the shape, a row is not whole blocks, or a scale is
+    /// not finite.
+    pub fn from_ggml(kind: KQuant, raw: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if cols == 0 || !cols.is_multiple_of(QK_K) {
+            return None;
+        }
+        let n = rows.checked_mul(cols / QK_K)?;
+        if raw.len() != n.checked_mul(kind.ggml_bytes())? {
+            return None;
+        }
+        let chunks = raw.chunks_exact(kind.ggml_bytes());
+        let blocks = match kind {
+            KQuant::Q4K => Blocks::Q4k(chunks.map(q4k::Block::from_ggml).collect::<Option<_>>()?),
+            KQuant::Q6K => Blocks::Q6k(chunks.map(q6k::Block::from_ggml).collect::<Option<_>>()?),
+        };
+        Some(Self {
+            rows,
+            cols,
+            parts: vec![blocks],
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The kinds of blocks held, in row order.
+    pub fn kinds(&self) -> Vec<KQuant> {
+        self.parts.iter().map(Blocks::kind).collect()
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.cols / QK_K
+    }
+
+    /// Append `rows` rows' blocks from `src` blocks `range`, joining the last run where the
+    /// kinds match.
+    fn push(&mut self, src: &Blocks, range: std::ops::Range<usize>, rows: usize) {
+        match self.parts.last_mut() {
+            Some(last) if last.kind() == src.kind() => last.extend_from(src, range),
+            _ => {
+                let mut run = Blocks::empty(src.kind());
+                run.extend_from(src, range);
+                self.parts.push(run);
+            }
+        }
+        self.rows += rows;
+    }
+
+    /// The run holding row `r` and the row's block range within it.
+    fn locate(&self, mut r: usize) -> Option<(&Blocks, std::ops::Range<usize>)> {
+        let k = self.blocks_per_row();
+        for part in &self.parts {
+            let rows = part.len() / k;
+            if r < rows {
+                return Some((part, r * k..(r + 1) * k));
+            }
+            r -= rows;
+        }
+        None
+    }
+
+    /// The values the blocks hold, `[rows, cols]` row-major, computed as ggml (and candle)
+    /// dequantize them, so they equal the f32 weights loaded from the same tensors.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for part in &self.parts {
+            part.dequantize_into(&mut out);
+        }
+        out
+    }
+
+    /// The rows in the order given (`order[i]` is the source row of row `i`).
+    pub fn gather_rows(&self, order: &[usize]) -> Option<Self> {
+        let mut out = Self {
+            rows: 0,
+            cols: self.cols,
+            parts: Vec::new(),
+        };
+        for &r in order {
+            let (part, range) = self.locate(r)?;
+            out.push(part, range, 1);
+        }
+        Some(out)
+    }
+
+    /// The matrices' rows one after another, as one matrix. `None` if their widths differ.
+    pub fn stack(matrices: &[&Self]) -> Option<Self> {
+        let cols = matrices.first()?.cols;
+        let mut out = Self {
+            rows: 0,
+            cols,
+            parts: Vec::new(),
+        };
+        for m in matrices {
+            if m.cols != cols {
+                return None;
+            }
+            for part in &m.parts {
+                out.push(part, 0..part.len(), part.len() / m.blocks_per_row());
+            }
+        }
+        Some(out)
+    }
+
+    /// `x W^T` for `x` of `m` rows of `cols` values: `m * rows` outputs, row by row.
+    /// Panics if `x.len() != m * cols`. Where [`supported`] does not hold it computes the
+    /// same sums in scalar code (slowly; nothing keeps these blocks then).
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "K-quant product: input of the wrong size"
+        );
+        let acts: Vec<Vec<ActBlock>> = x.chunks_exact(self.cols).map(quantize_row).collect();
+        let k = self.blocks_per_row();
+        let per_row = m.max(1);
+        let mut by_weight_row = vec![0f32; self.rows * per_row];
+        let mut rest = by_weight_row.as_mut_slice();
+        for part in &self.parts {
+            let (out, tail) = rest.split_at_mut(part.len() / k * per_row);
+            rest = tail;
+            out.par_chunks_mut(ROWS_PER_TASK * per_row)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let first = task * ROWS_PER_TASK;
+                    for (i, out_r) in out.chunks_exact_mut(per_row).enumerate() {
+                        let r = first + i;
+                        for (o, a) in out_r.iter_mut().zip(&acts) {
+                            *o = part.dot(r * k..(r + 1) * k, a);
+                        }
+                    }
+                });
+        }
+        if m == 1 {
+            return by_weight_row;
+        }
+        let mut out = vec![0f32; self.rows * m];
+        for (r, col) in by_weight_row.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * self.rows + r] = *v;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

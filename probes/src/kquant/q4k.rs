@@ -1,0 +1,168 @@
+//! Q4_K blocks: 4-bit quants with a 6-bit scale and min per 32 values.
+
+use super::activations::ActBlock;
+
+/// Bytes of one Q4_K block in a GGUF file: `d`, `dmin` (f16), 12 bytes of packed 6-bit
+/// scales and mins, 128 bytes of 4-bit quants.
+pub(super) const GGML_BYTES: usize = 144;
+
+/// One super-block of one weight row, its scales and mins unpacked.
+///
+/// `qs` is as in the file: byte `32c + l` holds value `l` of sub-block `2c` in its low nibble
+/// and value `l` of sub-block `2c + 1` in its high one.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(super) struct Block {
+    d: f32,
+    dmin: f32,
+    scales: [u8; 8],
+    mins: [u8; 8],
+    pub(super) qs: [u8; 128],
+}
+
+/// ggml's unpacking of sub-block `j`'s 6-bit scale and min from a block's 12 bytes.
+fn scale_min(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+impl Block {
+    /// One block as a GGUF file stores it. `None` if a scale is not finite.
+    pub(super) fn from_ggml(b: &[u8]) -> Option<Self> {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        if !d.is_finite() || !dmin.is_finite() {
+            return None;
+        }
+        let packed: &[u8; 12] = b[4..16].try_into().ok()?;
+        let mut scales = [0u8; 8];
+        let mut mins = [0u8; 8];
+        for j in 0..8 {
+            (scales[j], mins[j]) = scale_min(j, packed);
+        }
+        Some(Self {
+            d,
+            dmin,
+            scales,
+            mins,
+            qs: b[16..GGML_BYTES].try_into().ok()?,
+        })
+    }
+
+    /// The block's 256 values, computed as ggml (and candle) dequantize them.
+    pub(super) fn dequantize_into(&self, out: &mut Vec<f32>) {
+        for sub in 0..8 {
+            let d = self.d * self.scales[sub] as f32;
+            let m = self.dmin * self.mins[sub] as f32;
+            let c = sub / 2;
+            out.extend(self.qs[32 * c..32 * c + 32].iter().map(|q| {
+                let q = if sub % 2 == 0 { q & 0xF } else { q >> 4 };
+                d * q as f32 - m
+            }));
+        }
+    }
+}
+
+/// One weight row dotted with one activation row.
+pub(super) fn dot(w: &[Block], a: &[ActBlock]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::supported_cached() {
+        // SAFETY: the CPU has the features `avx2::dot` is compiled for.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot(w, a) };
+    }
+    dot_reference(w, a)
+}
+
+/// The same sum in scalar code: the integer parts exactly, the scaling in another order.
+pub(super) fn dot_reference(w: &[Block], a: &[ActBlock]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for sub in 0..8 {
+            let mut s = 0i32;
+            for l in 0..32 {
+                let byte = wb.qs[(sub / 2) * 32 + l];
+                let q = if sub % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                s += q as i32 * ab.qs[sub * 32 + l] as i32;
+            }
+            isum += wb.scales[sub] as i32 * s;
+            msum += wb.mins[sub] as i32 * ab.bsums[sub] as i32;
+        }
+        sum += wb.d * ab.d * isum as f32 - wb.dmin * ab.d * msum as f32;
+    }
+    sum
+}
+
+// One of the two places in the workspace that opt out of `unsafe_code = "deny"` (the other
+// is `q6k`): the intrinsics below are unsafe to call (target features, unaligned loads).
+// Every load reads inside a block's own arrays: 32 bytes at offsets 0, 32, 64 and 96 of 128
+// quants, 8 bytes of 8 scales and of 8 mins, 32 bytes at multiples of 32 below 256 of 256
+// activation quants, 16 bytes of 8 sums.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::{ActBlock, Block};
+    use core::arch::x86_64::*;
+
+    /// Byte-shuffle control that copies i16 lane `k` of a 128-bit lane to all eight.
+    fn lane_broadcast(k: usize) -> [i8; 32] {
+        std::array::from_fn(|i| (2 * k + i % 2) as i8)
+    }
+
+    /// One weight row dotted with one activation row.
+    ///
+    /// Per block, per 32-value sub-block: the u4 x i8 products summed in pairs to i16
+    /// (`vpmaddubsw`), times the sub-block's scale and summed in pairs to i32 (`vpmaddwd`);
+    /// then `d * dx` times the block's i32 sums in f32. The mins' term `dmin * dx *
+    /// sum(min_j * bsum_j)` is summed apart and subtracted at the end.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(w: &[Block], a: &[ActBlock]) -> f32 {
+        let controls: [__m256i; 8] =
+            std::array::from_fn(|k| _mm256_loadu_si256(lane_broadcast(k).as_ptr() as *const _));
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut min_acc = _mm_setzero_ps();
+        for (wb, ab) in w.iter().zip(a) {
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+                wb.scales.as_ptr() as *const _,
+            )));
+            let mut isum = _mm256_setzero_si256();
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(wb.qs.as_ptr().add(32 * c) as *const _);
+                let halves = [
+                    _mm256_and_si256(q, nibble),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble),
+                ];
+                for (h, w4) in halves.into_iter().enumerate() {
+                    let sub = 2 * c + h;
+                    let x = _mm256_loadu_si256(ab.qs.as_ptr().add(32 * sub) as *const _);
+                    let scale = _mm256_shuffle_epi8(scales, controls[sub]);
+                    let pairs = _mm256_maddubs_epi16(w4, x);
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, scale));
+                }
+            }
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(wb.d * ab.d), acc);
+            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(wb.mins.as_ptr() as *const _));
+            let bsums = _mm_loadu_si128(ab.bsums.as_ptr() as *const _);
+            min_acc = _mm_fmadd_ps(
+                _mm_cvtepi32_ps(_mm_madd_epi16(mins, bsums)),
+                _mm_set1_ps(wb.dmin * ab.d),
+                min_acc,
+            );
+        }
+        let sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let sum = _mm_sub_ps(sum, min_acc);
+        let sum = _mm_hadd_ps(sum, sum);
+        _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
+    }
+}
