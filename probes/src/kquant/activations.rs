@@ -35,10 +35,10 @@ pub(super) fn quantize_row(x: &[f32]) -> Vec<ActBlock> {
             let iscale = -127f32 / max;
             for (sub, sum) in block.bsums.iter_mut().enumerate() {
                 let mut s = 0i32;
-                for l in 32 * sub..32 * sub + 32 {
-                    let q = (iscale * xs[l]).round().clamp(-128.0, 127.0) as i8;
-                    block.qs[l] = q;
-                    s += q as i32;
+                let range = 32 * sub..32 * sub + 32;
+                for (q, &v) in block.qs[range.clone()].iter_mut().zip(&xs[range]) {
+                    *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+                    s += *q as i32;
                 }
                 *sum = s as i16;
             }
