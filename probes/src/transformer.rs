@@ -619,7 +619,8 @@ impl Transformer {
     pub fn precision(&self) -> &'static str {
         if !self.quantized_decode {
             "f32"
-        } else if self.blocks.iter().any(|b| b.holds_file_blocks()) {
+        } else if self.unembed.blocks.is_some() || self.blocks.iter().any(|b| b.holds_file_blocks())
+        {
             "f32 prompt passes; decode steps the file's Q4_K and Q6_K blocks x Q8_K \
              activations where it stores them, other weights Q8_0 x Q8_0 activations"
         } else {

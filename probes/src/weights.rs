@@ -841,6 +841,22 @@ mod tests {
         // A Q8_0 tensor has no K-quant blocks: decode steps read a Q8_0 copy of it.
         assert!(t.blocks[1].o.blocks.is_none());
         assert!(t.precision().contains("Q6_K"), "{}", t.precision());
+        // The record names the file's blocks where only the unembedding has them.
+        let mut only_unembed = build(&src, &cfg).unwrap();
+        only_unembed.quantized_decode = true;
+        for b in &mut only_unembed.blocks {
+            b.qkv.blocks = None;
+            b.o.blocks = None;
+            if let Mlp::Gated { gate_up, down, .. } = &mut b.mlp {
+                gate_up.blocks = None;
+                down.blocks = None;
+            }
+        }
+        assert!(
+            only_unembed.precision().contains("Q6_K"),
+            "{}",
+            only_unembed.precision()
+        );
 
         // Not kept when decode steps run in f32.
         let t = build(&GgufSource::new(&file, &cfg), &cfg).unwrap();
