@@ -90,15 +90,24 @@ impl Blocks {
         }
     }
 
-    /// Blocks `range` dotted with one activation row.
+    /// Blocks `range` dotted with one activation row: the AVX2 kernel where [`supported`]
+    /// holds, the scalar sum otherwise.
     fn dot(&self, range: std::ops::Range<usize>, a: &[ActBlock]) -> f32 {
-        match self {
-            Self::Q4k(b) => q4k::dot(&b[range], a),
-            Self::Q6k(b) => q6k::dot(&b[range], a),
+        #[cfg(target_arch = "x86_64")]
+        if supported_cached() {
+            // SAFETY: the CPU has the features the kernels are compiled for.
+            #[allow(unsafe_code)]
+            return unsafe {
+                match self {
+                    Self::Q4k(b) => q4k::avx2::dot(&b[range], a),
+                    Self::Q6k(b) => q6k::avx2::dot(&b[range], a),
+                }
+            };
         }
+        self.dot_reference(range, a)
     }
 
-    #[cfg(test)]
+    /// The same sums in scalar code.
     fn dot_reference(&self, range: std::ops::Range<usize>, a: &[ActBlock]) -> f32 {
         match self {
             Self::Q4k(b) => q4k::dot_reference(&b[range], a),
@@ -183,9 +192,9 @@ impl KMatrix {
         self.cols / QK_K
     }
 
-    /// Append `rows` rows' blocks from `src` blocks `range`, joining the last run where the
-    /// kinds match.
-    fn push(&mut self, src: &Blocks, range: std::ops::Range<usize>, rows: usize) {
+    /// Append the rows of `src` blocks `range`, joining the last run where the kinds match.
+    fn push(&mut self, src: &Blocks, range: std::ops::Range<usize>) {
+        self.rows += range.len() / self.blocks_per_row();
         match self.parts.last_mut() {
             Some(last) if last.kind() == src.kind() => last.extend_from(src, range),
             _ => {
@@ -194,7 +203,6 @@ impl KMatrix {
                 self.parts.push(run);
             }
         }
-        self.rows += rows;
     }
 
     /// The run holding row `r` and the row's block range within it.
@@ -229,7 +237,7 @@ impl KMatrix {
         };
         for &r in order {
             let (part, range) = self.locate(r)?;
-            out.push(part, range, 1);
+            out.push(part, range);
         }
         Some(out)
     }
@@ -247,7 +255,7 @@ impl KMatrix {
                 return None;
             }
             for part in &m.parts {
-                out.push(part, 0..part.len(), part.len() / m.blocks_per_row());
+                out.push(part, 0..part.len());
             }
         }
         Some(out)

@@ -57,17 +57,6 @@ impl Block {
     }
 }
 
-/// One weight row dotted with one activation row.
-pub(super) fn dot(w: &[Block], a: &[ActBlock]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if super::supported_cached() {
-        // SAFETY: the CPU has the features `avx2::dot` is compiled for.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot(w, a) };
-    }
-    dot_reference(w, a)
-}
-
 /// The same sum in scalar code: the integer parts exactly, the scaling in another order.
 pub(super) fn dot_reference(w: &[Block], a: &[ActBlock]) -> f32 {
     let mut sum = 0f32;
@@ -80,14 +69,15 @@ pub(super) fn dot_reference(w: &[Block], a: &[ActBlock]) -> f32 {
     sum
 }
 
-// One of the two places in the workspace that opt out of `unsafe_code = "deny"` (the other
-// is `q4k`): the intrinsics below are unsafe to call (target features, unaligned loads).
+// One of the three places in the workspace that opt out of `unsafe_code = "deny"` (with
+// `q4k` and the call in `Blocks::dot`): the intrinsics below are unsafe to call (target
+// features, unaligned loads).
 // Every load reads inside a block's own arrays: 32 bytes at offsets 0, 32, 64 and 96 of 128
 // low quants, at 0 and 32 of 64 high bits, 16 bytes of 16 scales, 32 bytes at multiples of
 // 32 below 256 of 256 activation quants.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{ActBlock, Block};
     use core::arch::x86_64::*;
 
@@ -107,7 +97,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(w: &[Block], a: &[ActBlock]) -> f32 {
+    pub(in crate::kquant) unsafe fn dot(w: &[Block], a: &[ActBlock]) -> f32 {
         let controls: [__m128i; 8] =
             std::array::from_fn(|k| _mm_loadu_si128(scale_pair(k).as_ptr() as *const _));
         let low4 = _mm256_set1_epi8(0x0F);
