@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use probes::generate::{generate_capturing, GenerateOptions, Sampling};
+use probes::generate::{generate_capturing, GenerateOptions, PromptActivations, Sampling};
 use probes::hooks::{Edit, HookPoint, Hooks};
 use probes::sae::search::Labels;
 use probes::sae::{Sae, SparseRow};
@@ -398,7 +398,15 @@ impl<'m> Session<'m> {
         }
         let rows = match resumable_at(hooks) {
             Some(start) => self.last_logits_from(t, start, hooks)?,
-            None => self.last_logits_of(t, hooks)?,
+            // The set's unhooked pass also captures what the plan wants of it.
+            None if hooks.is_empty() => {
+                let capture = self.uncaptured(t);
+                let hooks = capture.iter().fold(Hooks::new(), |h, p| h.capture(*p));
+                let (rows, captured) = self.last_logits_of(t, &hooks)?;
+                self.keep_acts(t, captured)?;
+                rows
+            }
+            None => self.last_logits_of(t, hooks)?.0,
         };
         if let Some(i) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
             return Err(CheckError::NonFinite(format!(
@@ -418,8 +426,14 @@ impl<'m> Session<'m> {
     /// `hooks` allow it). Steering and selection compare these logits with those of passes
     /// that add or ablate a direction at every position, which share it too, so both sides of
     /// a comparison run the same way.
-    fn last_logits_of(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<Vec<f32>>, CheckError> {
+    /// Each prompt's activations at the hooks `hooks` captures come with them.
+    fn last_logits_of(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+    ) -> Result<(Vec<Vec<f32>>, PromptActivations), CheckError> {
         let mut rows = Vec::with_capacity(t.ids.len());
+        let mut captured = PromptActivations::new();
         self.model
             .transformer
             .forward_chunked_shared(
@@ -437,6 +451,16 @@ impl<'m> Session<'m> {
                         .and_then(|l| l.to_vec2())
                         .map_err(|e| probes::RunError::Batch(e.to_string()))?;
                     rows.extend(v);
+                    for (h, a) in &out.captures {
+                        for (r, len) in out.layout.lengths.iter().enumerate() {
+                            let x = a
+                                .get(r)
+                                .and_then(|x| x.narrow(0, 0, *len))
+                                .and_then(|x| x.contiguous())
+                                .map_err(|e| probes::RunError::Batch(e.to_string()))?;
+                            captured.entry(*h).or_default().push(x);
+                        }
+                    }
                     Ok(())
                 },
             )
@@ -444,7 +468,7 @@ impl<'m> Session<'m> {
                 set: t.name.clone(),
                 source,
             })?;
-        Ok(rows)
+        Ok((rows, captured))
     }
 
     /// Last-token logits of `t` under `hooks`, whose every edit is at the residual hook
@@ -663,67 +687,72 @@ impl<'m> Session<'m> {
         Ok(self.model.codec.encode(text)?)
     }
 
-    /// Mean KL(clean || hooked) over every real position, per prompt. Micro-batches of 4 (each
-    /// holds two passes' logits at every position) run one per thread.
+    /// Mean KL(clean || hooked) over every real position, per prompt, in micro-batches of 4
+    /// (each keeps every position's logits). Both passes run the same way: where the hooked
+    /// pass can share the set's preamble, both compute it once for the whole set, and its
+    /// positions' KL, the same for every prompt, is summed once.
     pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
         let _timed = Timed::new("kl", &t.name, hooks);
+        let m = &self.model.transformer;
+        let forward = |source| CheckError::Forward {
+            set: t.name.clone(),
+            source,
+        };
+        let starts = match (
+            m.shared_start(&t.ids, t.prefix, &Hooks::new(), Unembed::All)
+                .map_err(forward)?,
+            m.shared_start(&t.ids, t.prefix, hooks, Unembed::All)
+                .map_err(forward)?,
+        ) {
+            (Some(clean), Some(hooked)) => {
+                let rows = |s: &probes::SharedStart| -> Result<Vec<Vec<f32>>, CheckError> {
+                    let l = s.logits().ok_or_else(|| no_logits(t))?;
+                    Ok(l.get(0)?.to_vec2()?)
+                };
+                let sum = kl_sum(&rows(&clean)?, &rows(&hooked)?, -0.0);
+                Some((clean, hooked, sum))
+            }
+            _ => None,
+        };
         let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(self.micro_batch.min(4)).collect();
         let per_chunk = chunks
             .par_iter()
-            .map(|chunk| self.kl_of_chunk(t, chunk, hooks))
+            .map(|chunk| -> Result<Vec<f64>, CheckError> {
+                // Per prompt, the logits of the positions the passes computed for it, and the
+                // KL summed over the positions before them.
+                let (clean, hooked, before) = match &starts {
+                    Some((c, h, sum)) => (
+                        m.forward_after(c, chunk, &Hooks::new(), Unembed::All),
+                        m.forward_after(h, chunk, hooks, Unembed::All),
+                        *sum,
+                    ),
+                    None => (
+                        m.forward(chunk, Padding::Right, &Hooks::new(), Unembed::All),
+                        m.forward(chunk, Padding::Right, hooks, Unembed::All),
+                        -0.0,
+                    ),
+                };
+                let (clean, hooked) = (clean.map_err(forward)?, hooked.map_err(forward)?);
+                let mut out = Vec::with_capacity(chunk.len());
+                for (r, p) in chunk.iter().enumerate() {
+                    let n = clean.layout.lengths[r];
+                    let row = |o: &probes::ForwardOutput| -> Result<Vec<Vec<f32>>, CheckError> {
+                        let l = o.logits.as_ref().ok_or_else(|| no_logits(t))?;
+                        Ok(l.get(r)?.narrow(0, 0, n)?.to_vec2()?)
+                    };
+                    let kl = kl_sum(&row(&clean)?, &row(&hooked)?, before) / p.len() as f64;
+                    if !kl.is_finite() {
+                        return Err(CheckError::NonFinite(format!(
+                            "non-finite KL for a prompt of `{}`",
+                            t.name
+                        )));
+                    }
+                    out.push(kl);
+                }
+                Ok(out)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(per_chunk.into_iter().flatten().collect())
-    }
-
-    fn kl_of_chunk(
-        &self,
-        t: &Tokens,
-        chunk: &[Vec<u32>],
-        hooks: &Hooks,
-    ) -> Result<Vec<f64>, CheckError> {
-        // Both passes the same way: with the shared preamble computed once only where the
-        // hooked pass can do so too, so that a hook that changes nothing costs no KL.
-        let m = &self.model.transformer;
-        let shared = if m.can_share(chunk, t.prefix, hooks) {
-            t.prefix
-        } else {
-            0
-        };
-        let run = |h: &Hooks| -> Result<Tensor, CheckError> {
-            m.forward_shared(chunk, shared, h, Unembed::All)
-                .map_err(|source| CheckError::Forward {
-                    set: t.name.clone(),
-                    source,
-                })?
-                .logits
-                .ok_or_else(|| CheckError::NonFinite("no logits".to_string()))
-        };
-        let (clean, hooked) = (run(&Hooks::new())?, run(hooks)?);
-        let mut out = Vec::with_capacity(chunk.len());
-        for (r, p) in chunk.iter().enumerate() {
-            let c: Vec<Vec<f32>> = clean
-                .get(r)
-                .and_then(|x| x.narrow(0, 0, p.len()))
-                .and_then(|x| x.to_vec2())?;
-            let h: Vec<Vec<f32>> = hooked
-                .get(r)
-                .and_then(|x| x.narrow(0, 0, p.len()))
-                .and_then(|x| x.to_vec2())?;
-            let kl = c
-                .iter()
-                .zip(&h)
-                .map(|(a, b)| metrics::kl(a, b))
-                .sum::<f64>()
-                / p.len() as f64;
-            if !kl.is_finite() {
-                return Err(CheckError::NonFinite(format!(
-                    "non-finite KL for a prompt of `{}`",
-                    t.name
-                )));
-            }
-            out.push(kl);
-        }
-        Ok(out)
     }
 
     pub fn token_text(&self, id: u32) -> String {
@@ -838,4 +867,16 @@ pub(crate) fn dot(a: &Tensor, b: &Tensor) -> f64 {
         .and_then(|x| x.sum(D::Minus1))
         .and_then(|x| x.to_scalar::<f32>())
         .map_or(f64::NAN, f64::from)
+}
+
+fn no_logits(t: &Tokens) -> CheckError {
+    CheckError::NonFinite(format!("a pass over `{}` produced no logits", t.name))
+}
+
+/// `start` plus the KL of each pair of rows, added in position order.
+fn kl_sum(clean: &[Vec<f32>], hooked: &[Vec<f32>], start: f64) -> f64 {
+    clean
+        .iter()
+        .zip(hooked)
+        .fold(start, |sum, (a, b)| sum + metrics::kl(a, b))
 }

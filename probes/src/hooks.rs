@@ -314,6 +314,10 @@ pub enum Edit {
     Ablate { direction: Tensor },
     /// `x = f(x)`; `f` must keep the shape.
     Replace(ReplaceFn),
+    /// `x = f(x)` where `f` rewrites each position from that position's activation alone
+    /// (removing one SAE latent's part, say), so that a start every row shares is rewritten
+    /// the same way in each and can be computed once; `f` must keep the shape.
+    ReplaceEach(ReplaceFn),
 }
 
 impl fmt::Debug for Edit {
@@ -322,6 +326,7 @@ impl fmt::Debug for Edit {
             Edit::Add { coeff, .. } => write!(f, "Add(coeff={coeff})"),
             Edit::Ablate { .. } => write!(f, "Ablate"),
             Edit::Replace(_) => write!(f, "Replace"),
+            Edit::ReplaceEach(_) => write!(f, "ReplaceEach"),
         }
     }
 }
@@ -394,6 +399,16 @@ impl Hooks {
             hook,
             positions,
             edit: Edit::Replace(f),
+        });
+        self
+    }
+
+    /// [`Hooks::replace`] by a function of each position alone ([`Edit::ReplaceEach`]).
+    pub fn replace_each(mut self, hook: HookPoint, positions: Positions, f: ReplaceFn) -> Self {
+        self.interventions.push(Intervention {
+            hook,
+            positions,
+            edit: Edit::ReplaceEach(f),
         });
         self
     }

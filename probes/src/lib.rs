@@ -21,6 +21,7 @@ pub mod progress;
 pub mod sae;
 pub mod safetensors;
 mod shared_prefix;
+pub use shared_prefix::SharedStart;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod tokenizer;

@@ -227,6 +227,130 @@ impl Transformer {
         })
     }
 
+    /// The first `shared` tokens of `prompts`, which [`Transformer::can_share`] must let
+    /// them share under `hooks`, as one pass for [`Transformer::forward_after`]: a measure
+    /// over many micro-batches computes the preamble once for all of them. `None` where they
+    /// cannot share it.
+    pub fn shared_start(
+        &self,
+        prompts: &[Vec<u32>],
+        shared: usize,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<Option<SharedStart>, RunError> {
+        if !self.can_share(prompts, shared, hooks) {
+            return Ok(None);
+        }
+        self.validate(hooks)?;
+        let preamble = self.preamble(&prompts[0][..shared], hooks, unembed)?;
+        Ok(Some(SharedStart {
+            ids: prompts[0][..shared].to_vec(),
+            preamble,
+            edited: hooks
+                .interventions
+                .iter()
+                .any(|i| i.positions == Positions::All),
+        }))
+    }
+
+    /// Whether `prompts` start with `start` and `hooks` can run after it: they leave the start
+    /// alone ([`Transformer::can_share`]), and edit it only if it was computed with edits
+    /// (which must then be theirs).
+    fn check_after(
+        &self,
+        start: &SharedStart,
+        prompts: &[Vec<u32>],
+        hooks: &Hooks,
+    ) -> Result<(), RunError> {
+        let shared = start.ids.len();
+        let edits = hooks
+            .interventions
+            .iter()
+            .any(|i| i.positions == Positions::All);
+        if !self.can_share(prompts, shared, hooks)
+            || prompts.iter().any(|p| p[..shared] != start.ids[..])
+            || (edits && !start.edited)
+        {
+            return Err(RunError::Batch(
+                "the prompts or hooks do not fit the shared start they are run after".into(),
+            ));
+        }
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.check_lengths(&lengths)
+    }
+
+    /// [`Transformer::forward_after`] from the residual stream at `at`, as
+    /// [`Transformer::forward_shared_from`] runs: `x` is the full pass's activation there,
+    /// `[batch, positions, d_model]`, of which only the prompts' own positions are read.
+    pub fn forward_from_after(
+        &self,
+        start: &SharedStart,
+        prompts: &[Vec<u32>],
+        at: HookPoint,
+        x: &Tensor,
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        self.check_after(start, prompts, hooks)?;
+        let layout = BatchLayout::new(prompts.iter().map(Vec::len).collect(), Padding::Right);
+        self.check_start(&layout, at, x, hooks)?;
+        let shared = start.ids.len();
+        let own = x
+            .narrow(1, shared, layout.seq_len - shared)
+            .run_ctx("the prompts' own positions")?;
+        let how = PassKind::From(at, &own);
+        self.own_pass(&start.preamble, prompts, shared, hooks, unembed, how)
+            .map(|(out, _)| out)
+    }
+
+    /// The prompts' own tokens after `start`, which `unembed` must be that of, and `hooks`
+    /// too where they edit every position (hooks that leave the start alone may run after a
+    /// start computed without them):
+    /// their captures and logits at their own positions only, `[batch, own positions, ..]`
+    /// right-padded, with the layout of their own tokens. The same bits as those positions of
+    /// [`Transformer::forward_shared`].
+    pub fn forward_after(
+        &self,
+        start: &SharedStart,
+        prompts: &[Vec<u32>],
+        hooks: &Hooks,
+        unembed: Unembed,
+    ) -> Result<ForwardOutput, RunError> {
+        self.check_after(start, prompts, hooks)?;
+        let shared = start.ids.len();
+        self.own_pass(
+            &start.preamble,
+            prompts,
+            shared,
+            hooks,
+            unembed,
+            PassKind::Plain,
+        )
+        .map(|(out, _)| out)
+    }
+
+    /// One micro-batch's own tokens after the preamble: their output, at their own positions,
+    /// and the cache (the preamble's keys and values, then their own).
+    fn own_pass(
+        &self,
+        preamble: &Preamble,
+        chunk: &[Vec<u32>],
+        shared: usize,
+        hooks: &Hooks,
+        unembed: Unembed,
+        how: PassKind<'_>,
+    ) -> Result<(ForwardOutput, KvCache), RunError> {
+        let own: Vec<Vec<u32>> = chunk.iter().map(|p| p[shared..].to_vec()).collect();
+        let layout = BatchLayout::new(own.iter().map(Vec::len).collect(), Padding::Right);
+        let mut cache = Some(preamble.cache.repeat_row(chunk.len())?);
+        let own_unembed = match unembed {
+            Unembed::From(n) => Unembed::From(n.saturating_sub(shared)),
+            u => u,
+        };
+        let (out, _) = self.run_pass(&own, &layout, hooks, own_unembed, &mut cache, how)?;
+        Ok((out, cache.expect("filled by the pass")))
+    }
+
     /// One micro-batch's own tokens after the preamble: its output stitched to the shape of
     /// the full pass, and its cache (the preamble's keys and values, then its own).
     fn own_tokens(
@@ -239,14 +363,7 @@ impl Transformer {
         how: PassKind<'_>,
     ) -> Result<(ForwardOutput, KvCache), RunError> {
         let b = chunk.len();
-        let own: Vec<Vec<u32>> = chunk.iter().map(|p| p[shared..].to_vec()).collect();
-        let layout = BatchLayout::new(own.iter().map(Vec::len).collect(), Padding::Right);
-        let mut cache = Some(preamble.cache.repeat_row(b)?);
-        let own_unembed = match unembed {
-            Unembed::From(n) => Unembed::From(n.saturating_sub(shared)),
-            u => u,
-        };
-        let (out, _) = self.run_pass(&own, &layout, hooks, own_unembed, &mut cache, how)?;
+        let (out, cache) = self.own_pass(preamble, chunk, shared, hooks, unembed, how)?;
         let stitch = |start: &Tensor, rest: &Tensor| -> candle_core::Result<Tensor> {
             let mut dims = start.dims().to_vec();
             dims[0] = b;
@@ -270,14 +387,42 @@ impl Transformer {
             captures,
             layout: BatchLayout::new(chunk.iter().map(Vec::len).collect(), Padding::Right),
         };
-        Ok((out, cache.expect("filled by the pass")))
+        Ok((out, cache))
+    }
+}
+
+/// A shared start computed once ([`Transformer::shared_start`]).
+pub struct SharedStart {
+    ids: Vec<u32>,
+    preamble: Preamble,
+    /// Whether its pass edited every position.
+    edited: bool,
+}
+
+impl SharedStart {
+    /// Its tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Its logits `[1, len, vocab]` where it was run with every position unembedded.
+    pub fn logits(&self) -> Option<&Tensor> {
+        self.preamble.logits.as_ref()
     }
 }
 
 /// Whether an edit of every position does the same to the shared start of every row, so that
 /// the start can be computed once with it: adding a vector and ablating a direction act on
-/// each position alone; a replacement may be any function of the whole batch (an SAE splice
-/// is not, but a per-row patch is), so it is never shared.
+/// each position alone, and so does a replacement that says it does ([`Edit::ReplaceEach`]);
+/// any other replacement may be a function of the whole batch (an SAE splice is not, but a
+/// per-row patch is), so it is never shared.
 fn same_for_every_row(i: &Intervention) -> bool {
-    matches!(i.edit, Edit::Add { .. } | Edit::Ablate { .. })
+    matches!(
+        i.edit,
+        Edit::Add { .. } | Edit::Ablate { .. } | Edit::ReplaceEach(_)
+    )
 }

@@ -645,7 +645,7 @@ impl Transformer {
             let vector = match &i.edit {
                 Edit::Add { vector, .. } => vector,
                 Edit::Ablate { direction } => direction,
-                Edit::Replace(_) => continue,
+                Edit::Replace(_) | Edit::ReplaceEach(_) => continue,
             };
             if !i.hook.is_residual_width() {
                 return Err(RunError::Intervention {
@@ -1480,7 +1480,7 @@ fn apply_edit(x: &Tensor, edit: &Edit, mask: &Tensor) -> candle_core::Result<Ten
             let proj = (proj * mask.to_dtype(x.dtype())?)?;
             x - proj.broadcast_mul(&d)?
         }
-        Edit::Replace(f) => {
+        Edit::Replace(f) | Edit::ReplaceEach(f) => {
             let y = f(x)?;
             if y.dims() != x.dims() {
                 candle_core::bail!(

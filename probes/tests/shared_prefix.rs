@@ -373,3 +373,84 @@ fn a_shared_pass_resumed_at_a_hook_equals_the_shared_pass() {
         assert!(moved > 1e-3, "zeroing `{start}` changed nothing ({moved})");
     }
 }
+
+/// A start computed once for many micro-batches gives each the bits the shared pass gives
+/// them, at the start's positions and their own: under edits of every position (an ablated
+/// direction, a replacement of each position alone), and resumed at a hook after a start
+/// computed without the edits that leave it alone. A start does not run prompts it does not
+/// begin, nor edits of every position it was computed without.
+#[test]
+fn a_start_computed_once_gives_each_micro_batch_the_shared_passs_bits() {
+    let m = model();
+    let t = &m.transformer;
+    let (ids, shared) = prompts(&m);
+    let d = t.config.d_model;
+    let dir = Tensor::ones(d, candle_core::DType::F32, t.device()).unwrap();
+    let halve: probes::hooks::ReplaceFn = std::sync::Arc::new(|x: &Tensor| x * 0.5);
+    let edits = Hooks::new()
+        .ablate(HookPoint::ResidPost(3), Positions::All, dir)
+        .replace_each(HookPoint::MlpOut(7), Positions::All, halve.clone());
+    assert!(t.can_share(&ids, shared, &edits));
+    let whole_batch_fn = Hooks::new().replace(HookPoint::MlpOut(7), Positions::All, halve);
+    assert!(!t.can_share(&ids, shared, &whole_batch_fn));
+
+    let start = t
+        .shared_start(&ids, shared, &edits, Unembed::All)
+        .unwrap()
+        .expect("the prompts share their preamble");
+    assert_eq!(start.len(), shared);
+    let chunk = &ids[1..4];
+    let after = t
+        .forward_after(&start, chunk, &edits, Unembed::All)
+        .unwrap();
+    let whole = t
+        .forward_shared(chunk, shared, &edits, Unembed::All)
+        .unwrap();
+    let (a, w) = (after.logits.unwrap(), whole.logits.unwrap());
+    for (r, p) in chunk.iter().enumerate() {
+        let own = p.len() - shared;
+        let row = w.get(r).unwrap();
+        assert_eq!(
+            bits(&a.get(r).unwrap().narrow(0, 0, own).unwrap()),
+            bits(&row.narrow(0, shared, own).unwrap()),
+            "prompt {r}: own positions"
+        );
+        assert_eq!(
+            bits(&start.logits().unwrap().get(0).unwrap()),
+            bits(&row.narrow(0, 0, shared).unwrap()),
+            "prompt {r}: the start's positions"
+        );
+    }
+
+    // Resumed at a hook, after a start computed without the edits, which leave it alone.
+    let at = HookPoint::ResidPost(11);
+    let longest = ids.iter().map(Vec::len).max().unwrap();
+    let own: Vec<i64> = (shared as i64..longest as i64).collect();
+    let zero: probes::hooks::ReplaceFn = std::sync::Arc::new(|x: &Tensor| x.zeros_like());
+    let later = Hooks::new().replace(at, Positions::Indices(own), zero);
+    let unembed = Unembed::From(shared);
+    let clean = t
+        .forward_shared(&ids, shared, &Hooks::new().capture(at), Unembed::All)
+        .unwrap();
+    let x = &clean.captures[&at];
+    let plain = t
+        .shared_start(&ids, shared, &Hooks::new(), unembed)
+        .unwrap()
+        .unwrap();
+    let resumed = t
+        .forward_from_after(&plain, &ids, at, x, &later, unembed)
+        .unwrap();
+    let reference = t
+        .forward_shared_from(&ids, shared, at, x, &later, unembed)
+        .unwrap();
+    assert_eq!(
+        bits(resumed.logits.as_ref().unwrap()),
+        bits(reference.logits.as_ref().unwrap())
+    );
+
+    assert!(t.forward_after(&plain, &ids, &edits, Unembed::All).is_err());
+    let other = vec![vec![1u32; shared + 3]];
+    assert!(t
+        .forward_after(&plain, &other, &Hooks::new(), unembed)
+        .is_err());
+}

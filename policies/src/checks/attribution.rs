@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use probes::hooks::{Hooks, Positions, ReplaceFn};
-use probes::{BatchLayout, ForwardOutput, Padding, Unembed};
+use probes::{BatchLayout, ForwardOutput, Unembed};
 use rayon::prelude::*;
 
 use super::attribution_patching::correlation;
@@ -104,11 +104,12 @@ pub(crate) fn attribute(
         "attribution gradient"
     );
     // The unablated pass keeps the activation at the SAE's hook; in the residual stream, the
-    // ablated passes start from it instead of running the blocks before it again.
+    // ablated passes start from it instead of running the blocks before it again. All compute
+    // the set's shared preamble once.
     let clean = model
-        .forward(
+        .forward_shared(
             &prompts,
-            Padding::Left,
+            t.prefix,
             &Hooks::new().capture(s.hook),
             Unembed::Last,
         )
@@ -120,21 +121,31 @@ pub(crate) fn attribute(
     let effects = ranked
         .par_iter()
         .map(|&(l, _)| {
-            // The latent's decoder contribution at every position, taken away.
-            let removed = s.sae.decoded_latent(&c, l)?.reshape((rows, len, d))?;
-            let f: ReplaceFn = Arc::new(move |x: &Tensor| x - removed.to_dtype(x.dtype())?);
-            let hooks = Hooks::new().replace(s.hook, Positions::All, f);
+            // The latent's decoder contribution at every position, taken away: computed from
+            // each position's own activation, so the shared preamble loses it once for all.
+            let sae = Arc::clone(&s.sae);
+            let f: ReplaceFn = Arc::new(move |x: &Tensor| {
+                let dims = x.dims().to_vec();
+                let d = *dims.last().expect("an activation has a width");
+                let flat = x.to_dtype(DType::F32)?.reshape(((), d))?;
+                let removed = sae
+                    .contributions(&flat)
+                    .and_then(|c| sae.decoded_latent(&c, l))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                x - removed.reshape(dims)?.to_dtype(x.dtype())?
+            });
+            let hooks = Hooks::new().replace_each(s.hook, Positions::All, f);
             let out = if resumable {
-                model.forward_from(
+                model.forward_shared_from(
                     &prompts,
-                    Padding::Left,
+                    t.prefix,
                     s.hook,
                     at_hook,
                     &hooks,
                     Unembed::Last,
                 )
             } else {
-                model.forward(&prompts, Padding::Left, &hooks, Unembed::Last)
+                model.forward_shared(&prompts, t.prefix, &hooks, Unembed::Last)
             };
             let ablated = values(&out.map_err(forward)?)?;
             Ok(base.iter().zip(&ablated).map(|(b, a)| b - a).sum::<f64>() / n)

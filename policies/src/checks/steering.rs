@@ -240,6 +240,20 @@ fn plan(st: &Steering, p: &mut Planner<'_, '_>) {
     if let Some(a) = attribution {
         p.want(&st.prompts, a.hook);
     }
+    // A logit metric under an added direction runs from the set's activations at its hook
+    // (the unhooked pass that measures the baseline captures them).
+    let logits = matches!(st.metric, MetricKind::RefusalScore | MetricKind::LogitDiff);
+    if let (true, Intervention::AddDirection { direction, .. }) = (logits, &st.intervention) {
+        let hook = p
+            .policy
+            .directions
+            .get(direction)
+            .and_then(|d| d.hook.as_ref())
+            .and_then(|h| HookPoint::parse(&h.value, p.session.n_layers()).ok());
+        if let Some(h) = hook {
+            p.want(&st.prompts, h);
+        }
+    }
 }
 
 fn intervention_hooks(

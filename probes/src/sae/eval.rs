@@ -119,7 +119,8 @@ fn evaluate_windows(
         )));
     }
     // Micro-batches run one per thread; each sums its own windows, and the sums are added in
-    // window order, so the report does not depend on the thread count.
+    // a fixed order, so the report does not depend on the thread count. Windows of like
+    // length share a micro-batch (by length, then position), so little of a pass is padding.
     if let Some(a) = acts {
         let d = sae.d_in;
         let fits = |(w, x): (&Vec<u32>, &Tensor)| x.dims() == [w.len(), d];
@@ -130,17 +131,31 @@ fn evaluate_windows(
             )));
         }
     }
-    let size = micro_batch.max(1);
-    let chunks: Vec<(usize, &[Vec<u32>])> = windows
-        .chunks(size)
-        .enumerate()
-        .map(|(i, c)| (i * size, c))
-        .collect();
-    let sums = chunks
+    // Where every window starts with the same `from` tokens, they are computed once for all
+    // the passes: no pass edits them.
+    let start = model
+        .transformer
+        .shared_start(windows, from, &Hooks::new(), Unembed::From(from))
+        .map_err(run_err)?;
+    let mut order: Vec<usize> = (0..windows.len()).collect();
+    order.sort_by_key(|&i| windows[i].len());
+    let sums = order
+        .chunks(micro_batch.max(1))
+        .collect::<Vec<_>>()
         .par_iter()
-        .map(|&(start, chunk)| {
-            let captured = acts.map(|a| &a[start..start + chunk.len()]);
-            chunk_sums(model, sae, hook, chunk, captured, from)
+        .map(|rows| {
+            let chunk: Vec<Vec<u32>> = rows.iter().map(|&i| windows[i].clone()).collect();
+            let captured: Option<Vec<Tensor>> =
+                acts.map(|a| rows.iter().map(|&i| a[i].clone()).collect());
+            chunk_sums(
+                model,
+                sae,
+                hook,
+                &chunk,
+                captured.as_deref(),
+                from,
+                start.as_ref(),
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut total = Sums::new(sae);
@@ -241,7 +256,7 @@ impl Sums {
 /// The sums of one micro-batch of windows (right-padded together): SAE statistics on the
 /// activations from `from` on, and next-token CE and KL of the predictions made there, clean,
 /// with the SAE spliced in and with the hook zeroed. The preamble before `from` is neither
-/// changed nor unembedded, and where the windows share it, it is computed once.
+/// changed nor unembedded, and where the windows share it (`start`), it is computed once.
 fn chunk_sums(
     model: &Model,
     sae: &Arc<Sae>,
@@ -249,6 +264,7 @@ fn chunk_sums(
     chunk: &[Vec<u32>],
     captured: Option<&[Tensor]>,
     from: usize,
+    start: Option<&crate::SharedStart>,
 ) -> Result<Sums, SaeError> {
     let mut s = Sums::new(sae);
     let t = chunk.iter().map(Vec::len).max().unwrap_or(0);
@@ -264,25 +280,34 @@ fn chunk_sums(
         Positions::Indices(later),
         keep_sinks(Arc::new(|x: &Tensor| x.zeros_like()), sae.d_in),
     );
+    let m = &model.transformer;
     let pass = |hooks: &Hooks| {
-        model
-            .transformer
-            .forward_shared(chunk, from, hooks, Unembed::From(from))
-            .map_err(run_err)
+        match start {
+            Some(s) => m.forward_after(s, chunk, hooks, Unembed::From(from)),
+            None => m.forward_shared(chunk, from, hooks, Unembed::From(from)),
+        }
+        .map_err(run_err)
+    };
+    let pass_from = |x: &Tensor, hooks: &Hooks| {
+        match start {
+            Some(s) => m.forward_from_after(s, chunk, hook, x, hooks, Unembed::From(from)),
+            None => m.forward_shared_from(chunk, from, hook, x, hooks, Unembed::From(from)),
+        }
+        .map_err(run_err)
     };
     // The clean pass: from the captured activations where they are given and the hook is in
     // the residual stream, else whole.
     let (clean_logits, act) = match captured {
         Some(rows) if hook.is_residual_stream() => {
             let act = right_padded(rows, t).map_err(candle("captured activations"))?;
-            let out = model
-                .transformer
-                .forward_shared_from(chunk, from, hook, &act, &Hooks::new(), Unembed::From(from))
-                .map_err(run_err)?;
+            let out = pass_from(&act, &Hooks::new())?;
             (out.logits, act)
         }
         _ => {
-            let mut out = pass(&capture)?;
+            // Stitched to every position: the activations are read from `from` on.
+            let mut out = m
+                .forward_shared(chunk, from, &capture, Unembed::From(from))
+                .map_err(run_err)?;
             let act = out.captures.remove(&hook).expect("captured");
             (out.logits, act)
         }
@@ -330,10 +355,7 @@ fn chunk_sums(
     // they start there from its activation.
     let edited = |hooks: &Hooks| {
         if hook.is_residual_stream() {
-            model
-                .transformer
-                .forward_shared_from(chunk, from, hook, act, hooks, Unembed::From(from))
-                .map_err(run_err)
+            pass_from(act, hooks)
         } else {
             pass(hooks)
         }
