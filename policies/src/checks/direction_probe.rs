@@ -2,7 +2,6 @@
 //! with the prompts it ranks worst and, optionally, the SAE latents that carry the behaviour
 //! it stands for (the policy's refusal score; see `attribution.rs`).
 
-use probes::hooks::HookPoint;
 use probes::sae::search::auroc;
 
 use serde::Deserialize;
@@ -88,13 +87,9 @@ fn plan(k: &DirectionProbe, p: &mut Planner<'_, '_>) {
         attribute_with,
         ..
     } = k;
-    let hook = p
-        .policy
-        .directions
-        .get(direction)
-        .and_then(|d| d.hook.as_ref())
-        .and_then(|h| HookPoint::parse(&h.value, p.session.n_layers()).ok());
-    let Some(h) = hook else { return };
+    let Some(h) = p.direction_hook(direction) else {
+        return;
+    };
     p.want(positive, h);
     p.want(negative, h);
     let attribution = attribute_with

@@ -35,6 +35,16 @@ pub(crate) struct Planner<'a, 'm> {
 }
 
 impl Planner<'_, '_> {
+    /// The hook of the policy's direction `name` where the policy names one (a selected
+    /// direction's is known only once it is chosen).
+    pub fn direction_hook(&self, name: &str) -> Option<HookPoint> {
+        self.policy
+            .directions
+            .get(name)
+            .and_then(|d| d.hook.as_ref())
+            .and_then(|h| HookPoint::parse(&h.value, self.session.n_layers()).ok())
+    }
+
     /// Capture `hook` in the pass over prompt set `set`.
     pub fn want(&mut self, set: &str, hook: HookPoint) {
         if let Err(e) = self.session.want(self.policy, set, hook) {

@@ -244,13 +244,7 @@ fn plan(st: &Steering, p: &mut Planner<'_, '_>) {
     // (the unhooked pass that measures the baseline captures them).
     let logits = matches!(st.metric, MetricKind::RefusalScore | MetricKind::LogitDiff);
     if let (true, Intervention::AddDirection { direction, .. }) = (logits, &st.intervention) {
-        let hook = p
-            .policy
-            .directions
-            .get(direction)
-            .and_then(|d| d.hook.as_ref())
-            .and_then(|h| HookPoint::parse(&h.value, p.session.n_layers()).ok());
-        if let Some(h) = hook {
+        if let Some(h) = p.direction_hook(direction) {
             p.want(&st.prompts, h);
         }
     }
