@@ -687,10 +687,10 @@ impl<'m> Session<'m> {
         Ok(self.model.codec.encode(text)?)
     }
 
-    /// Mean KL(clean || hooked) over every real position, per prompt, in micro-batches of 4
-    /// (each keeps every position's logits). Both passes run the same way: where the hooked
-    /// pass can share the set's preamble, both compute it once for the whole set, and its
-    /// positions' KL, the same for every prompt, is summed once.
+    /// Mean KL(clean || hooked) over every real position, per prompt, in micro-batches of 8
+    /// (each keeps its own positions' logits, twice). Both passes run the same way: where the
+    /// hooked pass can share the set's preamble, both compute it once for the whole set, and
+    /// its positions' KL, the same for every prompt, is summed once.
     pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
         let _timed = Timed::new("kl", &t.name, hooks);
         let m = &self.model.transformer;
@@ -714,7 +714,7 @@ impl<'m> Session<'m> {
             }
             _ => None,
         };
-        let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(self.micro_batch.min(4)).collect();
+        let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(self.micro_batch.min(8)).collect();
         let per_chunk = chunks
             .par_iter()
             .map(|chunk| -> Result<Vec<f64>, CheckError> {
