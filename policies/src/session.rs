@@ -25,12 +25,18 @@ use crate::result::{round, TokenValue};
 use crate::schema::TokenScope;
 
 /// Rows a generation keeps on one thread: a decode step of this many rows or fewer reads the
-/// weights in about the time of one row's, so splitting them across threads only reads the
-/// weights more often.
+/// weights in about the time of one row's, and two threads do not read them faster, so
+/// splitting the rows only reads the weights more often.
 const SMALL_BATCH: usize = 8;
 
 /// Decoded replies, one per prompt.
 pub type Texts = Arc<Vec<String>>;
+
+/// What an audit reads from each prompt's reply.
+pub(crate) type Verdicts = Arc<Vec<Reply>>;
+
+/// A set's unhooked pass: each prompt's last logits, and its activations at captured hooks.
+type UnhookedPass = (Vec<Vec<f32>>, PromptActivations);
 
 /// A prompt set as tokens, with its key (a digest of its content) for sharing work.
 #[derive(Clone)]
@@ -408,13 +414,7 @@ impl<'m> Session<'m> {
             }
             None => self.last_logits_of(t, hooks)?.0,
         };
-        if let Some(i) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
-            return Err(CheckError::NonFinite(format!(
-                "NaN or infinite logits for prompt {} of `{}`",
-                i + 1,
-                t.name
-            )));
-        }
+        finite_logits(t, &rows)?;
         let rows = Arc::new(rows);
         if hooks.is_empty() {
             self.last_logits.insert(t.key.clone(), Arc::clone(&rows));
@@ -427,11 +427,7 @@ impl<'m> Session<'m> {
     /// that add or ablate a direction at every position, which share it too, so both sides of
     /// a comparison run the same way.
     /// Each prompt's activations at the hooks `hooks` captures come with them.
-    fn last_logits_of(
-        &self,
-        t: &Tokens,
-        hooks: &Hooks,
-    ) -> Result<(Vec<Vec<f32>>, PromptActivations), CheckError> {
+    fn last_logits_of(&self, t: &Tokens, hooks: &Hooks) -> Result<UnhookedPass, CheckError> {
         let mut rows = Vec::with_capacity(t.ids.len());
         let mut captured = PromptActivations::new();
         self.model
@@ -521,16 +517,16 @@ impl<'m> Session<'m> {
                 return Ok(Arc::clone(g));
             }
         }
-        let texts = self.texts(t, hooks, max_tokens)?;
+        let texts = self.texts(t, hooks, max_tokens, rayon::current_num_threads())?;
         if hooks.is_empty() {
             self.generations.insert(key, Arc::clone(&texts));
         }
         Ok(texts)
     }
 
-    /// [`Session::generations`] of `t` unhooked and under `hooks`, the two at once: a small
-    /// set decodes at the speed of memory, so each runs on one thread and the two together
-    /// take about as long as one.
+    /// [`Session::generations`] of `t` unhooked and under `hooks`, the two at once, each on
+    /// half the threads: a decode step's cost is mostly reading the weights, which rows
+    /// decoded together share.
     pub fn generations_with_and_without(
         &mut self,
         t: &Tokens,
@@ -542,9 +538,10 @@ impl<'m> Session<'m> {
             let base = self.generations(t, &Hooks::new(), max_tokens)?;
             return Ok((base, self.generations(t, hooks, max_tokens)?));
         }
+        let lanes = half_the_threads();
         let (base, with) = rayon::join(
-            || self.texts(t, &Hooks::new(), max_tokens),
-            || self.texts(t, hooks, max_tokens),
+            || self.texts(t, &Hooks::new(), max_tokens, lanes),
+            || self.texts(t, hooks, max_tokens, lanes),
         );
         let base = base?;
         self.generations.insert(key, Arc::clone(&base));
@@ -556,8 +553,9 @@ impl<'m> Session<'m> {
         t: &Tokens,
         hooks: &Hooks,
         max_tokens: usize,
+        lanes: usize,
     ) -> Result<Arc<Vec<String>>, CheckError> {
-        let (replies, _) = self.generate_replies(t, hooks, max_tokens, &[], |_, _| false)?;
+        let (replies, _) = self.generate_replies(t, hooks, max_tokens, &[], lanes, |_, _| false)?;
         Ok(Arc::new(replies.into_iter().map(|r| r.1).collect()))
     }
 
@@ -573,13 +571,72 @@ impl<'m> Session<'m> {
         max_tokens: usize,
         classifier: &Classifier,
         whole: usize,
-    ) -> Result<Arc<Vec<Reply>>, CheckError> {
+    ) -> Result<Verdicts, CheckError> {
         let key = (t.key.clone(), max_tokens, format!("{classifier:?}"), whole);
         if hooks.is_empty() {
             if let Some(v) = self.verdicts.get(&key) {
                 return Ok(Arc::clone(v));
             }
         }
+        // An unhooked generation's prefill is the set's pass: it captures what the plan wants.
+        let capture = if hooks.is_empty() {
+            self.uncaptured(t)
+        } else {
+            Vec::new()
+        };
+        let lanes = rayon::current_num_threads();
+        let (v, captured) =
+            self.replies_judged(t, hooks, max_tokens, classifier, whole, &capture, lanes)?;
+        self.keep_acts(t, captured)?;
+        let v = Arc::new(v);
+        if hooks.is_empty() {
+            self.verdicts.insert(key, Arc::clone(&v));
+        }
+        Ok(v)
+    }
+
+    /// [`Session::verdicts`] of `t` unhooked and under `hooks`, the two at once, each on half
+    /// the threads (as [`Session::generations_with_and_without`]).
+    pub fn verdicts_with_and_without(
+        &mut self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+        classifier: &Classifier,
+        whole: usize,
+    ) -> Result<(Verdicts, Verdicts), CheckError> {
+        let key = (t.key.clone(), max_tokens, format!("{classifier:?}"), whole);
+        if self.verdicts.contains_key(&key) || hooks.is_empty() {
+            let base = self.verdicts(t, &Hooks::new(), max_tokens, classifier, whole)?;
+            let with = self.verdicts(t, hooks, max_tokens, classifier, whole)?;
+            return Ok((base, with));
+        }
+        let capture = self.uncaptured(t);
+        let lanes = half_the_threads();
+        let judged = |h: &Hooks, capture: &[HookPoint]| {
+            self.replies_judged(t, h, max_tokens, classifier, whole, capture, lanes)
+        };
+        let (base, with) = rayon::join(|| judged(&Hooks::new(), &capture), || judged(hooks, &[]));
+        let (base, captured) = base?;
+        self.keep_acts(t, captured)?;
+        let base = Arc::new(base);
+        self.verdicts.insert(key, Arc::clone(&base));
+        Ok((base, Arc::new(with?.0)))
+    }
+
+    /// The replies behind [`Session::verdicts`], on `lanes` threads, with the prompts'
+    /// activations at `capture`.
+    #[allow(clippy::too_many_arguments)]
+    fn replies_judged(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+        max_tokens: usize,
+        classifier: &Classifier,
+        whole: usize,
+        capture: &[HookPoint],
+        lanes: usize,
+    ) -> Result<(Vec<Reply>, PromptActivations), CheckError> {
         let codec = &self.model.codec;
         let settled = |i: usize, ids: &[u32]| {
             i >= whole
@@ -587,14 +644,8 @@ impl<'m> Session<'m> {
                     .decode(ids)
                     .is_ok_and(|text| classifier.settled(&text).is_some())
         };
-        // An unhooked generation's prefill is the set's pass: it captures what the plan wants.
-        let capture = if hooks.is_empty() {
-            self.uncaptured(t)
-        } else {
-            Vec::new()
-        };
-        let (replies, captured) = self.generate_replies(t, hooks, max_tokens, &capture, settled)?;
-        self.keep_acts(t, captured)?;
+        let (replies, captured) =
+            self.generate_replies(t, hooks, max_tokens, capture, lanes, settled)?;
         let v = replies
             .into_iter()
             .enumerate()
@@ -604,22 +655,20 @@ impl<'m> Session<'m> {
                 whole: (i < whole).then_some(text),
             })
             .collect();
-        let v = Arc::new(v);
-        if hooks.is_empty() {
-            self.verdicts.insert(key, Arc::clone(&v));
-        }
-        Ok(v)
+        Ok((v, captured))
     }
 
     /// Greedy replies of every prompt of `t` under `hooks`, as tokens and decoded, each ending
     /// at a stop token, at `max_tokens` or as soon as `enough(prompt index, tokens so far)`;
-    /// and each prompt's activations at the `capture` hooks, taken in the prefill.
+    /// and each prompt's activations at the `capture` hooks, taken in the prefill. The
+    /// prompts are split over `lanes` threads.
     fn generate_replies(
         &self,
         t: &Tokens,
         hooks: &Hooks,
         max_tokens: usize,
         capture: &[HookPoint],
+        lanes: usize,
         enough: impl Fn(usize, &[u32]) -> bool + Sync,
     ) -> Result<Replies, CheckError> {
         let _timed = Timed::new("generation", &t.name, hooks);
@@ -635,12 +684,12 @@ impl<'m> Session<'m> {
             shared_start: t.prefix,
         };
         // Decode steps cost little more for 32 rows than for 8: generate in batches of up to
-        // 32, one per thread at once (as the prompt passes run their micro-batches), split
-        // evenly so that every thread has one. Rows do not depend on their batch.
-        let threads = rayon::current_num_threads().max(1);
+        // 32, one per lane at once (as the prompt passes run their micro-batches), split
+        // evenly so that every lane has one. Rows do not depend on their batch.
+        let lanes = lanes.max(1);
         let n = t.ids.len().max(1);
-        let rounds = n.div_ceil(self.micro_batch.max(32)).div_ceil(threads);
-        let size = n.div_ceil(rounds * threads).max(n.min(SMALL_BATCH));
+        let rounds = n.div_ceil(self.micro_batch.max(32)).div_ceil(lanes);
+        let size = n.div_ceil(rounds * lanes).max(n.min(SMALL_BATCH));
         let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(size).collect();
         let outs = chunks
             .par_iter()
@@ -691,15 +740,46 @@ impl<'m> Session<'m> {
     /// (each keeps its own positions' logits, twice). Both passes run the same way: where the
     /// hooked pass can share the set's preamble, both compute it once for the whole set, and
     /// its positions' KL, the same for every prompt, is summed once.
-    pub fn kl_per_prompt(&self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
+    ///
+    /// The clean pass is then the set's unhooked pass, run as [`Session::last_logits`] runs
+    /// it: where no pass has given the set's last logits yet, it keeps them, and captures
+    /// what the plan wants of the set.
+    pub fn kl_per_prompt(&mut self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
         let _timed = Timed::new("kl", &t.name, hooks);
+        let clean = if self.last_logits.contains_key(&t.key) {
+            None
+        } else {
+            let capture = self.uncaptured(t);
+            let shareable = |h: &&HookPoint| !matches!(h, HookPoint::AttnPattern(_));
+            let capture = capture.iter().filter(shareable);
+            Some(capture.fold(Hooks::new(), |h, p| h.capture(*p)))
+        };
+        let (kl, unhooked) = self.kl_and_clean_pass(t, hooks, clean)?;
+        if let Some((rows, captured)) = unhooked {
+            finite_logits(t, &rows)?;
+            self.keep_acts(t, captured)?;
+            self.last_logits.insert(t.key.clone(), Arc::new(rows));
+        }
+        Ok(kl)
+    }
+
+    /// [`Session::kl_per_prompt`]'s passes, the clean one with the hooks `clean` captures;
+    /// where it shares the preamble, also each prompt's last logits and activations at them.
+    fn kl_and_clean_pass(
+        &self,
+        t: &Tokens,
+        hooks: &Hooks,
+        clean: Option<Hooks>,
+    ) -> Result<(Vec<f64>, Option<UnhookedPass>), CheckError> {
         let m = &self.model.transformer;
         let forward = |source| CheckError::Forward {
             set: t.name.clone(),
             source,
         };
+        let keep = clean.is_some();
+        let clean_hooks = clean.unwrap_or_default();
         let starts = match (
-            m.shared_start(&t.ids, t.prefix, &Hooks::new(), Unembed::All)
+            m.shared_start(&t.ids, t.prefix, &clean_hooks, Unembed::All)
                 .map_err(forward)?,
             m.shared_start(&t.ids, t.prefix, hooks, Unembed::All)
                 .map_err(forward)?,
@@ -714,15 +794,17 @@ impl<'m> Session<'m> {
             }
             _ => None,
         };
+        // Only a shared clean pass is the one `last_logits` would run.
+        let keep = keep && starts.is_some();
         let chunks: Vec<&[Vec<u32>]> = t.ids.chunks(self.micro_batch.min(8)).collect();
         let per_chunk = chunks
             .par_iter()
-            .map(|chunk| -> Result<Vec<f64>, CheckError> {
+            .map(|chunk| -> Result<ChunkKl, CheckError> {
                 // Per prompt, the logits of the positions the passes computed for it, and the
                 // KL summed over the positions before them.
                 let (clean, hooked, before) = match &starts {
                     Some((c, h, sum)) => (
-                        m.forward_after(c, chunk, &Hooks::new(), Unembed::All),
+                        m.forward_after(c, chunk, &clean_hooks, Unembed::All),
                         m.forward_after(h, chunk, hooks, Unembed::All),
                         *sum,
                     ),
@@ -733,26 +815,52 @@ impl<'m> Session<'m> {
                     ),
                 };
                 let (clean, hooked) = (clean.map_err(forward)?, hooked.map_err(forward)?);
-                let mut out = Vec::with_capacity(chunk.len());
+                let mut out = ChunkKl::default();
                 for (r, p) in chunk.iter().enumerate() {
                     let n = clean.layout.lengths[r];
                     let row = |o: &probes::ForwardOutput| -> Result<Vec<Vec<f32>>, CheckError> {
                         let l = o.logits.as_ref().ok_or_else(|| no_logits(t))?;
                         Ok(l.get(r)?.narrow(0, 0, n)?.to_vec2()?)
                     };
-                    let kl = kl_sum(&row(&clean)?, &row(&hooked)?, before) / p.len() as f64;
+                    let mut clean_rows = row(&clean)?;
+                    let kl = kl_sum(&clean_rows, &row(&hooked)?, before) / p.len() as f64;
                     if !kl.is_finite() {
                         return Err(CheckError::NonFinite(format!(
                             "non-finite KL for a prompt of `{}`",
                             t.name
                         )));
                     }
-                    out.push(kl);
+                    out.kl.push(kl);
+                    let (Some((start, _, _)), true) = (&starts, keep) else {
+                        continue;
+                    };
+                    out.last.extend(clean_rows.pop());
+                    // The preamble's activations, then the prompt's own.
+                    for (h, own) in &clean.captures {
+                        let before = start.captures(*h).ok_or_else(|| CheckError::Forward {
+                            set: t.name.clone(),
+                            source: probes::RunError::Batch(format!(
+                                "the shared start did not capture `{h}`"
+                            )),
+                        })?;
+                        let x = Tensor::cat(&[&before.get(0)?, &own.get(r)?.narrow(0, 0, n)?], 0)?;
+                        out.captured.entry(*h).or_default().push(x);
+                    }
                 }
                 Ok(out)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(per_chunk.into_iter().flatten().collect())
+        let mut kl = Vec::with_capacity(t.ids.len());
+        let mut last = Vec::new();
+        let mut captured = PromptActivations::new();
+        for c in per_chunk {
+            kl.extend(c.kl);
+            last.extend(c.last);
+            for (h, rows) in c.captured {
+                captured.entry(h).or_default().extend(rows);
+            }
+        }
+        Ok((kl, keep.then_some((last, captured))))
     }
 
     pub fn token_text(&self, id: u32) -> String {
@@ -827,6 +935,11 @@ impl<'m> Session<'m> {
 
 /// The residual hook where every edit of `hooks` acts, when they are all additions or
 /// ablations there and nothing is captured: a pass under them can start at that hook.
+/// The threads each of two generations run at once may use.
+fn half_the_threads() -> usize {
+    (rayon::current_num_threads() / 2).max(1)
+}
+
 fn resumable_at(hooks: &Hooks) -> Option<HookPoint> {
     let first = hooks.interventions.first()?.hook;
     let resumable = hooks.capture.is_empty()
@@ -869,6 +982,27 @@ pub(crate) fn dot(a: &Tensor, b: &Tensor) -> f64 {
         .map_or(f64::NAN, f64::from)
 }
 
+/// What one micro-batch of [`Session::kl_per_prompt`] gives: its prompts' KL, and where its
+/// clean pass is kept, their last logits and activations.
+#[derive(Default)]
+struct ChunkKl {
+    kl: Vec<f64>,
+    last: Vec<Vec<f32>>,
+    captured: PromptActivations,
+}
+
+/// Refuse logits with a NaN or an infinity, naming the prompt.
+fn finite_logits(t: &Tokens, rows: &[Vec<f32>]) -> Result<(), CheckError> {
+    match rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+        Some(i) => Err(CheckError::NonFinite(format!(
+            "NaN or infinite logits for prompt {} of `{}`",
+            i + 1,
+            t.name
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn no_logits(t: &Tokens) -> CheckError {
     CheckError::NonFinite(format!("a pass over `{}` produced no logits", t.name))
 }
@@ -879,4 +1013,80 @@ fn kl_sum(clean: &[Vec<f32>], hooked: &[Vec<f32>], start: f64) -> f64 {
         .iter()
         .zip(hooked)
         .fold(start, |sum, (a, b)| sum + metrics::kl(a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probes::testing::{self, Rand, D};
+    use probes::Positions;
+
+    /// Prompts that share a 5-token start, of different lengths, as a chat set's would.
+    fn shared_start_set() -> Tokens {
+        let ids: Vec<Vec<u32>> = (0..7u32)
+            .map(|i| {
+                let own = (0..(2 + i % 4)).map(|j| 10 + (i * 7 + j * 3) % 80);
+                [1, 2, 3, 4, 5].into_iter().chain(own).collect()
+            })
+            .collect();
+        Tokens {
+            key: "shared".into(),
+            name: "shared".into(),
+            texts: Arc::new(vec![String::new(); ids.len()]),
+            ids: Arc::new(ids),
+            prefix: 5,
+        }
+    }
+
+    fn bits(rows: &[Vec<f32>]) -> Vec<u32> {
+        rows.iter().flatten().map(|v| v.to_bits()).collect()
+    }
+
+    fn tensor_bits(acts: &[Tensor]) -> Vec<u32> {
+        let rows: Vec<Vec<f32>> = acts
+            .iter()
+            .map(|a| a.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        bits(&rows)
+    }
+
+    #[test]
+    fn the_kl_checks_clean_pass_is_the_sets_unhooked_pass_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = testing::load(&testing::llama_dir(dir.path(), 7));
+        let t = shared_start_set();
+        let hook = HookPoint::ResidPost(1);
+        let direction = Rand::new(3).tensor(&[D], 1.0);
+        let ablated = Hooks::new().ablate(HookPoint::ResidPost(0), Positions::All, direction);
+        let session = || {
+            let mut s = Session::new(&model, 3);
+            s.plan.entry(t.key.clone()).or_default().insert(hook);
+            s
+        };
+
+        let mut own = session();
+        let logits = own.last_logits(&t, &Hooks::new()).unwrap();
+        let acts = own.acts(&t, hook).unwrap();
+        let kl = own.kl_per_prompt(&t, &ablated).unwrap();
+
+        let mut reused = session();
+        assert_eq!(reused.kl_per_prompt(&t, &ablated).unwrap(), kl);
+        assert!(
+            reused.last_logits.contains_key(&t.key)
+                && reused.acts.contains_key(&(t.key.clone(), hook)),
+            "the KL check's clean pass kept neither the last logits nor the planned capture"
+        );
+        assert_eq!(
+            bits(&reused.last_logits(&t, &Hooks::new()).unwrap()),
+            bits(&logits)
+        );
+        assert_eq!(
+            tensor_bits(&reused.acts(&t, hook).unwrap()),
+            tensor_bits(&acts)
+        );
+        assert!(
+            kl.iter().all(|k| *k > 0.0),
+            "the ablation moved nothing: {kl:?}"
+        );
+    }
 }

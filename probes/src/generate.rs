@@ -110,7 +110,9 @@ pub fn generate_capturing(
     let prefill_hooks = capture
         .iter()
         .fold(hooks.clone(), |h, point| h.capture(*point));
+    let started = std::time::Instant::now();
     let prefilled = model.prefill_shared(prompts, opts.shared_start, &prefill_hooks, &mut cache)?;
+    let prefill_s = started.elapsed().as_secs_f64();
     for point in capture {
         let a = prefilled
             .captures
@@ -135,6 +137,8 @@ pub fn generate_capturing(
         .ok_or_else(|| RunError::Batch("prefill produced no logits".into()))?;
     // The prompts still generating, in the cache's row order.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let mut row_steps = 0usize;
+    let mut steps = 0usize;
     for step in 0..opts.max_tokens {
         let rows: Vec<Vec<f32>> = logits
             .to_dtype(DType::F32)
@@ -166,8 +170,18 @@ pub fn generate_capturing(
             }
             active = keep.iter().map(|&i| active[i]).collect();
         }
+        row_steps += next.len();
+        steps += 1;
         logits = model.decode_step(&next, hooks, &mut cache)?;
     }
+    tracing::debug!(
+        rows = prompts.len(),
+        prefill_s,
+        steps,
+        row_steps,
+        decode_s = started.elapsed().as_secs_f64() - prefill_s,
+        "generation"
+    );
     Ok((out, captured))
 }
 

@@ -413,6 +413,11 @@ impl SharedStart {
     pub fn logits(&self) -> Option<&Tensor> {
         self.preamble.logits.as_ref()
     }
+
+    /// Its activations `[1, len, ..]` at `hook`, where it was computed capturing it.
+    pub fn captures(&self, hook: HookPoint) -> Option<&Tensor> {
+        self.preamble.captures.get(&hook)
+    }
 }
 
 /// Whether an edit of every position does the same to the shared start of every row, so that

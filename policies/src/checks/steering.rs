@@ -19,7 +19,7 @@ use crate::result::{
     PromptEvidence, Status, SweepPoint,
 };
 use crate::schema::{Bounds, InterventionSpec, Metric as MetricKind, TargetTokens};
-use crate::session::{Session, Tokens};
+use crate::session::{Reply, Session, Tokens};
 
 /// The fields of a `steering` check.
 #[derive(Debug, Deserialize)]
@@ -303,6 +303,17 @@ fn logit_metric(
         .collect()
 }
 
+/// A per-prompt metric, and for the refusal rate the examples' whole replies.
+type Measured = (Vec<f64>, Option<Vec<String>>);
+
+/// Each reply's refusal (1) or not (0), and the whole replies the verdicts carry.
+fn rates_and_replies(v: &[Reply]) -> Measured {
+    (
+        v.iter().map(|r| f64::from(u8::from(r.refused))).collect(),
+        Some(v.iter().filter_map(|r| r.whole.clone()).collect()),
+    )
+}
+
 fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let (p, severity) = (cx.policy, cx.check.severity);
     let Steering {
@@ -338,7 +349,6 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let n_examples = 4.min(t.ids.len());
     // Per-prompt metric under `h`; for the refusal rate, also the examples' whole replies
     // (their rows run on in the generation that decides the verdicts).
-    type Measured = (Vec<f64>, Option<Vec<String>>);
     let measure = |eng: &mut Session<'_>, h: &Hooks| -> Result<Measured, CheckError> {
         Ok(match metric {
             MetricKind::RefusalScore | MetricKind::LogitDiff => {
@@ -346,19 +356,29 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
                 (logit_metric(&l, *metric, &refusal_ids, &target_ids), None)
             }
             MetricKind::RefusalRate => {
-                let v = eng.verdicts(&t, h, *max_tokens, classifier, n_examples)?;
-                let rates = v.iter().map(|r| f64::from(u8::from(r.refused))).collect();
-                (
-                    rates,
-                    Some(v.iter().filter_map(|r| r.whole.clone()).collect()),
-                )
+                rates_and_replies(&eng.verdicts(&t, h, *max_tokens, classifier, n_examples)?)
             }
             MetricKind::Kl if h.is_empty() => (vec![0.0; t.ids.len()], None),
             MetricKind::Kl => (eng.kl_per_prompt(&t, h)?, None),
         })
     };
-    let (base, base_replies) = measure(cx.session, &Hooks::new())?;
-    let (value, value_replies) = measure(cx.session, &hooks)?;
+    let ((base, base_replies), (value, value_replies)) = match metric {
+        // Two generations: decoded at once, they share each step's reading of the weights.
+        MetricKind::RefusalRate => {
+            let (b, v) = cx.session.verdicts_with_and_without(
+                &t,
+                &hooks,
+                *max_tokens,
+                classifier,
+                n_examples,
+            )?;
+            (rates_and_replies(&b), rates_and_replies(&v))
+        }
+        _ => (
+            measure(cx.session, &Hooks::new())?,
+            measure(cx.session, &hooks)?,
+        ),
+    };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (b, v) = (mean(&base), mean(&value));
     let mname = metric_name(*metric);
