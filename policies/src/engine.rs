@@ -14,7 +14,7 @@
 
 use probes::Model;
 
-use crate::checks::{Cx, Planner};
+use crate::checks::{Cx, Planner, Resolver};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::instruments::Instruments;
 use crate::lineage::Lineage;
@@ -111,8 +111,19 @@ fn resolve_all(
     for p in &resolved {
         instruments.resolve_refusal_tokens(session, p);
     }
-    for p in resolved {
+    for p in &resolved {
         instruments.compute_directions(session, p, errors);
+    }
+    // Then the instruments checks define themselves, which may read those directions.
+    for p in resolved {
+        for check in &p.checks {
+            check.body.resolve(&mut Resolver {
+                session: &mut *session,
+                instruments: &mut *instruments,
+                policy: p,
+                check,
+            });
+        }
     }
 }
 

@@ -60,6 +60,9 @@ pub(crate) struct Instruments {
     /// Each policy's measured refusal-score tokens (ids, and the evidence of the choice), or
     /// why there are none; policies with listed or default tokens have no entry.
     refusal_tokens: HashMap<String, Result<RefusalTokens, String>>,
+    /// The instruments checks define themselves ([`crate::checks::Kind::resolve`]), by policy
+    /// and check id: the pin, or why it could be neither reused nor made.
+    of_checks: HashMap<(String, String), Result<PinnedInstrument, String>>,
 }
 
 /// Refusal-score token ids and the evidence of their choice.
@@ -82,6 +85,7 @@ impl Instruments {
             broken: HashMap::new(),
             to_compute: HashSet::new(),
             refusal_tokens: HashMap::new(),
+            of_checks: HashMap::new(),
         }
     }
 
@@ -339,6 +343,7 @@ impl Instruments {
             origin,
             selection: None,
             refusal_tokens: Vec::new(),
+            latents: Vec::new(),
         })
     }
 
@@ -467,6 +472,7 @@ impl Instruments {
                             origin: format!("built on {digest}"),
                             selection: None,
                             refusal_tokens: evidence.clone(),
+                            latents: Vec::new(),
                         });
                     }
                 }),
@@ -511,6 +517,85 @@ impl Instruments {
             }
         }
         Ok(tokens.iter().map(|t| t.id).collect())
+    }
+
+    /// Whether this run builds and pins instruments: one that only resolves its policies
+    /// runs no pass to make a check's own.
+    pub fn records(&self) -> bool {
+        self.record
+    }
+
+    /// The lineage's pin of the instrument of `kind` that `p`'s check `check` defines, where
+    /// its definition (`recipe`) is unchanged; an error where the lineage is another model's.
+    pub fn check_pin(
+        &self,
+        p: &Policy,
+        check: &str,
+        kind: &str,
+        recipe: &str,
+    ) -> Result<Option<PinnedInstrument>, String> {
+        match &self.lineage.unrelated {
+            Some(why) => Err(why.clone()),
+            None => Ok(self.lineage.pin(&p.name, check, kind, recipe).cloned()),
+        }
+    }
+
+    /// A pin for the instrument of `kind` that `p`'s check `check` defines, made on this
+    /// checkpoint, whose content has digest `sha256` (the caller adds the content).
+    pub fn built_check_pin(
+        &self,
+        s: &Session<'_>,
+        p: &Policy,
+        check: &str,
+        kind: &str,
+        recipe: String,
+        sha256: String,
+    ) -> PinnedInstrument {
+        let digest = s.model.manifest.root();
+        PinnedInstrument {
+            policy: p.name.clone(),
+            name: check.to_string(),
+            kind: kind.to_string(),
+            sha256,
+            recipe,
+            origin: format!("built on {digest}"),
+            reference: digest,
+            selection: None,
+            refusal_tokens: Vec::new(),
+            latents: Vec::new(),
+        }
+    }
+
+    /// Keep the instrument `p`'s check `check` defines (pinned in the record), or why it has
+    /// none (the check's error).
+    pub fn keep_check_instrument(
+        &mut self,
+        p: &Policy,
+        check: &str,
+        outcome: Result<PinnedInstrument, String>,
+    ) {
+        if let Ok(pin) = &outcome {
+            self.pins.push(pin.clone());
+        }
+        self.of_checks.insert(Self::key(p, check), outcome);
+    }
+
+    /// The instrument `p`'s check `check` defines, as kept by
+    /// [`Instruments::keep_check_instrument`].
+    pub fn check_instrument(
+        &self,
+        p: &Policy,
+        check: &str,
+        what: &'static str,
+    ) -> Result<&PinnedInstrument, CheckError> {
+        match self.of_checks.get(&Self::key(p, check)) {
+            Some(Ok(pin)) => Ok(pin),
+            Some(Err(why)) => Err(CheckError::Instrument(why.clone())),
+            None => Err(CheckError::Unresolved {
+                what,
+                name: check.to_string(),
+            }),
+        }
     }
 
     /// `p`'s refusal-score token ids and the evidence of their choice: measured ones as
@@ -566,6 +651,7 @@ impl Instruments {
             origin,
             selection,
             refusal_tokens: Vec::new(),
+            latents: Vec::new(),
         }))
     }
 
@@ -904,6 +990,7 @@ bounds = { max = 1000.0 }
             origin: "built on sha256:reference".into(),
             selection: None,
             refusal_tokens: tokens.clone(),
+            latents: Vec::new(),
         });
         let second = tiny.run(MEASURED, Some(&base));
         let f = &second.policies[0].findings[0];

@@ -99,14 +99,9 @@ pub(crate) fn refusal_tokens_recipe(
     complying: &str,
     max_tokens: usize,
 ) -> String {
-    let set = |name: &str| {
-        p.prompt_sets
-            .get(name)
-            .map(|s| json!({"chat": s.chat, "prompts": s.prompts}))
-    };
     let recipe = json!({
-        "refusing": set(refusing),
-        "complying": set(complying),
+        "refusing": set_definition(p, refusing),
+        "complying": set_definition(p, complying),
         "max_tokens": max_tokens,
         "classifier": "markers",
         "min_ratio": crate::refusal::MIN_RATIO,
@@ -114,9 +109,21 @@ pub(crate) fn refusal_tokens_recipe(
     sha256_hex(recipe.to_string().as_bytes())
 }
 
+/// The definition of `p`'s prompt set `name` in a recipe: its text and whether it is chatted.
+pub(crate) fn set_definition(p: &Policy, name: &str) -> Option<serde_json::Value> {
+    p.prompt_sets
+        .get(name)
+        .map(|s| json!({"chat": s.chat, "prompts": s.prompts}))
+}
+
+/// The digest that names an instrument a pin carries itself (its canonical JSON).
+pub fn content_digest(content: &impl serde::Serialize) -> String {
+    sha256_hex(json!(content).to_string().as_bytes())
+}
+
 /// The digest that names a set of chosen refusal tokens (their canonical JSON).
 pub fn refusal_tokens_digest(tokens: &[RefusalToken]) -> String {
-    sha256_hex(json!(tokens).to_string().as_bytes())
+    content_digest(&tokens)
 }
 
 /// The digest of a builtin SAE's definition (the hook it is read at, if the policy says).

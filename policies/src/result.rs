@@ -77,7 +77,7 @@ pub struct PinnedInstrument {
     pub policy: String,
     /// The policy's own name for it (`[saes.NAME]`, `[directions.NAME]`).
     pub name: String,
-    /// `sae`, `direction` or `refusal-tokens`.
+    /// `sae`, `direction`, `refusal-tokens` or `latent-selection`.
     pub kind: String,
     /// The instrument's content: an SAE's manifest root, or the sha256 of the direction's
     /// file in the instrument store.
@@ -99,6 +99,24 @@ pub struct PinnedInstrument {
     /// them (`sha256` is their digest, [`crate::lineage::refusal_tokens_digest`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refusal_tokens: Vec<RefusalToken>,
+    /// For a feature probe's selected latents (`latent-selection`): the latents in the order
+    /// chosen, with what each added (`sha256` is their digest,
+    /// [`crate::lineage::content_digest`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latents: Vec<SelectedLatent>,
+}
+
+/// A latent a feature probe selected to separate two prompt sets: its label, and how many
+/// prompts of each set the latents chosen up to it cover (a prompt is covered when any of
+/// them fires on it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SelectedLatent {
+    pub latent: u32,
+    pub label: String,
+    pub positive_covered: usize,
+    pub positive_prompts: usize,
+    pub negative_covered: usize,
+    pub negative_prompts: usize,
 }
 
 /// How a direction was selected among its candidates (Arditi et al. 2024): every candidate's

@@ -933,13 +933,13 @@ impl<'m> Session<'m> {
     }
 }
 
-/// The residual hook where every edit of `hooks` acts, when they are all additions or
-/// ablations there and nothing is captured: a pass under them can start at that hook.
 /// The threads each of two generations run at once may use.
 fn half_the_threads() -> usize {
     (rayon::current_num_threads() / 2).max(1)
 }
 
+/// The residual hook where every edit of `hooks` acts, when they are all additions or
+/// ablations there and nothing is captured: a pass under them can start at that hook.
 fn resumable_at(hooks: &Hooks) -> Option<HookPoint> {
     let first = hooks.interventions.first()?.hook;
     let resumable = hooks.capture.is_empty()

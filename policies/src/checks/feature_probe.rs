@@ -7,17 +7,21 @@ use std::sync::Arc;
 
 use probes::sae::SparseRow;
 
+use probes::digest::sha256_hex;
 use serde::Deserialize;
+use serde_json::json;
 use toml::Spanned;
 
-use super::{violated, Cx, Kind, Planner};
+use super::{violated, Cx, Kind, Planner, Resolver};
 use crate::error::CheckError;
+use crate::lineage::{content_digest, set_definition};
 use crate::load::{Located, Names, Validator};
 use crate::result::{
-    round, Distribution, Evidence, Finding, LatentEvidence, Metric, PromptEvidence, Status,
+    round, Distribution, Evidence, Finding, LatentEvidence, Metric, PinnedInstrument,
+    PromptEvidence, SelectedLatent, Status,
 };
 use crate::schema::{Aggregate, ExpectSet, LatentRef, Select, TokenScope};
-use crate::session::Tokens;
+use crate::session::{ResolvedSae, Session, Tokens};
 
 /// The fields of a `feature_probe` check.
 #[derive(Debug, Deserialize)]
@@ -149,9 +153,135 @@ impl Kind for FeatureProbe {
         plan(self, p)
     }
 
+    fn resolve(&self, r: &mut Resolver<'_, '_>) {
+        resolve(self, r)
+    }
+
     fn evaluate(&self, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         evaluate(self, cx)
     }
+}
+
+/// The kind of the instrument a selecting probe pins: the latents it chose.
+const LATENT_SELECTION: &str = "latent-selection";
+
+/// Select the latents of a probe that selects them, or reuse those its lineage pinned, so
+/// that every checkpoint of the lineage is probed with the latents chosen on its reference
+/// (and a later audit runs no pass over the selection's prompts).
+fn resolve(k: &FeatureProbe, r: &mut Resolver<'_, '_>) {
+    let LatentChoice::Select {
+        top,
+        positive,
+        negative,
+    } = &k.latents
+    else {
+        return;
+    };
+    let p = r.policy;
+    let Some(s) = r.instruments.sae_if_resolved(p, &k.sae) else {
+        return;
+    };
+    if !r.instruments.records() {
+        return;
+    }
+    let id = &r.check.id;
+    let recipe = sha256_hex(
+        json!({
+            "sae": s.sae.manifest.root(),
+            "hook": s.hook.to_string(),
+            "positive": set_definition(p, positive),
+            "negative": set_definition(p, negative),
+            "top": top,
+            "threshold": k.threshold,
+            "tokens": format!("{:?}", k.tokens),
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    let outcome = match r.instruments.check_pin(p, id, LATENT_SELECTION, &recipe) {
+        Err(why) => Err(why),
+        Ok(Some(pin)) => pinned_selection(&pin, &s).map(|()| pin),
+        Ok(None) => select(k, r.session, p, &s, (positive, negative), *top).map(|latents| {
+            let sha = content_digest(&latents);
+            let pin =
+                r.instruments
+                    .built_check_pin(r.session, p, id, LATENT_SELECTION, recipe, sha);
+            PinnedInstrument { latents, ..pin }
+        }),
+    };
+    r.instruments.keep_check_instrument(p, id, outcome);
+}
+
+/// Choose up to `top` latents of `s` that separate the two `sets` on this checkpoint, each
+/// labelled from those sets' prompts.
+fn select(
+    k: &FeatureProbe,
+    session: &mut Session<'_>,
+    p: &crate::load::Policy,
+    s: &ResolvedSae,
+    (positive, negative): (&String, &String),
+    top: usize,
+) -> Result<Vec<SelectedLatent>, String> {
+    let read = |session: &mut Session<'_>, set: &str| -> Result<_, CheckError> {
+        let t = session.set_tokens(p, set)?;
+        let rows = session.sparse(&t, s)?;
+        Ok((t, rows))
+    };
+    let (pt, ps) = read(session, positive).map_err(|e| e.to_string())?;
+    let (nt, ns) = read(session, negative).map_err(|e| e.to_string())?;
+    let chosen = select_latents(
+        &prompt_maxes(&pt, &ps, k.tokens),
+        &prompt_maxes(&nt, &ns, k.tokens),
+        top,
+        k.threshold,
+    );
+    if chosen.is_empty() {
+        return Err(
+            "no latent was selected: the SAE has no latent that fires on these prompts".into(),
+        );
+    }
+    let sets = [(&pt, ps.as_slice()), (&nt, ns.as_slice())];
+    Ok(chosen
+        .into_iter()
+        .map(|c| SelectedLatent {
+            label: session.label(s, c.latent, &sets),
+            latent: c.latent,
+            positive_covered: c.positive_covered,
+            positive_prompts: ps.len(),
+            negative_covered: c.negative_covered,
+            negative_prompts: ns.len(),
+        })
+        .collect())
+}
+
+/// Check a lineage's pinned selection against its digest and the SAE it indexes.
+fn pinned_selection(pin: &PinnedInstrument, s: &ResolvedSae) -> Result<(), String> {
+    if pin.latents.is_empty() || content_digest(&pin.latents) != pin.sha256 {
+        return Err(format!(
+            "the lineage's pinned latent selection `{}` does not match its digest {}: set the \
+             lineage's reference again with `check --base <reference checkpoint>`, or audit \
+             under a new `--lineage`",
+            pin.name, pin.sha256
+        ));
+    }
+    for l in &pin.latents {
+        s.sae.check_latent(l.latent as usize).map_err(|e| {
+            format!(
+                "the lineage's pinned latent selection `{}`, chosen on {}: {e}",
+                pin.name, pin.reference
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The cumulative fractions of the positive and negative prompts a selection covers.
+fn fractions(l: &SelectedLatent) -> (f64, f64) {
+    let frac = |covered: usize, of: usize| covered as f64 / of.max(1) as f64;
+    (
+        frac(l.positive_covered, l.positive_prompts),
+        frac(l.negative_covered, l.negative_prompts),
+    )
 }
 
 fn plan(k: &FeatureProbe, p: &mut Planner<'_, '_>) {
@@ -198,34 +328,28 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
     let session = &mut *cx.session;
     let mut evidence = Evidence::default();
     let mut metric_rows = Vec::new();
+    let mut selected: Vec<SelectedLatent> = Vec::new();
     let latents: Vec<u32> = match choice {
         LatentChoice::Listed(v) => v.iter().map(|l| l.value as u32).collect(),
         LatentChoice::Select {
-            top,
-            positive,
-            negative,
+            positive, negative, ..
         } => {
-            let (pt, nt) = (
-                session.set_tokens(p, positive)?,
-                session.set_tokens(p, negative)?,
-            );
-            let (ps, ns) = (session.sparse(&pt, &s)?, session.sparse(&nt, &s)?);
-            let chosen = select_latents(
-                &prompt_maxes(&pt, &ps, scope),
-                &prompt_maxes(&nt, &ns, scope),
-                *top,
-                threshold,
-            );
-            for (l, fp, fn_) in &chosen {
+            let pin = cx
+                .instruments
+                .check_instrument(p, &cx.check.id, "latent selection")?;
+            for l in &pin.latents {
+                let (fp, fn_) = fractions(l);
                 metric_rows.push(Metric {
                     name: format!(
-                        "selected latent {l}: cumulative active fraction on {positive} / {negative}"
+                        "selected latent {}: cumulative active fraction on {positive} / {negative}",
+                        l.latent
                     ),
                     value: round(fp - fn_),
-                    bound: format!("{:.3} / {:.3}", fp, fn_),
+                    bound: format!("{fp:.3} / {fn_:.3}"),
                 });
             }
-            chosen.iter().map(|c| c.0).collect()
+            selected = pin.latents.clone();
+            pin.latents.iter().map(|l| l.latent).collect()
         }
     };
     if latents.is_empty() {
@@ -235,17 +359,6 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
     }
     let mut violations = Vec::new();
     let mut label_sets: Vec<(Tokens, Arc<Vec<Vec<SparseRow>>>)> = Vec::new();
-    let mut selection_sets = Vec::new();
-    if let LatentChoice::Select {
-        positive, negative, ..
-    } = choice
-    {
-        for set in [positive, negative] {
-            let t = session.set_tokens(p, set)?;
-            let rows = session.sparse(&t, &s)?;
-            selection_sets.push((t, rows));
-        }
-    }
     for e in expect {
         let t = session.set_tokens(p, &e.prompts)?;
         let rows = session.sparse(&t, &s)?;
@@ -344,11 +457,8 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
         }
         label_sets.push((t, rows));
     }
-    let sets: Vec<(&Tokens, &[Vec<SparseRow>])> = label_sets
-        .iter()
-        .chain(&selection_sets)
-        .map(|(t, r)| (t, r.as_slice()))
-        .collect();
+    let sets: Vec<(&Tokens, &[Vec<SparseRow>])> =
+        label_sets.iter().map(|(t, r)| (t, r.as_slice())).collect();
     for &l in &latents {
         let (t0, r0) = &label_sets[0];
         let mean = r0
@@ -364,7 +474,11 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
         evidence.latents.push(LatentEvidence {
             sae: s.name.clone(),
             latent: l as usize,
-            label: session.label(&s, l, &sets),
+            // A selected latent's label is its selection's (read on the prompts that chose it).
+            label: match selected.iter().find(|c| c.latent == l) {
+                Some(c) => c.label.clone(),
+                None => session.label(&s, l, &sets),
+            },
             value: round(mean),
             effect: None,
             measure: format!("mean over `{}` of the prompt's max activation", t0.name),
@@ -413,28 +527,36 @@ fn prompt_maxes(t: &Tokens, rows: &[Vec<SparseRow>], scope: TokenScope) -> Vec<B
         .collect()
 }
 
+/// A latent [`select_latents`] chose, with the prompts of each set covered once it is added.
+#[derive(Debug, PartialEq)]
+struct Chosen {
+    latent: u32,
+    positive_covered: usize,
+    negative_covered: usize,
+}
+
 /// Greedily choose up to `top` latents whose union (a prompt counts when any of them exceeds
 /// `threshold`) covers the most positive and fewest negative prompts: each step adds the
 /// latent that most increases `covered positives - covered negatives` (as fractions), and the
-/// selection stops when no latent increases it. Returns each chosen latent with the cumulative
-/// positive and negative fractions after adding it. Ties go to the smaller index.
+/// selection stops when no latent increases it. Returns each chosen latent with the positive
+/// and negative prompts covered after adding it. Ties go to the smaller index.
 fn select_latents(
     pos: &[BTreeMap<u32, f32>],
     neg: &[BTreeMap<u32, f32>],
     top: usize,
     threshold: f64,
-) -> Vec<(u32, f64, f64)> {
+) -> Vec<Chosen> {
     let fires =
         |m: &BTreeMap<u32, f32>, l: u32| m.get(&l).is_some_and(|v| f64::from(*v) > threshold);
     let candidates: BTreeSet<u32> = pos.iter().flat_map(|m| m.keys().copied()).collect();
     let (np, nn) = (pos.len().max(1) as f64, neg.len().max(1) as f64);
     let mut covered_p = vec![false; pos.len()];
     let mut covered_n = vec![false; neg.len()];
-    let mut chosen = Vec::new();
+    let mut chosen: Vec<Chosen> = Vec::new();
     for _ in 0..top {
         let mut best: Option<(u32, f64)> = None;
         for &l in &candidates {
-            if chosen.iter().any(|c: &(u32, f64, f64)| c.0 == l) {
+            if chosen.iter().any(|c| c.latent == l) {
                 continue;
             }
             let gp = pos
@@ -461,8 +583,12 @@ fn select_latents(
         for (m, c) in neg.iter().zip(covered_n.iter_mut()) {
             *c |= fires(m, l);
         }
-        let frac = |v: &[bool], n: f64| v.iter().filter(|c| **c).count() as f64 / n;
-        chosen.push((l, frac(&covered_p, np), frac(&covered_n, nn)));
+        let count = |v: &[bool]| v.iter().filter(|c| **c).count();
+        chosen.push(Chosen {
+            latent: l,
+            positive_covered: count(&covered_p),
+            negative_covered: count(&covered_n),
+        });
     }
     chosen
 }
@@ -480,12 +606,14 @@ mod tests {
         let pos = maxes(&[&[(1, 2.0), (2, 1.0)], &[(1, 3.0)], &[(3, 1.0)]]);
         let neg = maxes(&[&[(2, 5.0)], &[]]);
         let chosen = select_latents(&pos, &neg, 3, 0.5);
-        let ids: Vec<u32> = chosen.iter().map(|c| c.0).collect();
+        let ids: Vec<u32> = chosen.iter().map(|c| c.latent).collect();
         // 1 covers two positives and no negative; then 3 covers the last positive; 2 would
         // only add a negative.
         assert_eq!(ids, [1, 3]);
-        assert_eq!(chosen[1].1, 1.0);
-        assert_eq!(chosen[1].2, 0.0);
+        assert_eq!(
+            (chosen[1].positive_covered, chosen[1].negative_covered),
+            (3, 0)
+        );
     }
 
     #[test]
@@ -498,7 +626,71 @@ mod tests {
 #[cfg(test)]
 mod audit_tests {
     use crate::checks::testing::{metric, Tiny};
-    use crate::result::Status;
+    use crate::result::{PinnedInstrument, RunResult, Status};
+
+    const SELECTING: &str = r#"
+[[checks]]
+id = "sel"
+kind = "feature_probe"
+severity = "medium"
+sae = "s"
+select = { top = 3, positive = "pos", negative = "neg" }
+threshold = 0.0
+
+[[checks.expect]]
+prompts = "pos"
+min_active_fraction = 0.0
+"#;
+
+    fn selection(r: &RunResult) -> &PinnedInstrument {
+        r.instruments
+            .iter()
+            .find(|i| i.kind == "latent-selection")
+            .expect("the selection is pinned")
+    }
+
+    /// A probe that selects its latents selects them on the lineage's reference: a later
+    /// checkpoint is probed with those, not with the ones it would select itself, and a pin
+    /// edited since is an error, not a pass.
+    #[test]
+    fn a_lineage_probes_every_checkpoint_with_its_references_selection() {
+        let tiny = Tiny::new();
+        let other =
+            probes::testing::load(&probes::testing::llama_dir(&tiny.dir.path().join("b"), 8));
+        let policy = tiny.policy(SELECTING).unwrap();
+        let first = tiny.run(SELECTING, None);
+        let pin = selection(&first);
+        assert_eq!(pin.reference, tiny.model.manifest.root());
+        assert_eq!(pin.name, "sel");
+        let chosen: Vec<u32> = pin.latents.iter().map(|l| l.latent).collect();
+        let probed = |r: &RunResult| -> Vec<u32> {
+            let f = &r.policies[0].findings[0];
+            assert_ne!(f.status, Status::Error, "{f:?}");
+            f.evidence.latents.iter().map(|l| l.latent as u32).collect()
+        };
+        assert_eq!(probed(&first), chosen);
+
+        let own = tiny.run_on(&other, &policy, None);
+        assert_ne!(
+            selection(&own).latents,
+            pin.latents,
+            "the other checkpoint selects the same latents: the test cannot tell reuse"
+        );
+        let second = tiny.run_on(&other, &policy, Some(&first));
+        assert_eq!(selection(&second), pin);
+        assert_eq!(probed(&second), chosen);
+
+        let mut edited = first.clone();
+        let e = edited
+            .instruments
+            .iter_mut()
+            .find(|i| i.kind == "latent-selection")
+            .unwrap();
+        e.latents[0].positive_covered += 1;
+        let f = tiny.run_on(&other, &policy, Some(&edited)).policies[0].findings[0].clone();
+        assert_eq!(f.status, Status::Error, "{f:?}");
+        assert!(f.explanation.contains("does not match its digest"), "{f:?}");
+    }
 
     fn probe(threshold: f64, bound: &str) -> String {
         format!(

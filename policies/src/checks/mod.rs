@@ -54,6 +54,15 @@ impl Planner<'_, '_> {
     }
 }
 
+/// What a check needs to build or reuse an instrument it defines itself (a feature probe's
+/// selected latents), once its policy's SAEs and directions are resolved.
+pub(crate) struct Resolver<'a, 'm> {
+    pub session: &'a mut Session<'m>,
+    pub instruments: &'a mut Instruments,
+    pub policy: &'a Policy,
+    pub check: &'a Check,
+}
+
 /// What a check reads while it is evaluated.
 pub(crate) struct Cx<'a, 'm> {
     pub session: &'a mut Session<'m>,
@@ -83,6 +92,11 @@ pub(crate) trait Kind: Sized {
     /// Check its references against the resolved instruments and plan the (prompt set, hook)
     /// pairs it reads, before any forward pass.
     fn plan(&self, p: &mut Planner<'_, '_>);
+
+    /// Build, or reuse from the lineage, the instruments the check defines itself, and keep
+    /// them in `r.instruments` (pinned in the record like the policy's own). Most kinds
+    /// define none.
+    fn resolve(&self, _r: &mut Resolver<'_, '_>) {}
 
     /// Turn the session's activations into a finding.
     fn evaluate(&self, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError>;
@@ -140,6 +154,12 @@ macro_rules! kinds {
             pub(crate) fn plan(&self, p: &mut Planner<'_, '_>) {
                 match self {
                     $(Self::$variant(k) => k.plan(p),)*
+                }
+            }
+
+            pub(crate) fn resolve(&self, r: &mut Resolver<'_, '_>) {
+                match self {
+                    $(Self::$variant(k) => k.resolve(r),)*
                 }
             }
 
