@@ -4,8 +4,10 @@
 //!    (hooks exist, SAEs fit, latents are in range, directions have the model's width), and
 //!    every check plans the (prompt set, hook) pairs it reads, all before any forward pass. A
 //!    failure here is an error for the whole run.
-//! 2. Directions are computed from the session's activations, each prompt set run once with
-//!    every planned hook captured.
+//! 2. Instruments are computed from the session's activations (or reused from the lineage's
+//!    pins), each prompt set run once with every planned hook captured: the measured
+//!    refusal tokens, the directions, then the instruments checks define themselves (a
+//!    feature probe's selected latents).
 //! 3. Each check runs (its module in [`crate::checks`]) and yields a finding; a warn or fail
 //!    finding gets the logit lens of its prompts ([`crate::lens`]).
 //!
@@ -78,8 +80,8 @@ pub fn resolve_only(model: &Model, policies: &[Policy]) -> Result<(), PolicyErro
 }
 
 /// Resolve every policy's references and plan every check's passes before any forward pass,
-/// then compute the directions of the policies that resolved: each prompt set then runs once
-/// with every hook any policy reads from it.
+/// then compute the instruments of the policies that resolved (refusal tokens, directions,
+/// the checks' own): each prompt set then runs once with every hook any policy reads from it.
 fn resolve_all(
     session: &mut Session<'_>,
     instruments: &mut Instruments,

@@ -93,11 +93,20 @@ impl Instruments {
         (p.name.clone(), name.to_string())
     }
 
-    /// Why `p`'s instruments that could not be resolved failed, by name, in name order.
+    /// Why `p`'s instruments that could not be resolved failed, by name (a check's own by
+    /// the check's id), in name order.
     pub fn broken_in(&self, p: &Policy) -> Vec<(&str, &str)> {
+        let of_checks = self
+            .of_checks
+            .iter()
+            .filter_map(|(k, outcome)| match outcome {
+                Err(why) => Some((k, why)),
+                Ok(_) => None,
+            });
         let mut out: Vec<(&str, &str)> = self
             .broken
             .iter()
+            .chain(of_checks)
             .filter(|((policy, _), _)| *policy == p.name)
             .map(|((_, name), why)| (name.as_str(), why.as_str()))
             .collect();
@@ -517,6 +526,11 @@ impl Instruments {
             }
         }
         Ok(tokens.iter().map(|t| t.id).collect())
+    }
+
+    /// The name of the lineage whose pins this run may reuse.
+    pub fn lineage_name(&self) -> &str {
+        &self.lineage.name
     }
 
     /// Whether this run builds and pins instruments: one that only resolves its policies

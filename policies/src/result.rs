@@ -63,9 +63,9 @@ pub struct RunResult {
     pub verdict: Status,
     /// Every file read, with its digest (policies, prompt sets, SAEs, labels, directions).
     pub inputs: Vec<InputRecord>,
-    /// The SAEs and directions the checks measured with, pinned to the lineage's reference
-    /// checkpoint; later checkpoints of the lineage reuse exactly these (see
-    /// [`crate::lineage`]). Absent in records written before instruments were pinned.
+    /// The instruments the checks measured with (SAEs, directions, refusal tokens, selected
+    /// latents), pinned to the lineage's reference checkpoint; later checkpoints of the
+    /// lineage reuse exactly these (see [`crate::lineage`]). Absent in records written before instruments were pinned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instruments: Vec<PinnedInstrument>,
     pub policies: Vec<PolicyResult>,
@@ -75,12 +75,14 @@ pub struct RunResult {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PinnedInstrument {
     pub policy: String,
-    /// The policy's own name for it (`[saes.NAME]`, `[directions.NAME]`).
+    /// The policy's own name for it (`[saes.NAME]`, `[directions.NAME]`), or for an
+    /// instrument a check defines, the check's id.
     pub name: String,
     /// `sae`, `direction`, `refusal-tokens` or `latent-selection`.
     pub kind: String,
-    /// The instrument's content: an SAE's manifest root, or the sha256 of the direction's
-    /// file in the instrument store.
+    /// The instrument's content: an SAE's manifest root, the sha256 of the direction's file
+    /// in the instrument store, or for content the pin carries (refusal tokens, selected
+    /// latents) the digest of its canonical JSON.
     pub sha256: String,
     /// sha256 of the policy's definition it was computed from (hook, position, the prompt
     /// sets' text); a changed definition is computed afresh rather than reused.

@@ -746,19 +746,21 @@ impl<'m> Session<'m> {
     /// what the plan wants of the set.
     pub fn kl_per_prompt(&mut self, t: &Tokens, hooks: &Hooks) -> Result<Vec<f64>, CheckError> {
         let _timed = Timed::new("kl", &t.name, hooks);
-        let clean = if self.last_logits.contains_key(&t.key) {
-            None
-        } else {
-            let capture = self.uncaptured(t);
-            let shareable = |h: &&HookPoint| !matches!(h, HookPoint::AttnPattern(_));
-            let capture = capture.iter().filter(shareable);
-            Some(capture.fold(Hooks::new(), |h, p| h.capture(*p)))
-        };
+        // Only a pass `last_logits` would run the same way: it captures the same hooks, and
+        // an attention pattern among them would make it run the full prompts.
+        let capture = self.uncaptured(t);
+        let pattern = capture
+            .iter()
+            .any(|h| matches!(h, HookPoint::AttnPattern(_)));
+        let clean = (!self.last_logits.contains_key(&t.key) && !pattern)
+            .then(|| capture.iter().fold(Hooks::new(), |h, p| h.capture(*p)));
         let (kl, unhooked) = self.kl_and_clean_pass(t, hooks, clean)?;
+        // What it kept is for other checks, whose own passes report its faults: the KL
+        // stands without it.
         if let Some((rows, captured)) = unhooked {
-            finite_logits(t, &rows)?;
-            self.keep_acts(t, captured)?;
-            self.last_logits.insert(t.key.clone(), Arc::new(rows));
+            if finite_logits(t, &rows).is_ok() && self.keep_acts(t, captured).is_ok() {
+                self.last_logits.insert(t.key.clone(), Arc::new(rows));
+            }
         }
         Ok(kl)
     }
@@ -1058,18 +1060,19 @@ mod tests {
         let hook = HookPoint::ResidPost(1);
         let direction = Rand::new(3).tensor(&[D], 1.0);
         let ablated = Hooks::new().ablate(HookPoint::ResidPost(0), Positions::All, direction);
-        let session = || {
-            let mut s = Session::new(&model, 3);
+        let session = |micro_batch| {
+            let mut s = Session::new(&model, micro_batch);
             s.plan.entry(t.key.clone()).or_default().insert(hook);
             s
         };
 
-        let mut own = session();
+        // The set's own passes in one micro-batch; the KL's in micro-batches of 3.
+        let mut own = session(16);
         let logits = own.last_logits(&t, &Hooks::new()).unwrap();
         let acts = own.acts(&t, hook).unwrap();
         let kl = own.kl_per_prompt(&t, &ablated).unwrap();
 
-        let mut reused = session();
+        let mut reused = session(3);
         assert_eq!(reused.kl_per_prompt(&t, &ablated).unwrap(), kl);
         assert!(
             reused.last_logits.contains_key(&t.key)
@@ -1088,5 +1091,13 @@ mod tests {
             kl.iter().all(|k| *k > 0.0),
             "the ablation moved nothing: {kl:?}"
         );
+
+        // An edit inside the preamble cannot share it: the KL's passes run the full prompts,
+        // which the set's unhooked pass would not, so nothing is kept.
+        let v = Rand::new(4).tensor(&[D], 1.0);
+        let inside = Hooks::new().add(HookPoint::ResidPost(0), Positions::Indices(vec![1]), v, 1.0);
+        let mut unshared = session(3);
+        unshared.kl_per_prompt(&t, &inside).unwrap();
+        assert!(unshared.last_logits.is_empty() && unshared.acts.is_empty());
     }
 }

@@ -200,7 +200,7 @@ fn resolve(k: &FeatureProbe, r: &mut Resolver<'_, '_>) {
     );
     let outcome = match r.instruments.check_pin(p, id, LATENT_SELECTION, &recipe) {
         Err(why) => Err(why),
-        Ok(Some(pin)) => pinned_selection(&pin, &s).map(|()| pin),
+        Ok(Some(pin)) => pinned_selection(&pin, &s, r.instruments.lineage_name()).map(|()| pin),
         Ok(None) => select(k, r.session, p, &s, (positive, negative), *top).map(|latents| {
             let sha = content_digest(&latents);
             let pin =
@@ -236,9 +236,11 @@ fn select(
         k.threshold,
     );
     if chosen.is_empty() {
-        return Err(
-            "no latent was selected: the SAE has no latent that fires on these prompts".into(),
-        );
+        return Err(format!(
+            "no latent was selected: no latent of SAE `{}` at `{}` fires above {} on more of \
+             `{positive}` than of `{negative}`",
+            s.name, s.hook, k.threshold
+        ));
     }
     let sets = [(&pt, ps.as_slice()), (&nt, ns.as_slice())];
     Ok(chosen
@@ -255,19 +257,20 @@ fn select(
 }
 
 /// Check a lineage's pinned selection against its digest and the SAE it indexes.
-fn pinned_selection(pin: &PinnedInstrument, s: &ResolvedSae) -> Result<(), String> {
+fn pinned_selection(pin: &PinnedInstrument, s: &ResolvedSae, lineage: &str) -> Result<(), String> {
     if pin.latents.is_empty() || content_digest(&pin.latents) != pin.sha256 {
         return Err(format!(
-            "the lineage's pinned latent selection `{}` does not match its digest {}: set the \
-             lineage's reference again with `check --base <reference checkpoint>`, or audit \
-             under a new `--lineage`",
+            "the lineage `{lineage}`'s pinned latent selection of check `{}` does not match \
+             its digest {}: set the lineage's reference again with `check --base <reference \
+             checkpoint>`, or audit under a new `--lineage`",
             pin.name, pin.sha256
         ));
     }
     for l in &pin.latents {
         s.sae.check_latent(l.latent as usize).map_err(|e| {
             format!(
-                "the lineage's pinned latent selection `{}`, chosen on {}: {e}",
+                "the lineage `{lineage}`'s pinned latent selection of check `{}`, chosen on \
+                 {}: {e}",
                 pin.name, pin.reference
             )
         })?;
@@ -341,7 +344,7 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
                 let (fp, fn_) = fractions(l);
                 metric_rows.push(Metric {
                     name: format!(
-                        "selected latent {}: cumulative active fraction on {positive} / {negative}",
+                        "selected latent {}: cumulative active fraction on {positive} / {negative} when selected",
                         l.latent
                     ),
                     value: round(fp - fn_),
@@ -352,11 +355,6 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
             pin.latents.iter().map(|l| l.latent).collect()
         }
     };
-    if latents.is_empty() {
-        return Err(CheckError::Unmeasurable(
-            "no latent was selected: the SAE has no latent that fires on these prompts".into(),
-        ));
-    }
     let mut violations = Vec::new();
     let mut label_sets: Vec<(Tokens, Arc<Vec<Vec<SparseRow>>>)> = Vec::new();
     for e in expect {
@@ -475,9 +473,14 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
             sae: s.name.clone(),
             latent: l as usize,
             // A selected latent's label is its selection's (read on the prompts that chose it).
-            label: match selected.iter().find(|c| c.latent == l) {
-                Some(c) => c.label.clone(),
-                None => session.label(&s, l, &sets),
+            // A labels file's label first; else a selected latent's pinned one, read on the
+            // prompts that chose it.
+            label: match (
+                s.labels.get(l as usize),
+                selected.iter().find(|c| c.latent == l),
+            ) {
+                (None, Some(c)) => c.label.clone(),
+                _ => session.label(&s, l, &sets),
             },
             value: round(mean),
             effect: None,
@@ -641,6 +644,30 @@ threshold = 0.0
 prompts = "pos"
 min_active_fraction = 0.0
 "#;
+
+    /// `check --base` selects on the reference and pins it; a selection that cannot be made
+    /// there is an error naming the check, not a reference without it.
+    #[test]
+    fn a_base_checkpoint_pins_the_selection_or_says_why_it_cannot() {
+        let tiny = Tiny::new();
+        let base =
+            probes::testing::load(&probes::testing::llama_dir(&tiny.dir.path().join("b"), 8));
+        let reference = |checks: &str| {
+            let policy = tiny.policy(checks).unwrap();
+            crate::engine::reference_instruments(&base, &[policy], "t", Some(tiny.store()))
+        };
+        let r = reference(SELECTING).unwrap();
+        assert_eq!(selection(&r).reference, base.manifest.root());
+        let run = tiny.run_with(SELECTING, None, Some(&r));
+        assert_eq!(selection(&run), selection(&r));
+
+        let never = SELECTING.replace("threshold = 0.0", "threshold = 1e30");
+        let e = reference(&never).unwrap_err().to_string();
+        assert!(
+            e.contains("`sel`") && e.contains("no latent was selected"),
+            "{e}"
+        );
+    }
 
     fn selection(r: &RunResult) -> &PinnedInstrument {
         r.instruments
