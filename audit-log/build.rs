@@ -51,18 +51,20 @@ fn main() {
         "cargo:rustc-env=MECHWATCH_LONG_VERSION={}",
         build_info::long_version(&version, commit.as_deref())
     );
-    // Build again when HEAD moves: a commit, a checkout or a fetch that rewrites packed refs.
+    // Build again when HEAD moves: a checkout rewrites HEAD; a commit, reset or pull writes
+    // the branch's loose ref under refs/heads (watched as a folder, so a ref that was packed
+    // and is written loose again counts); a fetch may rewrite packed-refs. Only paths that
+    // exist are named: cargo counts a missing one as changed on every build, and a
+    // repository whose refs were never packed has no packed-refs.
     if let Some(git_dir) = git(dir, &["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={git_dir}/HEAD");
+        let mut watched = vec![Path::new(&git_dir).join("HEAD")];
         if let Some(common) = git(dir, &["rev-parse", "--git-common-dir"]) {
             let common = dir.join(common);
-            println!(
-                "cargo:rerun-if-changed={}",
-                common.join("packed-refs").display()
-            );
-            if let Some(r) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
-                println!("cargo:rerun-if-changed={}", common.join(r).display());
-            }
+            watched.push(common.join("packed-refs"));
+            watched.push(common.join("refs").join("heads"));
+        }
+        for path in watched.iter().filter(|p| p.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
