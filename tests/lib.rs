@@ -30,9 +30,16 @@ pub fn mechwatch_bin() -> &'static Path {
 
 /// Run `mechwatch args...` to completion.
 pub fn mechwatch(args: &[&str]) -> Output {
+    mechwatch_with_env(args, &[])
+}
+
+/// Run `mechwatch args...` to completion with the variables `env` set as well (a thread
+/// count, say).
+pub fn mechwatch_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(mechwatch_bin())
         .args(args)
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .expect("running mechwatch")
 }

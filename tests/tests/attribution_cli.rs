@@ -77,13 +77,12 @@ fn attribution_estimates_track_real_patching_on_the_default_model() {
     let map = &f["evidence"]["attribution_map"];
     assert_eq!(map["rows"].as_array().unwrap().len(), 30, "{f}");
     // Byte-identical whatever the thread count: the second run uses one thread.
-    let second = std::process::Command::new(mechwatch_bin())
-        .args([
+    let second = mechwatch_with_env(
+        &[
             "check", "--model", model, "--policy", &policy, "--format", "json", "-q",
-        ])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
+        ],
+        &[("RAYON_NUM_THREADS", "1")],
+    );
     assert!(
         first.stdout == second.stdout,
         "a run on one thread differs from a run on every core"

@@ -149,12 +149,10 @@ fn shipped_policies_on_the_default_model_are_explained_and_deterministic() {
 
     // Same model, same policies: byte-identical output, whatever the thread count (the
     // generations and micro-batches are split by the number of threads).
-    let second = std::process::Command::new(mechwatch_bin())
-        .args(["check", "--model", model, "--format", "json", "-q"])
-        .env("RAYON_NUM_THREADS", "1")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("running mechwatch");
+    let second = mechwatch_with_env(
+        &["check", "--model", model, "--format", "json", "-q"],
+        &[("RAYON_NUM_THREADS", "1")],
+    );
     assert_eq!(second.status.code(), Some(1));
     assert!(first == second.stdout, "two runs differ");
 
