@@ -112,6 +112,10 @@ pub struct ForwardArgs {
     /// JSON file, so a peer runtime can time the same work (`scripts/bench-peers`).
     #[arg(long, value_name = "FILE")]
     prompts_out: Option<std::path::PathBuf>,
+    /// Also time the hooked prompt passes and generations on this device (`cuda`, `cuda:N`;
+    /// needs a build with `--features cuda`), as ratios against the CPU figures above them.
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
@@ -435,6 +439,13 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
+    // Refuse an unusable device before the minutes of CPU measurements.
+    let device = a
+        .device
+        .as_deref()
+        .map(probes::device_named)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let (load, model) = time(|| crate::cmd::load_model(&a.model))?;
     let c = model.config().clone();
     let mut stream = Vec::new();
@@ -566,6 +577,7 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     println!("decode precision: {}", model.transformer.precision());
     let (g_plain, n_plain) = time(|| gen(&plain))?;
     let (g_steer, n_steer) = time(|| gen(&steering))?;
+    let cpu_steer_tps = n_steer as f64 / g_steer.as_secs_f64();
     println!(
         "generation, no hooks:             {:>8.1} tok/s",
         n_plain as f64 / g_plain.as_secs_f64()
@@ -598,6 +610,15 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         f32_tps / q8_tps
     );
     let f32_mb = model_params(&c) as f64 * 4.0 / 1e6;
+    if let Some(device) = &device {
+        let cpu = DeviceBaseline {
+            prompt_tps: tps(l),
+            steer_tps: cpu_steer_tps,
+            batched_tps: f32_tps,
+        };
+        let name = a.device.as_deref().unwrap_or_default();
+        on_device(&model, (name, device), &prompts, &prompt, &a, cpu)?;
+    }
     if let Some(rss) = peak_rss_mb() {
         println!(
             "peak RSS {:.0} MB; f32 weights {:.0} MB; budget 1.5x + 300 MB = {:.0} MB",
@@ -607,6 +628,94 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The CPU's figures that a device's are printed against.
+struct DeviceBaseline {
+    prompt_tps: f64,
+    steer_tps: f64,
+    batched_tps: f64,
+}
+
+/// `bench forward --device`: the hooked prompt processing, the steered generation and the
+/// batched greedy generation again, with the model's weights on `device`.
+fn on_device(
+    model: &probes::Model,
+    (name, device): (&str, &candle_core::Device),
+    prompts: &[Vec<u32>],
+    prompt: &[u32],
+    a: &ForwardArgs,
+    cpu: DeviceBaseline,
+) -> anyhow::Result<()> {
+    let (moved, gpu) = time(|| Ok(model.transformer.on_device(device)?))?;
+    let c = &gpu.config;
+    let hook = HookPoint::ResidPost(c.n_layers / 2);
+    let hooked = Hooks::new().capture(hook);
+    // Kernels run asynchronously: a timed pass ends when the device has finished it.
+    let prompt_pass = || -> anyhow::Result<()> {
+        gpu.forward_chunked(
+            prompts,
+            a.micro_batch,
+            Padding::Left,
+            &hooked,
+            Unembed::Last,
+            |_, out| {
+                std::hint::black_box(&out.logits);
+                Ok(())
+            },
+        )?;
+        device.synchronize()?;
+        Ok(())
+    };
+    prompt_pass()?; // warm-up: kernel loading, cuBLAS handles
+    let mut t = Vec::new();
+    for _ in 0..a.reps.max(1) {
+        t.push(time(prompt_pass)?.0);
+    }
+    let n_tokens = prompts.iter().map(Vec::len).sum::<usize>() as f64;
+    let prompt_tps = n_tokens / median(t).as_secs_f64();
+    let steer = candle_core::Tensor::ones(c.d_model, candle_core::DType::F32, device)?;
+    let steering = Hooks::new().add(
+        hook,
+        Positions::All,
+        (steer / (c.d_model as f64).sqrt())?,
+        4.0,
+    );
+    let gen = |rows: &[Vec<u32>], h: &Hooks, max_tokens: usize| -> anyhow::Result<usize> {
+        let opts = GenerateOptions {
+            max_tokens,
+            stop_tokens: vec![],
+            ..Default::default()
+        };
+        let out = probes::generate(&gpu, rows, h, &opts)?;
+        Ok(out.iter().map(Vec::len).sum())
+    };
+    let one = vec![prompt.to_vec()];
+    gen(&one, &steering, 8)?; // warm-up
+    let (g, n) = time(|| gen(&one, &steering, a.gen_tokens))?;
+    let steer_tps = n as f64 / g.as_secs_f64();
+    let rows: Vec<Vec<u32>> = prompts.iter().take(32).cloned().collect();
+    let (b, nb) = time(|| gen(&rows, &Hooks::new(), 32))?;
+    let batched_tps = nb as f64 / b.as_secs_f64();
+    println!(
+        "on {name} ({}; weights moved in {:.2}s):",
+        gpu.precision(),
+        moved.as_secs_f64()
+    );
+    println!(
+        "  hooked prompt processing (capture {hook}, last-position logits): {prompt_tps:>8.0} tok/s   {:.2}x the CPU's",
+        prompt_tps / cpu.prompt_tps
+    );
+    println!(
+        "  generation, steering at {hook}: {steer_tps:>8.1} tok/s   {:.2}x the CPU's",
+        steer_tps / cpu.steer_tps
+    );
+    println!(
+        "  batched generation, {} prompts x 32 tokens: {batched_tps:.1} tok/s   {:.2}x the CPU's f32 decode",
+        rows.len(),
+        batched_tps / cpu.batched_tps
+    );
+    Ok(())
 }
 
 fn model_params(c: &probes::ModelConfig) -> usize {

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod decode_attention;
+pub mod device;
 pub mod digest;
 pub mod error;
 mod family;
@@ -29,6 +30,7 @@ pub mod transformer;
 mod weights;
 
 pub use config::{Architecture, ModelConfig};
+pub use device::device_named;
 pub use error::{LoadError, RunError};
 pub use family::architecture_names;
 pub use generate::{

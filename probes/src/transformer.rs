@@ -70,6 +70,16 @@ impl Linear {
         Ok(Self::new(w, b))
     }
 
+    /// The same layer on `device`, its weight keeping its layout. The K-quant blocks, which
+    /// only the CPU's kernels read, go along only to the CPU.
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let layer = Self::new(
+            self.w.to_device(device)?,
+            self.b.as_ref().map(|b| b.to_device(device)).transpose()?,
+        );
+        Ok(layer.with_blocks(self.blocks.clone().filter(|_| device.is_cpu())))
+    }
+
     fn quantized(&self) -> Option<&QMatMul> {
         self.q8
             .get_or_init(|| {
@@ -179,6 +189,18 @@ pub struct Norm {
 }
 
 impl Norm {
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_device(device)?,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b.to_device(device))
+                .transpose()?,
+            eps: self.eps,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.apply(x, false)
     }
@@ -234,6 +256,41 @@ pub struct Block {
 }
 
 impl Block {
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let norm = |n: &Option<Norm>| n.as_ref().map(|n| n.to_device(device)).transpose();
+        let mlp = match &self.mlp {
+            Mlp::Gated {
+                gate_up,
+                down,
+                activation,
+            } => Mlp::Gated {
+                gate_up: gate_up.to_device(device)?,
+                down: down.to_device(device)?,
+                activation: *activation,
+            },
+            Mlp::Plain {
+                fc,
+                proj,
+                activation,
+            } => Mlp::Plain {
+                fc: fc.to_device(device)?,
+                proj: proj.to_device(device)?,
+                activation: *activation,
+            },
+        };
+        Ok(Self {
+            ln1: self.ln1.to_device(device)?,
+            qkv: self.qkv.to_device(device)?,
+            q_norm: norm(&self.q_norm)?,
+            k_norm: norm(&self.k_norm)?,
+            o: self.o.to_device(device)?,
+            post_attn_norm: norm(&self.post_attn_norm)?,
+            ln2: self.ln2.to_device(device)?,
+            mlp,
+            post_mlp_norm: norm(&self.post_mlp_norm)?,
+        })
+    }
+
     /// Whether a decode step reads any of this block's weights as the file's K-quant blocks.
     fn holds_file_blocks(&self) -> bool {
         let mlp = match &self.mlp {
@@ -615,9 +672,47 @@ impl Transformer {
         &self.device
     }
 
+    /// A copy of this model with every weight on `device` (a GPU with the `cuda` feature).
+    /// Off the CPU every pass, decode steps included, is an f32 pass by candle's kernels for
+    /// that device: the Q8_0 and K-quant decode kernels are CPU code.
+    pub fn on_device(&self, device: &Device) -> Result<Transformer, RunError> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.to_device(device))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .run_ctx("moving the blocks' weights")?;
+        Ok(Transformer {
+            config: self.config.clone(),
+            embed: self
+                .embed
+                .to_device(device)
+                .run_ctx("moving the embedding")?,
+            pos_embed: self
+                .pos_embed
+                .as_ref()
+                .map(|p| p.to_device(device))
+                .transpose()
+                .run_ctx("moving the position embedding")?,
+            blocks,
+            ln_final: self
+                .ln_final
+                .to_device(device)
+                .run_ctx("moving the final norm")?,
+            unembed: self
+                .unembed
+                .to_device(device)
+                .run_ctx("moving the unembedding")?,
+            device: device.clone(),
+            quantized_decode: self.quantized_decode && device.is_cpu(),
+        })
+    }
+
     /// The arithmetic of this model's passes, as an audit record states it.
     pub fn precision(&self) -> &'static str {
-        if !self.quantized_decode {
+        if self.device.is_cuda() {
+            "f32 by CUDA kernels and cuBLAS (no TF32)"
+        } else if !self.quantized_decode {
             "f32"
         } else if self.unembed.blocks.is_some() || self.blocks.iter().any(|b| b.holds_file_blocks())
         {

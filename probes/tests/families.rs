@@ -284,8 +284,25 @@ fn check(
 ) {
     let hf = load(dir);
     let gg = gguf.map(load);
+    // Moving the weights to a device carries every one to its place: the copy (to the CPU
+    // here; `scripts/bench-cuda` runs it on a GPU) computes the same bits.
+    let moved = hf.transformer.on_device(&Device::Cpu).unwrap();
     for p in prompts() {
         let want = reference(&p);
+        let last = |t: &probes::Transformer| {
+            let out = t.forward(
+                std::slice::from_ref(&p),
+                Padding::Left,
+                &Hooks::new(),
+                Unembed::Last,
+            );
+            out.unwrap().logits.unwrap()
+        };
+        assert_eq!(
+            bits(&last(&moved)),
+            bits(&last(&hf.transformer)),
+            "{family}: the moved copy"
+        );
         let e = rel_err(&ours_last(&hf, &p), &want);
         assert!(
             e < TOL,
