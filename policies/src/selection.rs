@@ -164,18 +164,6 @@ fn tails(
         .collect()
 }
 
-/// The first `n` prompts of `t`.
-fn first(t: &Tokens, n: usize) -> Tokens {
-    let n = n.min(t.ids.len());
-    Tokens {
-        key: format!("{}:first{n}", t.key),
-        name: t.name.clone(),
-        texts: std::sync::Arc::new(t.texts[..n].to_vec()),
-        ids: std::sync::Arc::new(t.ids[..n].to_vec()),
-        prefix: t.prefix,
-    }
-}
-
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -222,6 +210,12 @@ pub(crate) fn select(
     let n = s.n_layers();
     let w = (-offsets[0]) as usize;
     let row = |o: i64| (w as i64 + o) as usize;
+    // The validation sets' unhooked passes run to the logits, capturing every candidate block
+    // on the way: the causal scores' clean baselines are their first rows.
+    for name in [&sel.validate_positive, &sel.validate_negative] {
+        let t = s.set_tokens(p, name)?;
+        s.last_logits(&t, &Hooks::new())?;
+    }
     let mut set = |name: &str| -> Result<(Tokens, Vec<Tensor>), CheckError> {
         let t = s.set_tokens(p, name)?;
         let x = tails(s, &t, &layers, w)?;
@@ -314,7 +308,10 @@ pub(crate) fn select(
         };
     }
     let ranked = scored;
-    let (vp, vn) = (first(&vp, SCORED_PROMPTS), first(&vn, SCORED_PROMPTS));
+    let (vp, vn) = (
+        s.first_prompts(&vp, SCORED_PROMPTS),
+        s.first_prompts(&vn, SCORED_PROMPTS),
+    );
     let score = |logits: &[Vec<f32>]| {
         round(mean(
             &logits

@@ -223,6 +223,34 @@ impl<'m> Session<'m> {
         Ok(t)
     }
 
+    /// The first `n` prompts of `t`, with what the session holds of `t` already (activations,
+    /// unhooked last logits): a prompt's outputs are the same bits in any batch, so its rows
+    /// of `t`'s passes are its own.
+    pub fn first_prompts(&mut self, t: &Tokens, n: usize) -> Tokens {
+        let n = n.min(t.ids.len());
+        let first = Tokens {
+            key: format!("{}:first{n}", t.key),
+            name: t.name.clone(),
+            texts: Arc::new(t.texts[..n].to_vec()),
+            ids: Arc::new(t.ids[..n].to_vec()),
+            prefix: t.prefix,
+        };
+        let held: Vec<_> = self
+            .acts
+            .iter()
+            .filter(|((key, _), _)| *key == t.key)
+            .map(|((_, hook), a)| (*hook, Arc::new(a[..n].to_vec())))
+            .collect();
+        for (hook, a) in held {
+            self.acts.insert((first.key.clone(), hook), a);
+        }
+        if let Some(l) = self.last_logits.get(&t.key) {
+            let l = Arc::new(l[..n].to_vec());
+            self.last_logits.insert(first.key.clone(), l);
+        }
+        first
+    }
+
     /// The number of tokens the chat template puts before every user message.
     fn chat_prefix(&mut self) -> Result<usize, CheckError> {
         if let Some(n) = self.chat_prefix {
