@@ -647,10 +647,25 @@ fn on_device(
     a: &ForwardArgs,
     cpu: DeviceBaseline,
 ) -> anyhow::Result<()> {
-    let (moved, gpu) = time(|| Ok(model.transformer.on_device(device)?))?;
+    let (moved, gpu) = time(|| {
+        let gpu = model.transformer.on_device(device)?;
+        device.synchronize()?;
+        Ok(gpu)
+    })?;
     let c = &gpu.config;
     let hook = HookPoint::ResidPost(c.n_layers / 2);
     let hooked = Hooks::new().capture(hook);
+    // The device computes what the CPU does: the first micro-batch's last-position logits.
+    let first = &prompts[..a.micro_batch.clamp(1, prompts.len())];
+    let last = |t: &probes::Transformer| -> anyhow::Result<candle_core::Tensor> {
+        let out = t.forward(first, Padding::Left, &hooked, Unembed::Last)?;
+        let logits = out.logits.context("no logits")?;
+        Ok(logits.to_device(&candle_core::Device::Cpu)?)
+    };
+    let (on_cpu, on_gpu) = (last(&model.transformer)?, last(&gpu)?);
+    let scale = on_cpu.abs()?.max_all()?.to_scalar::<f32>()?;
+    let diff = (&on_gpu - &on_cpu)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let same_top1 = on_cpu.argmax(1)?.to_vec1::<u32>()? == on_gpu.argmax(1)?.to_vec1::<u32>()?;
     // Kernels run asynchronously: a timed pass ends when the device has finished it.
     let prompt_pass = || -> anyhow::Result<()> {
         gpu.forward_chunked(
@@ -695,6 +710,7 @@ fn on_device(
     let (g, n) = time(|| gen(&one, &steering, a.gen_tokens))?;
     let steer_tps = n as f64 / g.as_secs_f64();
     let rows: Vec<Vec<u32>> = prompts.iter().take(32).cloned().collect();
+    gen(&rows, &Hooks::new(), 2)?; // warm-up at this batch's shapes
     let (b, nb) = time(|| gen(&rows, &Hooks::new(), 32))?;
     let batched_tps = nb as f64 / b.as_secs_f64();
     println!(
@@ -703,11 +719,17 @@ fn on_device(
         moved.as_secs_f64()
     );
     println!(
+        "  last-position logits of {} prompts against the CPU's: largest difference {diff:.2e} ({:.2e} of the largest logit); top-1 {}",
+        first.len(),
+        diff / scale.max(f32::MIN_POSITIVE),
+        if same_top1 { "identical" } else { "DIFFERS" }
+    );
+    println!(
         "  hooked prompt processing (capture {hook}, last-position logits): {prompt_tps:>8.0} tok/s   {:.2}x the CPU's",
         prompt_tps / cpu.prompt_tps
     );
     println!(
-        "  generation, steering at {hook}: {steer_tps:>8.1} tok/s   {:.2}x the CPU's",
+        "  generation, steering at {hook}: {steer_tps:>8.1} tok/s   {:.2}x the CPU's (its decode precision above)",
         steer_tps / cpu.steer_tps
     );
     println!(

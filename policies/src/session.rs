@@ -225,7 +225,9 @@ impl<'m> Session<'m> {
 
     /// The first `n` prompts of `t`, with what the session holds of `t` already (activations,
     /// unhooked last logits): a prompt's outputs are the same bits in any batch, so its rows
-    /// of `t`'s passes are its own.
+    /// of `t`'s passes are its own. Not where the first prompts alone would share the
+    /// preamble and the whole set did not (a later prompt does not start with it): their own
+    /// passes would then differ from those rows by rounding.
     pub fn first_prompts(&mut self, t: &Tokens, n: usize) -> Tokens {
         let n = n.min(t.ids.len());
         let first = Tokens {
@@ -235,6 +237,11 @@ impl<'m> Session<'m> {
             ids: Arc::new(t.ids[..n].to_vec()),
             prefix: t.prefix,
         };
+        let m = &self.model.transformer;
+        let plain = Hooks::new();
+        if m.can_share(&first.ids, t.prefix, &plain) != m.can_share(&t.ids, t.prefix, &plain) {
+            return first;
+        }
         let held: Vec<_> = self
             .acts
             .iter()
@@ -1078,6 +1085,46 @@ mod tests {
             .map(|a| a.flatten_all().unwrap().to_vec1().unwrap())
             .collect();
         bits(&rows)
+    }
+
+    #[test]
+    fn the_first_prompts_take_their_rows_of_the_sets_passes_where_those_are_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = testing::load(&testing::llama_dir(dir.path(), 7));
+        let hook = HookPoint::ResidPost(1);
+        let t = shared_start_set();
+        let mut s = Session::new(&model, 16);
+        s.plan.entry(t.key.clone()).or_default().insert(hook);
+        s.last_logits(&t, &Hooks::new()).unwrap();
+        let first = s.first_prompts(&t, 4);
+        assert!(s.last_logits.contains_key(&first.key));
+        let held = s.acts(&first, hook).unwrap();
+        let held_logits = s.last_logits(&first, &Hooks::new()).unwrap();
+        // The same bits as the first prompts' own passes.
+        let mut own = Session::new(&model, 16);
+        assert_eq!(
+            tensor_bits(&own.acts(&first, hook).unwrap()),
+            tensor_bits(&held)
+        );
+        assert_eq!(
+            bits(&own.last_logits(&first, &Hooks::new()).unwrap()),
+            bits(&held_logits)
+        );
+
+        // A later prompt that does not start with the preamble: the set's passes did not
+        // share it, the first prompts' own would, so nothing is handed down.
+        let mut ids = t.ids.to_vec();
+        ids.push(vec![9, 2, 3, 4, 5, 6, 7]);
+        let odd = Tokens {
+            key: "odd".into(),
+            texts: Arc::new(vec![String::new(); ids.len()]),
+            ids: Arc::new(ids),
+            ..t.clone()
+        };
+        let mut s = Session::new(&model, 16);
+        s.last_logits(&odd, &Hooks::new()).unwrap();
+        let first = s.first_prompts(&odd, 4);
+        assert!(!s.last_logits.contains_key(&first.key));
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Linear {
             self.w.to_device(device)?,
             self.b.as_ref().map(|b| b.to_device(device)).transpose()?,
         );
-        Ok(layer.with_blocks(self.blocks.clone().filter(|_| device.is_cpu())))
+        Ok(layer.with_blocks(device.is_cpu().then(|| self.blocks.clone()).flatten()))
     }
 
     fn quantized(&self) -> Option<&QMatMul> {
@@ -682,12 +682,25 @@ impl Transformer {
             .map(|b| b.to_device(device))
             .collect::<candle_core::Result<Vec<_>>>()
             .run_ctx("moving the blocks' weights")?;
+        let embed = self
+            .embed
+            .to_device(device)
+            .run_ctx("moving the embedding")?;
+        // Tied embeddings stay one tensor.
+        let unembed = if self.unembed.w.id() == self.embed.id() {
+            let b = self.unembed.b.as_ref().map(|b| b.to_device(device));
+            Linear::new(
+                embed.clone(),
+                b.transpose().run_ctx("moving the unembedding")?,
+            )
+        } else {
+            self.unembed
+                .to_device(device)
+                .run_ctx("moving the unembedding")?
+        };
         Ok(Transformer {
             config: self.config.clone(),
-            embed: self
-                .embed
-                .to_device(device)
-                .run_ctx("moving the embedding")?,
+            embed,
             pos_embed: self
                 .pos_embed
                 .as_ref()
@@ -699,10 +712,7 @@ impl Transformer {
                 .ln_final
                 .to_device(device)
                 .run_ctx("moving the final norm")?,
-            unembed: self
-                .unembed
-                .to_device(device)
-                .run_ctx("moving the unembedding")?,
+            unembed,
             device: device.clone(),
             quantized_decode: self.quantized_decode && device.is_cpu(),
         })

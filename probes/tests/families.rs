@@ -285,7 +285,8 @@ fn check(
     let hf = load(dir);
     let gg = gguf.map(load);
     // Moving the weights to a device carries every one to its place: the copy (to the CPU
-    // here; `scripts/bench-cuda` runs it on a GPU) computes the same bits.
+    // here) computes the same bits. On a GPU, `mechwatch bench forward --device cuda`
+    // compares the copy's logits with the CPU's.
     let moved = hf.transformer.on_device(&Device::Cpu).unwrap();
     for p in prompts() {
         let want = reference(&p);

@@ -66,8 +66,9 @@ def main():
         n_tokens = prompts.numel()
 
         def gen(ids, n):
+            # Plain greedy decoding, whatever the checkpoint's generation_config.json says.
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 attention_mask=torch.ones_like(ids))
+                                 repetition_penalty=1.0, attention_mask=torch.ones_like(ids))
             sync()
             return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
