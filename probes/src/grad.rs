@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{HookPoint, Hooks};
-use crate::transformer::{BatchLayout, Block, Linear, Mlp, Norm, Transformer};
+use crate::transformer::{BatchLayout, Block, Transformer};
 
 /// What a gradient pass returns.
 #[derive(Debug)]
@@ -118,64 +118,8 @@ impl Transformer {
     /// This model with every weight in `dtype`: f64 for finite-difference checks of
     /// gradients, which f32 rounding would swamp.
     pub fn to_dtype(&self, dtype: DType) -> Result<Transformer, RunError> {
-        let cv = |t: &Tensor| t.to_dtype(dtype).run_ctx("weight dtype");
-        let linear = |l: &Linear| -> Result<Linear, RunError> {
-            Ok(Linear::new(cv(&l.w)?, l.b.as_ref().map(cv).transpose()?))
-        };
-        let norm = |n: &Norm| -> Result<Norm, RunError> {
-            Ok(Norm {
-                weight: cv(&n.weight)?,
-                bias: n.bias.as_ref().map(cv).transpose()?,
-                eps: n.eps,
-            })
-        };
-        let opt_norm = |n: &Option<Norm>| n.as_ref().map(norm).transpose();
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| -> Result<Block, RunError> {
-                Ok(Block {
-                    ln1: norm(&b.ln1)?,
-                    qkv: linear(&b.qkv)?,
-                    q_norm: opt_norm(&b.q_norm)?,
-                    k_norm: opt_norm(&b.k_norm)?,
-                    o: linear(&b.o)?,
-                    post_attn_norm: opt_norm(&b.post_attn_norm)?,
-                    ln2: norm(&b.ln2)?,
-                    mlp: match &b.mlp {
-                        Mlp::Gated {
-                            gate_up,
-                            down,
-                            activation,
-                        } => Mlp::Gated {
-                            gate_up: linear(gate_up)?,
-                            down: linear(down)?,
-                            activation: *activation,
-                        },
-                        Mlp::Plain {
-                            fc,
-                            proj,
-                            activation,
-                        } => Mlp::Plain {
-                            fc: linear(fc)?,
-                            proj: linear(proj)?,
-                            activation: *activation,
-                        },
-                    },
-                    post_mlp_norm: opt_norm(&b.post_mlp_norm)?,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Transformer {
-            config: self.config.clone(),
-            embed: cv(&self.embed)?,
-            pos_embed: self.pos_embed.as_ref().map(cv).transpose()?,
-            blocks,
-            ln_final: norm(&self.ln_final)?,
-            unembed: linear(&self.unembed)?,
-            device: self.device.clone(),
-            quantized_decode: false,
-        })
+        self.map_weights(|t| t.to_dtype(dtype), self.device(), false)
+            .run_ctx("weight dtype")
     }
 }
 

@@ -126,7 +126,9 @@ impl Transformer {
         hooks: &Hooks,
         cache: &mut Option<KvCache>,
     ) -> Result<ForwardOutput, RunError> {
-        if !self.can_share(prompts, shared, hooks) {
+        // A prefill that reads the file's blocks runs whole: a shared start's passes are f32.
+        let blocks = self.reads_file_blocks() && !cache.as_ref().is_some_and(|c| c.f32_decode);
+        if blocks || !self.can_share(prompts, shared, hooks) {
             return self.prefill(prompts, hooks, cache);
         }
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
@@ -141,7 +143,7 @@ impl Transformer {
             Unembed::Last,
             PassKind::Plain,
         )?;
-        // Set after the prefill, which runs in f32 whatever the decode steps' precision.
+        // Set after the prefill, which runs in f32 (the file's blocks were ruled out above).
         filled.f32_decode = cache.as_ref().is_some_and(|c| c.f32_decode);
         filled.left_align()?;
         *cache = Some(filled);

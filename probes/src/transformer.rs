@@ -4,9 +4,11 @@
 //! which activations are captured or rewritten. It never looks at the architecture's name.
 //!
 //! Weights are f32: a block's layers stored `[in, out]` ([`Linear::stored_in_out`]), the
-//! unembedding as HF stores it (`[out, in]`). Prompt passes use real f32 matmuls; decode
-//! steps may use a Q8_0 copy of the weights (built on first use), because a matrix-vector
-//! product is memory bound and Q8_0 reads a quarter of the bytes.
+//! unembedding as HF stores it (`[out, in]`). Prompt passes use real f32 matmuls. An
+//! interactive generation may read the file's own K-quant blocks in its prefill and decode
+//! steps, and a Q8_0 copy of other weights (built on first use) in decode steps, because a
+//! matrix-vector product is memory bound and those read a quarter of the bytes or less
+//! ([`Weights`]).
 //!
 //! No output depends on how prompts are batched. Every f32 matmul takes one route through
 //! gemm whatever its row count (see [`Linear::forward`]), a decode step's precision does not
@@ -26,6 +28,9 @@ use crate::decode_attention::{self, Heads, RowKeys};
 use crate::error::{CandleContext, RunError};
 use crate::hooks::{Block as HookBlock, Edit, HookPoint, Hooks, Positions};
 use crate::kquant::KMatrix;
+
+/// A candle result, by default of a tensor.
+type TensorResult<T = Tensor> = candle_core::Result<T>;
 
 /// Above this many rows an f32 matmul is computed as `x Wᵀ`, at or below it as `(W xᵀ)ᵀ`.
 const SMALL_BATCH_ROWS: usize = 64;
@@ -70,14 +75,11 @@ impl Linear {
         Ok(Self::new(w, b))
     }
 
-    /// The same layer on `device`, its weight keeping its layout. The K-quant blocks, which
-    /// only the CPU's kernels read, go along only to the CPU.
-    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
-        let layer = Self::new(
-            self.w.to_device(device)?,
-            self.b.as_ref().map(|b| b.to_device(device)).transpose()?,
-        );
-        Ok(layer.with_blocks(device.is_cpu().then(|| self.blocks.clone()).flatten()))
+    /// The same layer with `f` applied to its weight and bias (its layout kept where `f`
+    /// keeps it), and its K-quant blocks where `keep_blocks`.
+    fn map(&self, f: &impl Fn(&Tensor) -> TensorResult, keep_blocks: bool) -> TensorResult<Self> {
+        let layer = Self::new(f(&self.w)?, self.b.as_ref().map(f).transpose()?);
+        Ok(layer.with_blocks(keep_blocks.then(|| self.blocks.clone()).flatten()))
     }
 
     fn quantized(&self) -> Option<&QMatMul> {
@@ -93,20 +95,23 @@ impl Linear {
             .as_ref()
     }
 
-    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]`, with the file's K-quant blocks or the
-    /// Q8_0 weights in a decode step.
+    /// `x`: `[batch, pos, in]` -> `[batch, pos, out]` by the arithmetic `weights` names.
     ///
     /// Each output row depends on its own input row only, by the same arithmetic whatever the
-    /// number of rows. The Q8_0 product dots each row with each weight row. The f32 product
-    /// always takes gemm's blocked route (never its matrix-vector or small-matrix routes,
-    /// which order the sum differently): there every output is one fused multiply-add chain
-    /// over `in`, split at depths that depend on `in` alone. A single row is therefore
-    /// computed as two, and whether gemm sees `x Wᵀ`, `W xᵀ` or `x` against the weight stored
-    /// `[in, out]` (chosen for speed) does not change a bit.
-    fn forward(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
-        let y = match (decode, &self.blocks) {
-            (true, Some(q)) => kquant_product(q, x)?,
-            _ => self.forward_unbiased(x, decode)?,
+    /// number of rows. The K-quant and Q8_0 products dot each row with each weight row. The
+    /// f32 product always takes gemm's blocked route (never its matrix-vector or small-matrix
+    /// routes, which order the sum differently): there every output is one fused
+    /// multiply-add chain over `in`, split at depths that depend on `in` alone. A single row
+    /// is therefore computed as two, and whether gemm sees `x Wᵀ`, `W xᵀ` or `x` against the
+    /// weight stored `[in, out]` (chosen for speed) does not change a bit.
+    fn forward(&self, x: &Tensor, weights: Weights) -> candle_core::Result<Tensor> {
+        let y = match (weights, &self.blocks) {
+            (Weights::Prefill | Weights::Decode, Some(q)) => kquant_product(q, x)?,
+            (Weights::Decode, None) => match self.quantized() {
+                Some(q) => q.forward(x)?,
+                None => self.forward_f32(x)?,
+            },
+            _ => self.forward_f32(x)?,
         };
         match &self.b {
             Some(bias) => y.broadcast_add(bias),
@@ -114,19 +119,29 @@ impl Linear {
         }
     }
 
-    fn forward_unbiased(&self, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
-        Ok(match decode.then(|| self.quantized()).flatten() {
-            Some(q) => q.forward(x)?,
-            // In a gradient pass: the same product, recording only the input's gradient.
-            None if x.track_op() && x.device().is_cpu() => {
-                x.contiguous()?.apply_op1(crate::frozen::FrozenProduct {
-                    w: self.w.clone(),
-                    product: f32_product,
-                })?
-            }
-            None => f32_product(&self.w, x)?,
-        })
+    fn forward_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // In a gradient pass: the same product, recording only the input's gradient.
+        if x.track_op() && x.device().is_cpu() {
+            return x.contiguous()?.apply_op1(crate::frozen::FrozenProduct {
+                w: self.w.clone(),
+                product: f32_product,
+            });
+        }
+        f32_product(&self.w, x)
     }
+}
+
+/// The arithmetic of a pass's matrix products ([`Transformer::precision`] says it in words).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Weights {
+    /// f32 weights and activations: every prompt pass, and an audit's decode steps.
+    F32,
+    /// An interactive generation's prefill: the file's K-quant blocks where it stores them
+    /// (as its decode steps read them), f32 elsewhere.
+    Prefill,
+    /// An interactive generation's decode steps: the file's K-quant blocks where it stores
+    /// them, a Q8_0 copy elsewhere.
+    Decode,
 }
 
 /// `x Wᵀ` for `x` `[batch, pos, in]` by the K-quant kernels, row by row.
@@ -189,14 +204,10 @@ pub struct Norm {
 }
 
 impl Norm {
-    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+    fn map(&self, f: &impl Fn(&Tensor) -> TensorResult) -> TensorResult<Self> {
         Ok(Self {
-            weight: self.weight.to_device(device)?,
-            bias: self
-                .bias
-                .as_ref()
-                .map(|b| b.to_device(device))
-                .transpose()?,
+            weight: f(&self.weight)?,
+            bias: self.bias.as_ref().map(f).transpose()?,
             eps: self.eps,
         })
     }
@@ -256,16 +267,18 @@ pub struct Block {
 }
 
 impl Block {
-    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
-        let norm = |n: &Option<Norm>| n.as_ref().map(|n| n.to_device(device)).transpose();
+    /// The same block with `f` applied to every weight; see [`Transformer::map_weights`].
+    fn map(&self, f: &impl Fn(&Tensor) -> TensorResult, keep_blocks: bool) -> TensorResult<Self> {
+        let norm = |n: &Option<Norm>| n.as_ref().map(|n| n.map(f)).transpose();
+        let linear = |l: &Linear| l.map(f, keep_blocks);
         let mlp = match &self.mlp {
             Mlp::Gated {
                 gate_up,
                 down,
                 activation,
             } => Mlp::Gated {
-                gate_up: gate_up.to_device(device)?,
-                down: down.to_device(device)?,
+                gate_up: linear(gate_up)?,
+                down: linear(down)?,
                 activation: *activation,
             },
             Mlp::Plain {
@@ -273,19 +286,19 @@ impl Block {
                 proj,
                 activation,
             } => Mlp::Plain {
-                fc: fc.to_device(device)?,
-                proj: proj.to_device(device)?,
+                fc: linear(fc)?,
+                proj: linear(proj)?,
                 activation: *activation,
             },
         };
         Ok(Self {
-            ln1: self.ln1.to_device(device)?,
-            qkv: self.qkv.to_device(device)?,
+            ln1: self.ln1.map(f)?,
+            qkv: linear(&self.qkv)?,
             q_norm: norm(&self.q_norm)?,
             k_norm: norm(&self.k_norm)?,
-            o: self.o.to_device(device)?,
+            o: linear(&self.o)?,
             post_attn_norm: norm(&self.post_attn_norm)?,
-            ln2: self.ln2.to_device(device)?,
+            ln2: self.ln2.map(f)?,
             mlp,
             post_mlp_norm: norm(&self.post_mlp_norm)?,
         })
@@ -314,7 +327,9 @@ pub struct Transformer {
     pub(crate) ln_final: Norm,
     pub(crate) unembed: Linear,
     pub(crate) device: Device,
-    /// Use Q8_0 weights in decode steps (prompt passes and prefill stay f32).
+    /// Interactive generations read the file's K-quant blocks in their prefill and decode
+    /// steps, and a Q8_0 copy of the other weights in decode steps ([`Weights`]); prompt
+    /// passes stay f32.
     pub quantized_decode: bool,
 }
 
@@ -676,46 +691,47 @@ impl Transformer {
     /// Off the CPU every pass, decode steps included, is an f32 pass by candle's kernels for
     /// that device: the Q8_0 and K-quant decode kernels are CPU code.
     pub fn on_device(&self, device: &Device) -> Result<Transformer, RunError> {
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| b.to_device(device))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .run_ctx("moving the blocks' weights")?;
-        let embed = self
-            .embed
-            .to_device(device)
-            .run_ctx("moving the embedding")?;
-        // Tied embeddings stay one tensor.
+        self.map_weights(|t| t.to_device(device), device, device.is_cpu())
+            .run_ctx("moving the weights")
+    }
+
+    /// This model with `f` applied to every weight, on `device`, where `f` puts them. Tied
+    /// embeddings stay one tensor. The file's K-quant blocks, and with them quantised decode
+    /// steps, go along only where `keep_blocks`.
+    pub(crate) fn map_weights(
+        &self,
+        f: impl Fn(&Tensor) -> TensorResult,
+        device: &Device,
+        keep_blocks: bool,
+    ) -> TensorResult<Transformer> {
+        let embed = f(&self.embed)?;
         let unembed = if self.unembed.w.id() == self.embed.id() {
-            let b = self.unembed.b.as_ref().map(|b| b.to_device(device));
-            Linear::new(
-                embed.clone(),
-                b.transpose().run_ctx("moving the unembedding")?,
-            )
+            let b = self.unembed.b.as_ref().map(&f).transpose()?;
+            Linear::new(embed.clone(), b)
         } else {
-            self.unembed
-                .to_device(device)
-                .run_ctx("moving the unembedding")?
+            self.unembed.map(&f, keep_blocks)?
         };
         Ok(Transformer {
             config: self.config.clone(),
             embed,
-            pos_embed: self
-                .pos_embed
-                .as_ref()
-                .map(|p| p.to_device(device))
-                .transpose()
-                .run_ctx("moving the position embedding")?,
-            blocks,
-            ln_final: self
-                .ln_final
-                .to_device(device)
-                .run_ctx("moving the final norm")?,
+            pos_embed: self.pos_embed.as_ref().map(&f).transpose()?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.map(&f, keep_blocks))
+                .collect::<TensorResult<Vec<_>>>()?,
+            ln_final: self.ln_final.map(&f)?,
             unembed,
             device: device.clone(),
-            quantized_decode: self.quantized_decode && device.is_cpu(),
+            quantized_decode: self.quantized_decode && keep_blocks,
         })
+    }
+
+    /// Whether an interactive generation's prefill and decode steps read some of the file's
+    /// K-quant blocks.
+    pub(crate) fn reads_file_blocks(&self) -> bool {
+        self.quantized_decode
+            && (self.unembed.blocks.is_some() || self.blocks.iter().any(|b| b.holds_file_blocks()))
     }
 
     /// The arithmetic of this model's passes, as an audit record states it.
@@ -724,10 +740,10 @@ impl Transformer {
             "f32 by CUDA kernels and cuBLAS (no TF32)"
         } else if !self.quantized_decode {
             "f32"
-        } else if self.unembed.blocks.is_some() || self.blocks.iter().any(|b| b.holds_file_blocks())
-        {
-            "f32 prompt passes; decode steps the file's Q4_K and Q6_K blocks x Q8_K \
-             activations where it stores them, other weights Q8_0 x Q8_0 activations"
+        } else if self.reads_file_blocks() {
+            "f32 prompt passes; a generation's prefill and decode steps the file's Q4_K and \
+             Q6_K blocks x Q8_K activations where it stores them, other weights f32 in the \
+             prefill and Q8_0 x Q8_0 activations in decode steps"
         } else {
             "f32 prompt passes; decode steps Q8_0 weights x Q8_0 activations"
         }
@@ -1158,10 +1174,16 @@ impl Transformer {
             leaves: BTreeMap::new(),
         };
         let diff = grad.is_some();
-        let decode = self.quantized_decode
-            && cache
-                .as_ref()
-                .is_some_and(|c| !c.f32_decode && c.layers.iter().any(Option::is_some));
+        let weights = match cache.as_ref() {
+            Some(c) if self.quantized_decode && !c.f32_decode => {
+                if c.layers.iter().any(Option::is_some) {
+                    Weights::Decode
+                } else {
+                    Weights::Prefill
+                }
+            }
+            _ => Weights::F32,
+        };
         let done = |pass: Pass, logits| {
             let out = ForwardOutput {
                 logits,
@@ -1213,7 +1235,7 @@ impl Transformer {
                 }
                 &mut c.layers[l]
             });
-            let mut attn = self.attention(block, l, &h, &mut pass, layer_cache, decode)?;
+            let mut attn = self.attention(block, l, &h, &mut pass, layer_cache, weights)?;
             if HookPoint::AttnPattern(l).order() >= stop {
                 return Ok(done(pass, None));
             }
@@ -1230,7 +1252,7 @@ impl Transformer {
                 return Ok(done(pass, None));
             }
             let h = block.ln2.apply(&x, diff).run_ctx("ln2")?;
-            let mut m = mlp(&block.mlp, &h, decode).run_ctx("mlp")?;
+            let mut m = mlp(&block.mlp, &h, weights).run_ctx("mlp")?;
             if let Some(n) = &block.post_mlp_norm {
                 m = n.apply(&m, diff).run_ctx("post-MLP norm")?;
             }
@@ -1248,12 +1270,12 @@ impl Transformer {
         let x = pass.hook(HookPoint::LnFinal, x)?;
         let logits = match unembed {
             Unembed::None => None,
-            Unembed::All => Some(self.unembed.forward(&x, decode).run_ctx("unembed")?),
+            Unembed::All => Some(self.unembed.forward(&x, weights).run_ctx("unembed")?),
             Unembed::From(n) => {
                 let x = x
                     .narrow(1, n.min(t), t - n.min(t))
                     .run_ctx("positions unembedded")?;
-                Some(self.unembed.forward(&x, decode).run_ctx("unembed")?)
+                Some(self.unembed.forward(&x, weights).run_ctx("unembed")?)
             }
             Unembed::Last => {
                 let idx: Vec<u32> = (0..b)
@@ -1265,7 +1287,7 @@ impl Transformer {
                     .and_then(|x| x.index_select(&idx, 0))
                     .and_then(|x| x.unsqueeze(1))
                     .run_ctx("last position")?;
-                let l = self.unembed.forward(&last, decode).run_ctx("unembed")?;
+                let l = self.unembed.forward(&last, weights).run_ctx("unembed")?;
                 Some(l.squeeze(1).run_ctx("unembed")?)
             }
         };
@@ -1283,12 +1305,12 @@ impl Transformer {
         x: &Tensor,
         pass: &mut Pass,
         cache: Option<&mut Option<LayerKv>>,
-        decode: bool,
+        weights: Weights,
     ) -> Result<Tensor, RunError> {
         let c = &self.config;
         let (b, t, _) = x.dims3().run_ctx("attention input")?;
         let hd = c.head_dim;
-        let qkv = block.qkv.forward(x, decode).run_ctx("qkv projection")?;
+        let qkv = block.qkv.forward(x, weights).run_ctx("qkv projection")?;
         let split = |start: usize, heads: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, start * hd, heads * hd)?
                 .reshape((b, t, heads, hd))?
@@ -1352,7 +1374,7 @@ impl Transformer {
                 };
                 let out = decode_attention::attend(&q, &k, &v, &rows, mask, heads)
                     .run_ctx("decode attention")?;
-                return block.o.forward(&out, decode).run_ctx("output projection");
+                return block.o.forward(&out, weights).run_ctx("output projection");
             }
         }
         let mask = match (&pass.ctx.sliding_mask, sliding) {
@@ -1428,7 +1450,7 @@ impl Transformer {
             outs.push(out);
         }
         let out = Tensor::cat(&outs, 0).run_ctx("attention output")?;
-        block.o.forward(&out, decode).run_ctx("output projection")
+        block.o.forward(&out, weights).run_ctx("output projection")
     }
 }
 
@@ -1438,7 +1460,7 @@ impl Transformer {
     /// layer through this.
     pub fn residual_logits(&self, x: &Tensor) -> Result<Tensor, RunError> {
         let x = self.ln_final.forward(x).run_ctx("ln_final")?;
-        let logits = self.unembed.forward(&x, false).run_ctx("unembed")?;
+        let logits = self.unembed.forward(&x, Weights::F32).run_ctx("unembed")?;
         match self.config.final_softcap {
             Some(cap) => softcap(&logits, cap).run_ctx("final logit soft-cap"),
             None => Ok(logits),
@@ -1476,23 +1498,23 @@ fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
         .reshape((b, t, d))
 }
 
-fn mlp(mlp: &Mlp, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
+fn mlp(mlp: &Mlp, x: &Tensor, weights: Weights) -> candle_core::Result<Tensor> {
     match mlp {
         Mlp::Gated {
             gate_up,
             down,
             activation,
         } => {
-            let h = gate_up.forward(x, decode)?;
+            let h = gate_up.forward(x, weights)?;
             let half = h.dim(2)? / 2;
             let g = activate(&h.narrow(2, 0, half)?, *activation)?;
-            down.forward(&(g * h.narrow(2, half, half)?)?, decode)
+            down.forward(&(g * h.narrow(2, half, half)?)?, weights)
         }
         Mlp::Plain {
             fc,
             proj,
             activation,
-        } => proj.forward(&activate(&fc.forward(x, decode)?, *activation)?, decode),
+        } => proj.forward(&activate(&fc.forward(x, weights)?, *activation)?, weights),
     }
 }
 

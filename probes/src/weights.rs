@@ -738,10 +738,8 @@ mod tests {
 
     /// A two-block Llama GGUF 256 wide, as a Q4_K_M file mixes its types: matrices Q4_K but
     /// block 1's `attn_v` and `ffn_down` and the output (Q6_K), and block 1's `attn_output`
-    /// (Q8_0): decode steps read the file's K-quant blocks, and they hold the very values of
-    /// the f32 weights, q/k rows un-permuted and fused projections stacked as theirs are.
-    #[test]
-    fn a_k_quant_file_keeps_its_blocks_for_decode_steps_and_they_hold_its_weights() {
+    /// (Q8_0). Written into `dir`.
+    fn k_quant_file(dir: &std::path::Path) -> std::path::PathBuf {
         use gguf_file::Value as V;
         let mut r = Rand::new(5);
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -793,8 +791,7 @@ mod tests {
                 V::Array((0..VOCAB).map(|i| V::String(format!("w{i}"))).collect()),
             ),
         ];
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q4k.gguf");
+        let path = dir.join("q4k.gguf");
         let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         gguf_file::write(
@@ -804,6 +801,16 @@ mod tests {
         )
         .unwrap();
 
+        path
+    }
+
+    /// [`k_quant_file`]: decode steps read the file's K-quant blocks, and they hold the very
+    /// values of the f32 weights, q/k rows un-permuted and fused projections stacked as
+    /// theirs are.
+    #[test]
+    fn a_k_quant_file_keeps_its_blocks_for_decode_steps_and_they_hold_its_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = k_quant_file(dir.path());
         let file = GgufFile::read(&path).unwrap();
         let cfg = ModelConfig::from_gguf(&file).unwrap();
         let src = GgufSource::new(&file, &cfg).keeping_blocks(true);
@@ -861,5 +868,72 @@ mod tests {
         // Not kept when decode steps run in f32.
         let t = build(&GgufSource::new(&file, &cfg), &cfg).unwrap();
         assert!(t.unembed.blocks.is_none() && t.blocks[0].qkv.blocks.is_none());
+    }
+
+    /// An interactive generation's prefill reads the file's blocks as its decode steps do:
+    /// its logits are not the f32 pass's but within the activations' 8-bit rounding of them,
+    /// a prompt's are the same bits alone as in a batch, and a shared start (whose passes
+    /// are f32) is not taken.
+    #[test]
+    fn a_generations_prefill_reads_the_files_blocks_whatever_its_batch() {
+        if !crate::kquant::supported() {
+            return;
+        }
+        use crate::transformer::KvCache;
+        let dir = tempfile::tempdir().unwrap();
+        let file = GgufFile::read(&k_quant_file(dir.path())).unwrap();
+        let cfg = ModelConfig::from_gguf(&file).unwrap();
+        let mut t = build(&GgufSource::new(&file, &cfg).keeping_blocks(true), &cfg).unwrap();
+        t.quantized_decode = true;
+        let hooks = crate::Hooks::default();
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+            vec![1, 2, 3, 4, 40, 41],
+            vec![1, 2, 3, 4, 50, 51, 52, 53, 54, 55, 56, 57],
+        ];
+        let last_logits = |prompts: &[Vec<u32>], f32_decode: bool, shared: usize| {
+            let mut cache = Some(KvCache::new(f32_decode));
+            let out = t
+                .prefill_shared(prompts, shared, &hooks, &mut cache)
+                .unwrap();
+            out.logits.unwrap().to_vec2::<f32>().unwrap()
+        };
+        let blocks = last_logits(&prompts, false, 0);
+        let f32s = last_logits(&prompts, true, 0);
+        // Pearson correlation, as the llama.cpp comparison judges 8-bit activations.
+        let pearson = |a: &[f32], b: &[f32]| {
+            let n = a.len() as f64;
+            let (ma, mb) = (
+                a.iter().map(|&v| v as f64).sum::<f64>() / n,
+                b.iter().map(|&v| v as f64).sum::<f64>() / n,
+            );
+            let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+            for (&x, &y) in a.iter().zip(b) {
+                let (x, y) = (x as f64 - ma, y as f64 - mb);
+                (sab, saa, sbb) = (sab + x * y, saa + x * x, sbb + y * y);
+            }
+            sab / (saa * sbb).sqrt()
+        };
+        for (row, (q, f)) in blocks.iter().zip(&f32s).enumerate() {
+            assert_ne!(q, f, "prompt {row}: the prefill did not read the blocks");
+            let r = pearson(q, f);
+            assert!(
+                r >= 0.99,
+                "prompt {row}: Pearson {r} with the f32 prefill's logits"
+            );
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            assert_eq!(
+                last_logits(std::slice::from_ref(p), false, 0)[0],
+                blocks[i],
+                "prompt {i}"
+            );
+        }
+        assert_eq!(
+            last_logits(&prompts, false, 4),
+            blocks,
+            "a shared start was taken"
+        );
+        assert_ne!(last_logits(&prompts, true, 4), blocks);
     }
 }

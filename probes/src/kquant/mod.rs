@@ -26,6 +26,10 @@ use rayon::prelude::*;
 pub(crate) const QK_K: usize = 256;
 /// Weight rows a thread takes at a time.
 const ROWS_PER_TASK: usize = 64;
+/// Activation rows that share one unpacking of a weight row's blocks.
+const ACT_ROWS_PER_LOAD: usize = 4;
+/// Weight rows that share one load of an activation row (by the AVX-512 kernels).
+const WEIGHT_ROWS_PER_TILE: usize = 3;
 
 /// The block kinds this module multiplies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,21 +94,62 @@ impl Blocks {
         }
     }
 
-    /// Blocks `range` dotted with one activation row: the AVX2 kernel where [`supported`]
-    /// holds, the scalar sum otherwise.
-    fn dot(&self, range: std::ops::Range<usize>, a: &[ActBlock]) -> f32 {
+    /// Blocks `range` dotted with `R` activation rows by the fastest kernel this CPU runs. A
+    /// row's result is the same bits for every `R` and every kernel but the scalar one.
+    fn dot_rows<const R: usize>(
+        &self,
+        range: std::ops::Range<usize>,
+        a: [&[ActBlock]; R],
+    ) -> [f32; R] {
+        self.dot_rows_by(Kernel::best(), range, a)
+    }
+
+    /// The same by `kernel`, which the CPU must run ([`Kernel::runs_here`]).
+    fn dot_rows_by<const R: usize>(
+        &self,
+        kernel: Kernel,
+        range: std::ops::Range<usize>,
+        a: [&[ActBlock]; R],
+    ) -> [f32; R] {
+        debug_assert!(kernel.runs_here());
+        // SAFETY: `kernel` is one this CPU has the features for (`Kernel::best` or a
+        // caller's check of `runs_here`).
         #[cfg(target_arch = "x86_64")]
-        if supported_cached() {
-            // SAFETY: the CPU has the features the kernels are compiled for.
+        #[allow(unsafe_code)]
+        match (kernel, self) {
+            (Kernel::Avx2, Self::Q4k(b)) => return unsafe { q4k::avx2::dot_rows(&b[range], a) },
+            (Kernel::Avx2, Self::Q6k(b)) => return unsafe { q6k::avx2::dot_rows(&b[range], a) },
+            (Kernel::Avx512, Self::Q4k(b)) => {
+                return unsafe { q4k::avx512::dot_tile([&b[range]], a).map(|[v]| v) }
+            }
+            (Kernel::Avx512, Self::Q6k(b)) => {
+                return unsafe { q6k::avx512::dot_tile([&b[range]], a).map(|[v]| v) }
+            }
+            (Kernel::Scalar, _) => {}
+        }
+        a.map(|a| self.dot_reference(range.clone(), a))
+    }
+
+    /// Blocks `ranges` (one weight row each) dotted with `R` activation rows: `[r][j]` is
+    /// activation row `r` with weight row `j`, the same bits as [`Blocks::dot_rows`] gives.
+    fn dot_tile<const R: usize, const C: usize>(
+        &self,
+        ranges: [std::ops::Range<usize>; C],
+        a: [&[ActBlock]; R],
+    ) -> [[f32; C]; R] {
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::best() == Kernel::Avx512 {
+            // SAFETY: `Kernel::best` found the kernel's features on this CPU.
             #[allow(unsafe_code)]
             return unsafe {
                 match self {
-                    Self::Q4k(b) => q4k::avx2::dot(&b[range], a),
-                    Self::Q6k(b) => q6k::avx2::dot(&b[range], a),
+                    Self::Q4k(b) => q4k::avx512::dot_tile(ranges.map(|r| &b[r]), a),
+                    Self::Q6k(b) => q6k::avx512::dot_tile(ranges.map(|r| &b[r]), a),
                 }
             };
         }
-        self.dot_reference(range, a)
+        let by_weight_row = ranges.map(|range| self.dot_rows(range, a));
+        std::array::from_fn(|r| std::array::from_fn(|j| by_weight_row[j][r]))
     }
 
     /// The same sums in scalar code.
@@ -144,11 +189,47 @@ pub fn supported() -> bool {
     }
 }
 
-/// [`supported`], asked once.
-#[cfg(target_arch = "x86_64")]
-fn supported_cached() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(supported)
+/// The kernels, slowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kernel {
+    /// Scalar code (slow; nothing keeps K-quant blocks where only this runs).
+    Scalar,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F, BW and VNNI: two 32-value groups per product, the AVX2 kernel's bits.
+    Avx512,
+}
+
+impl Kernel {
+    /// Whether this CPU has the kernel's features.
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Self::Scalar => true,
+                Self::Avx2 => supported(),
+                Self::Avx512 => {
+                    supported() && has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Scalar
+        }
+    }
+
+    /// The fastest kernel this CPU runs, asked once.
+    fn best() -> Self {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Self::Avx512, Self::Avx2]
+                .into_iter()
+                .find(|k| k.runs_here())
+                .unwrap_or(Self::Scalar)
+        })
+    }
 }
 
 impl KMatrix {
@@ -282,11 +363,22 @@ impl KMatrix {
                 .enumerate()
                 .for_each(|(task, out)| {
                     let first = task * ROWS_PER_TASK;
-                    for (i, out_r) in out.chunks_exact_mut(per_row).enumerate() {
-                        let r = first + i;
-                        for (o, a) in out_r.iter_mut().zip(&acts) {
-                            *o = part.dot(r * k..(r + 1) * k, a);
-                        }
+                    let whole = out.len() / per_row / WEIGHT_ROWS_PER_TILE * WEIGHT_ROWS_PER_TILE;
+                    let mut tiles = out.chunks_exact_mut(WEIGHT_ROWS_PER_TILE * per_row);
+                    for (t, out) in (&mut tiles).enumerate() {
+                        let r = first + t * WEIGHT_ROWS_PER_TILE;
+                        let blocks: [_; WEIGHT_ROWS_PER_TILE] =
+                            std::array::from_fn(|j| (r + j) * k..(r + j + 1) * k);
+                        fill_tile(part, blocks, &acts, out);
+                    }
+                    for (i, out) in tiles.into_remainder().chunks_exact_mut(per_row).enumerate() {
+                        let r = first + whole + i;
+                        fill_tile(
+                            part,
+                            std::array::from_fn::<_, 1, _>(|_| r * k..(r + 1) * k),
+                            &acts,
+                            out,
+                        );
                     }
                 });
         }
@@ -300,6 +392,36 @@ impl KMatrix {
             }
         }
         out
+    }
+}
+
+/// `out` (`C` weight rows' outputs, each `acts.len()` values) from the blocks `blocks` of
+/// `part`, `ACT_ROWS_PER_LOAD` activation rows at a time.
+fn fill_tile<const C: usize>(
+    part: &Blocks,
+    blocks: [std::ops::Range<usize>; C],
+    acts: &[Vec<ActBlock>],
+    out: &mut [f32],
+) {
+    let per_row = acts.len().max(1);
+    let mut groups = acts.chunks_exact(ACT_ROWS_PER_LOAD);
+    let mut i = 0;
+    for a in &mut groups {
+        let a: [&[ActBlock]; ACT_ROWS_PER_LOAD] = std::array::from_fn(|r| a[r].as_slice());
+        let tile = part.dot_tile(blocks.clone(), a);
+        for (r, row) in tile.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                out[j * per_row + i + r] = *v;
+            }
+        }
+        i += ACT_ROWS_PER_LOAD;
+    }
+    for a in groups.remainder() {
+        let [row] = part.dot_tile(blocks.clone(), [a.as_slice()]);
+        for (j, v) in row.iter().enumerate() {
+            out[j * per_row + i] = *v;
+        }
+        i += 1;
     }
 }
 

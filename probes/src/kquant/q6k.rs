@@ -87,26 +87,35 @@ pub(super) mod avx2 {
         std::array::from_fn(|i| (2 * k + i / 8) as i8)
     }
 
-    /// One weight row dotted with one activation row, as ggml's AVX2 kernel sums it.
+    /// One weight row dotted with `R` activation rows, each as ggml's AVX2 kernel sums it.
     ///
     /// Per block, per 32-value group: the u6 x i8 products summed in pairs to i16
     /// (`vpmaddubsw`), less 32 x the activations' pair sums (the quants' offset), times the
     /// group's two scales and summed in pairs to i32 (`vpmaddwd`); then `d * dx` times the
-    /// block's i32 sums in f32.
+    /// block's i32 sums in f32. The weights' quants and scales are unpacked once for all `R`
+    /// rows; each row's sums are the same instructions in the same order whatever `R`, so its
+    /// result is the same bits.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(in crate::kquant) unsafe fn dot(w: &[Block], a: &[ActBlock]) -> f32 {
+    pub(in crate::kquant) unsafe fn dot_rows<const R: usize>(
+        w: &[Block],
+        a: [&[ActBlock]; R],
+    ) -> [f32; R] {
+        assert!(
+            a.iter().all(|a| a.len() >= w.len()),
+            "activation row too short"
+        );
         let controls: [__m128i; 8] =
             std::array::from_fn(|k| _mm_loadu_si128(scale_pair(k).as_ptr() as *const _));
         let low4 = _mm256_set1_epi8(0x0F);
         let low2 = _mm256_set1_epi8(3);
         let offset = _mm256_set1_epi8(32);
-        let mut acc = _mm256_setzero_ps();
-        for (wb, ab) in w.iter().zip(a) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (i, wb) in w.iter().enumerate() {
             let scales = _mm_loadu_si128(wb.scales.as_ptr() as *const _);
-            let mut isum = _mm256_setzero_si256();
+            let mut isum = [_mm256_setzero_si256(); R];
             for h in 0..2 {
                 let ql0 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h) as *const _);
                 let ql1 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h + 32) as *const _);
@@ -123,19 +132,134 @@ pub(super) mod avx2 {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), h3),
                 ];
                 for (g, q) in quants.into_iter().enumerate() {
-                    let x = _mm256_loadu_si256(ab.qs.as_ptr().add(128 * h + 32 * g) as *const _);
-                    let pairs = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(q, x),
-                        _mm256_maddubs_epi16(offset, x),
-                    );
                     let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, controls[4 * h + g]));
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, scale));
+                    for r in 0..R {
+                        let x = _mm256_loadu_si256(
+                            a[r][i].qs.as_ptr().add(128 * h + 32 * g) as *const _
+                        );
+                        let pairs = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(q, x),
+                            _mm256_maddubs_epi16(offset, x),
+                        );
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, scale));
+                    }
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(wb.d * ab.d), acc);
+            for r in 0..R {
+                let d = _mm256_set1_ps(wb.d * a[r][i].d);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), d, acc[r]);
+            }
         }
-        let sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let sum = _mm_hadd_ps(sum, sum);
-        _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
+        std::array::from_fn(|r| {
+            let sum = _mm_add_ps(
+                _mm256_castps256_ps128(acc[r]),
+                _mm256_extractf128_ps(acc[r], 1),
+            );
+            let sum = _mm_hadd_ps(sum, sum);
+            _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
+        })
+    }
+}
+
+// The AVX-512 twin of `avx2` (the same `unsafe_code` opt-out, the same loads: the
+// activations' 64 bytes at multiples of 64 below 256).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(super) mod avx512 {
+    use super::{ActBlock, Block};
+    use core::arch::x86_64::*;
+
+    /// [`super::avx2::dot_rows`] for `C` weight rows at once, with two 32-value groups per
+    /// 512-bit product, whose scaled sums (`vpdpwssd`) fold to the AVX2 kernel's eight i32
+    /// lanes at the end of each block. Each activation load serves `C` weight rows and each
+    /// unpacked weight `R` activation rows. Integer sums are exact, so every lane, and from
+    /// there every float operation, is the AVX2 kernel's: the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VNNI, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(in crate::kquant) unsafe fn dot_tile<const R: usize, const C: usize>(
+        w: [&[Block]; C],
+        a: [&[ActBlock]; R],
+    ) -> [[f32; C]; R] {
+        let n = w.iter().map(|w| w.len()).min().unwrap_or(0);
+        assert!(a.iter().all(|a| a.len() >= n), "activation row too short");
+        // For groups 2p and 2p + 1 of half h: scales 8h + 4p .. 8h + 4p + 4, each 8 times.
+        let controls: [__m256i; 4] = std::array::from_fn(|k| {
+            let idx: [i8; 32] = std::array::from_fn(|i| (4 * k + i / 8) as i8);
+            _mm256_loadu_si256(idx.as_ptr() as *const _)
+        });
+        let low4 = _mm256_set1_epi8(0x0F);
+        let low2 = _mm256_set1_epi8(3);
+        let offset = _mm512_set1_epi8(32);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for i in 0..n {
+            let mut isum = [[_mm512_setzero_si512(); C]; R];
+            for h in 0..2 {
+                // Per weight row, groups (0, 1) and (2, 3) of this half as 64 bytes each.
+                // (Loops, not closures: a closure would not inherit the target features.)
+                let mut quants = [[_mm512_setzero_si512(); 2]; C];
+                for (j, quants) in quants.iter_mut().enumerate() {
+                    let wb = &w[j][i];
+                    let ql0 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h) as *const _);
+                    let ql1 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h + 32) as *const _);
+                    let qh = _mm256_loadu_si256(wb.qh.as_ptr().add(32 * h) as *const _);
+                    // Each value's two high bits, moved to bits 4-5.
+                    let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4);
+                    let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4);
+                    let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
+                    let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30));
+                    let g0 = _mm256_or_si256(_mm256_and_si256(ql0, low4), h0);
+                    let g1 = _mm256_or_si256(_mm256_and_si256(ql1, low4), h1);
+                    let g2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), h2);
+                    let g3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), h3);
+                    quants[0] = _mm512_inserti64x4(_mm512_castsi256_si512(g0), g1, 1);
+                    quants[1] = _mm512_inserti64x4(_mm512_castsi256_si512(g2), g3, 1);
+                }
+                for p in 0..2 {
+                    let mut scale = [_mm512_setzero_si512(); C];
+                    for (j, scale) in scale.iter_mut().enumerate() {
+                        let scales = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                            w[j][i].scales.as_ptr() as *const _,
+                        ));
+                        *scale =
+                            _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(scales, controls[2 * h + p]));
+                    }
+                    for r in 0..R {
+                        let x = _mm512_loadu_si512(
+                            a[r][i].qs.as_ptr().add(128 * h + 64 * p) as *const _
+                        );
+                        let offset_sums = _mm512_maddubs_epi16(offset, x);
+                        for j in 0..C {
+                            let pairs = _mm512_sub_epi16(
+                                _mm512_maddubs_epi16(quants[j][p], x),
+                                offset_sums,
+                            );
+                            isum[r][j] = _mm512_dpwssd_epi32(isum[r][j], pairs, scale[j]);
+                        }
+                    }
+                }
+            }
+            for j in 0..C {
+                for r in 0..R {
+                    let folded = _mm256_add_epi32(
+                        _mm512_castsi512_si256(isum[r][j]),
+                        _mm512_extracti64x4_epi64(isum[r][j], 1),
+                    );
+                    let d = _mm256_set1_ps(w[j][i].d * a[r][i].d);
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), d, acc[r][j]);
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            std::array::from_fn(|j| {
+                let sum = _mm_add_ps(
+                    _mm256_castps256_ps128(acc[r][j]),
+                    _mm256_extractf128_ps(acc[r][j], 1),
+                );
+                let sum = _mm_hadd_ps(sum, sum);
+                _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
+            })
+        })
     }
 }

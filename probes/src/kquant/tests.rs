@@ -168,3 +168,52 @@ fn rows_gather_and_stack_across_kinds() {
     inf[209] = 0x7c;
     assert!(KMatrix::from_ggml(KQuant::Q6K, &inf, 1, 256).is_none());
 }
+
+/// Every kernel this CPU runs gives the AVX2 kernel's bits, in tiles of any shape: a row's
+/// result never depends on which kernel, or which neighbours, computed it.
+#[test]
+fn every_kernel_gives_the_avx2_kernels_bits() {
+    if !Kernel::Avx2.runs_here() {
+        return;
+    }
+    let cols = 768;
+    for (kind, dtype) in KINDS {
+        let (q, _) = quantized(dtype, 7, cols, 21);
+        let w = matrix(kind, &q, 7, cols);
+        let x = inputs(9, cols);
+        let acts: Vec<Vec<ActBlock>> = x.chunks_exact(cols).map(quantize_row).collect();
+        let part = &w.parts[0];
+        let k = cols / QK_K;
+        let avx2: Vec<Vec<f32>> = (0..7)
+            .map(|r| {
+                acts.iter()
+                    .map(|a| part.dot_rows_by(Kernel::Avx2, r * k..(r + 1) * k, [a.as_slice()])[0])
+                    .collect()
+            })
+            .collect();
+        // The product as `matmul` tiles it (3 weight rows x 4 activation rows, remainders).
+        let all = w.matmul(&x, 9);
+        for (r, want) in avx2.iter().enumerate() {
+            for (i, v) in want.iter().enumerate() {
+                assert_eq!(all[i * 7 + r].to_bits(), v.to_bits(), "{kind:?} ({i}, {r})");
+            }
+        }
+        for kernel in [Kernel::Avx512] {
+            if !kernel.runs_here() {
+                eprintln!("{kernel:?} not on this CPU: compared only as `matmul` runs");
+                continue;
+            }
+            for (r, avx2) in avx2.iter().enumerate() {
+                let range = r * k..(r + 1) * k;
+                let rows = [0, 3, 5, 8].map(|i| acts[i].as_slice());
+                let four = part.dot_rows_by(kernel, range, rows);
+                let want = [avx2[0], avx2[3], avx2[5], avx2[8]];
+                assert_eq!(
+                    four.map(f32::to_bits),
+                    want.map(f32::to_bits),
+                    "{kernel:?} {kind:?} row {r}"
+                );
+            }
+        }
+    }
+}
