@@ -69,9 +69,10 @@ pub(super) fn dot_reference(w: &[Block], a: &[ActBlock]) -> f32 {
     sum
 }
 
-// One of the three places in the workspace that opt out of `unsafe_code = "deny"` (with
-// `q4k` and the call in `Blocks::dot`): the intrinsics below are unsafe to call (target
-// features, unaligned loads).
+// The kernels of this module and `q4k` (AVX2 and AVX-512), and the calls into them in
+// `Blocks::dot_rows_by` and `Blocks::dot_tile`, are the only code in the workspace that opts
+// out of `unsafe_code = "deny"`: the intrinsics are unsafe to call (target features,
+// unaligned loads).
 // Every load reads inside a block's own arrays: 32 bytes at offsets 0, 32, 64 and 96 of 128
 // low quants, at 0 and 32 of 64 high bits, 16 bytes of 16 scales, 32 bytes at multiples of
 // 32 below 256 of 256 activation quants.
@@ -161,8 +162,9 @@ pub(super) mod avx2 {
     }
 }
 
-// The AVX-512 twin of `avx2` (the same `unsafe_code` opt-out, the same loads: the
-// activations' 64 bytes at multiples of 64 below 256).
+// The AVX-512 twin of `avx2` (the same `unsafe_code` opt-out). Its loads read inside the
+// same arrays: the weights' as `avx2` reads them, the activations' 64 bytes at multiples of
+// 64 below 256, and the shuffle controls' local arrays whole.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx512 {
