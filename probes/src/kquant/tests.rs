@@ -198,7 +198,7 @@ fn every_kernel_gives_the_avx2_kernels_bits() {
                 assert_eq!(all[i * 7 + r].to_bits(), v.to_bits(), "{kind:?} ({i}, {r})");
             }
         }
-        for kernel in [Kernel::Avx512] {
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
             if !kernel.runs_here() {
                 eprintln!("{kernel:?} not on this CPU: compared only as `matmul` runs");
                 continue;
