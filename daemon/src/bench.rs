@@ -573,7 +573,7 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     let gen = |h: &Hooks| -> anyhow::Result<usize> {
         Ok(probes::generate(&model.transformer, std::slice::from_ref(&prompt), h, &opts)?[0].len())
     };
-    gen(&plain)?; // warm-up (builds the Q8_0 decode weights)
+    gen(&plain)?; // warm-up (builds the Q8_0 decode weights when it decodes a step)
     println!("decode precision: {}", model.transformer.precision());
     let (g_plain, n_plain) = time(|| gen(&plain))?;
     let (g_steer, n_steer) = time(|| gen(&steering))?;
@@ -587,8 +587,9 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
         n_steer as f64 / g_steer.as_secs_f64(),
         (n_steer as f64 / g_steer.as_secs_f64()) / (n_plain as f64 / g_plain.as_secs_f64())
     );
-    // Batched greedy generation as audits run it (32 rows at a time): the decode steps' two
-    // precisions.
+    // Batched greedy generation as audits run it (32 rows at a time), in both precisions:
+    // quantized (the file's K-quant blocks in the prefill and decode steps, a Q8_0 copy of
+    // the other weights in decode steps) and f32.
     let rows: Vec<Vec<u32>> = prompts.iter().take(32).cloned().collect();
     let batched = |f32_decode: bool| -> anyhow::Result<usize> {
         let opts = GenerateOptions {
@@ -605,7 +606,7 @@ fn forward(a: ForwardArgs) -> anyhow::Result<ExitCode> {
     let q8_tps = n_q8 as f64 / b_q8.as_secs_f64();
     let f32_tps = n_f32 as f64 / b_f32.as_secs_f64();
     println!(
-        "batched generation, {} prompts x 32 tokens: Q8_0 decode {q8_tps:.1} tok/s, f32 decode {f32_tps:.1} tok/s ({:.2}x Q8_0)",
+        "batched generation, {} prompts x 32 tokens: quantized {q8_tps:.1} tok/s, f32 {f32_tps:.1} tok/s ({:.2}x quantized)",
         rows.len(),
         f32_tps / q8_tps
     );

@@ -29,13 +29,15 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Generation of a row ends after it emits one of these (which is kept in its output).
     pub stop_tokens: Vec<u32>,
-    /// Decode in f32 even where the model decodes with its Q8_0 weights: the reference
-    /// precision, which a recipe that must reproduce its output bit for bit pins.
+    /// Prefill and decode in f32 even where the model generates with quantized weights
+    /// ([`crate::LoadOptions::quantized_decode`]): the reference precision, which a recipe
+    /// that must reproduce its output bit for bit pins, and what audits use.
     pub f32_decode: bool,
     /// How many first tokens every prompt has in common (a chat template's preamble), to
     /// prefill once for the whole batch ([`Transformer::prefill_shared`]); 0 for none. It must
     /// not depend on the batch (a prompt set's preamble, not the batch's common prefix), or
-    /// a row's tokens would depend on the rows beside it.
+    /// a row's tokens would depend on the rows beside it. Not taken where the prefill reads
+    /// the file's K-quant blocks (without `f32_decode`): a shared start's passes are f32.
     pub shared_start: usize,
 }
 
@@ -82,7 +84,9 @@ pub fn generate_until(
 pub type PromptActivations = BTreeMap<HookPoint, Vec<Tensor>>;
 
 /// [`generate_until`], also capturing `capture` in the pass over the prompts (the prefill):
-/// each prompt's activations at each of those hooks, the same bits a prompt pass captures.
+/// each prompt's activations at each of those hooks, the same bits a prompt pass captures
+/// when the generation is f32 ([`GenerateOptions::f32_decode`], or a model without
+/// quantized generation); otherwise the prefill's, whose products read the file's blocks.
 /// A caller that generates from a prompt set and also reads its activations runs the set
 /// once.
 pub fn generate_capturing(

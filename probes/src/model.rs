@@ -27,9 +27,12 @@ pub enum Format {
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Decode steps read quantized weights: a GGUF file's own Q4_K and Q6_K blocks where it
-    /// has them and the CPU runs their kernels, otherwise a Q8_0 copy (about 2.5x faster generation on
-    /// CPU than f32; prompt passes always use f32).
+    /// Generation reads quantized weights: a GGUF file's own Q4_K and Q6_K blocks where it
+    /// has them and the CPU runs their kernels, in the prefill and decode steps, otherwise a
+    /// Q8_0 copy in decode steps (about 2.5x faster generation on CPU than f32; prompt passes
+    /// always use f32, and so does a generation with [`GenerateOptions::f32_decode`]).
+    ///
+    /// [`GenerateOptions::f32_decode`]: crate::GenerateOptions::f32_decode
     pub quantized_decode: bool,
 }
 

@@ -118,7 +118,8 @@ impl Transformer {
     /// have in common, once (as [`Transformer::forward_chunked_shared`]): the prompts' own
     /// tokens run right-padded after the preamble's cache, which is then left-aligned so that
     /// decode steps append after every row's real keys. Falls back to the full prefill where
-    /// sharing cannot give the same output ([`Transformer::can_share`]).
+    /// sharing cannot give the same output ([`Transformer::can_share`]), and where the
+    /// prefill reads the file's K-quant blocks (the shared start's passes are f32).
     pub(crate) fn prefill_shared(
         &self,
         prompts: &[Vec<u32>],

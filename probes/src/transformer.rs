@@ -41,8 +41,9 @@ pub struct Linear {
     /// ([`Linear::stored_in_out`]).
     pub(crate) w: Tensor,
     pub(crate) b: Option<Tensor>,
-    /// The checkpoint's own K-quant blocks, kept for decode steps where the file stores
-    /// them and the CPU runs [`crate::kquant`]'s kernels.
+    /// The checkpoint's own K-quant blocks, kept for quantized generation (prefill and
+    /// decode steps, [`Weights`]) where the file stores them and the CPU runs
+    /// [`crate::kquant`]'s kernels.
     pub(crate) blocks: Option<KMatrix>,
     q8: OnceLock<Option<QMatMul>>,
 }
@@ -60,7 +61,8 @@ impl Linear {
         }
     }
 
-    /// Decode steps use these K-quant blocks (the same matrix as `w`) instead of a Q8_0 copy.
+    /// Quantized generation uses these K-quant blocks (the same matrix as `w`): its prefill
+    /// instead of `w`, its decode steps instead of a Q8_0 copy.
     pub(crate) fn with_blocks(mut self, blocks: Option<KMatrix>) -> Self {
         self.blocks = blocks;
         self
@@ -304,7 +306,8 @@ impl Block {
         })
     }
 
-    /// Whether a decode step reads any of this block's weights as the file's K-quant blocks.
+    /// Whether quantized generation reads any of this block's weights as the file's K-quant
+    /// blocks.
     fn holds_file_blocks(&self) -> bool {
         let mlp = match &self.mlp {
             Mlp::Gated { gate_up, down, .. } => [gate_up, down],
@@ -400,7 +403,7 @@ pub struct KvCache {
     key_real: Vec<Vec<bool>>,
     /// Per row, real tokens seen so far.
     totals: Vec<usize>,
-    /// Decode steps in f32 even when the model decodes with Q8_0 weights.
+    /// Prefill and decode steps in f32 even when the model generates with quantized weights.
     pub(crate) f32_decode: bool,
 }
 

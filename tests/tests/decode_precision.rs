@@ -1,7 +1,8 @@
 //! The faster decode path is within tolerance of the reference on what an audit reads from
-//! generations (issue 18). It decodes with quantised weights: the file's own Q4_K and Q6_K
-//! blocks (on this model its `ffn_down`, 12 blocks of each) and a Q8_0 copy of the rest; the
-//! reference is the same model in f32 throughout, as audits decode. On Qwen2.5-Coder-0.5B-Instruct, which refuses, the
+//! generations (issue 18). It generates with quantised weights: the file's own Q4_K and Q6_K
+//! blocks (on this model its `ffn_down`, 12 blocks of each) in the prefill and decode steps,
+//! and a Q8_0 copy of the rest in decode steps (f32 in the prefill); the reference is the
+//! same model in f32 throughout, as audits decode. On Qwen2.5-Coder-0.5B-Instruct, which refuses, the
 //! first 12 prompts of the shipped harmful and harmless sets are generated (24 greedy
 //! tokens) in both precisions and classified with the refusal checks' classifier: each set's
 //! refusal count must agree within one prompt in twelve, and at most one prompt in twelve

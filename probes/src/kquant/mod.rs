@@ -1,7 +1,10 @@
-//! A checkpoint's own K-quant blocks (Q4_K and Q6_K), for decode steps.
+//! A checkpoint's own K-quant blocks (Q4_K and Q6_K), for quantized generation: its decode
+//! steps and its prefill.
 //!
 //! A decode step multiplies one row (or a few) by every weight matrix, so it is bound by the
-//! bytes it reads. A Q4_K_M file's blocks hold 4.5 (Q4_K) and 6.56 (Q6_K) bits a weight; the
+//! bytes it reads. A prefill multiplies tens of rows, so the kernels unpack a weight row once
+//! for several activation rows, and with AVX-512 VNNI take a tile of weight rows per
+//! activation load. A Q4_K_M file's blocks hold 4.5 (Q4_K) and 6.56 (Q6_K) bits a weight; the
 //! Q8_0 copy that decode steps otherwise use holds 8.5. This module keeps the file's blocks,
 //! Q4_K's 6-bit scales and mins unpacked (4.75 bits a weight), and multiplies them by
 //! activations quantised per 256 values to 8 bits, as llama.cpp does with the same blocks
@@ -9,10 +12,11 @@
 //! when the file stores `attn_v` in Q6_K and `attn_q` in Q4_K.
 //!
 //! The kernels need AVX2 and FMA (every x86-64-v3 CPU, which the release build targets);
-//! [`supported`] says whether this CPU has them. Where it does not, nothing is kept and decode
-//! steps use the Q8_0 copy as before. Every output is one row of weights dotted with one row
-//! of activations, in the same order whatever the number of rows or threads, so a row's
-//! result does not depend on its batch.
+//! [`supported`] says whether this CPU has them. Where it does not, nothing is kept and
+//! generation uses f32 and the Q8_0 copy as before. Every output is one row of weights dotted
+//! with one row of activations, in the same order whatever the number of rows, threads or
+//! kernel (the AVX-512 kernels' integer lanes fold exactly to the AVX2 kernels'), so a row's
+//! result does not depend on its batch or its CPU's vector width.
 
 mod activations;
 mod q4k;
@@ -24,10 +28,13 @@ use rayon::prelude::*;
 
 /// Values per K-quant super-block.
 pub(crate) const QK_K: usize = 256;
-/// Weight rows a thread takes at a time.
-const ROWS_PER_TASK: usize = 64;
+/// Weight rows a thread takes at a time (whole tiles of [`WEIGHT_ROWS_PER_TILE`]).
+const ROWS_PER_TASK: usize = 63;
 /// Activation rows that share one unpacking of a weight row's blocks.
 const ACT_ROWS_PER_LOAD: usize = 4;
+/// Activation rows every weight row of a task passes over before the next ones (a long
+/// prompt's rows would not stay in cache).
+const ACT_ROWS_PER_CHUNK: usize = 32;
 /// Weight rows that share one load of an activation row (by the AVX-512 kernels).
 const WEIGHT_ROWS_PER_TILE: usize = 3;
 
@@ -111,7 +118,10 @@ impl Blocks {
         range: std::ops::Range<usize>,
         a: [&[ActBlock]; R],
     ) -> [f32; R] {
-        debug_assert!(kernel.runs_here());
+        assert!(
+            kernel.runs_here(),
+            "{kernel:?} kernels need CPU features this one lacks"
+        );
         // SAFETY: `kernel` is one this CPU has the features for (`Kernel::best` or a
         // caller's check of `runs_here`).
         #[cfg(target_arch = "x86_64")]
@@ -363,22 +373,30 @@ impl KMatrix {
                 .enumerate()
                 .for_each(|(task, out)| {
                     let first = task * ROWS_PER_TASK;
-                    let whole = out.len() / per_row / WEIGHT_ROWS_PER_TILE * WEIGHT_ROWS_PER_TILE;
-                    let mut tiles = out.chunks_exact_mut(WEIGHT_ROWS_PER_TILE * per_row);
-                    for (t, out) in (&mut tiles).enumerate() {
-                        let r = first + t * WEIGHT_ROWS_PER_TILE;
-                        let blocks: [_; WEIGHT_ROWS_PER_TILE] =
-                            std::array::from_fn(|j| (r + j) * k..(r + j + 1) * k);
-                        fill_tile(part, blocks, &acts, out);
-                    }
-                    for (i, out) in tiles.into_remainder().chunks_exact_mut(per_row).enumerate() {
-                        let r = first + whole + i;
-                        fill_tile(
-                            part,
-                            std::array::from_fn::<_, 1, _>(|_| r * k..(r + 1) * k),
-                            &acts,
-                            out,
-                        );
+                    let rows = out.len() / per_row;
+                    // Activation rows a chunk at a time, so that they stay in cache while
+                    // every weight row of the task passes over them.
+                    for (c, chunk) in acts.chunks(ACT_ROWS_PER_CHUNK).enumerate() {
+                        let at = c * ACT_ROWS_PER_CHUNK;
+                        let block_range = |r: usize| (first + r) * k..(first + r + 1) * k;
+                        let mut r = 0;
+                        while r + WEIGHT_ROWS_PER_TILE <= rows {
+                            let blocks: [_; WEIGHT_ROWS_PER_TILE] =
+                                std::array::from_fn(|j| block_range(r + j));
+                            let out = &mut out[r * per_row..(r + WEIGHT_ROWS_PER_TILE) * per_row];
+                            fill_tile(part, blocks, chunk, at, out);
+                            r += WEIGHT_ROWS_PER_TILE;
+                        }
+                        for r in r..rows {
+                            let blocks: [_; 1] = std::array::from_fn(|_| block_range(r));
+                            fill_tile(
+                                part,
+                                blocks,
+                                chunk,
+                                at,
+                                &mut out[r * per_row..(r + 1) * per_row],
+                            );
+                        }
                     }
                 });
         }
@@ -395,17 +413,19 @@ impl KMatrix {
     }
 }
 
-/// `out` (`C` weight rows' outputs, each `acts.len()` values) from the blocks `blocks` of
-/// `part`, `ACT_ROWS_PER_LOAD` activation rows at a time.
+/// Into `out` (`C` weight rows' outputs, `per_row` values each, `per_row = out.len() / C`):
+/// the blocks `blocks` of `part` dotted with activation rows `at..at + acts.len()`,
+/// `ACT_ROWS_PER_LOAD` at a time.
 fn fill_tile<const C: usize>(
     part: &Blocks,
     blocks: [std::ops::Range<usize>; C],
     acts: &[Vec<ActBlock>],
+    at: usize,
     out: &mut [f32],
 ) {
-    let per_row = acts.len().max(1);
+    let per_row = out.len() / C;
     let mut groups = acts.chunks_exact(ACT_ROWS_PER_LOAD);
-    let mut i = 0;
+    let mut i = at;
     for a in &mut groups {
         let a: [&[ActBlock]; ACT_ROWS_PER_LOAD] = std::array::from_fn(|r| a[r].as_slice());
         let tile = part.dot_tile(blocks.clone(), a);

@@ -113,9 +113,11 @@ fn a_row_is_the_same_bits_alone_and_in_a_batch() {
     ])
     .unwrap();
     let rows = w.rows();
-    let x = inputs(5, cols);
-    let batch = w.matmul(&x, 5);
-    for i in 0..5 {
+    // More rows than a chunk (32), not a multiple of a load (4).
+    let m = 37;
+    let x = inputs(m, cols);
+    let batch = w.matmul(&x, m);
+    for i in 0..m {
         let alone = w.matmul(&x[i * cols..(i + 1) * cols], 1);
         assert_eq!(alone, batch[i * rows..(i + 1) * rows].to_vec(), "row {i}");
     }
