@@ -169,15 +169,20 @@ pub(super) mod avx2 {
                 );
             }
         }
-        std::array::from_fn(|r| {
-            let sum = _mm_add_ps(
-                _mm256_castps256_ps128(acc[r]),
-                _mm256_extractf128_ps(acc[r], 1),
-            );
-            let sum = _mm_sub_ps(sum, min_acc[r]);
-            let sum = _mm_hadd_ps(sum, sum);
-            _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
-        })
+        std::array::from_fn(|r| sum_lanes(acc[r], min_acc[r]))
+    }
+
+    /// The sum of `acc`'s eight lanes less `mins`' four, in the order every kernel of this
+    /// file sums them.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum_lanes(acc: __m256, mins: __m128) -> f32 {
+        let sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let sum = _mm_sub_ps(sum, mins);
+        let sum = _mm_hadd_ps(sum, sum);
+        _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
     }
 }
 
@@ -187,6 +192,7 @@ pub(super) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx512 {
+    use super::avx2::sum_lanes;
     use super::{ActBlock, Block};
     use core::arch::x86_64::*;
 
@@ -266,16 +272,6 @@ pub(super) mod avx512 {
                 }
             }
         }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|j| {
-                let sum = _mm_add_ps(
-                    _mm256_castps256_ps128(acc[r][j]),
-                    _mm256_extractf128_ps(acc[r][j], 1),
-                );
-                let sum = _mm_sub_ps(sum, min_acc[r][j]);
-                let sum = _mm_hadd_ps(sum, sum);
-                _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
-            })
-        })
+        std::array::from_fn(|r| std::array::from_fn(|j| sum_lanes(acc[r][j], min_acc[r][j])))
     }
 }

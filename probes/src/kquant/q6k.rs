@@ -110,28 +110,13 @@ pub(super) mod avx2 {
         );
         let controls: [__m128i; 8] =
             std::array::from_fn(|k| _mm_loadu_si128(scale_pair(k).as_ptr() as *const _));
-        let low4 = _mm256_set1_epi8(0x0F);
-        let low2 = _mm256_set1_epi8(3);
         let offset = _mm256_set1_epi8(32);
         let mut acc = [_mm256_setzero_ps(); R];
         for (i, wb) in w.iter().enumerate() {
             let scales = _mm_loadu_si128(wb.scales.as_ptr() as *const _);
             let mut isum = [_mm256_setzero_si256(); R];
             for h in 0..2 {
-                let ql0 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h) as *const _);
-                let ql1 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h + 32) as *const _);
-                let qh = _mm256_loadu_si256(wb.qh.as_ptr().add(32 * h) as *const _);
-                // Each value's two high bits, moved to bits 4-5.
-                let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4);
-                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4);
-                let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
-                let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30));
-                let quants = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low4), h0),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low4), h1),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), h2),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), h3),
-                ];
+                let quants = unpack_half(wb, h);
                 for (g, q) in quants.into_iter().enumerate() {
                     let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, controls[4 * h + g]));
                     for r in 0..R {
@@ -151,14 +136,42 @@ pub(super) mod avx2 {
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), d, acc[r]);
             }
         }
-        std::array::from_fn(|r| {
-            let sum = _mm_add_ps(
-                _mm256_castps256_ps128(acc[r]),
-                _mm256_extractf128_ps(acc[r], 1),
-            );
-            let sum = _mm_hadd_ps(sum, sum);
-            _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
-        })
+        std::array::from_fn(|r| sum_lanes(acc[r]))
+    }
+
+    /// Half `h` of a block's 6-bit quants as four 32-value groups (group `g` is values
+    /// `128h + 32g ..`), each value's two high bits moved to bits 4-5.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpack_half(wb: &Block, h: usize) -> [__m256i; 4] {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let low2 = _mm256_set1_epi8(3);
+        let ql0 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h) as *const _);
+        let ql1 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h + 32) as *const _);
+        let qh = _mm256_loadu_si256(wb.qh.as_ptr().add(32 * h) as *const _);
+        let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4);
+        let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4);
+        let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
+        let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30));
+        [
+            _mm256_or_si256(_mm256_and_si256(ql0, low4), h0),
+            _mm256_or_si256(_mm256_and_si256(ql1, low4), h1),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), h2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), h3),
+        ]
+    }
+
+    /// The sum of `acc`'s eight lanes, in the order every kernel of this file sums them.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum_lanes(acc: __m256) -> f32 {
+        let sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let sum = _mm_hadd_ps(sum, sum);
+        _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
     }
 }
 
@@ -168,6 +181,7 @@ pub(super) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx512 {
+    use super::avx2::{sum_lanes, unpack_half};
     use super::{ActBlock, Block};
     use core::arch::x86_64::*;
 
@@ -191,8 +205,6 @@ pub(super) mod avx512 {
             let idx: [i8; 32] = std::array::from_fn(|i| (4 * k + i / 8) as i8);
             _mm256_loadu_si256(idx.as_ptr() as *const _)
         });
-        let low4 = _mm256_set1_epi8(0x0F);
-        let low2 = _mm256_set1_epi8(3);
         let offset = _mm512_set1_epi8(32);
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         for i in 0..n {
@@ -202,19 +214,7 @@ pub(super) mod avx512 {
                 // (Loops, not closures: a closure would not inherit the target features.)
                 let mut quants = [[_mm512_setzero_si512(); 2]; C];
                 for (j, quants) in quants.iter_mut().enumerate() {
-                    let wb = &w[j][i];
-                    let ql0 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h) as *const _);
-                    let ql1 = _mm256_loadu_si256(wb.ql.as_ptr().add(64 * h + 32) as *const _);
-                    let qh = _mm256_loadu_si256(wb.qh.as_ptr().add(32 * h) as *const _);
-                    // Each value's two high bits, moved to bits 4-5.
-                    let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4);
-                    let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4);
-                    let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
-                    let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30));
-                    let g0 = _mm256_or_si256(_mm256_and_si256(ql0, low4), h0);
-                    let g1 = _mm256_or_si256(_mm256_and_si256(ql1, low4), h1);
-                    let g2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), h2);
-                    let g3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), h3);
+                    let [g0, g1, g2, g3] = unpack_half(&w[j][i], h);
                     quants[0] = _mm512_inserti64x4(_mm512_castsi256_si512(g0), g1, 1);
                     quants[1] = _mm512_inserti64x4(_mm512_castsi256_si512(g2), g3, 1);
                 }
@@ -253,15 +253,6 @@ pub(super) mod avx512 {
                 }
             }
         }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|j| {
-                let sum = _mm_add_ps(
-                    _mm256_castps256_ps128(acc[r][j]),
-                    _mm256_extractf128_ps(acc[r][j], 1),
-                );
-                let sum = _mm_hadd_ps(sum, sum);
-                _mm_cvtss_f32(_mm_hadd_ps(sum, sum))
-            })
-        })
+        std::array::from_fn(|r| std::array::from_fn(|j| sum_lanes(acc[r][j])))
     }
 }
