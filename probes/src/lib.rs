@@ -2,6 +2,7 @@
 //! run with TransformerLens-named hook points at which activations are captured or changed
 //! (steering, directional ablation, replacement), plus generation with a KV cache.
 
+mod ablation;
 pub mod config;
 mod decode_attention;
 pub mod device;

@@ -1547,12 +1547,12 @@ impl Pass<'_> {
         let name = point.to_string();
         for i in self.hooks.interventions.iter().filter(|i| i.hook == point) {
             let mask = self.position_mask(&i.positions, point)?;
-            x = apply_edit(&x, &i.edit, &mask).map_err(|source: candle_core::Error| {
-                RunError::Candle {
+            x = apply_edit(&x, &i.edit, &mask, self.grad.is_none()).map_err(
+                |source: candle_core::Error| RunError::Candle {
                     context: format!("intervention at `{name}`"),
                     source: Box::new(source),
-                }
-            })?;
+                },
+            )?;
         }
         if self.hooks.capture.contains(&point) {
             self.captures.insert(point, x.clone());
@@ -1596,7 +1596,9 @@ impl Pass<'_> {
     }
 }
 
-fn apply_edit(x: &Tensor, edit: &Edit, mask: &Tensor) -> candle_core::Result<Tensor> {
+/// `x` after `edit` where `mask` is 1. Outside gradient passes (`fused`), an ablation of CPU
+/// f32 activations runs as one kernel ([`crate::ablation`]) with the same bits.
+fn apply_edit(x: &Tensor, edit: &Edit, mask: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
     match edit {
         Edit::Add { vector, coeff } => {
             let delta = (vector.to_dtype(x.dtype())? * f64::from(*coeff))?;
@@ -1606,6 +1608,11 @@ fn apply_edit(x: &Tensor, edit: &Edit, mask: &Tensor) -> candle_core::Result<Ten
         Edit::Ablate { direction } => {
             let d = direction.to_dtype(x.dtype())?;
             let d = (&d / d.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
+            if fused {
+                if let Some(y) = crate::ablation::ablate_rows(x, &d, mask)? {
+                    return Ok(y);
+                }
+            }
             let proj = x.broadcast_mul(&d)?.sum_keepdim(D::Minus1)?; // [b, t, 1]
             let proj = (proj * mask.to_dtype(x.dtype())?)?;
             x - proj.broadcast_mul(&d)?
