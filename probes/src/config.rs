@@ -382,7 +382,9 @@ impl ModelConfig {
                 )));
             }
         }
-        let positive = |v: f64| v > 0.0 && v.is_finite();
+        // Passes compute in f32: a value must be positive and finite as one, not only as f64.
+        let positive =
+            |v: f64| v > 0.0 && v.is_finite() && (v as f32) > 0.0 && (v as f32).is_finite();
         let behaviour = [
             ("attention soft-cap", self.attn_softcap),
             ("final logit soft-cap", self.final_softcap),
@@ -441,9 +443,9 @@ impl ModelConfig {
                 self.norm_offset
             )));
         }
-        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+        if !positive(self.norm_eps) {
             return Err(err(format!(
-                "normalisation epsilon {} is invalid",
+                "normalisation epsilon {} must be positive and finite as an f32",
                 self.norm_eps
             )));
         }

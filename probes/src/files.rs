@@ -30,19 +30,70 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     }
 }
 
-/// The whole content of the regular file at `path` (see [`open_regular`]).
+/// The most bytes a text file a checkpoint or policy names (a config, tokenizer, chat
+/// template, policy or prompt file) may hold: 128 MiB, about four times the largest real
+/// `tokenizer.json` we know (Gemma 3's, 33 MB).
+pub const TEXT_LIMIT: u64 = 128 << 20;
+
+/// The whole content of the regular file at `path` (see [`open_regular`]), refused when it is
+/// larger than this machine's physical memory or memory for it cannot be had: a weight file is
+/// read whole, and a huge or sparse file must be an error, not an abort.
 pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
-    let mut file = open_regular(path)?;
+    read_at_most(path, physical_memory())
+}
+
+/// [`read_regular`] for a text file: at most [`TEXT_LIMIT`] bytes.
+pub fn read_text_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_at_most(path, TEXT_LIMIT)
+}
+
+/// The whole content of the regular file at `path` if it holds at most `limit` bytes, with its
+/// memory reserved fallibly before reading.
+pub fn read_at_most(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path)?;
     let len = file.metadata()?.len();
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.read_to_end(&mut bytes)?;
+    let too_big = |n: u64| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{n} bytes is more than the {limit} this file may hold"),
+        )
+    };
+    if len > limit {
+        return Err(too_big(len));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot reserve memory for its {len} bytes"),
+            )
+        })?;
+    // A file that grows while it is read stops one byte past the limit.
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(bytes.len() as u64));
+    }
     Ok(bytes)
 }
 
-/// [`read_regular`] as UTF-8 text.
+/// [`read_text_file`] as UTF-8 text.
 pub fn read_regular_to_string(path: &Path) -> io::Result<String> {
-    String::from_utf8(read_regular(path)?)
+    String::from_utf8(read_text_file(path)?)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// This machine's memory in bytes, from `/proc/meminfo` (no limit where it cannot be read).
+fn physical_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// What kind of file this is, in words with an article ("a FIFO").
@@ -92,5 +143,20 @@ mod tests {
         let f = dir.path().join("a.txt");
         std::fs::write(&f, "text").unwrap();
         assert_eq!(read_regular_to_string(&f).unwrap(), "text");
+    }
+
+    #[test]
+    fn a_sparse_file_beyond_the_limit_is_an_error_before_any_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("model.gguf");
+        // 1 TiB of holes: no disk is used, and reading it whole would abort.
+        std::fs::File::create(&f).unwrap().set_len(1 << 40).unwrap();
+        let err = read_regular(&f).unwrap_err();
+        assert!(err.to_string().contains("1099511627776 bytes"), "{err}");
+        let err = read_text_file(&f).unwrap_err();
+        assert!(err.to_string().contains(&TEXT_LIMIT.to_string()), "{err}");
+        std::fs::write(&f, "four").unwrap();
+        assert_eq!(read_at_most(&f, 4).unwrap(), b"four");
+        assert!(read_at_most(&f, 3).is_err());
     }
 }

@@ -131,7 +131,7 @@ impl Model {
         let mut manifest = Manifest::default();
         let mut read = |name: &str| -> Result<Option<Vec<u8>>, LoadError> {
             let p = dir.join(name);
-            match crate::files::read_regular(&p) {
+            match crate::files::read_text_file(&p) {
                 Ok(b) => {
                     manifest.add(name, &b);
                     Ok(Some(b))

@@ -723,3 +723,163 @@ fn gguf_add_bos_token_is_honoured_and_survives_conversion() {
     let e = load_err(&path).to_string();
     assert!(e.contains("bad.gguf") && e.contains("add_bos_token"), "{e}");
 }
+
+/// Keys a red team found dropped or misread: each is now refused, naming it, or honoured.
+#[test]
+fn keys_that_change_the_computation_are_honoured_or_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, edit, expect) in [
+        (
+            "act_conflict",
+            serde_json::json!({"hidden_act": "relu", "hidden_activation": "silu"}),
+            "`hidden_activation` = \"silu\" contradicts `hidden_act`",
+        ),
+        (
+            "act_unread",
+            serde_json::json!({"hidden_activation": "gelu"}),
+            "is not read by this family",
+        ),
+        (
+            "llama_window",
+            serde_json::json!({"sliding_window": 1}),
+            "`sliding_window` = 1",
+        ),
+        (
+            "rope_yarn",
+            serde_json::json!({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}),
+            "`rope_parameters`",
+        ),
+        (
+            "rope_conflict",
+            serde_json::json!({"rope_theta": 10000.0,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+            "say different things",
+        ),
+        (
+            "bos_list",
+            serde_json::json!({"bos_token_id": [1, 5000]}),
+            "`bos_token_id` lists 5000",
+        ),
+        (
+            "eps_f32",
+            serde_json::json!({"rms_norm_eps": 1e300}),
+            "as an f32",
+        ),
+    ] {
+        let dir = with_config(tmp.path(), name, |c| {
+            for (k, v) in edit.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        });
+        let e = load_err(&dir).to_string();
+        assert!(
+            e.contains("config.json") && e.contains(expect),
+            "{name}: {e}"
+        );
+    }
+    // transformers 5 writes `rope_theta` inside `rope_parameters`: it is read from there.
+    let nested = with_config(tmp.path(), "nested", |c| {
+        c.as_object_mut().unwrap().remove("rope_theta");
+        c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 500000.0});
+    });
+    let top = with_config(tmp.path(), "top", |c| c["rope_theta"] = 500000.0.into());
+    let base = with_config(tmp.path(), "base", |_| {});
+    let p = Rand::new(5).tokens(12);
+    let (nested, top, base) = (load(&nested), load(&top), load(&base));
+    assert_eq!(nested.config().rope_theta, 500000.0);
+    assert_eq!(bits(&logits(&nested, &p)), bits(&logits(&top, &p)));
+    assert!(rel_err(&logits(&nested, &p), &logits(&base, &p)) > 1e-6);
+
+    for (key, value, expect) in [
+        (
+            "llama.attention.causal",
+            V::Bool(false),
+            "llama.attention.causal",
+        ),
+        (
+            "llama.rope.scaling.attn_factor",
+            V::F32(2.0),
+            "llama.rope.scaling.attn_factor",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            V::F64(1e300),
+            "as an f32",
+        ),
+        (
+            "tokenizer.ggml.unknown_token_id",
+            V::U32(5000),
+            "tokenizer.ggml.unknown_token_id",
+        ),
+        (
+            "tokenizer.ggml.padding_token_id",
+            V::U32(5000),
+            "tokenizer.ggml.padding_token_id",
+        ),
+    ] {
+        let path = gguf_with(tmp.path(), "m.gguf", |m, _| set_meta(m, key, value));
+        let e = load_err(&path).to_string();
+        assert!(e.contains("m.gguf") && e.contains(expect), "{key}: {e}");
+    }
+    // The causal flag at its one honoured value loads.
+    let path = gguf_with(tmp.path(), "causal.gguf", |m, _| {
+        set_meta(m, "llama.attention.causal", V::Bool(true))
+    });
+    Model::load_path(&path, &LoadOptions::default()).unwrap();
+    // A token string twice leaves one id unreachable.
+    let path = gguf_with(tmp.path(), "dup.gguf", |m, _| {
+        let tokens = m
+            .iter_mut()
+            .find(|(k, _)| k == "tokenizer.ggml.tokens")
+            .unwrap();
+        let V::Array(list) = &mut tokens.1 else {
+            panic!("tokens are an array")
+        };
+        list[7] = list[6].clone();
+    });
+    let e = load_err(&path).to_string();
+    assert!(
+        e.contains("tokenizer.ggml.tokens[7]") && e.contains("repeats tokenizer.ggml.tokens[6]"),
+        "{e}"
+    );
+}
+
+/// A normalizer that multiplies text made a 6 GB string of a prompt; a list of named chat
+/// templates was read as no template at all.
+#[test]
+fn multiplying_normalizers_are_refused_and_named_chat_templates_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = with_config(tmp.path(), "norm", |_| {});
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let step = serde_json::json!({"type": "Replace", "pattern": {"String": "l"},
+        "content": "l".repeat(1000)});
+    tok["normalizer"] = serde_json::json!({"type": "Sequence",
+        "normalizers": [step.clone(), step.clone(), step]});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = load_err(&dir).to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("1000000000-fold"),
+        "{e}"
+    );
+
+    let dir = with_config(tmp.path(), "named", |_| {});
+    let cfg = dir.join("tokenizer_config.json");
+    let named = serde_json::json!({"chat_template": [
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "{% for m in messages %}<{{ m.content }}>{% endfor %}"},
+    ]});
+    std::fs::write(&cfg, named.to_string()).unwrap();
+    let m = load(&dir);
+    let text = m
+        .codec
+        .apply_chat_template(&[probes::tokenizer::Message::user("hi")])
+        .unwrap();
+    assert_eq!(text, "<hi>");
+    std::fs::write(&cfg, r#"{"chat_template": 7}"#).unwrap();
+    let e = load_err(&dir).to_string();
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("`chat_template` is 7"),
+        "{e}"
+    );
+}

@@ -12,7 +12,7 @@ use crate::weights::Loader;
 use super::decoder::{self, GgufTensor};
 use super::gemma2::{gemma_block, gemma_block_norm, gemma_hf, GEMMA_TENSORS};
 use super::gguf_meta::{self, opt_f64};
-use super::hf::HfConfig;
+use super::hf::{self, HfConfig};
 use super::Family;
 
 pub struct Gemma3;
@@ -34,7 +34,7 @@ impl Family for Gemma3 {
     fn config_from_hf(&self, c: &HfConfig) -> Result<ModelConfig, String> {
         let mut cfg = gemma_hf(c, Architecture::Gemma3, PATTERN, (None, None))?;
         cfg.qk_norm = true;
-        cfg.rope_theta = c.rope_theta.unwrap_or(1_000_000.0);
+        cfg.rope_theta = hf::rope(c)?.0.unwrap_or(1_000_000.0);
         cfg.rope_local_theta = Some(c.rope_local_base_freq.unwrap_or(LOCAL_ROPE_BASE));
         Ok(cfg)
     }

@@ -60,6 +60,17 @@ pub fn decoder_config(
             return refuse(&key(k), v);
         }
     }
+    // Keys whose one value is what mechwatch computes; any other value is refused.
+    if let Some(v) = g.metadata.get(&key("attention.causal")) {
+        if !matches!(v, GgufValue::Bool(true)) {
+            return refuse(&key("attention.causal"), v);
+        }
+    }
+    if let Some(f) = opt_f64(g, &key("rope.scaling.attn_factor"))? {
+        if f != 1.0 {
+            return refuse(&key("rope.scaling.attn_factor"), &GgufValue::F64(f));
+        }
+    }
     let scaling_type = g
         .metadata
         .get(&key("rope.scaling.type"))

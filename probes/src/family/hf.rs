@@ -25,6 +25,8 @@ pub struct HfConfig {
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 writes `rope_theta` and the scaling here instead of at the top level.
+    pub rope_parameters: Option<serde_json::Value>,
     pub rope_local_base_freq: Option<f64>,
     pub max_position_embeddings: Option<usize>,
     pub tie_word_embeddings: Option<bool>,
@@ -196,6 +198,55 @@ pub fn rope_scaling(v: &Option<serde_json::Value>) -> Result<Option<RopeScaling>
     }
 }
 
+/// `rope_theta` and the RoPE scaling, from the top-level keys or from transformers 5's
+/// `rope_parameters` (`rope_type`, `rope_theta` and the scaling's own keys); both places
+/// saying different things is an error.
+pub fn rope(c: &HfConfig) -> Result<(Option<f64>, Option<RopeScaling>), String> {
+    let top = (c.rope_theta, rope_scaling(&c.rope_scaling)?);
+    let Some(p) = c.rope_parameters.as_ref().filter(|p| !p.is_null()) else {
+        return Ok(top);
+    };
+    let obj = p
+        .as_object()
+        .ok_or_else(|| format!("`rope_parameters` = {p} is not a table"))?;
+    if obj.contains_key("full_attention") || obj.contains_key("sliding_attention") {
+        return Err(refuse(
+            "rope_parameters",
+            &"per-layer-type RoPE parameters (write `rope_theta` and the scaling at the top \
+              level)",
+        ));
+    }
+    if let Some(f) = obj
+        .get("partial_rotary_factor")
+        .filter(|f| f.as_f64() != Some(1.0))
+    {
+        return Err(refuse("rope_parameters.partial_rotary_factor", f));
+    }
+    let theta = match obj.get("rope_theta") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(t) => Some(
+            t.as_f64()
+                .ok_or_else(|| format!("`rope_parameters.rope_theta` = {t} is not a number"))?,
+        ),
+    };
+    let mut scaling = p.clone();
+    if scaling.get("rope_type").is_none() && scaling.get("type").is_none() {
+        scaling["rope_type"] = "default".into();
+    }
+    let scaling =
+        rope_scaling(&Some(scaling)).map_err(|e| e.replace("`rope_scaling", "`rope_parameters"))?;
+    let conflict = |key: &str| {
+        format!("`rope_parameters` and the top-level `{key}` say different things; give one")
+    };
+    if top.0.is_some() && theta.is_some() && top.0 != theta {
+        return Err(conflict("rope_theta"));
+    }
+    if top.1.is_some() && top.1 != scaling {
+        return Err(conflict("rope_scaling"));
+    }
+    Ok((theta.or(top.0), scaling.or(top.1)))
+}
+
 /// What a family's own module reads from the config; everything else that changes the
 /// computation is refused by [`decoder_config`].
 #[derive(Default)]
@@ -213,16 +264,25 @@ pub fn decoder_config(
     architecture: Architecture,
     honours: &Honours,
 ) -> Result<ModelConfig, String> {
-    let act_key = if c.hidden_activation.is_some() {
-        "hidden_activation"
-    } else {
-        "hidden_act"
+    // Gemma reads `hidden_activation`; every other family reads `hidden_act` (transformers'
+    // Llama builds its MLP from `hidden_act` whatever `hidden_activation` says).
+    let (act_key, act) = match (&c.hidden_activation, &c.hidden_act) {
+        (Some(a), _) if honours.gemma_keys => ("hidden_activation", a.as_str()),
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "`hidden_activation` = {a:?} contradicts `hidden_act` = {b:?}; this family \
+                 reads `hidden_act`"
+            ))
+        }
+        (Some(a), None) => {
+            return Err(format!(
+                "`hidden_activation` = {a:?} is not read by this family, which takes its \
+                 activation from `hidden_act`"
+            ))
+        }
+        (_, Some(b)) => ("hidden_act", b.as_str()),
+        (_, None) => ("hidden_act", "silu"),
     };
-    let act = c
-        .hidden_activation
-        .as_deref()
-        .or(c.hidden_act.as_deref())
-        .unwrap_or("silu");
     if let Some(f) = c.partial_rotary_factor.filter(|&f| f != 1.0) {
         return Err(refuse("partial_rotary_factor", &f));
     }
@@ -276,10 +336,18 @@ pub fn decoder_config(
     cfg.d_mlp = need(c.intermediate_size, "intermediate_size")?;
     cfg.vocab_size = need(c.vocab_size, "vocab_size")?;
     cfg.norm_eps = c.rms_norm_eps.unwrap_or(1e-6);
-    cfg.rope_theta = c.rope_theta.unwrap_or(10_000.0);
-    cfg.rope_scaling = rope_scaling(&c.rope_scaling)?;
+    let (theta, scaling) = rope(c)?;
+    cfg.rope_theta = theta.unwrap_or(10_000.0);
+    cfg.rope_scaling = scaling;
     cfg.max_positions = c.max_position_embeddings.unwrap_or(4096);
     cfg.tie_embeddings = c.tie_word_embeddings.unwrap_or(false);
+    // Only the first BOS id is used, but every id listed must be a token.
+    if let Some(id) = bos.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        return Err(format!(
+            "`bos_token_id` lists {id}, outside the vocabulary of {}",
+            cfg.vocab_size
+        ));
+    }
     cfg.bos_token_id = bos.first().copied();
     cfg.eos_token_ids = token_ids(&c.eos_token_id, "eos_token_id")?;
     cfg.qkv_bias = attention_bias;

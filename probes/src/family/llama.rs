@@ -23,11 +23,17 @@ impl Family for Llama {
         Some("llama")
     }
     fn config_from_hf(&self, c: &HfConfig) -> Result<ModelConfig, String> {
-        let honours = Honours {
-            window_by_default: true,
-            ..Honours::default()
-        };
-        hf::decoder_config(c, Architecture::Llama, &honours)
+        // transformers' Llama attends to the whole context whatever `sliding_window` says, so
+        // a window here is refused rather than applied or dropped.
+        if let Some(w) = hf::window(c)?.filter(|_| c.use_sliding_window != Some(false)) {
+            return Err(format!(
+                "{}: Llama attends to the whole context (transformers ignores the key for \
+                 Llama); remove it, or name the family that applies it (e.g. \
+                 MistralForCausalLM)",
+                hf::refuse("sliding_window", &w)
+            ));
+        }
+        hf::decoder_config(c, Architecture::Llama, &Honours::default())
     }
     fn config_from_gguf(&self, g: &GgufFile) -> Result<ModelConfig, LoadError> {
         let mut cfg = gguf_meta::decoder_config(g, "llama", Architecture::Llama, &[])?;

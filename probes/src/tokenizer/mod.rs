@@ -14,6 +14,7 @@ use crate::error::{LoadError, RunError};
 use crate::gguf::GgufFile;
 
 pub mod bpe;
+mod expansion;
 pub mod spm;
 pub mod vocab;
 
@@ -82,6 +83,32 @@ impl Message {
     }
 }
 
+/// `chat_template` of `tokenizer_config.json`: absent, one template, or a list of named
+/// templates, of which the one named `default` is the chat template (as transformers reads it).
+fn named_template(v: &serde_json::Value) -> Result<Option<String>, String> {
+    match v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(t) => Ok(Some(t.clone())),
+        serde_json::Value::Array(list) => {
+            let named = |t: &serde_json::Value| t["name"].as_str() == Some("default");
+            match list.iter().find(|t| named(t)).map(|t| &t["template"]) {
+                Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
+                Some(other) => Err(format!(
+                    "`chat_template` named `default` holds {other}, not a template string"
+                )),
+                None => Err(format!(
+                    "`chat_template` lists {} named templates but none named `default`",
+                    list.len()
+                )),
+            }
+        }
+        other => Err(format!(
+            "`chat_template` is {other}: neither a template string nor a list of named \
+             templates"
+        )),
+    }
+}
+
 impl TextCodec {
     /// Load `tokenizer.json` and `tokenizer_config.json` from an HF directory.
     pub fn from_hf_dir(dir: &Path, read: &mut FileReader<'_>) -> Result<Self, LoadError> {
@@ -89,6 +116,15 @@ impl TextCodec {
         let bytes = read("tokenizer.json")?.ok_or_else(|| LoadError::Tokenizer {
             path: path.clone(),
             detail: "tokenizer.json is missing".into(),
+        })?;
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| LoadError::Tokenizer {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        expansion::check_normalizer(&parsed).map_err(|detail| LoadError::Tokenizer {
+            path: path.clone(),
+            detail,
         })?;
         let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| LoadError::Tokenizer {
             path: path.clone(),
@@ -119,7 +155,11 @@ impl TextCodec {
                     .map(str::to_string),
                 _ => None,
             };
-            codec.chat_template = v["chat_template"].as_str().map(str::to_string);
+            codec.chat_template =
+                named_template(&v["chat_template"]).map_err(|detail| LoadError::Tokenizer {
+                    path: dir.join("tokenizer_config.json"),
+                    detail,
+                })?;
             codec.bos_token = token("bos_token");
             codec.eos_token = token("eos_token");
         }
@@ -152,6 +192,17 @@ impl TextCodec {
         let v = GgufVocab::read(g)?;
         let bos = v.id(g, "tokenizer.ggml.bos_token_id")?;
         let eos = v.id(g, "tokenizer.ggml.eos_token_id")?;
+        // Every special id the file names must be a token, whether or not it is used.
+        for key in [
+            "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.padding_token_id",
+            "tokenizer.ggml.seperator_token_id",
+            "tokenizer.ggml.separator_token_id",
+            "tokenizer.ggml.cls_token_id",
+            "tokenizer.ggml.mask_token_id",
+        ] {
+            v.id(g, key)?;
+        }
         let (tokenizer, spm, add_bos_by_default) = match model {
             "gpt2" => {
                 let merges = vocab::strings(g, "tokenizer.ggml.merges")?;

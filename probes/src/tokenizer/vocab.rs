@@ -62,6 +62,19 @@ impl<'a> GgufVocab<'a> {
             ));
         }
         let n = tokens.len();
+        // A vocabulary maps each string to one id (SentencePiece refuses a piece defined
+        // twice); a repeated string would leave one of its ids unreachable.
+        let mut seen = std::collections::HashMap::with_capacity(n);
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(first) = seen.insert(t.as_str(), i) {
+                return Err(error(
+                    g,
+                    format!(
+                        "tokenizer.ggml.tokens[{i}] {t:?} repeats tokenizer.ggml.tokens[{first}]"
+                    ),
+                ));
+            }
+        }
         let parallel = |key: &str| -> Result<Option<&GgufArray>, LoadError> {
             let Some(v) = g.metadata.get(key) else {
                 return Ok(None);
