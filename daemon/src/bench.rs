@@ -261,10 +261,13 @@ fn check(a: CheckBenchArgs) -> anyhow::Result<ExitCode> {
     let mut seen = std::collections::BTreeSet::new();
     for p in &policies {
         for set in p.prompt_sets.values() {
-            for text in &set.prompts {
-                if seen.insert((set.chat, text.clone())) {
-                    prompts.push(model.encode_prompt(text, set.chat)?);
-                }
+            let new: Vec<&String> = set
+                .prompts
+                .iter()
+                .filter(|text| seen.insert((set.chat, (*text).clone())))
+                .collect();
+            for ids in model.encode_prompts(&new, set.chat)? {
+                prompts.push(ids?);
             }
         }
     }

@@ -254,6 +254,31 @@ impl Model {
         }
     }
 
+    /// [`Model::encode_prompt`] for many texts, their chat templates rendered together (one
+    /// child process for the batch, see [`TextCodec::apply_chat_templates`]): one result per
+    /// text, or `Err` when the batch could not be rendered at all.
+    pub fn encode_prompts<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        chat: bool,
+    ) -> Result<Vec<Result<Vec<u32>, RunError>>, RunError> {
+        if !chat {
+            return Ok(texts
+                .iter()
+                .map(|t| self.codec.encode_text(t.as_ref()))
+                .collect());
+        }
+        let messages: Vec<[Message; 1]> =
+            texts.iter().map(|t| [Message::user(t.as_ref())]).collect();
+        let batch: Vec<&[Message]> = messages.iter().map(|m| &m[..]).collect();
+        Ok(self
+            .codec
+            .apply_chat_templates(&batch)?
+            .into_iter()
+            .map(|r| r.and_then(|text| self.codec.encode(&text)))
+            .collect())
+    }
+
     /// Token ids that end a generation: the config's EOS ids and the chat end-of-turn token.
     pub fn stop_tokens(&self) -> Vec<u32> {
         let mut stops = self.config().eos_token_ids.clone();

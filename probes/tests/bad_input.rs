@@ -619,9 +619,25 @@ fn a_chat_template_that_loops_is_stopped() {
     let m = set("{{ 'w1 ' * 20000000 }}");
     let e = m.codec.apply_chat_template(&msg).unwrap_err().to_string();
     assert!(e.contains("chat template output exceeds"), "{e}");
-    // An ordinary template still renders.
+    // Forty doublings of a string ask for a terabyte in a few hundred instructions: the
+    // render's memory is capped, and the process lives to say so.
+    let m = set("{% set ns = namespace(s='w1') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s[:4] }}");
+    let e = m.codec.apply_chat_template(&msg).unwrap_err().to_string();
+    assert!(
+        e.contains("chat template") && e.contains("MiB of memory"),
+        "{e}"
+    );
+    let e = m
+        .encode_prompts(&["w3", "w4"], true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MiB of memory"), "{e}");
+    // An ordinary template still renders, alone and in a batch.
     let m = set("{% for m in messages %}{{ m.role }} {{ m.content }}{% endfor %}");
     assert_eq!(m.codec.apply_chat_template(&msg).unwrap(), "user w3 w4");
+    let batch = m.encode_prompts(&["w3 w4", "w5"], true).unwrap();
+    let one = m.encode_prompt("w5", true).unwrap();
+    assert_eq!(batch[1].as_ref().unwrap(), &one);
 }
 
 /// Two `"shape"`s inside one tensor's entry were accepted (serde_json keeps the last),

@@ -82,9 +82,9 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
         hooks = hooks.capture(*p);
     }
     let prompts = read_prompts(&a.prompts)?;
-    let ids = prompts
-        .iter()
-        .map(|p| model.encode_prompt(p, a.chat))
+    let ids = model
+        .encode_prompts(&prompts, a.chat)?
+        .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
     let max_len = ids.iter().map(Vec::len).max().unwrap_or(0);
     // Per hook, per prompt: the activation over that prompt's real tokens.

@@ -445,9 +445,9 @@ pub fn run(cmd: SaeCmd) -> anyhow::Result<ExitCode> {
             let l = load(&a.m)?;
             let encode = |f: &Path| -> anyhow::Result<Vec<Vec<u32>>> {
                 let prompts = super::capture::read_prompts(f)?;
-                Ok(prompts
-                    .iter()
-                    .map(|p| l.model.encode_prompt(p, a.chat))
+                Ok(l.model
+                    .encode_prompts(&prompts, a.chat)?
+                    .into_iter()
                     .collect::<Result<_, _>>()?)
             };
             let pos =

@@ -181,10 +181,10 @@ pub fn sample(
     recipe: &Recipe,
     mut note: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<u32>>, crate::error::RunError> {
-    let encoded = SEEDS
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|p| model.encode_prompt(p, true))
+    let seeds: Vec<&str> = SEEDS.lines().filter(|l| !l.trim().is_empty()).collect();
+    let encoded = model
+        .encode_prompts(&seeds, true)?
+        .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
     let total = encoded.len() * recipe.samples_per_prompt;
     // Batches of `generation_batch` prompts, each prompt sampled with its own seed; one batch

@@ -15,6 +15,7 @@ use crate::gguf::GgufFile;
 
 pub mod bpe;
 mod expansion;
+mod isolated;
 pub mod spm;
 pub mod vocab;
 
@@ -402,6 +403,41 @@ impl TextCodec {
 
     /// Render `messages` through the chat template, with the generation prompt appended.
     pub fn apply_chat_template(&self, messages: &[Message]) -> Result<String, RunError> {
+        let mut out = self.apply_chat_templates(std::slice::from_ref(&messages))?;
+        out.pop().expect("one conversation rendered")
+    }
+
+    /// Render each conversation of `batch` as [`TextCodec::apply_chat_template`] does, all in
+    /// one child process whose memory is capped ([`isolated`]): `Err` when the child gave no
+    /// result (a template that builds values past the cap), else one result per conversation.
+    pub fn apply_chat_templates(
+        &self,
+        batch: &[&[Message]],
+    ) -> Result<Vec<Result<String, RunError>>, RunError> {
+        if self.chat_template.is_none() {
+            return Ok(batch.iter().map(|m| self.render_template(m)).collect());
+        }
+        let rendered = isolated::run(|| {
+            batch
+                .iter()
+                .map(|m| {
+                    self.render_template(m).map_err(|e| match e {
+                        RunError::Tokenizer(detail) => detail,
+                        other => other.to_string(),
+                    })
+                })
+                .collect::<Vec<Result<String, String>>>()
+        })
+        .map_err(|why| RunError::Tokenizer(format!("chat template: {why}")))?;
+        Ok(rendered
+            .into_iter()
+            .map(|r| r.map_err(RunError::Tokenizer))
+            .collect())
+    }
+
+    /// Render `messages` in this process: fuel and output are bounded, the values built are
+    /// not (see [`TextCodec::apply_chat_templates`]).
+    fn render_template(&self, messages: &[Message]) -> Result<String, RunError> {
         let template = self
             .chat_template
             .as_deref()
