@@ -394,7 +394,7 @@ impl ModelConfig {
         ];
         for (what, v) in behaviour {
             if let Some(v) = v.filter(|&v| !positive(v)) {
-                return Err(err(format!("{what} {v} must be positive and finite")));
+                return Err(err(format!("{what} {v:e} must be positive and finite")));
             }
         }
         if self.positions == PositionEncoding::Rotary && !positive(self.rope_theta) {
@@ -445,7 +445,7 @@ impl ModelConfig {
         }
         if !positive(self.norm_eps) {
             return Err(err(format!(
-                "normalisation epsilon {} must be positive and finite as an f32",
+                "normalisation epsilon {:e} must be positive and finite as an f32",
                 self.norm_eps
             )));
         }
