@@ -20,6 +20,34 @@ impl Loc {
     }
 }
 
+/// Where each line of a text starts, so that locating an offset costs a binary search rather
+/// than a scan from the start: validation locates several values per check, and a scan per
+/// value made a policy of many checks quadratic to validate.
+#[derive(Debug, Clone)]
+pub struct LineIndex {
+    /// Byte offset of the start of each line; the first is 0.
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { starts }
+    }
+
+    /// The line and column of byte `offset` in `text` (the text this index was made of);
+    /// the same as [`Loc::of`].
+    pub fn loc(&self, text: &str, offset: usize) -> Loc {
+        let offset = offset.min(text.len());
+        let line = self.starts.partition_point(|s| *s <= offset);
+        let start = self.starts[line - 1];
+        let col = text.get(start..offset).map_or(0, |l| l.chars().count()) + 1;
+        Loc { line, col }
+    }
+}
+
 /// A policy that cannot be used as written (or against this model), with where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
@@ -83,6 +111,15 @@ mod tests {
         assert_eq!(Loc::of(t, 0), Loc { line: 1, col: 1 });
         assert_eq!(Loc::of(t, 4), Loc { line: 2, col: 2 });
         assert_eq!(Loc::of(t, 99), Loc { line: 3, col: 1 });
+    }
+
+    #[test]
+    fn the_line_index_locates_as_a_scan_does() {
+        let t = "ab\ncd\n\né\u{1b}x\n";
+        let index = LineIndex::new(t);
+        for offset in (0..=t.len() + 2).filter(|o| t.is_char_boundary(*o.min(&t.len()))) {
+            assert_eq!(index.loc(t, offset), Loc::of(t, offset), "offset {offset}");
+        }
     }
 }
 

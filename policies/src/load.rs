@@ -15,7 +15,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use crate::checks::CheckBody;
-use crate::error::{Loc, PolicyError};
+use crate::error::{LineIndex, Loc, PolicyError};
 use crate::schema::{
     CheckHead, CheckKind, DirectionSpec, LatentRef, ModelMatch, PolicyFile, PositionsSpec,
     PromptSetSpec, SaeSpec, Severity, SCHEMA_VERSION,
@@ -57,6 +57,10 @@ pub struct PromptSet {
     pub name: String,
     pub prompts: Vec<String>,
     pub chat: bool,
+    /// The prompt file, as the policy names it.
+    pub file: String,
+    /// The line of the prompt file each prompt is on (1-based), for errors about a prompt.
+    pub lines: Vec<usize>,
 }
 
 /// A name or value together with where it was written.
@@ -210,6 +214,7 @@ impl Policy {
             path,
             dir: policy_dir(path),
             text,
+            lines: LineIndex::new(text),
             errors: Vec::new(),
             broken: BTreeSet::new(),
             inputs: vec![InputFile {
@@ -244,6 +249,8 @@ pub(crate) struct Validator<'a> {
     path: &'a Path,
     dir: PathBuf,
     text: &'a str,
+    /// Where `text`'s lines start: locating a value is a binary search, not a scan.
+    lines: LineIndex,
     errors: Vec<PolicyError>,
     /// Definitions (kind, name) that had errors of their own: references to them are not
     /// reported again as undefined, so each root cause is reported once.
@@ -253,7 +260,12 @@ pub(crate) struct Validator<'a> {
 
 impl<'a> Validator<'a> {
     fn loc<T>(&self, s: &Spanned<T>) -> Loc {
-        Loc::of(self.text, s.span().start)
+        self.at(s.span().start)
+    }
+
+    /// The line and column of byte `offset` of the policy text.
+    fn at(&self, offset: usize) -> Loc {
+        self.lines.loc(self.text, offset)
     }
 
     /// `s`'s value with where it was written, for errors found later against the model.
@@ -282,7 +294,14 @@ impl<'a> Validator<'a> {
         }
         if f.name.get_ref().trim().is_empty() {
             self.err(&f.name, "the policy name is empty");
+        } else {
+            self.printable(&f.name, "the policy name", false);
         }
+        self.printable(&f.version, "the policy version", false);
+        if let Some(d) = &f.description {
+            self.printable(d, "the policy description", true);
+        }
+        self.defined_names();
         let supported = probes::architecture_names();
         for a in &f.models.architectures {
             if !supported.contains(&a.get_ref().as_str()) {
@@ -352,8 +371,8 @@ impl<'a> Validator<'a> {
         Policy {
             path: self.path.to_path_buf(),
             name: f.name.into_inner(),
-            version: f.version,
-            description: f.description,
+            version: f.version.into_inner(),
+            description: f.description.map(Spanned::into_inner).unwrap_or_default(),
             models: ModelMatch {
                 architectures: f
                     .models
@@ -445,8 +464,11 @@ impl<'a> Validator<'a> {
         };
         let jsonl = full.extension().is_some_and(|e| e == "jsonl");
         let mut prompts = Vec::new();
+        let mut at = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
+            // Blank lines, and in a `.txt` file comment lines, are no prompts (and `lines`
+            // does not count them); a prompt that starts with `#` goes in a `.jsonl` file.
             if line.is_empty() || (!jsonl && line.starts_with('#')) {
                 continue;
             }
@@ -455,7 +477,10 @@ impl<'a> Validator<'a> {
                     .ok()
                     .and_then(|v| v.get("prompt").and_then(|p| p.as_str().map(str::to_string)))
                 {
-                    Some(p) => prompts.push(p),
+                    Some(p) => {
+                        prompts.push(p);
+                        at.push(i + 1);
+                    }
                     None => {
                         self.err(
                             &spec.file,
@@ -470,15 +495,30 @@ impl<'a> Validator<'a> {
                 }
             } else {
                 prompts.push(line.to_string());
+                at.push(i + 1);
             }
         }
         if let Some(range) = &spec.lines {
-            let [lo, hi] = *range.get_ref();
+            let [lo, hi] = match range.get_ref()[..] {
+                [lo, hi] => [lo, hi].map(|x| usize::try_from(x).unwrap_or(0)),
+                _ => {
+                    self.err(
+                        range,
+                        format!(
+                            "`lines` is `[from, to]`, exactly two line numbers (1-based, \
+                             inclusive); this list has {} elements",
+                            range.get_ref().len()
+                        ),
+                    );
+                    return None;
+                }
+            };
             if lo == 0 || hi < lo || hi > prompts.len() {
+                let [from, to] = [range.get_ref()[0], range.get_ref()[1]];
                 self.err(
                     range,
                     format!(
-                        "prompt range [{lo}, {hi}] is outside 1..={} (the prompts in `{}`)",
+                        "prompt range [{from}, {to}] is outside 1..={} (the prompts in `{}`)",
                         prompts.len(),
                         spec.file.get_ref()
                     ),
@@ -486,6 +526,7 @@ impl<'a> Validator<'a> {
                 return None;
             }
             prompts = prompts[lo - 1..hi].to_vec();
+            at = at[lo - 1..hi].to_vec();
         }
         if prompts.is_empty() {
             self.err(
@@ -498,6 +539,8 @@ impl<'a> Validator<'a> {
             name: name.to_string(),
             prompts,
             chat: spec.chat,
+            file: spec.file.get_ref().clone(),
+            lines: at,
         })
     }
 
@@ -541,14 +584,9 @@ impl<'a> Validator<'a> {
             }
             (None, Some(rel)) => {
                 let full = self.confined(rel)?;
-                let sae = match load_sae(&full) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        self.err(rel, e.to_string());
-                        return None;
-                    }
-                };
-                let digest = sae.manifest.root();
+                // The pin is checked on the files' bytes before any is parsed: a file that
+                // is not the pinned one is never read as JSON or tensors, nor shown.
+                let digest = self.sae_digest(rel, &full)?;
                 match &spec.sha256 {
                     None => {
                         self.err(rel, format!("SAE `{name}` needs `sha256 = \"{digest}\"` (the digest of its files) to pin it"));
@@ -566,6 +604,25 @@ impl<'a> Validator<'a> {
                         return None;
                     }
                     Some(_) => {}
+                }
+                let sae = match load_sae(&full) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.err(rel, e.to_string());
+                        return None;
+                    }
+                };
+                if sae.manifest.root() != digest {
+                    self.err(
+                        rel,
+                        format!(
+                            "SAE `{name}` at `{}` changed while it was read (digest {digest}, \
+                             then {})",
+                            rel.get_ref(),
+                            sae.manifest.root()
+                        ),
+                    );
+                    return None;
                 }
                 self.inputs.push(InputFile {
                     kind: "sae".into(),
@@ -587,6 +644,46 @@ impl<'a> Validator<'a> {
             }
         };
         Some(SaeEntry { source, labels })
+    }
+
+    /// The manifest digest of the SAE at `full` (`rel` in the policy), from the files
+    /// [`load_sae`] reads there, each held to the rules of a policy's files (inside the
+    /// policy's directory after symlinks, one hard link, a regular file) and none parsed.
+    fn sae_digest(&mut self, rel: &Spanned<String>, full: &Path) -> Option<String> {
+        let mut manifest = probes::digest::Manifest::default();
+        for (name, path) in sae_files(full) {
+            if let Err(why) = self.policy_file(&path) {
+                self.err(rel, format!("SAE file `{}`: {why}", path.display()));
+                return None;
+            }
+            match probes::files::read_regular(&path) {
+                Ok(bytes) => manifest.add(&name, &bytes),
+                Err(e) => {
+                    self.err(rel, format!("cannot read `{}`: {e}", path.display()));
+                    return None;
+                }
+            }
+        }
+        Some(manifest.root())
+    }
+
+    /// Why the file at `path` may not be read for this policy, if it may not: it resolves
+    /// outside the policy's directory, has a second hard link, or is no regular file.
+    fn policy_file(&self, path: &Path) -> Result<(), String> {
+        let (Ok(real), Ok(root)) = (path.canonicalize(), self.dir.canonicalize()) else {
+            return Err("does not exist".into());
+        };
+        if !real.starts_with(&root) {
+            return Err(format!(
+                "resolves to `{}`, outside the policy's directory",
+                real.display()
+            ));
+        }
+        match std::fs::metadata(&real) {
+            Ok(m) if m.is_file() => single_link(&real),
+            Ok(_) => Err("is not a regular file".into()),
+            Err(e) => Err(format!("cannot be read: {e}")),
+        }
     }
 
     fn direction(
@@ -625,7 +722,7 @@ impl<'a> Validator<'a> {
         };
         let source = match (&spec.positive, &spec.negative, &spec.file) {
             (Some(p), Some(n), None) => {
-                let (p, n) = (self.set(p, sets)?, self.set(n, sets)?);
+                let (p, n) = self.contrast(("positive", p), ("negative", n), sets)?;
                 DirectionSource::Contrast {
                     positive: p,
                     negative: n,
@@ -694,10 +791,23 @@ impl<'a> Validator<'a> {
     fn select_spec(
         &mut self,
         spec: &DirectionSpec,
-        layers: &Spanned<[f64; 2]>,
+        layers: &Spanned<Vec<f64>>,
         sets: &BTreeMap<String, PromptSet>,
     ) -> Option<SelectSpec> {
-        let [from, to] = *layers.get_ref();
+        let [from, to] = match layers.get_ref()[..] {
+            [from, to] => [from, to],
+            _ => {
+                self.err(
+                    layers,
+                    format!(
+                        "`layers` is `[from, to]`, exactly two fractions of depth; this list has \
+                         {} elements",
+                        layers.get_ref().len()
+                    ),
+                );
+                return None;
+            }
+        };
         if !(0.0..=1.0).contains(&from) || !(0.0..=1.0).contains(&to) {
             self.err(
                 layers,
@@ -719,8 +829,8 @@ impl<'a> Validator<'a> {
                     PositionsSpec::Named(n) if n == "post_instruction" => {
                         CandidatePositions::PostInstruction
                     }
-                    PositionsSpec::Range([a, b]) if *a <= *b && *b < 0 => {
-                        CandidatePositions::Range(*a, *b)
+                    PositionsSpec::Range(r) if matches!(r[..], [a, b] if a <= b && b < 0) => {
+                        CandidatePositions::Range(r[0], r[1])
                     }
                     _ => {
                         self.err(
@@ -777,9 +887,12 @@ impl<'a> Validator<'a> {
             );
             return None;
         };
-        let (vp, vn) = (self.set(vp, sets)?, self.set(vn, sets)?);
+        let (vp, vn) = self.contrast(("validate_positive", vp), ("validate_negative", vn), sets)?;
         Some(SelectSpec {
-            layers: self.located(layers),
+            layers: Located {
+                value: [from, to],
+                at: self.loc(layers),
+            },
             positions,
             validate_positive: vp,
             validate_negative: vn,
@@ -807,7 +920,7 @@ impl<'a> Validator<'a> {
         ];
         for (key, span) in keys {
             if let Some(span) = span {
-                let loc = Loc::of(self.text, span.start);
+                let loc = self.at(span.start);
                 self.errors.push(PolicyError::at(
                     self.path,
                     Some(loc),
@@ -939,7 +1052,7 @@ impl<'a> Validator<'a> {
     ) -> Option<(CheckHead, ValueDeserializer<'a>)> {
         let span = table.span();
         let DeValue::Table(all) = table.into_inner() else {
-            let at = Loc::of(self.text, span.start);
+            let at = self.at(span.start);
             self.errors.push(PolicyError::at(
                 self.path,
                 Some(at),
@@ -969,7 +1082,7 @@ impl<'a> Validator<'a> {
     }
 
     fn toml_error(&mut self, e: &toml::de::Error, fallback: usize, prefix: &str) {
-        let at = Loc::of(self.text, e.span().map_or(fallback, |s| s.start));
+        let at = self.at(e.span().map_or(fallback, |s| s.start));
         self.errors.push(PolicyError::at(
             self.path,
             Some(at),
@@ -1012,6 +1125,9 @@ impl<'a> Validator<'a> {
                 "a check id is non-empty and uses only letters, digits, `-`, `_` and `.`",
             );
         }
+        if let Some(d) = &head.description {
+            self.printable(d, "a check's description", true);
+        }
         let body = CheckBody::validate(head.kind, fields, self, &head.id, n);
         if self.errors.len() > before {
             return None;
@@ -1020,9 +1136,155 @@ impl<'a> Validator<'a> {
             id,
             kind: head.kind,
             severity: head.severity,
-            description: head.description.clone(),
+            description: head
+                .description
+                .as_ref()
+                .map(|d| d.get_ref().clone())
+                .unwrap_or_default(),
             body: body?,
         })
+    }
+
+    /// An error at `s` if it holds a character that would rewrite a report or a terminal
+    /// when shown: a control character (line breaks unless `multiline`, escape sequences)
+    /// or a bidirectional override. Names and descriptions appear in every report and log.
+    pub(crate) fn printable(&mut self, s: &Spanned<String>, what: &str, multiline: bool) {
+        let allowed = |c: char| multiline && (c == '\n' || c == '\t');
+        if let Some(c) = s.get_ref().chars().find(|c| hidden(*c) && !allowed(*c)) {
+            let lines = if multiline { "" } else { ", line breaks" };
+            self.err(
+                s,
+                format!(
+                    "{what} {:?} holds U+{:04X}: names and descriptions appear in reports and \
+                     logs, so they may not hold control characters{lines} or bidirectional \
+                     overrides",
+                    s.get_ref(),
+                    u32::from(c)
+                ),
+            );
+        }
+    }
+
+    /// The names of prompt sets, SAEs and directions, checked like the policy's name at their
+    /// keys (serde reads table keys without their spans).
+    fn defined_names(&mut self) {
+        let Ok(doc) = DeTable::parse(self.text) else {
+            return;
+        };
+        let doc = doc.into_inner();
+        for (table, what) in [
+            ("prompts", "the prompt set name"),
+            ("saes", "the SAE name"),
+            ("directions", "the direction name"),
+        ] {
+            let Some(DeValue::Table(t)) = doc.get(table).map(Spanned::get_ref) else {
+                continue;
+            };
+            for key in t.keys() {
+                let name = Spanned::new(key.span(), key.get_ref().to_string());
+                if name.get_ref().trim().is_empty() {
+                    self.err(&name, format!("{what} is empty"));
+                } else {
+                    self.printable(&name, what, false);
+                }
+            }
+        }
+    }
+
+    /// Two prompt sets that a check or direction contrasts, each named by its `field`: both
+    /// must exist and differ. A set against itself, or against a set of the same prompts,
+    /// separates nothing (an AUROC of 0.5, a zero difference of means, equal patches) whatever
+    /// the model does, so such a check could only pass or fail by its bound.
+    pub(crate) fn contrast(
+        &mut self,
+        (a_field, a): (&str, &Spanned<String>),
+        (b_field, b): (&str, &Spanned<String>),
+        sets: &BTreeMap<String, PromptSet>,
+    ) -> Option<(String, String)> {
+        let (a, b_name) = (self.set(a, sets), self.set(b, sets));
+        let (a, b_name) = (a?, b_name?);
+        if a == b_name {
+            self.err(
+                b,
+                format!(
+                    "`{a_field}` and `{b_field}` name the same prompt set `{a}`: a set contrasted \
+                     with itself separates nothing"
+                ),
+            );
+            return None;
+        }
+        let (x, y) = (&sets[&a], &sets[&b_name]);
+        if x.prompts == y.prompts && x.chat == y.chat {
+            self.err(
+                b,
+                format!(
+                    "`{a_field}` (`{a}`) and `{b_field}` (`{b_name}`) hold the same prompts: \
+                     a set contrasted with itself separates nothing"
+                ),
+            );
+            return None;
+        }
+        Some((a, b_name))
+    }
+
+    /// `x` if it is a finite number, else an error at its line naming `field`.
+    pub(crate) fn finite_at(&mut self, x: &Spanned<f64>, field: &str) -> Option<f64> {
+        let v = *x.get_ref();
+        if v.is_finite() {
+            Some(v)
+        } else {
+            self.err(x, format!("`{field}` must be a finite number, not {v}"));
+            None
+        }
+    }
+
+    /// `x` if it is within `[lo, hi]` (so finite), else an error at its line naming `field`.
+    pub(crate) fn within(
+        &mut self,
+        x: &Spanned<f64>,
+        field: &str,
+        lo: f64,
+        hi: f64,
+    ) -> Option<f64> {
+        let v = *x.get_ref();
+        if (lo..=hi).contains(&v) {
+            Some(v)
+        } else {
+            self.err(x, format!("`{field}` {v} is outside [{lo}, {hi}]"));
+            None
+        }
+    }
+
+    /// A list of words or phrases that a measure reads: not empty, and no entry empty or
+    /// only whitespace (an empty phrase is in every reply; an empty word has no token).
+    pub(crate) fn words(&mut self, list: &Spanned<Vec<Spanned<String>>>, field: &str) -> bool {
+        if list.get_ref().is_empty() {
+            self.err(
+                list,
+                format!("`{field}` is empty: it would measure nothing"),
+            );
+            return false;
+        }
+        let mut ok = true;
+        for w in list.get_ref() {
+            if w.get_ref().trim().is_empty() {
+                self.err(
+                    w,
+                    format!(
+                        "`{field}` holds an empty or blank entry {:?}, which would match \
+                         everything or nothing",
+                        w.get_ref()
+                    ),
+                );
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// How many errors were found so far.
+    pub(crate) fn error_count(&self) -> usize {
+        self.errors.len()
     }
 
     /// `v`, or an error that check `id` needs `field`.
@@ -1036,16 +1298,6 @@ impl<'a> Validator<'a> {
             self.err(id, format!("check `{}` needs `{field}`", id.get_ref()));
         }
         v.as_ref()
-    }
-
-    /// `v` if finite, else an error naming check `id`'s `field`.
-    pub(crate) fn finite(&mut self, id: &Spanned<String>, field: &str, v: f64) -> Option<f64> {
-        if v.is_finite() {
-            Some(v)
-        } else {
-            self.err(id, format!("`{field}` must be a finite number"));
-            None
-        }
     }
 }
 
@@ -1080,6 +1332,49 @@ fn single_link(path: &Path) -> Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// A character that changes how the text around it shows: a control character (escape
+/// sequences, line breaks, NUL) or a bidirectional formatting character.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// The files [`load_sae`] reads for the SAE at `path`, each with the name its manifest gives
+/// it: a Gemma Scope `params.npz` (named, or in the folder), else `cfg.json` with the SAELens
+/// or sparsify weights. None when the folder is no SAE (loading it then says why).
+fn sae_files(path: &Path) -> Vec<(String, PathBuf)> {
+    let (dir, file) = if path.is_dir() {
+        (path.to_path_buf(), None)
+    } else {
+        (policy_dir(path), Some(path.to_path_buf()))
+    };
+    let named = |p: PathBuf| {
+        let name = p
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        (name, p)
+    };
+    let npz = match &file {
+        Some(f) => f.extension().is_some_and(|e| e == "npz").then(|| f.clone()),
+        None => Some(dir.join("params.npz")).filter(|p| p.exists()),
+    };
+    if let Some(npz) = npz {
+        return vec![named(npz)];
+    }
+    let cfg = dir.join("cfg.json");
+    if !cfg.exists() {
+        return Vec::new();
+    }
+    let weights = ["sae_weights.safetensors", "sae.safetensors"]
+        .into_iter()
+        .map(|w| dir.join(w))
+        .find(|w| w.exists());
+    std::iter::once(cfg).chain(weights).map(named).collect()
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {

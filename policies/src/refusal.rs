@@ -309,7 +309,7 @@ pub struct RefusalSpec {
     /// Tokens generated per prompt before classifying (default 32).
     pub max_tokens: Option<Spanned<usize>>,
     /// Explicit tokens instead of measured ones (each must be a single token).
-    pub tokens: Option<Vec<Spanned<String>>>,
+    pub tokens: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// Where a policy's refusal-score tokens come from.
@@ -347,19 +347,17 @@ pub(crate) fn validate(
     let r = s.get_ref();
     match (&r.tokens, &r.refusing, &r.complying) {
         (Some(t), None, None) => {
-            if t.is_empty() {
-                v.err(s, "`[refusal] tokens` is empty");
-            }
+            v.words(t, "[refusal] tokens");
             if let Some(m) = &r.max_tokens {
                 v.err(
                     m,
                     "`max_tokens` belongs to measured tokens, not listed ones",
                 );
             }
-            ScoreTokens::Listed(t.iter().map(|x| v.located(x)).collect())
+            ScoreTokens::Listed(t.get_ref().iter().map(|x| v.located(x)).collect())
         }
         (None, Some(a), Some(b)) => {
-            let (a, b) = (v.set(a, sets), v.set(b, sets));
+            let pair = v.contrast(("refusing", a), ("complying", b), sets);
             let max_tokens = match &r.max_tokens {
                 Some(m) if *m.get_ref() == 0 || *m.get_ref() > 512 => {
                     v.err(m, "`max_tokens` must be between 1 and 512");
@@ -368,8 +366,8 @@ pub(crate) fn validate(
                 Some(m) => *m.get_ref(),
                 None => 32,
             };
-            match (a, b) {
-                (Some(refusing), Some(complying)) => ScoreTokens::Measured {
+            match pair {
+                Some((refusing, complying)) => ScoreTokens::Measured {
                     refusing,
                     complying,
                     max_tokens,

@@ -49,9 +49,9 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub struct PolicyFile {
     pub schema: Spanned<i64>,
     pub name: Spanned<String>,
-    pub version: String,
+    pub version: Spanned<String>,
     #[serde(default)]
-    pub description: String,
+    pub description: Option<Spanned<String>>,
     #[serde(default)]
     pub models: ModelMatch<Spanned<String>>,
     #[serde(default)]
@@ -102,9 +102,11 @@ impl<A> Default for ModelMatch<A> {
 #[serde(deny_unknown_fields)]
 pub struct PromptSetSpec {
     pub file: Spanned<String>,
-    /// 1-based inclusive range of prompts (not counting blank lines) to take.
+    /// 1-based inclusive range `[from, to]` of prompts (not counting blank lines, nor in a
+    /// `.txt` file comment lines starting with `#`) to take. Read as a list so that a third
+    /// element is an error, not ignored.
     #[serde(default)]
-    pub lines: Option<Spanned<[usize; 2]>>,
+    pub lines: Option<Spanned<Vec<i64>>>,
     /// Wrap each prompt in the model's chat template (default true).
     #[serde(default = "yes")]
     pub chat: bool,
@@ -143,8 +145,9 @@ pub struct DirectionSpec {
     pub hook: Option<Spanned<String>>,
     /// Or candidate blocks as fractions of depth `[from, to]` (inclusive), read at
     /// `blocks.L.hook_resid_pre`: the direction is selected among them as Arditi et al. do.
+    /// Read as a list so that a third element is an error, not ignored.
     #[serde(default)]
-    pub layers: Option<Spanned<[f64; 2]>>,
+    pub layers: Option<Spanned<Vec<f64>>>,
     /// With `layers`: `"post_instruction"` (the chat template's tokens after the message) or
     /// an inclusive range of negative offsets `[-5, -1]` among them.
     #[serde(default)]
@@ -192,8 +195,8 @@ fn last() -> i64 {
 pub enum PositionsSpec {
     /// `"post_instruction"`.
     Named(String),
-    /// Negative offsets `[from, to]`, inclusive.
-    Range([i64; 2]),
+    /// Negative offsets `[from, to]`, inclusive (exactly two; checked at validation).
+    Range(Vec<i64>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
@@ -247,7 +250,7 @@ pub struct CheckHead {
     pub kind: CheckKind,
     pub severity: Severity,
     #[serde(default)]
-    pub description: String,
+    pub description: Option<Spanned<String>>,
 }
 
 impl CheckHead {
@@ -276,9 +279,9 @@ pub struct Select {
 pub struct ExpectSet {
     pub prompts: Spanned<String>,
     #[serde(default)]
-    pub min_active_fraction: Option<f64>,
+    pub min_active_fraction: Option<Spanned<f64>>,
     #[serde(default)]
-    pub max_active_fraction: Option<f64>,
+    pub max_active_fraction: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,20 +299,40 @@ pub struct InterventionSpec {
     #[serde(default)]
     pub sae: Option<Spanned<String>>,
     #[serde(default)]
-    pub coeff: Option<f64>,
+    pub coeff: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetTokens {
-    pub positive: Vec<String>,
-    pub negative: Vec<String>,
+    pub positive: Spanned<Vec<Spanned<String>>>,
+    pub negative: Spanned<Vec<Spanned<String>>>,
+}
+
+/// A steering check's `bounds` as written, each value with where it was written; validated
+/// into [`Bounds`] (every value finite and in its range) by the steering kind.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundsSpec {
+    #[serde(default)]
+    pub min: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub max: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub min_change: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub max_change: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub max_relative_drop: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub min_baseline: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub max_flip_coeff: Option<Spanned<f64>>,
 }
 
 /// Expectations on a steering metric: `value` is the metric under the intervention,
-/// `baseline` without it.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// `baseline` without it. Every value is finite (checked at validation).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Bounds {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,

@@ -175,29 +175,43 @@ impl<'m> Session<'m> {
             t.name = name.to_string();
             return Ok(t);
         }
-        let ids = set
-            .prompts
-            .iter()
-            .map(|s| self.model.encode_prompt(s, set.chat))
+        let tokenise = |source| CheckError::Tokenise {
+            set: name.to_string(),
+            source,
+        };
+        // The set's chat templates render together, in one child process.
+        let ids = self
+            .model
+            .encode_prompts(&set.prompts, set.chat)
+            .map_err(tokenise)?
+            .into_iter()
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| CheckError::Tokenise {
-                set: name.to_string(),
-                source,
-            })?;
+            .map_err(tokenise)?;
         let bad = |why: String| CheckError::Prompts {
             set: name.to_string(),
             why,
         };
+        // Where a prompt is written: the prompt file and line, beside the policy.
+        let place = |i: usize| {
+            let dir = p.path.parent().unwrap_or(std::path::Path::new(""));
+            let line = set.lines.get(i).copied().unwrap_or(0);
+            format!("{}:{line}", dir.join(&set.file).display())
+        };
         if let Some(i) = ids.iter().position(Vec::is_empty) {
-            return Err(bad(format!("prompt {} has no tokens", i + 1)));
+            return Err(bad(format!(
+                "prompt {} ({}) has no tokens",
+                i + 1,
+                place(i)
+            )));
         }
         // Every prompt against the context once, before any chunking, so the error names the
         // prompt's place in its set (numbered from 0 by the check, from 1 here).
         let context = self.model.config().max_positions;
         if let Some(i) = ids.iter().position(|p| p.len() > context) {
             return Err(bad(format!(
-                "prompt {} has {} tokens, more than the model's context length of {context}",
+                "prompt {} ({}) has {} tokens, more than the model's context length of {context}",
                 i + 1,
+                place(i),
                 ids[i].len()
             )));
         }
@@ -258,13 +272,21 @@ impl<'m> Session<'m> {
         first
     }
 
+    /// The one-letter messages `a` and `b` through the chat template, rendered together.
+    fn a_and_b(&self) -> Result<(Vec<u32>, Vec<u32>), CheckError> {
+        let mut both = self.model.encode_prompts(&["a", "b"], true)?.into_iter();
+        match (both.next(), both.next()) {
+            (Some(a), Some(b)) => Ok((a?, b?)),
+            _ => unreachable!("two messages give two renderings"),
+        }
+    }
+
     /// The number of tokens the chat template puts before every user message.
     fn chat_prefix(&mut self) -> Result<usize, CheckError> {
         if let Some(n) = self.chat_prefix {
             return Ok(n);
         }
-        let a = self.model.encode_prompt("a", true)?;
-        let b = self.model.encode_prompt("b", true)?;
+        let (a, b) = self.a_and_b()?;
         let n = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         self.chat_prefix = Some(n);
         Ok(n)
@@ -273,8 +295,7 @@ impl<'m> Session<'m> {
     /// The number of tokens the chat template puts after every user message (the
     /// post-instruction tokens, where Arditi et al. read refusal directions).
     pub fn chat_suffix(&self) -> Result<usize, CheckError> {
-        let a = self.model.encode_prompt("a", true)?;
-        let b = self.model.encode_prompt("b", true)?;
+        let (a, b) = self.a_and_b()?;
         let n = a
             .iter()
             .rev()

@@ -13,6 +13,12 @@ use serde::Deserialize;
 /// Where `mechwatch daemon` (and the .deb) look for the configuration without `--config`.
 pub const DEFAULT_PATH: &str = "/etc/mechwatch/mechwatch.toml";
 
+/// The most audits `concurrency` may run at once. Each is a child process that holds a model
+/// in memory, watched by threads of its own: far more than a machine can hold would only
+/// spawn threads until the system refuses one. A constant, not a share of this machine's
+/// cores, so that a configuration is valid or not wherever it is read.
+pub const MAX_CONCURRENCY: usize = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -144,15 +150,22 @@ impl Config {
         cfg.resolve_relative_to(&folder_of(path)?);
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let mut loaded = Vec::new();
-        for w in &cfg.watch {
+        for (i, w) in cfg.watch.iter().enumerate() {
             if !w.path.is_dir() {
                 bail!(
-                    "{}: watched path {} is not a directory",
-                    path.display(),
+                    "{} watched path {} is not a directory",
+                    at(path, &text, Some(i), "path"),
                     w.path.display()
                 );
             }
-            loaded.push(LoadedWatch::load(w, &file)?);
+            let watch = LoadedWatch::load(w, &file).with_context(|| {
+                format!(
+                    "{} the policies of [[watch]] {}",
+                    at(path, &text, Some(i), "policies"),
+                    w.path.display()
+                )
+            })?;
+            loaded.push(watch);
         }
         Ok((cfg, loaded))
     }
@@ -175,8 +188,8 @@ impl Config {
             match Duration::try_from_secs_f64(v) {
                 Ok(d) => Ok(d),
                 Err(_) => bail!(
-                    "{}: `{name}` must be a non-negative number of seconds below 2^64",
-                    path.display()
+                    "{} `{name}` must be a non-negative number of seconds below 2^64",
+                    at(path, text, None, name)
                 ),
             }
         };
@@ -184,11 +197,18 @@ impl Config {
         secs("reconcile_interval_secs", cfg.reconcile_interval_secs)?;
         secs("shutdown_deadline_secs", cfg.shutdown_deadline_secs)?;
         secs("stall_timeout_secs", cfg.stall_timeout_secs)?;
-        if cfg.concurrency == 0 {
-            bail!("{}: `concurrency` must be at least 1", path.display());
+        if !(1..=MAX_CONCURRENCY).contains(&cfg.concurrency) {
+            bail!(
+                "{} `concurrency` is {}: the audits run at once, from 1 to {MAX_CONCURRENCY}",
+                at(path, text, None, "concurrency"),
+                cfg.concurrency
+            );
         }
         if !["text", "json"].contains(&cfg.log_format.as_str()) {
-            bail!("{}: `log_format` is `text` or `json`", path.display());
+            bail!(
+                "{} `log_format` is `text` or `json`",
+                at(path, text, None, "log_format")
+            );
         }
         if cfg.watch.is_empty() {
             bail!("{}: no [[watch]] directories", path.display());
@@ -241,6 +261,33 @@ impl Config {
             .audit_memory_limit_mb
             .or(self.audit_memory_limit_mb)
             .unwrap_or(estimated_mb.saturating_mul(2).saturating_add(4096))
+    }
+}
+
+/// `path:line:col:` of the value of `key` in the config `text` (in its `watch`-th [[watch]]
+/// table when given), or `path:` where it is not written (a default).
+fn at(path: &Path, text: &str, watch: Option<usize>, key: &str) -> String {
+    use toml::de::{DeTable, DeValue};
+    let find = || -> Option<usize> {
+        let doc = DeTable::parse(text).ok()?.into_inner();
+        let table = match watch {
+            None => &doc,
+            Some(i) => match doc.get("watch").map(toml::Spanned::get_ref) {
+                Some(DeValue::Array(a)) => match a.get(i).map(toml::Spanned::get_ref) {
+                    Some(DeValue::Table(t)) => t,
+                    _ => return None,
+                },
+                _ => return None,
+            },
+        };
+        Some(table.get(key)?.span().start)
+    };
+    match find() {
+        Some(offset) => {
+            let loc = policies::Loc::of(text, offset);
+            format!("{}:{}:{}:", path.display(), loc.line, loc.col)
+        }
+        None => format!("{}:", path.display()),
     }
 }
 
@@ -331,9 +378,65 @@ mod tests {
                     [[watch]]\npath = \"/a\"\npolicies = \"default\"\n";
         let e = Config::parse(Path::new("/c.toml"), text).unwrap_err();
         assert!(
-            e.to_string().contains("/c.toml: `quiet_period_secs`"),
+            e.to_string().contains("/c.toml:2:21: `quiet_period_secs`"),
             "{e}"
         );
+    }
+
+    /// Found by the red team: `concurrency = 1000000` spawned threads until the system
+    /// refused one, and the daemon panicked.
+    #[test]
+    fn regression_a_huge_concurrency_is_an_error_at_its_line() {
+        for n in ["0", "65", "1000000"] {
+            let text = format!(
+                "state_dir = \"/x\"\nconcurrency = {n}\n[[watch]]\npath = \"/a\"\npolicies = \"default\"\n"
+            );
+            let e = Config::parse(Path::new("/c.toml"), &text).unwrap_err();
+            let e = e.to_string();
+            assert!(e.starts_with("/c.toml:2:15: `concurrency`"), "{e}");
+            assert!(e.contains(&format!("from 1 to {MAX_CONCURRENCY}")), "{e}");
+        }
+        let text = format!(
+            "state_dir = \"/x\"\nconcurrency = {MAX_CONCURRENCY}\n[[watch]]\npath = \"/a\"\npolicies = \"default\"\n"
+        );
+        assert_eq!(
+            Config::parse(Path::new("/c.toml"), &text)
+                .unwrap()
+                .concurrency,
+            MAX_CONCURRENCY
+        );
+    }
+
+    #[test]
+    fn a_watch_that_cannot_be_loaded_is_an_error_at_its_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("models")).unwrap();
+        std::fs::write(tmp.path().join("file"), "").unwrap();
+        std::fs::create_dir(tmp.path().join("pol")).unwrap();
+        std::fs::write(
+            tmp.path().join("pol/p.toml"),
+            "schema = 1\nname = \"t\"\nversion = \"1\"\n[[checks]]\nid = \"c\"\n\
+             kind = \"induction\"\nseverity = \"low\"\nmin_loss_drop = 1.0\n",
+        )
+        .unwrap();
+        let config = tmp.path().join("d.toml");
+        // The first watch loads; the second is the one at fault.
+        let watch = |path: &str, policies: &str| {
+            format!(
+                "state_dir = \"state\"\n\n[[watch]]\npath = \"models\"\npolicies = \"pol\"\n\n\
+                 [[watch]]\npath = \"{path}\"\npolicies = \"{policies}\"\n"
+            )
+        };
+        std::fs::write(&config, watch("file", "default")).unwrap();
+        let e = format!("{:#}", Config::load(&config).unwrap_err());
+        let want = format!("{}:8:8: watched path", config.display());
+        assert!(e.starts_with(&want), "{e}");
+        assert!(e.contains("is not a directory"), "{e}");
+        std::fs::write(&config, watch("models", "nopol")).unwrap();
+        let e = format!("{:#}", Config::load(&config).unwrap_err());
+        let want = format!("{}:9:12: the policies of [[watch]]", config.display());
+        assert!(e.starts_with(&want), "{e}");
+        assert!(e.contains("nopol"), "{e}");
     }
 
     #[test]

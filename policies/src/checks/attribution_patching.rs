@@ -37,7 +37,7 @@ use probes::{Padding, Transformer, Unembed};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{violated, Cx, Kind, Planner};
+use super::{at_least, at_most, violated, Cx, Kind, Planner};
 use crate::error::{CheckError, Loc};
 use crate::load::{Located, Names, Validator};
 use crate::metrics::{log_softmax, Behaviour};
@@ -133,10 +133,13 @@ impl Kind for AttributionPatching {
         n: &Names<'_>,
     ) -> Option<Self> {
         let check = format!("check `{}`", id.get_ref());
-        let clean = v.set(&spec.clean, n.prompts);
-        let corrupted = v
-            .set(&spec.corrupted, n.prompts)
-            .map(|_| v.located(&spec.corrupted));
+        let pair = v.contrast(
+            ("clean", &spec.clean),
+            ("corrupted", &spec.corrupted),
+            n.prompts,
+        );
+        let clean = pair.map(|(clean, _)| clean);
+        let corrupted = clean.as_ref().map(|_| v.located(&spec.corrupted));
         let metric = match spec.metric.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("logit_diff") => match &spec.tokens {
                 Some(t) if t.get_ref().len() == 2 && t.get_ref()[0] != t.get_ref()[1] => {
@@ -369,7 +372,7 @@ impl Kind for AttributionPatching {
             (min, r) => {
                 let r = r.unwrap_or(f64::NAN);
                 if let Some(min) = min {
-                    if r < min {
+                    if !at_least("the correlation of estimates and real effects", r, min)? {
                         broken.push(format!("correlation {} < {min}", round(r)));
                     }
                 }
@@ -388,13 +391,13 @@ impl Kind for AttributionPatching {
         let mut bound = Vec::new();
         if let Some(min) = self.min_top_effect {
             bound.push(format!(">= {min}"));
-            if top_effect < min {
+            if !at_least("the largest real effect", top_effect, min)? {
                 broken.push(format!("largest effect {} < {min}", round(top_effect)));
             }
         }
         if let Some(max) = self.max_top_effect {
             bound.push(format!("<= {max}"));
-            if top_effect > max {
+            if !at_most("the largest real effect", top_effect, max)? {
                 broken.push(format!("largest effect {} > {max}", round(top_effect)));
             }
         }

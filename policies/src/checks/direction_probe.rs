@@ -7,7 +7,7 @@ use probes::sae::search::auroc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{attribution, violated, Cx, Kind, Planner};
+use super::{at_least, attribution, violated, Cx, Kind, Planner};
 use crate::error::CheckError;
 use crate::load::{Names, Validator};
 use crate::metrics::Behaviour;
@@ -21,7 +21,7 @@ pub struct Spec {
     pub direction: Option<Spanned<String>>,
     pub positive: Option<Spanned<String>>,
     pub negative: Option<Spanned<String>>,
-    pub min_auroc: Option<f64>,
+    pub min_auroc: Option<Spanned<f64>>,
     /// Attribute the policy's refusal score on the positive prompts to this SAE's latents
     /// (attribution patching, checked by ablating the top latents).
     #[serde(default)]
@@ -50,13 +50,11 @@ impl Kind for DirectionProbe {
         let d = v.required(id, "direction", &spec.direction)?;
         let direction = v.named("direction", d, n.directions)?;
         let positive = v.required(id, "positive", &spec.positive)?;
-        let positive = v.set(positive, n.prompts)?;
         let negative = v.required(id, "negative", &spec.negative)?;
-        let negative = v.set(negative, n.prompts)?;
-        let min_auroc = *v.required(id, "min_auroc", &spec.min_auroc)?;
-        if !(0.0..=1.0).contains(&min_auroc) {
-            v.err(id, format!("`min_auroc` {min_auroc} is outside [0, 1]"));
-        }
+        let (positive, negative) =
+            v.contrast(("positive", positive), ("negative", negative), n.prompts)?;
+        let min_auroc = v.required(id, "min_auroc", &spec.min_auroc)?;
+        let min_auroc = v.within(min_auroc, "min_auroc", 0.0, 1.0)?;
         let attribute_with = match &spec.attribute_with {
             Some(s) => Some(v.named("SAE", s, n.saes)?),
             None => None,
@@ -136,6 +134,18 @@ fn evaluate(k: &DirectionProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckErr
         });
         scores.push((t, acts, v));
     }
+    // A direction that ranks no prompt above another (every projection the same: identical
+    // prompts, or a direction the hook does not carry) gives AUROC 0.5 by ties alone.
+    let all = scores.iter().flat_map(|s| s.2.iter().copied());
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
+    if lo == hi {
+        return Err(CheckError::Unmeasurable(format!(
+            "every prompt of `{positive}` and `{negative}` projects to {lo:.6} on direction \
+             `{name}`: with every score tied, the AUROC measures nothing"
+        )));
+    }
     let to32 = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
     let a = auroc(&to32(&scores[0].2), &to32(&scores[1].2));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -199,14 +209,15 @@ fn evaluate(k: &DirectionProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckErr
         },
     ];
     metrics.extend(attributed);
-    let status = if a >= min_auroc {
+    let met = at_least("the AUROC", a, min_auroc)?;
+    let status = if met {
         Status::Pass
     } else {
         violated(severity)
     };
     let explanation = format!(
         "direction `{name}` at `{}` separates `{positive}` from `{negative}` with AUROC {:.3} ({} the required {min_auroc}); mean projections {:.2} vs {:.2}",
-        d.hook, a, if a >= min_auroc { "meets" } else { "below" }, mp, mn
+        d.hook, a, if met { "meets" } else { "below" }, mp, mn
     );
     Ok(Finding::new(status, explanation, metrics, evidence))
 }
@@ -247,6 +258,80 @@ min_auroc = 0.9
         // The worst-ranked prompts are shown with per-token projections.
         assert_eq!(f.evidence.prompts.len(), 6);
         assert!(f.evidence.prompts.iter().all(|e| e.tokens.len() == 5));
+    }
+
+    #[test]
+    fn a_direction_whose_every_score_ties_is_an_error_not_a_pass() {
+        // At the embedding, the last position's activation is its token's embedding alone:
+        // sets of different prompts that all end in `w5` project to one value, and the AUROC
+        // of 0.5 that ties give would meet `min_auroc = 0.5`.
+        let tiny = Tiny::new();
+        let prompts = tiny.dir.path().join("policy/prompts");
+        std::fs::write(prompts.join("tie_a.txt"), "w10 w5\nw12 w5\n").unwrap();
+        std::fs::write(prompts.join("tie_b.txt"), "w11 w5\nw13 w5\n").unwrap();
+        let checks = r#"
+[prompts.tie_a]
+file = "prompts/tie_a.txt"
+chat = false
+
+[prompts.tie_b]
+file = "prompts/tie_b.txt"
+chat = false
+
+[[checks]]
+id = "ties"
+kind = "direction_probe"
+severity = "high"
+direction = "d"
+positive = "tie_a"
+negative = "tie_b"
+min_auroc = 0.5
+"#;
+        let policy = tiny
+            .policy_at("hook_embed", checks)
+            .expect("the policy validates");
+        let r = crate::checks::testing::run_policy(&tiny.model, &policy.path);
+        let f = &r.policies[0].findings[0];
+        assert_eq!(f.status, Status::Error, "{f:?}");
+        assert!(
+            f.explanation.contains("every score tied"),
+            "{}",
+            f.explanation
+        );
+    }
+
+    #[test]
+    fn a_prompt_of_no_tokens_is_an_error_naming_its_file_and_line() {
+        let tiny = Tiny::new();
+        let prompts = tiny.dir.path().join("policy/prompts");
+        // Whitespace only: the tiny tokenizer reads no token in it.
+        std::fs::write(
+            prompts.join("blank.jsonl"),
+            "{\"prompt\": \"w3\"}\n\n{\"prompt\": \" \"}\n",
+        )
+        .unwrap();
+        let checks = PROBE.replace("negative = \"neg\"", "negative = \"blank\"");
+        let checks =
+            format!("\n[prompts.blank]\nfile = \"prompts/blank.jsonl\"\nchat = false\n{checks}");
+        let policy = tiny.policy(&checks).expect("the policy validates");
+        let mut quiet = |_: &str| {};
+        let mut opts = crate::engine::RunOptions {
+            last_pass: None,
+            progress: &mut quiet,
+            micro_batch: 3,
+            lineage: None,
+            store: None,
+            reference: None,
+        };
+        let shown = match crate::engine::run(&tiny.model, &[policy], &mut opts) {
+            Ok((r, ..)) => r.policies[0].findings[0].explanation.clone(),
+            Err(e) => e.to_string(),
+        };
+        assert!(shown.contains("prompt 2 ("), "{shown}");
+        assert!(
+            shown.contains("prompts/blank.jsonl:3) has no tokens"),
+            "{shown}"
+        );
     }
 
     #[test]

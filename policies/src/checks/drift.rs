@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{violated, Cx, Kind, Planner};
+use super::{at_least, at_most, violated, Cx, Kind, Planner};
 use crate::error::CheckError;
 use crate::load::{Names, Validator};
 use crate::result::{round, Evidence, Finding, LatentEvidence, Metric, RunResult, Status};
@@ -24,13 +24,13 @@ pub struct Spec {
     /// `last-pass` (the last passing audit of the same model lineage) or a file holding a
     /// previous run's JSON result.
     pub baseline: Option<Spanned<String>>,
-    pub max_rate_change: Option<f64>,
+    pub max_rate_change: Option<Spanned<f64>>,
     /// The most variance of this checkpoint's activations on `prompts` the SAE may leave
     /// unexplained (FVU, default [`DEFAULT_MAX_FVU`]).
-    pub max_fvu: Option<f64>,
+    pub max_fvu: Option<Spanned<f64>>,
     /// The least share of the next-token CE loss that zero-ablating the SAE's hook costs on
     /// `prompts` the SAE's reconstruction must win back (default [`DEFAULT_MIN_CE_RECOVERED`]).
-    pub min_ce_recovered: Option<f64>,
+    pub min_ce_recovered: Option<Spanned<f64>>,
 }
 
 /// The default bound on the SAE's FVU: the shipped default SAE leaves 0.27 of the default
@@ -89,24 +89,40 @@ impl Kind for Drift {
                 rel: b.get_ref().clone(),
             }
         };
-        let max_rate_change = *v.required(id, "max_rate_change", &spec.max_rate_change)?;
+        let max_rate_change = v.required(id, "max_rate_change", &spec.max_rate_change)?;
+        let max_rate_change = *max_rate_change.get_ref();
         if !(0.0..=1.0).contains(&max_rate_change) {
-            v.err(
-                id,
-                "`max_rate_change` is a change in firing rate, within [0, 1]",
-            );
+            if let Some(at) = &spec.max_rate_change {
+                v.err(
+                    at,
+                    format!("`max_rate_change` {max_rate_change} is a change in firing rate, within [0, 1]"),
+                );
+            }
         }
-        let max_fvu = spec.max_fvu.unwrap_or(DEFAULT_MAX_FVU);
+        let max_fvu = spec
+            .max_fvu
+            .as_ref()
+            .map_or(DEFAULT_MAX_FVU, |x| *x.get_ref());
         if !(max_fvu.is_finite() && max_fvu > 0.0) {
-            v.err(id, "`max_fvu` is a fraction of variance, above 0");
+            if let Some(at) = &spec.max_fvu {
+                v.err(
+                    at,
+                    format!("`max_fvu` {max_fvu} is a fraction of variance, above 0"),
+                );
+            }
         }
-        let min_ce_recovered = spec.min_ce_recovered.unwrap_or(DEFAULT_MIN_CE_RECOVERED);
+        let min_ce_recovered = spec
+            .min_ce_recovered
+            .as_ref()
+            .map_or(DEFAULT_MIN_CE_RECOVERED, |x| *x.get_ref());
         // Below 0 is worse than zero-ablating the hook; above 1 no SAE can reach.
         if !(min_ce_recovered.is_finite() && min_ce_recovered <= 1.0) {
-            v.err(
-                id,
-                "`min_ce_recovered` is a share of the CE loss, at most 1",
-            );
+            if let Some(at) = &spec.min_ce_recovered {
+                v.err(
+                    at,
+                    format!("`min_ce_recovered` {min_ce_recovered} is a share of the CE loss, at most 1"),
+                );
+            }
         }
         Some(Drift {
             sae,
@@ -180,12 +196,16 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         },
     ];
     let mut misfits = Vec::new();
-    if fvu > *max_fvu {
+    if !at_most(&format!("the SAE's FVU on `{prompts}`"), fvu, *max_fvu)? {
         misfits.push(format!(
             "it leaves {fvu:.3} of the variance on `{prompts}` unexplained (bound {max_fvu})"
         ));
     }
-    if ce < *min_ce_recovered {
+    if !at_least(
+        &format!("the CE loss the SAE recovers on `{prompts}`"),
+        ce,
+        *min_ce_recovered,
+    )? {
         misfits.push(format!(
             "spliced in, it recovers {ce:.3} of the next-token CE loss that zero-ablating its \
              hook costs on `{prompts}` (bound {min_ce_recovered})"
@@ -252,7 +272,7 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let old_rates: BTreeMap<u32, f64> = old.evidence.firing_rates.iter().copied().collect();
     let new_rates: BTreeMap<u32, f64> = rates.iter().copied().collect();
     let all: BTreeSet<u32> = old_rates.keys().chain(new_rates.keys()).copied().collect();
-    let mut moved: Vec<(u32, f64, f64)> = all
+    let moved: Vec<(u32, f64, f64)> = all
         .into_iter()
         .map(|l| {
             (
@@ -261,8 +281,15 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
                 new_rates.get(&l).copied().unwrap_or(0.0),
             )
         })
-        .filter(|(_, o, n)| (n - o).abs() > max_change)
-        .collect();
+        .collect::<Vec<_>>();
+    let mut beyond = Vec::new();
+    for m in moved {
+        let what = format!("the change in latent {}'s firing rate", m.0);
+        if !at_most(&what, (m.2 - m.1).abs(), max_change)? {
+            beyond.push(m);
+        }
+    }
+    let mut moved = beyond;
     moved.sort_by(|a, b| {
         (b.2 - b.1)
             .abs()

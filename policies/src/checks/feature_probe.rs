@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use toml::Spanned;
 
-use super::{violated, Cx, Kind, Planner, Resolver};
+use super::{at_least, at_most, violated, Cx, Kind, Planner, Resolver};
 use crate::error::CheckError;
 use crate::lineage::{content_digest, set_definition};
 use crate::load::{Located, Names, Validator};
@@ -42,7 +42,7 @@ pub struct Spec {
     pub tokens: Option<TokenScope>,
     /// A prompt counts as active when its aggregated activation exceeds this.
     #[serde(default)]
-    pub threshold: Option<f64>,
+    pub threshold: Option<Spanned<f64>>,
     #[serde(default)]
     pub expect: Vec<ExpectSet>,
 }
@@ -93,10 +93,15 @@ impl Kind for FeatureProbe {
                 if s.top == 0 {
                     v.err(id, "`select.top` must be at least 1");
                 }
+                let (positive, negative) = v.contrast(
+                    ("select.positive", &s.positive),
+                    ("select.negative", &s.negative),
+                    n.prompts,
+                )?;
                 LatentChoice::Select {
                     top: s.top,
-                    positive: v.set(&s.positive, n.prompts)?,
-                    negative: v.set(&s.negative, n.prompts)?,
+                    positive,
+                    negative,
                 }
             }
             (None, false) => LatentChoice::Listed(
@@ -119,15 +124,23 @@ impl Kind for FeatureProbe {
         let mut expect = Vec::new();
         for e in &spec.expect {
             let prompts = v.set(&e.prompts, n.prompts)?;
-            for f in [e.min_active_fraction, e.max_active_fraction]
-                .into_iter()
-                .flatten()
-            {
-                if !(0.0..=1.0).contains(&f) {
-                    v.err(&e.prompts, format!("fraction {f} is outside [0, 1]"));
+            let fraction = |v: &mut Validator<'_>, f: &Option<Spanned<f64>>, field: &str| {
+                f.as_ref().map(|f| v.within(f, field, 0.0, 1.0))
+            };
+            let min = fraction(v, &e.min_active_fraction, "min_active_fraction");
+            let max = fraction(v, &e.max_active_fraction, "max_active_fraction");
+            if let (Some(Some(lo)), Some(Some(hi)), Some(at)) = (min, max, &e.max_active_fraction) {
+                if lo > hi {
+                    v.err(
+                        at,
+                        format!(
+                            "`max_active_fraction` {hi} is below `min_active_fraction` {lo}: \
+                             no fraction meets both"
+                        ),
+                    );
                 }
             }
-            if e.min_active_fraction.is_none() && e.max_active_fraction.is_none() {
+            if min.is_none() && max.is_none() {
                 v.err(
                     &e.prompts,
                     "an expectation needs `min_active_fraction` or `max_active_fraction`",
@@ -135,8 +148,8 @@ impl Kind for FeatureProbe {
             }
             expect.push(Expectation {
                 prompts,
-                min_active_fraction: e.min_active_fraction,
-                max_active_fraction: e.max_active_fraction,
+                min_active_fraction: min.flatten(),
+                max_active_fraction: max.flatten(),
             });
         }
         Some(FeatureProbe {
@@ -144,7 +157,10 @@ impl Kind for FeatureProbe {
             latents,
             aggregate: spec.aggregate.unwrap_or(Aggregate::Max),
             tokens: spec.tokens.unwrap_or(TokenScope::Prompt),
-            threshold: v.finite(id, "threshold", spec.threshold.unwrap_or(0.0))?,
+            threshold: match &spec.threshold {
+                Some(t) => v.finite_at(t, "threshold")?,
+                None => 0.0,
+            },
             expect,
         })
     }
@@ -384,7 +400,11 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
         let mut show_active = None;
         if let Some(min) = e.min_active_fraction {
             bound.push(format!(">= {min}"));
-            if frac < min {
+            if !at_least(
+                &format!("the active fraction on `{}`", e.prompts),
+                frac,
+                min,
+            )? {
                 violations.push(format!(
                     "the probe fired on {:.0}% of `{}`, below the required {:.0}%",
                     frac * 100.0,
@@ -396,7 +416,11 @@ fn evaluate(k: &FeatureProbe, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError
         }
         if let Some(max) = e.max_active_fraction {
             bound.push(format!("<= {max}"));
-            if frac > max {
+            if !at_most(
+                &format!("the active fraction on `{}`", e.prompts),
+                frac,
+                max,
+            )? {
                 violations.push(format!(
                     "the probe fired on {:.0}% of `{}`, above the allowed {:.0}%",
                     frac * 100.0,

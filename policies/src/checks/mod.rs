@@ -190,6 +190,29 @@ pub(crate) fn violated(severity: Severity) -> Status {
     }
 }
 
+/// Whether `value` is at least `min`. NaN on either side is an error, not an answer: every
+/// comparison with NaN is false, so a bound held as `value < min => violated` would pass.
+pub(crate) fn at_least(what: &str, value: f64, min: f64) -> Result<bool, CheckError> {
+    comparable(what, value, min)?;
+    Ok(value >= min)
+}
+
+/// Whether `value` is at most `max`; NaN on either side is an error, as for [`at_least`].
+pub(crate) fn at_most(what: &str, value: f64, max: f64) -> Result<bool, CheckError> {
+    comparable(what, value, max)?;
+    Ok(value <= max)
+}
+
+fn comparable(what: &str, value: f64, bound: f64) -> Result<(), CheckError> {
+    if value.is_nan() || bound.is_nan() {
+        return Err(CheckError::NonFinite(format!(
+            "{what} is {value}, held to the bound {bound}: a NaN cannot be compared, so the \
+             check cannot pass"
+        )));
+    }
+    Ok(())
+}
+
 impl Finding {
     /// A finding without its check's identity, which the engine fills in.
     pub(crate) fn new(
@@ -207,6 +230,23 @@ impl Finding {
             explanation,
             metrics,
             evidence,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{at_least, at_most};
+
+    #[test]
+    fn a_nan_comparison_is_an_error_never_a_pass() {
+        assert!(at_least("x", 1.0, 0.5).unwrap());
+        assert!(!at_least("x", 0.1, 0.5).unwrap());
+        assert!(at_most("x", 0.1, 0.5).unwrap());
+        assert!(!at_most("x", 1.0, 0.5).unwrap());
+        for (value, bound) in [(f64::NAN, 0.5), (0.5, f64::NAN), (f64::NAN, f64::NAN)] {
+            assert!(at_least("x", value, bound).is_err(), "{value} >= {bound}");
+            assert!(at_most("x", value, bound).is_err(), "{value} <= {bound}");
         }
     }
 }

@@ -9,7 +9,7 @@ use probes::hooks::{HookPoint, Hooks, Positions};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{attribution, violated, Cx, Kind, Planner};
+use super::{at_least, at_most, attribution, violated, Cx, Kind, Planner};
 use crate::error::CheckError;
 use crate::load::{Located, Names, Validator};
 use crate::metrics::{self, Behaviour};
@@ -18,7 +18,7 @@ use crate::result::{
     round, Distribution, Evidence, Finding, GenerationPair, InterventionMeans, Metric,
     PromptEvidence, Status, SweepPoint,
 };
-use crate::schema::{Bounds, InterventionSpec, Metric as MetricKind, TargetTokens};
+use crate::schema::{Bounds, BoundsSpec, InterventionSpec, Metric as MetricKind, TargetTokens};
 use crate::session::{Reply, Session, Tokens};
 
 /// The fields of a `steering` check.
@@ -33,21 +33,21 @@ pub struct Spec {
     /// Tokens whose probability is the refusal probability, each a single token (default:
     /// the policy's `[refusal]` tokens).
     #[serde(default)]
-    pub refusal_tokens: Option<Vec<Spanned<String>>>,
+    pub refusal_tokens: Option<Spanned<Vec<Spanned<String>>>>,
     /// Phrases that mark a generation as a refusal, any one anywhere (case-insensitive;
     /// default: the marker classifier of `refusal.rs`).
     #[serde(default)]
-    pub refusal_phrases: Option<Vec<String>>,
+    pub refusal_phrases: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub max_tokens: Option<usize>,
     /// Coefficients at which the metric is also measured, to find where behaviour flips.
     #[serde(default)]
-    pub sweep: Vec<f64>,
+    pub sweep: Vec<Spanned<f64>>,
     /// The metric value that counts as flipped (default 0 for scores, 0.5 for rates).
     #[serde(default)]
-    pub flip_at: Option<f64>,
+    pub flip_at: Option<Spanned<f64>>,
     #[serde(default)]
-    pub bounds: Option<Bounds>,
+    pub bounds: Option<Spanned<BoundsSpec>>,
     /// Attribute the behaviour without the intervention to this SAE's latents (attribution
     /// patching, checked by ablating the top latents; see `attribution.rs`). Refusal rates
     /// and KL have no gradient: they attribute the refusal score.
@@ -102,18 +102,14 @@ impl Kind for Steering {
         let prompts = v.set(p, n.prompts)?;
         let iv = v.required(id, "intervention", &spec.intervention)?;
         let coeff = |v: &mut Validator<'_>, want: bool| -> Option<f64> {
-            match (iv.coeff, want) {
-                (Some(x), true) if x.is_finite() => Some(x),
+            match (&iv.coeff, want) {
+                (Some(x), true) => v.finite_at(x, "coeff"),
                 (None, true) => {
                     v.err(id, "this intervention needs `coeff`");
                     None
                 }
-                (Some(_), true) => {
-                    v.err(id, "`coeff` must be finite");
-                    None
-                }
-                (Some(_), false) => {
-                    v.err(id, "an ablation takes no `coeff`");
+                (Some(x), false) => {
+                    v.err(x, "an ablation takes no `coeff`");
                     None
                 }
                 (None, false) => Some(0.0),
@@ -153,7 +149,7 @@ impl Kind for Steering {
         };
         let metric = *v.required(id, "metric", &spec.metric)?;
         let target = match (&spec.target, metric) {
-            (Some(t), MetricKind::LogitDiff) => Some((t.positive.clone(), t.negative.clone())),
+            (Some(t), MetricKind::LogitDiff) => target_words(v, t),
             (None, MetricKind::LogitDiff) => {
                 v.err(id, "the `logit_diff` metric needs `target = { positive = [...], negative = [...] }`");
                 None
@@ -170,15 +166,34 @@ impl Kind for Steering {
                 "`sweep` scales an added vector's coefficient; an ablation has none",
             );
         }
-        if spec.sweep.iter().any(|x| !x.is_finite()) {
-            v.err(id, "`sweep` coefficients must be finite");
-        }
-        let bounds = spec.bounds.clone().unwrap_or_default();
+        let sweep: Vec<f64> = spec
+            .sweep
+            .iter()
+            .filter_map(|x| v.finite_at(x, "sweep"))
+            .collect();
+        let rate = metric == MetricKind::RefusalRate;
+        let bounds = match &spec.bounds {
+            Some(b) => bounds(v, b, rate)?,
+            None => Bounds::default(),
+        };
         if bounds == Bounds::default() {
-            v.err(id, "a steering check needs `bounds` (min, max, min_change, max_change, max_relative_drop, min_baseline or max_flip_coeff)");
+            let at = spec.bounds.as_ref().map_or(id.span(), |b| b.span());
+            v.err(&Spanned::new(at, ()), "a steering check needs `bounds` (min, max, min_change, max_change, max_relative_drop, min_baseline or max_flip_coeff)");
         }
         if bounds.max_flip_coeff.is_some() && spec.sweep.is_empty() {
             v.err(id, "`max_flip_coeff` needs a `sweep`");
+        }
+        let flip_at = match &spec.flip_at {
+            Some(x) if rate => v.within(x, "flip_at", 0.0, 1.0)?,
+            Some(x) => v.finite_at(x, "flip_at")?,
+            None if rate => 0.5,
+            None => 0.0,
+        };
+        if let Some(t) = &spec.refusal_tokens {
+            v.words(t, "refusal_tokens");
+        }
+        if let Some(p) = &spec.refusal_phrases {
+            v.words(p, "refusal_phrases");
         }
         let attribute_with = match &spec.attribute_with {
             Some(s) => Some(v.named("SAE", s, n.saes)?),
@@ -196,17 +211,16 @@ impl Kind for Steering {
             refusal_tokens: spec
                 .refusal_tokens
                 .as_ref()
-                .map(|t| t.iter().map(|w| v.located(w)).collect()),
+                .map(|t| t.get_ref().iter().map(|w| v.located(w)).collect()),
             classifier: match &spec.refusal_phrases {
-                Some(p) => Classifier::Phrases(p.clone()),
+                Some(p) => {
+                    Classifier::Phrases(p.get_ref().iter().map(|x| x.get_ref().clone()).collect())
+                }
                 None => Classifier::Markers,
             },
             max_tokens,
-            sweep: spec.sweep.clone(),
-            flip_at: spec.flip_at.unwrap_or(match metric {
-                MetricKind::RefusalRate => 0.5,
-                _ => 0.0,
-            }),
+            sweep,
+            flip_at,
             bounds,
             attribute_with,
         })
@@ -219,6 +233,82 @@ impl Kind for Steering {
     fn evaluate(&self, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         evaluate(self, cx)
     }
+}
+
+/// A `logit_diff` target: two non-empty lists of words, none blank, none in both (a word
+/// on both sides cancels out of the difference).
+fn target_words(v: &mut Validator<'_>, t: &TargetTokens) -> Option<(Vec<String>, Vec<String>)> {
+    let ok = v.words(&t.positive, "target.positive") & v.words(&t.negative, "target.negative");
+    if !ok {
+        return None;
+    }
+    let words = |l: &Spanned<Vec<Spanned<String>>>| -> Vec<String> {
+        l.get_ref().iter().map(|w| w.get_ref().clone()).collect()
+    };
+    let (positive, negative) = (words(&t.positive), words(&t.negative));
+    if let Some(w) = t
+        .negative
+        .get_ref()
+        .iter()
+        .find(|w| positive.contains(w.get_ref()))
+    {
+        v.err(
+            w,
+            format!(
+                "`{}` is in both `target.positive` and `target.negative`: it cancels out of \
+                 the logit difference",
+                w.get_ref()
+            ),
+        );
+        return None;
+    }
+    Some((positive, negative))
+}
+
+/// A steering check's `bounds`, each value finite (a NaN bound can never be violated) and
+/// in its range: a refusal rate's `min`, `max` and `min_baseline` within [0, 1];
+/// `max_flip_coeff`, held to a coefficient's magnitude, at least 0; each lower bound at most
+/// its upper bound. Every error is at its value's line.
+fn bounds(v: &mut Validator<'_>, b: &Spanned<BoundsSpec>, rate: bool) -> Option<Bounds> {
+    let b = b.get_ref();
+    let before = v.error_count();
+    let mut value = |x: &Option<Spanned<f64>>, field: &str, lo: f64, hi: f64| -> Option<f64> {
+        let (x, field) = (x.as_ref()?, format!("bounds.{field}"));
+        v.finite_at(x, &field)?;
+        v.within(x, &field, lo, hi)
+    };
+    let any = (f64::NEG_INFINITY, f64::INFINITY);
+    let rate_range = if rate { (0.0, 1.0) } else { any };
+    let out = Bounds {
+        min: value(&b.min, "min", rate_range.0, rate_range.1),
+        max: value(&b.max, "max", rate_range.0, rate_range.1),
+        min_change: value(&b.min_change, "min_change", any.0, any.1),
+        max_change: value(&b.max_change, "max_change", any.0, any.1),
+        max_relative_drop: value(&b.max_relative_drop, "max_relative_drop", any.0, any.1),
+        min_baseline: value(&b.min_baseline, "min_baseline", rate_range.0, rate_range.1),
+        max_flip_coeff: value(&b.max_flip_coeff, "max_flip_coeff", 0.0, f64::INFINITY),
+    };
+    for (lo, hi, at, what) in [
+        (
+            out.min,
+            out.max,
+            &b.max,
+            "`bounds.max` is below `bounds.min`",
+        ),
+        (
+            out.min_change,
+            out.max_change,
+            &b.max_change,
+            "`bounds.max_change` is below `bounds.min_change`",
+        ),
+    ] {
+        if let (Some(lo), Some(hi), Some(at)) = (lo, hi, at) {
+            if lo > hi {
+                v.err(at, format!("{what} ({hi} < {lo}): no value meets both"));
+            }
+        }
+    }
+    (v.error_count() == before).then_some(out)
 }
 
 fn plan(st: &Steering, p: &mut Planner<'_, '_>) {
@@ -411,6 +501,11 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
             let (h, _) = intervention_hooks(cx, intervention, Some(c))?;
             mean(&measure(cx.session, &h)?.0)
         };
+        if m.is_nan() {
+            return Err(CheckError::NonFinite(format!(
+                "{mname} at sweep coefficient {c} is NaN"
+            )));
+        }
         evidence.sweep.push(SweepPoint {
             coeff: c,
             value: round(m),
@@ -487,7 +582,7 @@ fn evaluate(st: &Steering, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
         evidence.latents = latents;
         attributed = Some(fit);
     }
-    let (mut metric_rows, violations, undefined) = judge(mname, b, v, flip, bounds);
+    let (mut metric_rows, violations, undefined) = judge(mname, b, v, flip, bounds)?;
     metric_rows.extend(attributed);
     let status = if !violations.is_empty() {
         violated(severity)
@@ -540,15 +635,19 @@ fn describe(i: &Intervention, hook: Option<HookPoint>) -> String {
     }
 }
 
-/// Hold the baseline `b`, the value `v` and the flip coefficient to `bounds`. Returns the metric
-/// rows, the violated bounds, and why a bound could not be evaluated (if one could not).
+/// The metric rows, the violated bounds, and why a bound could not be evaluated (if one could
+/// not).
+type Judged = (Vec<Metric>, Vec<String>, Option<String>);
+
+/// Hold the baseline `b`, the value `v` and the flip coefficient to `bounds`. A NaN metric or
+/// bound is an error, never a pass: every comparison with NaN is false.
 fn judge(
     name: &str,
     b: f64,
     v: f64,
     flip: Option<f64>,
     bounds: &Bounds,
-) -> (Vec<Metric>, Vec<String>, Option<String>) {
+) -> Result<Judged, CheckError> {
     let mut rows = vec![
         Metric {
             name: format!("{name} without intervention"),
@@ -588,32 +687,42 @@ fn judge(
     if !(b.is_finite() && v.is_finite()) {
         bad.push("the metric is not finite".to_string());
     }
+    let without = format!("{name} without intervention");
+    let with = format!("{name} with intervention");
+    for (what, x) in [(&without, b), (&with, v)] {
+        if x.is_nan() {
+            return Err(CheckError::NonFinite(format!("{what} is NaN")));
+        }
+    }
     if let Some(x) = bounds.min_baseline {
-        if b < x {
+        if !at_least(&without, b, x)? {
             bad.push(format!("{name} without intervention is {b:.3}, below {x}"));
         }
     }
     if let Some(x) = bounds.min {
-        if v < x {
+        if !at_least(&with, v, x)? {
             bad.push(format!("{name} with intervention is {v:.3}, below {x}"));
         }
     }
     if let Some(x) = bounds.max {
-        if v > x {
+        if !at_most(&with, v, x)? {
             bad.push(format!("{name} with intervention is {v:.3}, above {x}"));
         }
     }
     if let Some(x) = bounds.min_change {
-        if v - b < x {
+        if !at_least("the change", v - b, x)? {
             bad.push(format!("the change {:.3} is below {x}", v - b));
         }
     }
     if let Some(x) = bounds.max_change {
-        if v - b > x {
+        if !at_most("the change", v - b, x)? {
             bad.push(format!("the change {:.3} is above {x}", v - b));
         }
     }
     if let Some(x) = bounds.max_relative_drop {
+        if b.is_nan() {
+            at_most(&without, b, x)?;
+        }
         if b > 0.0 {
             let drop = (b - v) / b;
             rows.push(Metric {
@@ -621,7 +730,7 @@ fn judge(
                 value: round(drop),
                 bound: format!("<= {x}"),
             });
-            if drop > x {
+            if !at_most("the relative drop", drop, x)? {
                 bad.push(format!(
                     "the intervention cut {name} by {:.0}%, more than {:.0}%",
                     drop * 100.0,
@@ -639,7 +748,7 @@ fn judge(
             bound: format!("<= {x}"),
         });
         match flip {
-            Some(c) if c.abs() <= x => {}
+            Some(c) if at_most("the flip coefficient", c.abs(), x)? => {}
             Some(c) => bad.push(format!(
                 "behaviour flips only at coefficient {c}, beyond {x}"
             )),
@@ -648,7 +757,7 @@ fn judge(
             )),
         }
     }
-    (rows, bad, undefined)
+    Ok((rows, bad, undefined))
 }
 
 #[cfg(test)]
@@ -709,13 +818,51 @@ bounds = { max = 1000.0 }
     }
 
     #[test]
-    fn a_policy_refusal_token_of_no_tokens_is_an_error_at_its_line() {
+    fn a_policy_refusal_token_that_is_blank_is_an_error_at_its_line() {
+        // Refused at validation, before any model is read: a blank token has no token id.
         let tiny = Tiny::new();
         let checks = format!("\n[refusal]\ntokens = [\"\"]\n{SCORE}");
-        let e = resolve_errors(&tiny, &checks);
+        let errors = tiny.policy(&checks).unwrap_err();
+        let e = errors[0].to_string();
         let at = line_of(&tiny, "tokens = [\"\"]");
-        assert!(e.contains(&at), "{e}");
-        assert!(e.contains("is 0 tokens"), "{e}");
+        assert!(e.starts_with(&at), "{e}");
+        assert!(e.contains("empty or blank entry"), "{e}");
+    }
+
+    #[test]
+    fn a_nan_metric_or_bound_is_an_error_never_a_pass() {
+        use super::judge;
+        use crate::schema::Bounds;
+        // Defence in depth: validation refuses NaN bounds, and judging never passes one.
+        let max = Bounds {
+            max: Some(f64::NAN),
+            ..Bounds::default()
+        };
+        assert!(judge("kl", 0.0, 0.711, None, &max).is_err());
+        let drop = Bounds {
+            min_baseline: Some(f64::NAN),
+            max_relative_drop: Some(f64::NAN),
+            ..Bounds::default()
+        };
+        assert!(judge("refusal rate", 0.25, 0.0, None, &drop).is_err());
+        let flip = Bounds {
+            max_flip_coeff: Some(f64::NAN),
+            ..Bounds::default()
+        };
+        assert!(judge("refusal score", -1.0, 1.0, Some(2.0), &flip).is_err());
+        let finite = Bounds {
+            max: Some(1.0),
+            ..Bounds::default()
+        };
+        assert!(judge("kl", f64::NAN, f64::NAN, None, &finite).is_err());
+        // A finite bound still judges.
+        let (_, violated, _) = judge("kl", 0.0, 0.711, None, &finite).unwrap();
+        assert!(violated.is_empty());
+        let tight = Bounds {
+            max: Some(0.1),
+            ..Bounds::default()
+        };
+        assert_eq!(judge("kl", 0.0, 0.711, None, &tight).unwrap().1.len(), 1);
     }
 
     #[test]
