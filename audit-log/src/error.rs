@@ -54,9 +54,10 @@ pub enum LogError {
         given: String,
     },
     /// The log holds fewer records than this host's writer last wrote, or different ones:
-    /// records were deleted, or the database was replaced by an older copy.
+    /// records were deleted or changed, or the database was replaced by an older copy.
+    /// `detail` says which was found.
     #[error(
-        "{path}: the log was rolled back: {detail}. Do not append to it: keep copies of the \
+        "{path}: {detail}. Do not append to it: keep copies of the \
          database and of {head}, run `mechwatch log verify` against your exported checkpoints \
          and look for who changed the file. Only once that is understood, move {head} aside to \
          accept the log as it is"
@@ -66,6 +67,36 @@ pub enum LogError {
         head: PathBuf,
         detail: String,
     },
+    /// The database holds something no mechwatch writes: an object in its schema that the
+    /// migrations do not create (a planted trigger would run inside every append), or a
+    /// missing or mistyped log id. Writers refuse it; `log verify` reports it (exit 1).
+    #[error(
+        "{path}: {detail}: the database was edited. Refusing to write to it; keep a copy and \
+         run `mechwatch log verify --db {path}` to see what else changed"
+    )]
+    Tampered { path: PathBuf, detail: String },
+    /// A value of the wrong type in one of mechwatch's tables (text where a record's signed
+    /// bytes belong, a NULL signature): only someone editing the database stores one.
+    #[error("{0}: the database was edited (run `mechwatch log verify`)")]
+    Mistyped(crate::schema::Mistyped),
+    /// A writer refuses to extend, rotate or checkpoint a log that does not verify: what it
+    /// signed next would vouch for the forged records before it.
+    #[error(
+        "{path}: the log does not verify ({failure}); refusing to sign anything that extends \
+         it. Keep a copy of the database, run `mechwatch log verify --db {path} --pubkey ...` \
+         and find out who changed it"
+    )]
+    Unverified { path: PathBuf, failure: String },
+    /// A writer must verify the log before it signs, from the log's first key. The log records
+    /// that key's public half from the first append on; a log whose key was rotated by an
+    /// older mechwatch does not, and the writer's own key is not its first.
+    #[error(
+        "{path}: cannot verify the log before writing to it: its first record is signed by key \
+         {key_id}, whose public key the log does not record (it was rotated by an older \
+         mechwatch). Record it once with `mechwatch log checkpoint --db {path} --key <current \
+         key> --pubkey <the first key's .pub> --out <file>`"
+    )]
+    InitialKeyUnknown { path: PathBuf, key_id: String },
     /// The head witness beside the log cannot be read or parsed.
     #[error("{path}: unreadable head witness: {detail}")]
     Witness { path: PathBuf, detail: String },
@@ -80,6 +111,10 @@ pub enum LogError {
          before copying"
     )]
     WalUnreadable { path: PathBuf },
+    /// A file given to read is not one mechwatch reads: not a regular file (a FIFO, a
+    /// device), or larger than such a file ever is.
+    #[error("{path}: {detail}")]
+    Input { path: PathBuf, detail: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -113,6 +113,26 @@ impl Signer {
     }
 }
 
+/// Write a public key file beside a new private key: created exclusively (an existing file,
+/// or a symlink, at `path` is refused, never replaced or followed), mode 0644.
+pub fn write_public_new(path: &Path, pem: &str) -> Result<(), LogError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(pem.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
 /// SPKI PEM (`-----BEGIN PUBLIC KEY-----`), as `openssl pkey -pubout` writes it.
 pub fn public_pem(key: &VerifyingKey) -> String {
     key.to_public_key_pem(Default::default())
@@ -121,26 +141,25 @@ pub fn public_pem(key: &VerifyingKey) -> String {
 
 /// Read a key file, turning "no such file" into a message that says where keys come from.
 fn read_key_file(path: &Path, which: &str) -> Result<String, LogError> {
-    match std::fs::read(path) {
+    match crate::input::read_small(path, &format!("an Ed25519 {which} key")) {
         Ok(bytes) => String::from_utf8(bytes).map_err(|_| LogError::Key {
             path: path.to_path_buf(),
             detail: format!("not a PEM file (not text); expected an Ed25519 {which} key"),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LogError::Key {
-            path: path.to_path_buf(),
-            detail: if which == "private" {
-                "no such key file; create a signing key with `mechwatch key generate --out FILE`"
+        Err(LogError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(LogError::Key {
+                path: path.to_path_buf(),
+                detail: if which == "private" {
+                    "no such key file; create a signing key with `mechwatch key generate --out FILE`"
                     .into()
-            } else {
-                "no such key file; the public key is FILE.pub beside the key that `mechwatch key \
+                } else {
+                    "no such key file; the public key is FILE.pub beside the key that `mechwatch key \
                  generate --out FILE` wrote, or re-derive it with `mechwatch key public --key FILE`"
                     .into()
-            },
-        }),
-        Err(source) => Err(LogError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+                },
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -12,9 +12,11 @@ pub mod build_info;
 pub mod checkpoint;
 pub mod dsse;
 pub mod error;
+pub mod input;
 pub mod keys;
 pub mod merkle;
 pub mod record;
+pub mod schema;
 pub mod store;
 pub mod verify;
 

@@ -9,11 +9,16 @@
 //! SQLite database and a non-SQLite file are refused with what they are, never initialised.
 //! Readers ([`open_reader`], [`AuditLog::open_existing`]) never create anything.
 //!
+//! **Nothing foreign, nothing unverified.** The schema is an allow-list ([`crate::schema`]):
+//! a writer refuses a database holding a trigger, view, index or table its migrations do not
+//! create, at open and again under the write lock of each append. Before its first append,
+//! rotation or checkpoint a writer verifies the whole log ([`AuditLog::verify_before_writing`]).
+//!
 //! **Keys.** A writer refuses a signing key that is not the log's current key (the key of the
 //! newest record, or the new key of a rotation record), at open and again at each append:
 //! one record signed by another key would make every later verification fail.
 //!
-//! **Head witness.** After each durable append the writer replaces `<db>.head` (mode 0600,
+//! **Head witness.** After each durable append the writer replaces `<db>.head` (mode 0644,
 //! written to a temporary file, fsynced, renamed) with a signed checkpoint note of the size
 //! and Merkle root it just wrote, and it keeps the same in memory. It refuses to append when
 //! the log holds fewer records than the witness, or when the first `size` records no longer
@@ -44,15 +49,16 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpoint;
 use crate::dsse::{pae, IN_TOTO_PAYLOAD_TYPE};
 use crate::error::{sql, LogError};
-use crate::keys::Signer;
+use crate::keys::{key_id, Signer, VerifyingKey};
 use crate::merkle::{self, Hash};
 use crate::record::*;
+use crate::schema::{self, Mistyped};
 
 /// Name of the key in checkpoint signature lines.
 pub const NOTE_KEY_NAME: &str = "mechwatch";
 const SCHEMA_VERSION: i64 = 1;
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: records, checkpoints, metadata, append-only triggers.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE records (
@@ -192,7 +198,8 @@ fn inspect(path: &Path) -> Result<bool, LogError> {
     Ok(true)
 }
 
-/// Refuse an SQLite database that lacks the log's tables or its id.
+/// Refuse an SQLite database that lacks the log's tables. What else is in it is for `log
+/// verify` to judge ([`check_writable`] for writers).
 fn check_schema(conn: &Connection, path: &Path) -> Result<(), LogError> {
     let tables: i64 = conn
         .query_row(
@@ -202,22 +209,34 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<(), LogError> {
             |r| r.get(0),
         )
         .map_err(sql("reading the schema"))?;
-    let id: Option<String> = if tables == 3 {
-        conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(sql("reading log id"))?
-    } else {
-        None
-    };
-    if id.is_none() {
+    if tables != 3 {
         return Err(LogError::NotALog {
             path: path.to_path_buf(),
             what: "SQLite database without mechwatch's tables, not a mechwatch log".into(),
         });
     }
     Ok(())
+}
+
+/// Refuse to write to a log whose schema holds an object mechwatch does not create (a
+/// planted trigger would run inside the append), or whose log id is missing or mistyped.
+fn check_writable(conn: &Connection, path: &Path) -> Result<(), LogError> {
+    let tampered = |detail: String| LogError::Tampered {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if let Some(object) = schema::first_foreign_object(conn).map_err(sql("reading the schema"))? {
+        return Err(tampered(format!("its schema holds {object}")));
+    }
+    match log_id(conn) {
+        Ok(_) => Ok(()),
+        Err(LogError::Mistyped(m)) => Err(tampered(m.to_string())),
+        Err(LogError::Sqlite {
+            source: rusqlite::Error::QueryReturnedNoRows,
+            ..
+        }) => Err(tampered("its meta table has no log_id".into())),
+        Err(e) => Err(e),
+    }
 }
 
 /// Temporary files beside the log: `.<name>.<what>.<pid>.<n>`, unique per process and call.
@@ -276,14 +295,14 @@ fn sync_dir(db: &Path) -> Result<(), LogError> {
 
 /// Create an empty log at `path` atomically: initialise it under a temporary name, then
 /// link it into place. Returns `Ok(false)` when another writer created it first.
-fn create(path: &Path, key_id: Option<&str>) -> Result<bool, LogError> {
+fn create(path: &Path, signer: Option<&Signer>) -> Result<bool, LogError> {
     let head = head_path(path);
     if head.exists() {
         return Err(LogError::RolledBack {
             path: path.to_path_buf(),
             head: head.clone(),
-            detail: "the database is missing but its head witness exists, so the log was \
-                     deleted or moved"
+            detail: "the log was rolled back: the database is missing but its head witness \
+                     exists, so the log was deleted or moved"
                 .into(),
         });
     }
@@ -293,12 +312,13 @@ fn create(path: &Path, key_id: Option<&str>) -> Result<bool, LogError> {
         let mut conn = Connection::open(&tmp).map_err(sql("creating the audit log"))?;
         configure(&conn)?;
         migrate(&mut conn)?;
-        if let Some(id) = key_id {
+        if let Some(signer) = signer {
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('key_id', ?1)",
-                params![id],
+                params![signer.id()],
             )
             .map_err(sql("writing the initial key id"))?;
+            pin_initial_key(&conn, &signer.public())?;
         }
         conn.close()
             .map_err(|(_, e)| sql("closing the new audit log")(e))?;
@@ -338,6 +358,7 @@ fn uri(path: &Path, query: &str) -> String {
 }
 
 fn configure(conn: &Connection) -> Result<(), LogError> {
+    schema::harden(conn).map_err(sql("hardening the connection"))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(sql("busy_timeout"))?;
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -399,12 +420,24 @@ fn build_frontier(conn: &Connection, at: Option<u64>) -> Result<Rebuilt, LogErro
     let mut tip = None;
     let mut root_at = (at == Some(0)).then(merkle::empty_root);
     let mut stmt = conn
-        .prepare("SELECT bytes FROM records ORDER BY seq")
+        .prepare("SELECT seq, bytes FROM records ORDER BY seq")
         .map_err(sql("reading records"))?;
     let mut rows = stmt.query([]).map_err(sql("reading records"))?;
     while let Some(row) = rows.next().map_err(sql("reading records"))? {
-        let bytes: Vec<u8> = row.get(0).map_err(sql("reading records"))?;
-        let leaf = merkle::leaf_hash(&bytes);
+        let bytes = match row.get_ref(1).map_err(sql("reading records"))? {
+            rusqlite::types::ValueRef::Blob(b) => b,
+            other => {
+                let seq = row.get::<_, i64>(0).map_err(sql("reading records"))? as u64;
+                return Err(LogError::Mistyped(Mistyped {
+                    seq: Some(seq),
+                    place: format!("records seq {seq}"),
+                    column: "bytes",
+                    expected: "blob",
+                    found: type_name(other.data_type()).into(),
+                }));
+            }
+        };
+        let leaf = merkle::leaf_hash(bytes);
         frontier.push(leaf);
         tip = Some(leaf);
         if Some(frontier.size()) == at {
@@ -442,10 +475,12 @@ fn resync(conn: &Connection, path: &Path, head: Option<(u64, Hash)>) -> Result<R
     };
     let have = rebuilt.frontier.size();
     let detail = match rebuilt.root_at {
-        None => format!("it holds {have} records, but this host's writer wrote {size}"),
+        None => format!(
+            "the log was rolled back: it holds {have} records, but this host's writer wrote {size}"
+        ),
         Some(r) if r != root => format!(
-            "its first {size} records are not the ones this host's writer wrote (it holds \
-             {have}: records were deleted and others appended)"
+            "the log's first {size} records are not the ones this host's writer wrote (it \
+             holds {have}): records among them were changed, or deleted and others appended"
         ),
         Some(_) => return Ok(rebuilt),
     };
@@ -469,6 +504,7 @@ pub fn open_reader(path: &Path) -> Result<Connection, LogError> {
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(sql("opening the audit log"))?;
+    schema::harden(&conn).map_err(sql("hardening the connection"))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(sql("busy_timeout"))?;
     // SQLite opens lazily: the first read is where a missing `-shm` shows.
@@ -484,11 +520,13 @@ pub fn open_reader(path: &Path) -> Result<Connection, LogError> {
                 });
             }
             tracing::debug!("no -shm can be created and there is no -wal: opening immutable");
-            Connection::open_with_flags(
+            let conn = Connection::open_with_flags(
                 uri(path, "immutable=1"),
                 flags | OpenFlags::SQLITE_OPEN_URI,
             )
-            .map_err(sql("opening the audit log (immutable)"))?
+            .map_err(sql("opening the audit log (immutable)"))?;
+            schema::harden(&conn).map_err(sql("hardening the connection"))?;
+            conn
         }
         Err(e) => return Err(sql("opening the audit log")(e)),
     };
@@ -541,13 +579,51 @@ pub fn current_key_id(conn: &Connection) -> Result<Option<String>, LogError> {
     }
 }
 
+/// The meta key under which the log records its first public key (hex), for writers.
+const INITIAL_KEY: &str = "initial_public_key";
+
+/// The first public key the log records, if it records one.
+fn pinned_initial_key(conn: &Connection, path: &Path) -> Result<Option<VerifyingKey>, LogError> {
+    let value: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [INITIAL_KEY],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql("reading the first public key"))?;
+    value
+        .map(|hex_key| {
+            crate::keys::parse_public(&hex_key).ok_or_else(|| LogError::Tampered {
+                path: path.to_path_buf(),
+                detail: format!("its meta {INITIAL_KEY} is not a public key"),
+            })
+        })
+        .transpose()
+}
+
+fn pin_initial_key(conn: &Connection, key: &VerifyingKey) -> Result<(), LogError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+        params![INITIAL_KEY, hex::encode(key.as_bytes())],
+    )
+    .map(drop)
+    .map_err(sql("recording the first public key"))
+}
+
 /// Read the head witness beside `db`, if there is one: the checkpoint note it holds,
 /// unverified (the writer compares it with the database; `verify` checks its signature).
 pub fn read_head(db: &Path) -> Result<Option<String>, LogError> {
     let head = head_path(db);
-    match std::fs::read_to_string(&head) {
+    match crate::input::read_small_text(&head, "a head witness") {
         Ok(note) => Ok(Some(note)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(LogError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(LogError::Io { source, .. }) => Err(LogError::Witness {
+            path: head,
+            detail: source.to_string(),
+        }),
         Err(e) => Err(LogError::Witness {
             path: head,
             detail: e.to_string(),
@@ -555,7 +631,8 @@ pub fn read_head(db: &Path) -> Result<Option<String>, LogError> {
     }
 }
 
-/// Replace the head witness: a temporary file (0600), fsynced, renamed over `<db>.head`.
+/// Replace the head witness: a temporary file (0644: it holds nothing secret, and whoever
+/// may read the log must be able to verify it), fsynced, renamed over `<db>.head`.
 fn write_head(db: &Path, note: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = temp_name(db, "head");
@@ -563,7 +640,7 @@ fn write_head(db: &Path, note: &str) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(0o644)
             .open(&tmp)?;
         f.write_all(note.as_bytes())?;
         f.sync_all()?;
@@ -575,11 +652,35 @@ fn write_head(db: &Path, note: &str) -> std::io::Result<()> {
     result
 }
 
+/// The log's id; [`LogError::Mistyped`] when it is not text.
 pub fn log_id(conn: &Connection) -> Result<String, LogError> {
-    conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
-        r.get(0)
-    })
-    .map_err(sql("reading log id"))
+    let value = conn
+        .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+            r.get::<_, rusqlite::types::Value>(0)
+        })
+        .map_err(sql("reading log id"))?;
+    match value {
+        rusqlite::types::Value::Text(id) => Ok(id),
+        other => Err(LogError::Mistyped(Mistyped {
+            seq: None,
+            place: "meta key \"log_id\"".into(),
+            column: "value",
+            expected: "text",
+            found: type_name(other.data_type()).into(),
+        })),
+    }
+}
+
+/// SQLite's `typeof()` name of a value's type.
+fn type_name(t: rusqlite::types::Type) -> &'static str {
+    use rusqlite::types::Type;
+    match t {
+        Type::Null => "null",
+        Type::Integer => "integer",
+        Type::Real => "real",
+        Type::Text => "text",
+        Type::Blob => "blob",
+    }
 }
 
 /// Rows with `seq` in `[from, to)`, in order.
@@ -615,19 +716,65 @@ fn query_records(
     query: &str,
     args: [i64; 2],
 ) -> Result<Vec<StoredRecord>, LogError> {
+    query_records_each(conn, query, args)?
+        .into_iter()
+        .map(|r| r.map_err(LogError::Mistyped))
+        .collect()
+}
+
+/// Rows with `seq` in `[from, to)`, in order; a row with a value of the wrong type is an
+/// `Err` naming it, in its place (`log show` and `report` flag it and go on).
+pub fn read_records_each(
+    conn: &Connection,
+    from: u64,
+    to: u64,
+) -> Result<Vec<Result<StoredRecord, Mistyped>>, LogError> {
+    query_records_each(
+        conn,
+        "SELECT seq, bytes, sig, key_id FROM records WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
+        [
+            from.min(i64::MAX as u64) as i64,
+            to.min(i64::MAX as u64) as i64,
+        ],
+    )
+}
+
+fn query_records_each(
+    conn: &Connection,
+    query: &str,
+    args: [i64; 2],
+) -> Result<Vec<Result<StoredRecord, Mistyped>>, LogError> {
+    use rusqlite::types::ValueRef;
     let mut stmt = conn.prepare_cached(query).map_err(sql("reading records"))?;
-    let rows = stmt
-        .query_map(args, |r| {
-            Ok(StoredRecord {
-                seq: r.get::<_, i64>(0)? as u64,
-                bytes: r.get(1)?,
-                sig: r.get(2)?,
-                key_id: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading records"))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(sql("reading records"))
+    let mut rows = stmt.query(args).map_err(sql("reading records"))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(sql("reading records"))? {
+        // `seq` is the rowid (INTEGER PRIMARY KEY): SQLite keeps it an integer.
+        let seq = r.get::<_, i64>(0).map_err(sql("reading records"))? as u64;
+        let value = |i: usize| r.get_ref(i).map_err(sql("reading records"));
+        let mistyped = |column: &'static str, expected: &'static str, v: ValueRef| Mistyped {
+            seq: Some(seq),
+            place: format!("records seq {seq}"),
+            column,
+            expected,
+            found: type_name(v.data_type()).into(),
+        };
+        let row = match (value(1)?, value(2)?, value(3)?) {
+            (ValueRef::Blob(bytes), ValueRef::Blob(sig), ValueRef::Text(key_id)) => {
+                Ok(StoredRecord {
+                    seq,
+                    bytes: bytes.to_vec(),
+                    sig: sig.to_vec(),
+                    key_id: String::from_utf8_lossy(key_id).into_owned(),
+                })
+            }
+            (ValueRef::Blob(_), ValueRef::Blob(_), k) => Err(mistyped("key_id", "text", k)),
+            (ValueRef::Blob(_), s, _) => Err(mistyped("sig", "blob", s)),
+            (b, _, _) => Err(mistyped("bytes", "blob", b)),
+        };
+        out.push(row);
+    }
+    Ok(out)
 }
 
 /// Length of the log: one past the highest seq (equal to the row count when it has no
@@ -641,16 +788,33 @@ pub fn record_count(conn: &Connection) -> Result<u64, LogError> {
     .map_err(sql("counting records"))
 }
 
-/// Stored checkpoints, `(size, note)`, by size.
+/// Stored checkpoints, `(size, note)`, by size; [`LogError::Mistyped`] for a note that is
+/// not text.
 pub fn read_checkpoints(conn: &Connection) -> Result<Vec<(u64, String)>, LogError> {
     let mut stmt = conn
         .prepare("SELECT size, note FROM checkpoints ORDER BY size")
         .map_err(sql("reading checkpoints"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
-        .map_err(sql("reading checkpoints"))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(sql("reading checkpoints"))
+    let mut rows = stmt.query([]).map_err(sql("reading checkpoints"))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(sql("reading checkpoints"))? {
+        // `size` is the rowid (INTEGER PRIMARY KEY): SQLite keeps it an integer.
+        let size = r.get::<_, i64>(0).map_err(sql("reading checkpoints"))? as u64;
+        match r.get_ref(1).map_err(sql("reading checkpoints"))? {
+            rusqlite::types::ValueRef::Text(note) => {
+                out.push((size, String::from_utf8_lossy(note).into_owned()))
+            }
+            other => {
+                return Err(LogError::Mistyped(Mistyped {
+                    seq: None,
+                    place: format!("checkpoints size {size}"),
+                    column: "note",
+                    expected: "text",
+                    found: type_name(other.data_type()).into(),
+                }))
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub fn origin(log_id: &str) -> String {
@@ -670,23 +834,49 @@ enum Create {
 impl AuditLog {
     /// Open the log at `path` to append to it, starting a new one if nothing exists there.
     /// A `signer` is needed to append, and must be the log's current key.
+    ///
+    /// With a signer the whole log must verify first (see [`Self::verify_before_writing`]).
     pub fn open(path: &Path, signer: Option<Signer>) -> Result<Self, LogError> {
-        Self::open_with(path, signer, Create::IfMissing)
+        Self::open_with(path, signer, Create::IfMissing, None)
+    }
+
+    /// [`Self::open`], verifying the log from `initial`, its first public key (the daemon's
+    /// `trusted_pubkey`), which is then recorded in the log for later writers.
+    pub fn open_trusting(
+        path: &Path,
+        signer: Signer,
+        initial: &VerifyingKey,
+    ) -> Result<Self, LogError> {
+        Self::open_with(path, Some(signer), Create::IfMissing, Some(initial))
     }
 
     /// Open an existing log (`log checkpoint`, `key rotate`); never creates one.
     pub fn open_existing(path: &Path, signer: Option<Signer>) -> Result<Self, LogError> {
-        Self::open_with(path, signer, Create::Never)
+        Self::open_with(path, signer, Create::Never, None)
+    }
+
+    /// [`Self::open_existing`], verifying from `initial` as [`Self::open_trusting`] does.
+    pub fn open_existing_trusting(
+        path: &Path,
+        signer: Signer,
+        initial: &VerifyingKey,
+    ) -> Result<Self, LogError> {
+        Self::open_with(path, Some(signer), Create::Never, Some(initial))
     }
 
     /// Start a new, empty log at `path`, where nothing may exist yet. With a signer, the log
     /// accepts only that key for its first record.
     pub fn init(path: &Path, signer: Option<Signer>) -> Result<Self, LogError> {
-        Self::open_with(path, signer, Create::Only)
+        Self::open_with(path, signer, Create::Only, None)
     }
 
     #[tracing::instrument(skip_all, fields(path = %path.display()), err(level = "debug"))]
-    fn open_with(path: &Path, signer: Option<Signer>, mode: Create) -> Result<Self, LogError> {
+    fn open_with(
+        path: &Path,
+        signer: Option<Signer>,
+        mode: Create,
+        initial: Option<&VerifyingKey>,
+    ) -> Result<Self, LogError> {
         let exists = inspect(path)?;
         match (exists, mode) {
             (false, Create::Never) => {
@@ -695,7 +885,7 @@ impl AuditLog {
                 })
             }
             (false, _) => {
-                let created = create(path, signer.as_ref().map(Signer::id))?;
+                let created = create(path, signer.as_ref())?;
                 if !created && mode == Create::Only {
                     return Err(LogError::Exists {
                         path: path.to_path_buf(),
@@ -707,7 +897,7 @@ impl AuditLog {
                 }
             }
             (true, Create::Only) => {
-                let what = match Self::open_with(path, None, Create::Never) {
+                let what = match Self::open_with(path, None, Create::Never, None) {
                     Ok(log) => {
                         format!("a mechwatch log, id {}, {} records", log.log_id, log.len()?)
                     }
@@ -725,10 +915,12 @@ impl AuditLog {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql("opening the audit log"))?;
+        schema::harden(&conn).map_err(sql("hardening the connection"))?;
         // Before `configure`, which would switch a foreign database to WAL mode.
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql("busy_timeout"))?;
         check_schema(&conn, path)?;
+        check_writable(&conn, path)?;
         configure(&conn)?;
         migrate(&mut conn)?;
         let log_id = log_id(&conn)?;
@@ -748,13 +940,94 @@ impl AuditLog {
             log.head = log.witnessed_head()?;
             check_key(&log.conn, path, log.signer.as_ref())?;
         }
-        let r = resync(&log.conn, path, log.head)?;
+        let r = resync(&log.conn, path, log.head).map_err(|e| match e {
+            LogError::Mistyped(m) => LogError::Tampered {
+                path: path.to_path_buf(),
+                detail: m.to_string(),
+            },
+            e => e,
+        })?;
         (log.frontier, log.tip) = (r.frontier, r.tip);
+        if log.signer.is_some() {
+            log.verify_before_writing(initial)?;
+        }
         if log.signer.is_some() && log.head.is_none() {
             log.head = Some((log.frontier.size(), log.frontier.root()));
             log.publish_head();
         }
         Ok(log)
+    }
+
+    /// A writer signs nothing that extends a log that does not verify: before its first
+    /// append, rotation or checkpoint it verifies the whole log as `log verify` does (every
+    /// signature, the chain, key rotations, stored checkpoints, the head witness, the schema
+    /// and the column types), at about 20,000 records a second. It verifies from the log's
+    /// first public key: `initial` if given, else the one recorded in the log's meta table
+    /// (its id must be the first record's key id), else the writer's own key when it signed
+    /// the first record. The key is then recorded, so later writers after a rotation find it.
+    /// Later appends by the same writer check only what changed: the schema, and that the log
+    /// still extends the head this writer holds.
+    fn verify_before_writing(&mut self, initial: Option<&VerifyingKey>) -> Result<(), LogError> {
+        if let Some(m) = schema::first_mistyped(&self.conn).map_err(sql("reading the log"))? {
+            return Err(LogError::Tampered {
+                path: self.path.clone(),
+                detail: m.to_string(),
+            });
+        }
+        let signer = self.signer()?;
+        let first: Option<String> = self
+            .conn
+            .query_row("SELECT key_id FROM records ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql("reading the first record"))?;
+        let pinned = pinned_initial_key(&self.conn, &self.path)?;
+        let Some(first) = first else {
+            if pinned.is_none() {
+                pin_initial_key(&self.conn, initial.unwrap_or(&signer.public()))?;
+            }
+            return Ok(());
+        };
+        let trusted = match (initial, pinned) {
+            (Some(k), _) if key_id(k) != first => {
+                return Err(LogError::Format(format!(
+                    "{}: the given public key {} is not the log's first key {first}",
+                    self.path.display(),
+                    key_id(k)
+                )))
+            }
+            (Some(k), _) => *k,
+            (None, Some(k)) if key_id(&k) == first => k,
+            (None, Some(k)) => {
+                return Err(LogError::Tampered {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "its meta table records {} as the first public key, but the first \
+                         record is signed by {first}",
+                        key_id(&k)
+                    ),
+                })
+            }
+            (None, None) if signer.id() == first => signer.public(),
+            (None, None) => {
+                return Err(LogError::InitialKeyUnknown {
+                    path: self.path.clone(),
+                    key_id: first,
+                })
+            }
+        };
+        let head = read_head(&self.path)?;
+        crate::verify::verify_log_witnessed(&self.conn, &trusted, None, head.as_deref()).map_err(
+            |f| LogError::Unverified {
+                path: self.path.clone(),
+                failure: f.to_string(),
+            },
+        )?;
+        if pinned.is_none() {
+            pin_initial_key(&self.conn, &trusted)?;
+        }
+        Ok(())
     }
 
     /// The head recorded in `<db>.head`, if any; it must belong to this log.
@@ -772,8 +1045,7 @@ impl AuditLog {
                 path: self.path.clone(),
                 head,
                 detail: format!(
-                    "the head witness is of {}, but the database holds {}: the database was \
-                     replaced",
+                    "the log was replaced: the head witness is of {}, but the database holds {}",
                     cp.origin,
                     origin(&self.log_id)
                 ),
@@ -849,6 +1121,8 @@ impl AuditLog {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("starting append"))?;
+        // Under the write lock: nothing can plant a trigger between this check and the insert.
+        check_writable(&tx, &self.path)?;
         let last: Option<(i64, Vec<u8>)> = tx
             .query_row(
                 "SELECT seq, bytes FROM records ORDER BY seq DESC LIMIT 1",
@@ -947,6 +1221,7 @@ impl AuditLog {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("starting checkpoint"))?;
+        check_writable(&tx, &self.path)?;
         let size = record_count(&tx)?;
         let tip: Option<Vec<u8>> = tx
             .query_row(

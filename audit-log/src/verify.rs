@@ -23,6 +23,7 @@ use crate::error::LogError;
 use crate::keys::key_id;
 use crate::merkle::{self, Hash};
 use crate::record::*;
+use crate::schema;
 use crate::store::{self, StoredRecord, NOTE_KEY_NAME};
 
 /// Why verification failed.
@@ -37,9 +38,15 @@ pub enum Reason {
         key_id: String,
     },
     InconsistentWithCheckpoint(String),
-    /// The log does not extend the head witness its writer left beside it.
+    /// The log does not extend the head witness its writer left beside it: it holds fewer
+    /// records (rolled back) or different ones (changed); the text says which.
     RolledBack(String),
     Malformed(String),
+    /// The database's schema holds an object mechwatch does not create (a planted trigger,
+    /// view, index or table), or a log id is missing.
+    ForeignSchema(String),
+    /// A value of the wrong type in one of mechwatch's tables.
+    Mistyped(crate::schema::Mistyped),
     /// SQLite found the file corrupt: evidence that it was changed.
     Database(String),
     /// The database could not be read (I/O error, busy, cannot open): nothing was checked.
@@ -75,10 +82,17 @@ impl fmt::Display for Failure {
             Reason::Gap { expected } => write!(f, "gap: expected seq {expected}"),
             Reason::UnknownKey { key_id } => write!(f, "unknown key {key_id}"),
             Reason::InconsistentWithCheckpoint(d) => write!(f, "inconsistent with checkpoint: {d}"),
-            Reason::RolledBack(d) => write!(f, "rolled back: {d}"),
+            Reason::RolledBack(d) => write!(f, "the log does not extend its head witness: {d}"),
             Reason::Unreadable(d) => write!(f, "could not read the database: {d}"),
             Reason::Malformed(d) => write!(f, "malformed record: {d}"),
             Reason::Database(d) => write!(f, "database: {d}"),
+            Reason::ForeignSchema(d) => write!(f, "the database was edited: {d}"),
+            Reason::Mistyped(m) if m.seq.is_some() => write!(
+                f,
+                "the database was edited: column {} holds a {} value, not {}",
+                m.column, m.found, m.expected
+            ),
+            Reason::Mistyped(m) => write!(f, "the database was edited: {m}"),
         }
     }
 }
@@ -108,6 +122,9 @@ fn fail(seq: Option<u64>, reason: Reason) -> Failure {
 }
 
 fn db(e: LogError) -> Failure {
+    if let LogError::Mistyped(m) = e {
+        return fail(m.seq, Reason::Mistyped(m));
+    }
     let corrupt = matches!(&e, LogError::Sqlite { source, .. } if is_corruption(source));
     let d = e.to_string();
     fail(
@@ -182,7 +199,27 @@ pub fn verify_log_witnessed(
             Reason::Database("not an initialised mechwatch audit log (no schema)".into()),
         ));
     }
-    let log_id = store::log_id(conn).map_err(db)?;
+    if let Some(object) = schema::first_foreign_object(conn).map_err(sqlite)? {
+        return Err(fail(
+            None,
+            Reason::ForeignSchema(format!("its schema holds {object}")),
+        ));
+    }
+    if let Some(m) = schema::first_mistyped(conn).map_err(sqlite)? {
+        return Err(fail(m.seq, Reason::Mistyped(m)));
+    }
+    let log_id = match store::log_id(conn) {
+        Err(LogError::Sqlite {
+            source: rusqlite::Error::QueryReturnedNoRows,
+            ..
+        }) => {
+            return Err(fail(
+                None,
+                Reason::ForeignSchema("its meta table has no log_id".into()),
+            ))
+        }
+        other => other.map_err(db)?,
+    };
     let mut keys: Vec<(String, VerifyingKey)> = vec![(key_id(trusted), *trusted)];
     let mut current = 0usize; // index into keys
     let mut leaves: Vec<Hash> = Vec::new();
@@ -336,9 +373,16 @@ pub fn verify_log_witnessed(
                 rolled("the head witness is not signed by any key of this log".into())
             })?;
             check_checkpoint(&cp, &log_id, &leaves, "the head witness").map_err(|f| {
-                rolled(match f.reason {
+                let d = match f.reason {
                     Reason::InconsistentWithCheckpoint(d) => d,
                     other => format!("{other:?}"),
+                };
+                // Fewer records than the writer wrote is a rollback; as many or more, but
+                // different ones, is an edit: the message says which was found.
+                rolled(if cp.size > size {
+                    format!("rolled back: {d}")
+                } else {
+                    d
                 })
             })?;
             Some(cp.size)
@@ -599,7 +643,7 @@ fn check_checkpoint(
     };
     if !ok {
         return incons(format!(
-            "{what} of size {m}: the first {m} records were rewritten"
+            "{what} of size {m}: records among the first {m} were changed since it was signed"
         ));
     }
     Ok(())

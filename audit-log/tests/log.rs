@@ -408,8 +408,9 @@ fn regression_the_writer_does_not_notice_a_shrunken_log() {
     let same =
         || Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)));
     let head = audit_log::store::head_path(&path);
+    // Readable by whoever may read the log, who must be able to verify it: nothing secret.
     let mode = std::fs::metadata(&head).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode, 0o644);
     let witnessed = |p: &std::path::Path| {
         let note = audit_log::store::read_head(p).unwrap();
         let c = audit_log::store::open_reader(p).unwrap();
@@ -468,4 +469,179 @@ fn regression_the_writer_does_not_notice_a_shrunken_log() {
     let e = AuditLog::open(&path, Some(same())).err().unwrap();
     assert!(e.to_string().contains("deleted or moved"), "{e}");
     assert!(!path.exists());
+}
+
+/// Red team, item 1: a trigger planted `AFTER INSERT ON records` ran inside every writer's
+/// append (an endless query hung it; here it copies each record out) while `verify` passed.
+/// The schema is an allow-list: `verify` names the trigger, writers refuse to open the log,
+/// and a writer that opened it before the trigger was planted refuses its next append.
+#[test]
+fn regression_a_planted_trigger_runs_inside_every_append() {
+    let (_t, path, key) = log_with(3);
+    let same =
+        || Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)));
+    let mut live = AuditLog::open(&path, Some(same())).unwrap();
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(
+        "CREATE TABLE loot (bytes BLOB);
+         CREATE TRIGGER t_h AFTER INSERT ON records BEGIN INSERT INTO loot VALUES (new.bytes); END;",
+    )
+    .unwrap();
+    let e = verify(&path, &key, None).unwrap_err();
+    assert!(matches!(e.reason, Reason::ForeignSchema(_)), "{e}");
+    assert!(e.reason.is_evidence());
+    assert!(
+        e.to_string().contains("loot") || e.to_string().contains("t_h"),
+        "{e}"
+    );
+    let e = live.append(body(9)).unwrap_err();
+    assert!(matches!(e, LogError::Tampered { .. }), "{e}");
+    let e = AuditLog::open(&path, Some(same())).err().unwrap();
+    assert!(matches!(e, LogError::Tampered { .. }), "{e}");
+    c.execute_batch("DROP TABLE loot;").unwrap();
+    let e = AuditLog::open(&path, Some(same())).err().unwrap();
+    assert!(
+        e.to_string().contains("trigger \"t_h\" on \"records\""),
+        "{e}"
+    );
+    assert_eq!(audit_log::store::record_count(&c).unwrap(), 3);
+    // A guard trigger replaced by another body under its own name is foreign too.
+    c.execute_batch(
+        "DROP TRIGGER t_h; DROP TRIGGER records_no_update;
+         CREATE TRIGGER records_no_update BEFORE UPDATE ON records BEGIN SELECT 1; END;",
+    )
+    .unwrap();
+    let e = verify(&path, &key, None).unwrap_err();
+    assert!(e.to_string().contains("records_no_update"), "{e}");
+}
+
+/// Red team, item 2: a value of the wrong type (a record's bytes stored as text, a
+/// signature as text, a checkpoint note as a blob, the meta table emptied) made `verify`
+/// report "could not read" (exit 2, not tampered). It is evidence, naming the seq or place.
+#[test]
+fn regression_a_value_of_the_wrong_type_reads_as_could_not_check() {
+    let cases = [
+        (
+            "UPDATE records SET bytes = CAST(bytes AS TEXT) WHERE seq = 1",
+            Some(1),
+            "bytes",
+        ),
+        (
+            "UPDATE records SET sig = hex(sig) WHERE seq = 2",
+            Some(2),
+            "sig",
+        ),
+        (
+            "UPDATE records SET key_id = CAST(key_id AS BLOB) WHERE seq = 0",
+            Some(0),
+            "key_id",
+        ),
+        (
+            "UPDATE records SET kind = CAST(kind AS BLOB) WHERE seq = 1",
+            Some(1),
+            "kind",
+        ),
+        (
+            "UPDATE checkpoints SET note = CAST(note AS BLOB)",
+            None,
+            "checkpoints size 8",
+        ),
+        (
+            "UPDATE meta SET value = CAST(value AS BLOB) WHERE key = 'log_id'",
+            None,
+            "log_id",
+        ),
+        ("DELETE FROM meta", None, "no log_id"),
+    ];
+    for (edit, seq, named) in cases {
+        let (_t, path, key) = log_with(9);
+        let c = raw(&path);
+        c.execute_batch("DROP TRIGGER checkpoints_no_update;")
+            .unwrap();
+        c.execute(edit, []).unwrap();
+        drop(c);
+        let e = verify(&path, &key, None).unwrap_err();
+        assert!(e.reason.is_evidence(), "{edit}: {e}");
+        assert_eq!(e.seq, seq, "{edit}: {e}");
+        assert!(e.to_string().contains(named), "{edit}: {e}");
+        assert!(e.to_string().contains("edited"), "{edit}: {e}");
+        let same =
+            Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)));
+        let e = AuditLog::open(&path, Some(same)).err().expect(edit);
+        assert!(e.to_string().contains("edited"), "{edit}: {e}");
+    }
+}
+
+/// Red team, item 3: without the head witness a writer appended after, and signed a fresh
+/// checkpoint over, a record edited in place. A writer now verifies the whole log first.
+#[test]
+fn regression_a_writer_extends_a_log_that_does_not_verify() {
+    let (_t, path, key) = log_with(4);
+    let same =
+        || Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)));
+    std::fs::remove_file(audit_log::store::head_path(&path)).unwrap();
+    let c = raw(&path);
+    let bytes: Vec<u8> = c
+        .query_row("SELECT bytes FROM records WHERE seq = 1", [], |r| r.get(0))
+        .unwrap();
+    let forged = String::from_utf8(bytes)
+        .unwrap()
+        .replace("\"verdict\":\"pass\"", "\"verdict\":\"fail\"");
+    c.execute(
+        "UPDATE records SET bytes = ?1 WHERE seq = 1",
+        params![forged.into_bytes()],
+    )
+    .unwrap();
+    let e = AuditLog::open(&path, Some(same())).err().unwrap();
+    assert!(matches!(e, LogError::Unverified { .. }), "{e}");
+    assert!(e.to_string().contains("seq 1: bad signature"), "{e}");
+    assert!(!audit_log::store::head_path(&path).exists());
+    assert_eq!(audit_log::store::record_count(&c).unwrap(), 4);
+    let checkpoints: i64 = c
+        .query_row("SELECT COUNT(*) FROM checkpoints", [], |r| r.get(0))
+        .unwrap();
+    let e = AuditLog::open_existing(&path, Some(same())).err().unwrap();
+    assert!(matches!(e, LogError::Unverified { .. }), "{e}");
+    let after: i64 = c
+        .query_row("SELECT COUNT(*) FROM checkpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(after, checkpoints);
+}
+
+/// After a rotation the writer's key is not the first one; it verifies from the first
+/// public key the log records, or one given, and refuses when it has neither.
+#[test]
+fn a_writer_after_a_rotation_verifies_from_the_logs_first_key() {
+    let (_t, path, key) = log_with(3);
+    let new = Signer::generate();
+    let new_bytes = signer_bytes(&new);
+    let again = || Signer::from_signing_key(ed25519_dalek::SigningKey::from_bytes(&new_bytes));
+    let mut log = AuditLog::open(
+        &path,
+        Some(Signer::from_signing_key(
+            ed25519_dalek::SigningKey::from_bytes(&signer_bytes(&key)),
+        )),
+    )
+    .unwrap();
+    log.rotate_key(new).unwrap();
+    drop(log);
+    AuditLog::open(&path, Some(again()))
+        .unwrap()
+        .append(body(7))
+        .unwrap();
+    let c = raw(&path);
+    c.execute("DELETE FROM meta WHERE key = 'initial_public_key'", [])
+        .unwrap();
+    let e = AuditLog::open(&path, Some(again())).err().unwrap();
+    assert!(matches!(e, LogError::InitialKeyUnknown { .. }), "{e}");
+    let e = AuditLog::open_existing_trusting(&path, again(), &Signer::generate().public())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not the log's first key"), "{e}");
+    drop(AuditLog::open_existing_trusting(&path, again(), &key.public()).unwrap());
+    AuditLog::open(&path, Some(again()))
+        .unwrap()
+        .append(body(8))
+        .unwrap();
+    assert_eq!(verify(&path, &key, None).unwrap().records, 6);
 }

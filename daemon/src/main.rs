@@ -1,12 +1,32 @@
 //! `mechwatch`: the command-line front end. Thin glue over `probes` (and, later, `policies`
 //! and `audit-log`); each subcommand lives in its own module under `cmd/`.
 
+/// `println!` for every module: through [`stdout::print`], so that a closed pipe ends the
+/// process quietly instead of panicking (see `stdout.rs`).
+macro_rules! println {
+    () => {
+        $crate::stdout::print(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::print(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for every module, as `println!` above.
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::stdout::print(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod cmd;
 mod daemon;
 mod gate;
 mod progress;
 mod report;
+mod stdout;
+mod text;
 mod verified;
 
 use std::process::ExitCode;
@@ -51,7 +71,8 @@ Environment:
 Exit codes:
   0  success: the check passed (warnings too, unless --fail-on-warn), the log verified
   1  a finding: a policy failed, or evidence against the log
-  2  could not check: a bad model, policy, path or key; every error of every command";
+  2  could not check: a bad model, policy, path or key; every error of every command
+  141  standard output was closed early (`| head`): the process stops quietly";
 
 #[derive(Parser)]
 #[command(
@@ -231,8 +252,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if stdout::is_closed_pipe(&e) => ExitCode::from(stdout::EXIT_CLOSED),
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", text::terminal_safe(&error_chain(&e)));
             // "Could not check" is exit 2, never 0 or 1.
             ExitCode::from(2)
         }

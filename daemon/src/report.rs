@@ -71,6 +71,27 @@ fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// A string from a record as inert Markdown text: HTML-significant characters as entities,
+/// every other ASCII punctuation character backslash-escaped (so no link, image, emphasis,
+/// code span or table cell can start inside it), control characters shown escaped. Never
+/// put inside a code span, where escapes do not apply.
+fn md(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in crate::text::terminal_safe(s).chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c if c.is_ascii_punctuation() => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn slug(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -599,32 +620,49 @@ pub fn markdown(r: &Input) -> String {
         Verification::Failed { seq, reason } => {
             let _ = writeln!(
                 s,
-                "**VERIFICATION FAILED** at {}: {reason}. Nothing below is vouched for.\n",
-                seq.map_or("the database".into(), |q| format!("record {q}"))
+                "**VERIFICATION FAILED** at {}: {}. Nothing below is vouched for.\n",
+                seq.map_or("the database".into(), |q| format!("record {q}")),
+                md(reason)
             );
         }
     }
     for e in &r.entries {
         let Some(st) = &e.statement else {
-            let _ = writeln!(s, "## Record {} — unreadable\n", e.seq);
+            let _ = writeln!(
+                s,
+                "## Record {} — unreadable\n\n{}\n",
+                e.seq,
+                md(e.unreadable.as_deref().unwrap_or_default())
+            );
             continue;
         };
         let p = &st.predicate;
-        let _ = writeln!(s, "## Record {} ({}, {})\n", e.seq, p.time, p.host);
+        let _ = writeln!(
+            s,
+            "## Record {} ({}, {})\n",
+            e.seq,
+            md(&p.time),
+            md(&p.host)
+        );
         match &p.record {
             RecordBody::Error { stage, message, .. } => {
-                let _ = writeln!(s, "Could not check (stage `{stage}`): {message}\n");
+                let _ = writeln!(
+                    s,
+                    "Could not check (stage {}): {}\n",
+                    md(stage),
+                    md(message)
+                );
             }
             RecordBody::KeyRotation { new_key_id, .. } => {
-                let _ = writeln!(s, "Key rotation to `{new_key_id}`.\n");
+                let _ = writeln!(s, "Key rotation to {}.\n", md(new_key_id));
             }
             RecordBody::Audit { .. } => {
                 if let Some(res) = e.result() {
                     let _ = writeln!(
                         s,
-                        "Model `{}` sha256 `{}` — verdict **{}**\n",
-                        res.model.path,
-                        res.model.digest,
+                        "Model {} sha256 {} — verdict **{}**\n",
+                        md(&res.model.path),
+                        md(&res.model.digest),
                         res.verdict.as_str().to_uppercase()
                     );
                     s.push_str("| policy | check | severity | status | explanation |\n| --- | --- | --- | --- | --- |\n");
@@ -633,11 +671,11 @@ pub fn markdown(r: &Input) -> String {
                             let _ = writeln!(
                                 s,
                                 "| {} | {} | {:?} | {} | {} |",
-                                pol.name,
-                                f.check,
+                                md(&pol.name),
+                                md(&f.check),
                                 f.severity,
                                 f.status.as_str(),
-                                f.explanation.replace('|', "\\|")
+                                md(&f.explanation)
                             );
                         }
                     }
@@ -646,7 +684,13 @@ pub fn markdown(r: &Input) -> String {
                     if flagged.iter().any(|(_, f)| f.status >= Status::Fail) {
                         s.push_str("Failing checks:\n\n");
                         for (pol, f) in flagged.iter().filter(|(_, f)| f.status >= Status::Fail) {
-                            let _ = writeln!(s, "- `{}/{}`: {}", pol.name, f.check, f.explanation);
+                            let _ = writeln!(
+                                s,
+                                "- {}/{}: {}",
+                                md(&pol.name),
+                                md(&f.check),
+                                md(&f.explanation)
+                            );
                         }
                         s.push('\n');
                     }

@@ -876,3 +876,476 @@ fn regression_log_show_panics_on_a_forged_row() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(verify(&log, &log.db, None).status.code(), Some(1));
 }
+
+/// Run `mechwatch args`, killing it after `secs`: `None` if it had to be killed.
+fn run_bounded(args: &[&str], secs: u64) -> Option<std::process::Output> {
+    let mut child = Command::new(mechwatch_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+/// Red team, item 1: a trigger planted `AFTER INSERT ON records` with an endless query hung
+/// every writer while `log verify` said ok. Verify names it (exit 1); writers refuse at once.
+#[test]
+fn regression_a_planted_trigger_hangs_every_writer() {
+    let log = new_log(2);
+    let c = rusqlite::Connection::open(&log.db).unwrap();
+    c.execute_batch(
+        "CREATE TRIGGER t_h AFTER INSERT ON records BEGIN SELECT COUNT(*) FROM (WITH RECURSIVE \
+         r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) SELECT i FROM r); END;",
+    )
+    .unwrap();
+    drop(c);
+    let o = verify(&log, &log.db, None);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("trigger \"t_h\" on \"records\""),
+        "{}",
+        stdout(&o)
+    );
+    let (db, key) = (log.db.to_str().unwrap(), log.key.to_str().unwrap());
+    let new_key = log.dir.join("new.pem");
+    assert!(
+        mechwatch(&["key", "generate", "--out", new_key.to_str().unwrap()])
+            .status
+            .success()
+    );
+    for args in [
+        vec![
+            "log",
+            "stress-append",
+            "--db",
+            db,
+            "--key",
+            key,
+            "--count",
+            "1",
+        ],
+        vec![
+            "key",
+            "rotate",
+            "--db",
+            db,
+            "--key",
+            key,
+            "--new-key",
+            new_key.to_str().unwrap(),
+        ],
+        vec![
+            "log",
+            "checkpoint",
+            "--db",
+            db,
+            "--key",
+            key,
+            "--out",
+            "/dev/null",
+        ],
+    ] {
+        let o = run_bounded(&args, 60).unwrap_or_else(|| panic!("{args:?} hung"));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("t_h"), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(contents(&log.db).unwrap().len(), 2);
+}
+
+/// Red team, item 2: a record's bytes stored as text made `log verify` exit 2 ("could not
+/// read ... Invalid column type") and `report` write no page. It is evidence: exit 1.
+#[test]
+fn regression_a_value_of_the_wrong_type_is_reported_as_could_not_check() {
+    let log = new_log(3);
+    let c = rusqlite::Connection::open(&log.db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER records_no_update;
+         UPDATE records SET bytes = CAST(bytes AS TEXT) WHERE seq = 1;",
+    )
+    .unwrap();
+    drop(c);
+    let o = verify(&log, &log.db, None);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("seq 1: the database was edited"),
+        "{}",
+        stdout(&o)
+    );
+    let page = log.dir.join("r.html");
+    let o = mechwatch(&[
+        "report",
+        "--db",
+        log.db.to_str().unwrap(),
+        "--pubkey",
+        log.pubkey.to_str().unwrap(),
+        "--last",
+        "5",
+        "--out",
+        page.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(std::fs::read_to_string(&page).unwrap().contains("edited"));
+    let o = mechwatch(&["log", "show", "--db", log.db.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("#1      MALFORMED row"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// Red team, item 3: without `audit.db.head`, `log checkpoint --key` signed a fresh
+/// checkpoint over a forged record (and recreated the witness) and `key rotate` appended
+/// after it. Writers verify the whole log first and refuse.
+#[test]
+fn regression_writers_sign_over_a_log_that_does_not_verify() {
+    let log = new_log(3);
+    std::fs::remove_file(log.dir.join("audit.db.head")).unwrap();
+    let c = rusqlite::Connection::open(&log.db).unwrap();
+    let bytes: Vec<u8> = c
+        .query_row("SELECT bytes FROM records WHERE seq = 1", [], |r| r.get(0))
+        .unwrap();
+    let forged = String::from_utf8(bytes)
+        .unwrap()
+        .replace("stress record 1", "stress record X");
+    c.execute_batch("DROP TRIGGER records_no_update;").unwrap();
+    c.execute(
+        "UPDATE records SET bytes = ?1 WHERE seq = 1",
+        [forged.into_bytes()],
+    )
+    .unwrap();
+    drop(c);
+    let (db, key) = (log.db.to_str().unwrap(), log.key.to_str().unwrap());
+    let cp = log.dir.join("fresh.cp");
+    let o = mechwatch(&[
+        "log",
+        "checkpoint",
+        "--db",
+        db,
+        "--key",
+        key,
+        "--out",
+        cp.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not verify (seq 1: bad signature)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!cp.exists() && !log.dir.join("audit.db.head").exists());
+    let new_key = log.dir.join("new.pem");
+    assert!(
+        mechwatch(&["key", "generate", "--out", new_key.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let o = mechwatch(&[
+        "key",
+        "rotate",
+        "--db",
+        db,
+        "--key",
+        key,
+        "--new-key",
+        new_key.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(append(db, key, "1").status.code(), Some(2));
+    assert_eq!(contents(&log.db).unwrap().len(), 3);
+}
+
+/// Red team, item 4: `log show` printed stored strings raw (an ESC sequence, a newline
+/// forging a line) and `report --format md` emitted HTML and `javascript:` links verbatim.
+#[test]
+fn regression_log_show_and_the_markdown_report_pass_markup_through() {
+    let log = new_log(0);
+    let hostile = "x\u{1b}[2J\n#9      forged line <script>alert(1)</script> \
+                   <img src=x onerror=alert(2)> [l](javascript:alert(3)) | `tick`";
+    {
+        let signer = audit_log::Signer::load(&log.key).unwrap();
+        let mut w = audit_log::AuditLog::open(&log.db, Some(signer)).unwrap();
+        w.append(audit_log::RecordBody::Error {
+            model: None,
+            inputs: vec![],
+            stage: hostile.into(),
+            message: hostile.into(),
+        })
+        .unwrap();
+    }
+    let db = log.db.to_str().unwrap();
+    let o = mechwatch(&["log", "show", "--db", db]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        !out.contains('\u{1b}') && out.contains("\\u{1b}[2J\\u{a}#9"),
+        "{out}"
+    );
+    let md = log.dir.join("r.md");
+    let o = mechwatch(&[
+        "report",
+        "--db",
+        db,
+        "--pubkey",
+        log.pubkey.to_str().unwrap(),
+        "--last",
+        "1",
+        "--format",
+        "md",
+        "--out",
+        md.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(&md).unwrap();
+    for raw in [
+        "<script",
+        "<img",
+        "](javascript",
+        "\u{1b}",
+        "`tick`",
+        "\n#9",
+    ] {
+        assert!(!md.contains(raw), "{raw:?} in {md}");
+    }
+    assert!(md.contains("&lt;script&gt;"), "{md}");
+}
+
+/// Red team, item 5: `key generate --out FILE` replaced FILE.pub even through a symlink to
+/// another file, and under umask 000 made it 0666.
+#[test]
+fn regression_key_generate_replaces_a_symlinked_public_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, tmp.path().join("s.pem.pub")).unwrap();
+    let key = tmp.path().join("s.pem");
+    let o = mechwatch(&["key", "generate", "--out", key.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        !key.exists(),
+        "a private key without its public key was left behind"
+    );
+    let key = tmp.path().join("u.pem");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000; exec '{}' key generate --out '{}'",
+            mechwatch_bin().display(),
+            key.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(&tmp.path().join("u.pem.pub")), 0o644);
+}
+
+/// Red team, item 6: `log proof ... | head -c1` panicked ("failed printing to stdout:
+/// Broken pipe", exit 101). A closed pipe ends every command quietly with 141.
+#[test]
+fn regression_log_proof_panics_when_stdout_is_closed() {
+    let log = new_log(3);
+    let db = log.db.to_str().unwrap();
+    for args in [
+        vec!["log", "proof", "--db", db, "--seq", "0"],
+        vec!["log", "show", "--db", db],
+        vec![
+            "log",
+            "verify",
+            "--db",
+            db,
+            "--pubkey",
+            log.pubkey.to_str().unwrap(),
+        ],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = Command::new(mechwatch_bin())
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).is_empty(), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// Red team, item 7: `--key /dev/zero`, `--checkpoint /dev/zero` and `--export /dev/zero`
+/// grew memory without bound, and a FIFO as `--key` blocked forever.
+#[test]
+fn regression_input_files_are_read_without_a_bound() {
+    let log = new_log(2);
+    let fifo = log.dir.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let big = log.dir.join("big.cp");
+    std::fs::write(&big, vec![b'a'; 64 * 1024 + 1]).unwrap();
+    let (db, pubkey) = (log.db.to_str().unwrap(), log.pubkey.to_str().unwrap());
+    let cp = log.dir.join("audit.cp");
+    let key = log.key.to_str().unwrap();
+    let o = mechwatch(&[
+        "log",
+        "checkpoint",
+        "--db",
+        db,
+        "--key",
+        key,
+        "--out",
+        cp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (args, says) in [
+        (
+            vec!["key", "public", "--key", "/dev/zero"],
+            "not a regular file",
+        ),
+        (
+            vec!["key", "public", "--key", fifo.to_str().unwrap()],
+            "not a regular file",
+        ),
+        (
+            vec!["key", "public", "--pubkey", "/dev/zero"],
+            "not a regular file",
+        ),
+        (
+            vec![
+                "log",
+                "verify",
+                "--db",
+                db,
+                "--pubkey",
+                pubkey,
+                "--checkpoint",
+                "/dev/zero",
+            ],
+            "not a regular file",
+        ),
+        (
+            vec![
+                "log",
+                "verify",
+                "--db",
+                db,
+                "--pubkey",
+                pubkey,
+                "--checkpoint",
+                big.to_str().unwrap(),
+            ],
+            "larger than 64 KiB",
+        ),
+        (
+            vec![
+                "log",
+                "verify",
+                "--export",
+                "/dev/zero",
+                "--checkpoint",
+                cp.to_str().unwrap(),
+                "--pubkey",
+                pubkey,
+            ],
+            "not a regular file",
+        ),
+    ] {
+        let o = run_bounded(&args, 60).unwrap_or_else(|| panic!("{args:?} hung"));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// Red team, item 8: the head witness was written 0600, so another user who may read the
+/// 0644 log could not verify it ("unreadable head witness: Permission denied").
+#[test]
+fn regression_the_head_witness_is_unreadable_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let log = new_log(2);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let db_mode = mode(&log.db);
+    assert_eq!(
+        mode(&log.dir.join("audit.db.head")),
+        db_mode,
+        "the witness's mode"
+    );
+}
+
+/// Red team, item 9: `status` presented the unsigned job table as fact (a "done pass" for
+/// a record whose signed verdict is fail, a seq that does not exist), printed control
+/// characters raw, and showed the head of a log that fails verification unmarked.
+#[test]
+fn regression_status_presents_the_unsigned_job_table_as_fact() {
+    let log = new_log(2);
+    let state = log.dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::rename(&log.db, state.join("audit.db")).unwrap();
+    std::fs::rename(log.dir.join("audit.db.head"), state.join("audit.db.head")).unwrap();
+    let jobs = rusqlite::Connection::open(state.join("state.db")).unwrap();
+    jobs.execute_batch(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, path TEXT NOT NULL, watch INTEGER NOT NULL,
+             state TEXT NOT NULL, verdict TEXT, seq INTEGER, message TEXT,
+             created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+         INSERT INTO jobs VALUES (1, '/m/a', 0, 'done', 'pass', 1, NULL, 't', 't');
+         INSERT INTO jobs VALUES (2, '/m/b' || char(27) || '[32mOK', 0, 'done', 'error', 7, NULL, 't', 't');
+         INSERT INTO jobs VALUES (3, '/m/c', 0, 'failed', 'error', 0, NULL, 't', 't');",
+    )
+    .unwrap();
+    drop(jobs);
+    let dir = state.to_str().unwrap();
+    let o = mechwatch(&["status", "--state-dir", dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.contains('\u{1b}'), "{out}");
+    let line = |p: &str| out.lines().find(|l| l.contains(p)).unwrap().to_string();
+    assert!(
+        line("/m/a (seq 1)").contains("NOT what the log says: seq 1 is a error record"),
+        "{out}"
+    );
+    assert!(line("(seq 7)").contains("no record with seq 7"), "{out}");
+    assert!(!line("/m/c").contains("NOT what"), "{out}");
+    assert!(out.contains("not verified"), "{out}");
+    let o = mechwatch(&[
+        "status",
+        "--state-dir",
+        dir,
+        "--pubkey",
+        log.pubkey.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(verified)"), "{}", stdout(&o));
+    let c = rusqlite::Connection::open(state.join("audit.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER records_no_update; UPDATE records SET sig = x'00' WHERE seq = 1;",
+    )
+    .unwrap();
+    drop(c);
+    let o = mechwatch(&[
+        "status",
+        "--state-dir",
+        dir,
+        "--pubkey",
+        log.pubkey.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("FAILED verification: seq 1"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
+use crate::text::terminal_safe;
+
 #[derive(Args)]
 pub struct DaemonArgs {
     /// The TOML configuration (see systemd/mechwatch.toml). Relative paths in it resolve
@@ -40,9 +42,45 @@ pub struct StatusArgs {
     /// Finished audits to list.
     #[arg(long, default_value_t = 10)]
     pub last: usize,
+    /// The log's first public key: verify the log, and exit 1 when it does not verify.
+    /// Without it the log head is shown as not verified.
+    #[arg(long)]
+    pub pubkey: Option<PathBuf>,
     /// Print one JSON object (queue, recent audits, log head) on standard output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What the log says about a finished job the unsigned job table reports: `None` when the
+/// record at the job's seq has the verdict the job claims (`error` for an error record),
+/// else the disagreement. The record itself is verified only with `--pubkey`.
+fn cross_check(conn: &rusqlite::Connection, job: &crate::daemon::jobs::Finished) -> Option<String> {
+    use audit_log::record::{RecordBody, Statement};
+    let seq = u64::try_from(job.seq?).ok()?;
+    let row = match audit_log::store::read_records_each(conn, seq, seq + 1) {
+        Ok(rows) => rows.into_iter().next(),
+        Err(e) => return Some(format!("could not read seq {seq}: {e}")),
+    };
+    let row = match row {
+        None => return Some(format!("the log has no record with seq {seq}")),
+        Some(Err(m)) => return Some(format!("{m}")),
+        Some(Ok(row)) => row,
+    };
+    let Ok(st) = serde_json::from_slice::<Statement>(&row.bytes) else {
+        return Some(format!("seq {seq} is malformed"));
+    };
+    let (path, verdict) = match &st.predicate.record {
+        RecordBody::Audit { model, verdict, .. } => (Some(model.path.as_str()), verdict.as_str()),
+        RecordBody::Error { model, .. } => (model.as_ref().map(|m| m.path.as_str()), "error"),
+        RecordBody::KeyRotation { .. } => return Some(format!("seq {seq} is a key rotation")),
+    };
+    let claimed = job.verdict.as_deref().unwrap_or("-");
+    (claimed != verdict).then(|| {
+        format!(
+            "seq {seq} is a {verdict} record{}",
+            path.map(|p| format!(" of {p}")).unwrap_or_default()
+        )
+    })
 }
 
 pub fn run(a: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -126,45 +164,82 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let checkpoint = audit_log::store::read_checkpoints(&conn)?
         .last()
         .map(|(size, _)| *size);
+    // The job table is unsigned: each finished job is checked against the log's record.
+    let checked: Vec<Option<String>> = recent.iter().map(|f| cross_check(&conn, f)).collect();
+    let verified = match &a.pubkey {
+        None => None,
+        Some(p) => {
+            let key = audit_log::keys::load_public(p)?;
+            let head = audit_log::store::read_head(&state_dir.join("audit.db"))?;
+            Some(
+                audit_log::verify_log_witnessed(&conn, &key, None, head.as_deref())
+                    .map(|_| ())
+                    .map_err(|f| f.to_string()),
+            )
+        }
+    };
+    let code = match &verified {
+        Some(Err(_)) => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    };
     if a.json {
         let v = json!({
             "state_dir": state_dir.display().to_string(),
             "queue": open.iter().map(|(path, state)| json!({ "path": path, "state": state })).collect::<Vec<_>>(),
-            "recent": recent.iter().map(|f| json!({
+            "recent": recent.iter().zip(&checked).map(|(f, disagrees)| json!({
                 "updated_at": f.updated_at,
                 "state": f.state,
                 "verdict": f.verdict,
                 "path": f.path,
                 "seq": f.seq,
                 "message": f.message,
+                "log_disagrees": disagrees,
             })).collect::<Vec<_>>(),
-            "log": { "records": n, "head_sha256": head, "checkpoint_size": checkpoint },
+            "log": {
+                "records": n,
+                "head_sha256": head,
+                "checkpoint_size": checkpoint,
+                "verified": verified.as_ref().map(Result::is_ok),
+                "failure": verified.as_ref().and_then(|v| v.as_ref().err()),
+            },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     println!("queue: {} job(s)", open.len());
     for (path, state) in &open {
-        println!("  {state:<8} {path}");
+        println!("  {state:<8} {}", terminal_safe(path));
     }
-    println!("last audits:");
-    for f in recent {
+    println!("last audits (the daemon's unsigned job table, each checked against the log):");
+    for (f, disagrees) in recent.iter().zip(&checked) {
         println!(
-            "  {} {:<8} {:<6} {}{}{}",
-            f.updated_at,
-            f.state,
-            f.verdict.as_deref().unwrap_or("-"),
-            f.path,
+            "  {} {:<8} {:<6} {}{}{}{}",
+            terminal_safe(&f.updated_at),
+            terminal_safe(&f.state),
+            terminal_safe(f.verdict.as_deref().unwrap_or("-")),
+            terminal_safe(&f.path),
             f.seq.map(|s| format!(" (seq {s})")).unwrap_or_default(),
-            f.message.map(|m| format!(": {m}")).unwrap_or_default()
+            f.message
+                .as_deref()
+                .map(|m| format!(": {}", terminal_safe(m)))
+                .unwrap_or_default(),
+            disagrees
+                .as_deref()
+                .map(|d| format!("  [NOT what the log says: {}]", terminal_safe(d)))
+                .unwrap_or_default()
         );
     }
     println!(
-        "log: {n} record(s), head sha256:{}",
-        head.as_deref().unwrap_or("-")
+        "log: {n} record(s), head sha256:{} ({})",
+        head.as_deref().unwrap_or("-"),
+        match &verified {
+            None => "not verified; pass --pubkey to verify".to_string(),
+            Some(Ok(())) => "verified".to_string(),
+            Some(Err(f)) => format!("FAILED verification: {}", terminal_safe(f)),
+        }
     );
     if let Some(size) = checkpoint {
         println!("latest checkpoint covers {size} record(s)");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }

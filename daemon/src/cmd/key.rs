@@ -22,7 +22,8 @@ pub enum KeyCmd {
   mechwatch key generate --out signing.pem
   sudo mechwatch key generate --out /etc/mechwatch/signing.pem")]
     Generate {
-        /// The private key file to create (it must not exist); the public key goes to FILE.pub.
+        /// The private key file to create; the public key goes to FILE.pub (mode 0644).
+        /// Neither may exist yet, and a symlink at either is refused, never followed.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -76,9 +77,19 @@ pub fn run(cmd: KeyCmd) -> anyhow::Result<ExitCode> {
             let public = signer
                 .write_new(&out)
                 .with_context(|| format!("writing {}", out.display()))?;
-            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
-            std::fs::write(&pub_path, &public)
-                .with_context(|| format!("writing {}", pub_path.display()))?;
+            let mut pub_path = out.clone().into_os_string();
+            pub_path.push(".pub");
+            let pub_path = PathBuf::from(pub_path);
+            // Never replace (or follow a symlink at) FILE.pub; without it the new private key
+            // is of no use, so it goes too.
+            if let Err(e) = audit_log::keys::write_public_new(&pub_path, &public) {
+                let _ = std::fs::remove_file(&out);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "writing {} (nothing was written: {} is removed again)",
+                    pub_path.display(),
+                    out.display()
+                )));
+            }
             eprintln!(
                 "key id {}; private key in {} (mode 0600), public key in {}\n\
                  checkpoint note verifier key: {}",

@@ -17,6 +17,8 @@ use audit_log::{AuditLog, RecordBody, Statement};
 use base64::Engine;
 use clap::{Subcommand, ValueEnum};
 
+use crate::text::terminal_safe;
+
 #[derive(Subcommand)]
 pub enum LogCmd {
     /// Start a new, empty log at a path where nothing exists yet. With --key, only that key
@@ -89,6 +91,11 @@ pub enum LogCmd {
         /// $CREDENTIALS_DIRECTORY/mechwatch-signing-key; without one, the newest stored one].
         #[arg(long)]
         key: Option<PathBuf>,
+        /// The log's first public key, to verify the log from before signing. Needed once
+        /// for a log whose key an older mechwatch rotated (it does not record that key);
+        /// it is then recorded in the log.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
         /// The file to write the checkpoint (a C2SP signed note) to.
         #[arg(long)]
         out: PathBuf,
@@ -168,12 +175,7 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             let db = db.context("pass --db LOG or --export FILE")?;
             let conn = store::open_reader(&db)?;
             let head = store::read_head(&db)?;
-            let external = checkpoint
-                .as_ref()
-                .map(|p| {
-                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-                })
-                .transpose()?;
+            let external = checkpoint.as_deref().map(read_checkpoint).transpose()?;
             match audit_log::verify_log_witnessed(&conn, &key, external.as_deref(), head.as_deref())
             {
                 Ok(r) if json => {
@@ -206,7 +208,7 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                                 ", consistent with the exported checkpoint of size {s}"
                             ))
                             .unwrap_or_default(),
-                        r.keys.join(" -> ")
+                        terminal_safe(&r.keys.join(" -> "))
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -217,7 +219,7 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                     if json {
                         print_json(&failed_json(&db, &f))?;
                     } else {
-                        println!("FAILED: {f}");
+                        println!("FAILED: {}", terminal_safe(&f.to_string()));
                     }
                     Ok(ExitCode::from(1))
                 }
@@ -236,7 +238,7 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                 (None, Some(l)) => (n.saturating_sub(l), n),
                 (None, None) => (n.saturating_sub(10), n),
             };
-            let rows = store::read_records(&conn, from, to)?;
+            let rows = store::read_records_each(&conn, from, to)?;
             if seq.is_some() && rows.is_empty() {
                 bail!("no record with seq {}", from);
             }
@@ -245,6 +247,22 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             let mut flagged = 0;
             let mut out = std::io::stdout().lock();
             for r in rows {
+                let r = match r {
+                    Ok(r) => r,
+                    Err(m) => {
+                        flagged += 1;
+                        let line = if json {
+                            serde_json::to_string(&serde_json::json!({
+                                "seq": m.seq,
+                                "malformed": m.to_string(),
+                            }))?
+                        } else {
+                            format!("#{:<6} MALFORMED row: {m}", m.seq.unwrap_or_default())
+                        };
+                        writeln!(out, "{line}")?;
+                        continue;
+                    }
+                };
                 let (line, bad) = match serde_json::from_slice::<Statement>(&r.bytes) {
                     Ok(st) if json => (serde_json::to_string(&st)?, false),
                     Ok(st) => summary(&r, &st),
@@ -258,7 +276,7 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
                     Err(e) => (format!("#{:<6} MALFORMED record: {e}", r.seq), true),
                 };
                 flagged += usize::from(bad);
-                writeln!(out, "{line}")?;
+                writeln!(out, "{}", terminal_safe(&line))?;
             }
             if flagged > 0 {
                 eprintln!(
@@ -269,11 +287,24 @@ pub fn run(cmd: LogCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LogCmd::Checkpoint { db, key, out } => {
+        LogCmd::Checkpoint {
+            db,
+            key,
+            pubkey,
+            out,
+        } => {
             let note = match audit_log::keys::resolve_key_path(key.as_deref()) {
                 Some(_) => {
-                    AuditLog::open_existing(&db, Some(super::key::load_signer(key.as_deref())?))?
-                        .checkpoint()?
+                    let signer = super::key::load_signer(key.as_deref())?;
+                    let mut log = match pubkey {
+                        Some(p) => AuditLog::open_existing_trusting(
+                            &db,
+                            signer,
+                            &audit_log::keys::load_public(&p)?,
+                        )?,
+                        None => AuditLog::open_existing(&db, Some(signer))?,
+                    };
+                    log.checkpoint()?
                 }
                 None => AuditLog::open_existing(&db, None)?
                     .latest_checkpoint()?
@@ -369,15 +400,14 @@ fn verify_export(
     key: &ed25519_dalek::VerifyingKey,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(export)
-        .with_context(|| format!("reading the export {}", export.display()))?;
-    let note = std::fs::read_to_string(checkpoint)
-        .with_context(|| format!("reading the checkpoint {}", checkpoint.display()))?;
-    let envelopes: Vec<Result<Envelope, String>> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
-        .collect();
+    let note = read_checkpoint(checkpoint)?;
+    let mut envelopes: Vec<Result<Envelope, String>> = Vec::new();
+    for line in audit_log::input::Lines::open(export)
+        .with_context(|| format!("reading the export {}", export.display()))?
+    {
+        let line = line.with_context(|| format!("reading the export {}", export.display()))?;
+        envelopes.push(serde_json::from_str(&line).map_err(|e| e.to_string()));
+    }
     match audit_log::verify_export(&envelopes, key, &note) {
         Ok(r) if json => {
             print_json(&serde_json::json!({
@@ -418,10 +448,20 @@ fn verify_export(
             Ok(ExitCode::from(1))
         }
         Err(f) => {
-            println!("FAILED: {}: {f}", export.display());
+            println!(
+                "FAILED: {}: {}",
+                terminal_safe(&export.display().to_string()),
+                terminal_safe(&f.to_string())
+            );
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// An exported checkpoint note: a small regular file (see `audit_log::input`).
+pub fn read_checkpoint(path: &std::path::Path) -> anyhow::Result<String> {
+    audit_log::input::read_small_text(path, "a checkpoint note")
+        .with_context(|| format!("reading the checkpoint {}", path.display()))
 }
 
 /// `log verify --json` when the log or export failed to verify (exit 1).

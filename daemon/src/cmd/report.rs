@@ -45,7 +45,17 @@ pub struct ReportArgs {
     pub format: Format,
 }
 
-fn entry(row: &store::StoredRecord) -> Entry {
+fn entry(row: &Result<store::StoredRecord, audit_log::schema::Mistyped>) -> Entry {
+    let row = match row {
+        Ok(row) => row,
+        Err(m) => {
+            return Entry {
+                seq: m.seq.unwrap_or_default(),
+                statement: None,
+                unreadable: Some(format!("{m}: the database was edited")),
+            }
+        }
+    };
     match serde_json::from_slice::<Statement>(&row.bytes) {
         Ok(st) => Entry {
             seq: row.seq,
@@ -78,12 +88,11 @@ fn checkpoint_digest(e: &Entry) -> Option<String> {
 pub fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
     let key = audit_log::keys::load_public(&a.pubkey)?;
     let conn = store::open_reader(&a.db)?;
-    let external = match &a.checkpoint {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
-        None => None,
-    };
+    let external = a
+        .checkpoint
+        .as_deref()
+        .map(super::log::read_checkpoint)
+        .transpose()?;
     let verification = match audit_log::verify::verify_log(&conn, &key, external.as_deref()) {
         Ok(r) => Verification::Verified {
             records: r.records,
@@ -96,7 +105,7 @@ pub fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let n = store::record_count(&conn)?;
-    let all: Vec<Entry> = store::read_records(&conn, 0, n)?
+    let all: Vec<Entry> = store::read_records_each(&conn, 0, n)?
         .iter()
         .map(entry)
         .collect();

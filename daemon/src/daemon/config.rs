@@ -150,6 +150,8 @@ impl Config {
         cfg.resolve_relative_to(&folder_of(path)?);
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let mut loaded = Vec::new();
+        // One folder watched twice would audit every checkpoint in it twice.
+        let mut folders: Vec<PathBuf> = Vec::new();
         for (i, w) in cfg.watch.iter().enumerate() {
             if !w.path.is_dir() {
                 bail!(
@@ -158,6 +160,18 @@ impl Config {
                     w.path.display()
                 );
             }
+            let real = std::fs::canonicalize(&w.path).unwrap_or_else(|_| w.path.clone());
+            if let Some(j) = folders.iter().position(|f| *f == real) {
+                bail!(
+                    "{} watched path {} is the folder [[watch]] {} already watches ({}): \
+                     every checkpoint in it would be audited twice",
+                    at(path, &text, Some(i), "path"),
+                    w.path.display(),
+                    j + 1,
+                    real.display()
+                );
+            }
+            folders.push(real);
             let watch = LoadedWatch::load(w, &file).with_context(|| {
                 format!(
                     "{} the policies of [[watch]] {}",
@@ -432,11 +446,18 @@ mod tests {
         let want = format!("{}:8:8: watched path", config.display());
         assert!(e.starts_with(&want), "{e}");
         assert!(e.contains("is not a directory"), "{e}");
-        std::fs::write(&config, watch("models", "nopol")).unwrap();
+        std::fs::create_dir(tmp.path().join("more")).unwrap();
+        std::fs::write(&config, watch("more", "nopol")).unwrap();
         let e = format!("{:#}", Config::load(&config).unwrap_err());
         let want = format!("{}:9:12: the policies of [[watch]]", config.display());
         assert!(e.starts_with(&want), "{e}");
         assert!(e.contains("nopol"), "{e}");
+        // The same folder under another spelling would audit every checkpoint twice.
+        std::fs::write(&config, watch("./models/", "pol")).unwrap();
+        let e = format!("{:#}", Config::load(&config).unwrap_err());
+        let want = format!("{}:8:8: watched path", config.display());
+        assert!(e.starts_with(&want), "{e}");
+        assert!(e.contains("already watches"), "{e}");
     }
 
     #[test]

@@ -108,13 +108,20 @@ impl Daemon {
         let requeued = jobs.requeue_running()?;
         let log_db = config.state_dir.join("audit.db");
         let signer = crate::cmd::key::load_signer(config.key.as_deref())?;
-        let trusted = match &config.trusted_pubkey {
-            Some(p) => audit_log::keys::load_public(p)
-                .with_context(|| format!("reading trusted_pubkey {}", p.display()))?,
-            None => signer.public(),
+        let configured = match &config.trusted_pubkey {
+            Some(p) => Some(
+                audit_log::keys::load_public(p)
+                    .with_context(|| format!("reading trusted_pubkey {}", p.display()))?,
+            ),
+            None => None,
         };
-        let log = AuditLog::open(&log_db, Some(signer))
-            .with_context(|| format!("opening {}", log_db.display()))?;
+        let trusted = configured.unwrap_or_else(|| signer.public());
+        // The writer verifies the whole log before its first append, from the trusted key.
+        let log = match &configured {
+            Some(k) => AuditLog::open_trusting(&log_db, signer, k),
+            None => AuditLog::open(&log_db, Some(signer)),
+        }
+        .with_context(|| format!("opening {}", log_db.display()))?;
         let audited = Arc::new(Mutex::new(audit::audited_from_log(
             log.connection(),
             &log_db,
