@@ -229,9 +229,10 @@ pub fn policy_folder(dir: &Path) {
     }
     std::fs::create_dir_all(&prompts).expect("creating the prompt folder");
     std::fs::write(prompts.join("a.txt"), "one\ntwo\n").expect("writing a prompt file");
-    let many: String = (1..=120).map(|i| format!("prompt {i}\n")).collect();
-    for name in ["harmful.txt", "harmless.txt"] {
-        std::fs::write(prompts.join(name), &many).expect("writing a prompt file");
+    // Two sets of different prompts: a contrast of a set with its own prompts is refused.
+    for name in ["harmful", "harmless"] {
+        let many: String = (1..=120).map(|i| format!("{name} prompt {i}\n")).collect();
+        std::fs::write(prompts.join(format!("{name}.txt")), many).expect("writing a prompt file");
     }
 }
 
