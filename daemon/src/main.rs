@@ -254,7 +254,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if stdout::is_closed_pipe(&e) => ExitCode::from(stdout::EXIT_CLOSED),
         Err(e) => {
-            eprintln!("error: {}", text::terminal_safe(&error_chain(&e)));
+            eprintln!("error: {}", text::terminal_safe_lines(&error_chain(&e)));
             // "Could not check" is exit 2, never 0 or 1.
             ExitCode::from(2)
         }

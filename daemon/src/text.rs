@@ -29,9 +29,26 @@ pub fn terminal_safe(s: &str) -> Cow<'_, str> {
     )
 }
 
+/// [`terminal_safe`] line by line: the line breaks of a message that lists several errors
+/// stay, every other control character is escaped.
+pub fn terminal_safe_lines(s: &str) -> String {
+    s.split('\n')
+        .map(terminal_safe)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_messages_keep_their_lines() {
+        assert_eq!(
+            terminal_safe_lines("a.toml:1: x\nb.toml:2: y\x1b"),
+            "a.toml:1: x\nb.toml:2: y\\u{1b}"
+        );
+    }
 
     #[test]
     fn control_characters_are_escaped_and_the_rest_kept() {

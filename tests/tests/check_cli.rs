@@ -703,7 +703,8 @@ fn a_prompt_longer_than_the_context_cannot_check_and_is_named() {
         .count()
         + 1;
     assert!(
-        e.contains(&format!("prompt set `neg`: prompt {n} has"))
+        e.contains(&format!("prompt set `neg`: prompt {n} ("))
+            && e.contains(&format!("neg.txt:{n}) has"))
             && e.contains("context length of 8192"),
         "{e}"
     );
