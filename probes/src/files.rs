@@ -85,7 +85,7 @@ pub fn read_regular_to_string(path: &Path) -> io::Result<String> {
 }
 
 /// This machine's memory in bytes, from `/proc/meminfo` (no limit where it cannot be read).
-fn physical_memory() -> u64 {
+pub fn physical_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

@@ -80,6 +80,33 @@ pub fn generate_until(
     generate_capturing(model, prompts, hooks, opts, enough, &[]).map(|(out, _)| out)
 }
 
+/// A sampler that would sample nothing meaningful (a NaN or negative temperature, a nucleus
+/// outside (0, 1]) or more new tokens than the context holds is an error, not a generation.
+fn check_options(model: &Transformer, opts: &GenerateOptions) -> Result<(), RunError> {
+    if let Sampling::Sample {
+        temperature, top_p, ..
+    } = opts.sampling
+    {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(RunError::Batch(format!(
+                "temperature {temperature} must be positive and finite (greedy decoding \
+                 takes no temperature)"
+            )));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(RunError::Batch(format!("top-p {top_p} must be in (0, 1]")));
+        }
+    }
+    let context = model.config.max_positions;
+    if opts.max_tokens > context {
+        return Err(RunError::Batch(format!(
+            "{} new tokens is more than the model's context of {context}",
+            opts.max_tokens
+        )));
+    }
+    Ok(())
+}
+
 /// Each prompt's activations at each captured hook, `[tokens, width]`, in prompt order.
 pub type PromptActivations = BTreeMap<HookPoint, Vec<Tensor>>;
 
@@ -97,6 +124,7 @@ pub fn generate_capturing(
     enough: impl Fn(usize, &[u32]) -> bool,
     capture: &[HookPoint],
 ) -> Result<(Vec<Vec<u32>>, PromptActivations), RunError> {
+    check_options(model, opts)?;
     let mut out = vec![Vec::new(); prompts.len()];
     let mut captured = BTreeMap::new();
     if opts.max_tokens == 0 && capture.is_empty() {

@@ -343,6 +343,19 @@ pub fn convert_gguf(gguf: &Path, out_dir: &Path) -> Result<(), LoadError> {
         let path = path.to_path_buf();
         move |source| LoadError::Io { path, source }
     };
+    // Into a new or empty folder only: files left there (an old shard index, say) would be
+    // read with the new ones as one checkpoint.
+    if let Ok(mut entries) = std::fs::read_dir(out_dir) {
+        if entries.next().is_some() {
+            return Err(LoadError::Io {
+                path: out_dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the output folder is not empty; convert into a new or empty folder",
+                ),
+            });
+        }
+    }
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let mut tensors = Vec::new();
     for name in weights::llama_tensor_names(&config) {

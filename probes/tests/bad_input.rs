@@ -899,3 +899,54 @@ fn multiplying_normalizers_are_refused_and_named_chat_templates_are_read() {
         "{e}"
     );
 }
+
+/// A red team's: a NaN temperature sampled garbage, a negative one fell back to greedy, a
+/// nucleus of 5 or NaN was taken, 2^64 new tokens ran on; `model convert` into a folder
+/// holding an old shard index mixed the two checkpoints.
+#[test]
+fn samplers_that_sample_nothing_and_conversions_into_full_folders_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = load(&tiny(tmp.path()));
+    let sample = |temperature: f64, top_p: f64| probes::GenerateOptions {
+        sampling: probes::Sampling::Sample {
+            temperature,
+            top_p,
+            seed: 1,
+        },
+        ..Default::default()
+    };
+    let prompt = vec![vec![3u32, 4, 5]];
+    for (opts, expect) in [
+        (sample(f64::NAN, 0.9), "temperature NaN"),
+        (sample(-1.0, 0.9), "temperature -1"),
+        (sample(f64::INFINITY, 0.9), "temperature inf"),
+        (sample(1.0, 5.0), "top-p 5"),
+        (sample(1.0, f64::NAN), "top-p NaN"),
+        (
+            probes::GenerateOptions {
+                max_tokens: usize::MAX,
+                ..Default::default()
+            },
+            "more than the model's context",
+        ),
+    ] {
+        let e = probes::generate(&m.transformer, &prompt, &probes::Hooks::new(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expect), "{expect}: {e}");
+    }
+    probes::generate(
+        &m.transformer,
+        &prompt,
+        &probes::Hooks::new(),
+        &sample(0.7, 0.9),
+    )
+    .unwrap();
+
+    let gguf = gguf_with(tmp.path(), "c.gguf", |_, _| {});
+    let out = tmp.path().join("full");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("model.safetensors.index.json"), "{}").unwrap();
+    let e = probes::convert_gguf(&gguf, &out).unwrap_err().to_string();
+    assert!(e.contains("not empty"), "{e}");
+}

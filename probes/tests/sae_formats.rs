@@ -305,6 +305,28 @@ fn gemma_scope_npz_loads() {
     assert_eq!(sae.format, "gemma-scope");
     check(&sae, &r, "jumprelu", false, "none", 0);
     assert_eq!(load_sae(tmp.path()).unwrap().d_sae, D_SAE);
+    // An entry that inflates past what its header's shape holds (a zip bomb with an honest
+    // header) stops one byte past the shape, not at the archive's inflation budget.
+    let bomb = tmp.path().join("bomb.npz");
+    {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&bomb).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        zip.start_file("W_enc.npy", opts).unwrap();
+        let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }".to_string();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        zip.write_all(b"\x93NUMPY\x01\x00").unwrap();
+        zip.write_all(&(header.len() as u16).to_le_bytes()).unwrap();
+        zip.write_all(header.as_bytes()).unwrap();
+        zip.write_all(&vec![0u8; 64 << 20]).unwrap();
+        zip.finish().unwrap();
+    }
+    let e = load_sae(&bomb).unwrap_err().to_string();
+    assert!(e.contains("holds more than the 16 data bytes"), "{e}");
 }
 
 #[test]

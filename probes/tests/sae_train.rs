@@ -353,6 +353,45 @@ fn bad_training_inputs_are_refused() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("`window_shifts`"), "{e}");
+    // A red team's: a NaN or infinite learning rate saved an SAE of NaN and reported its
+    // fit; a terabyte of latents or 2^64 windows per step aborted or panicked.
+    for (cfg, field) in [
+        (
+            TrainConfig {
+                lr: f64::NAN,
+                ..config(100)
+            },
+            "`lr`",
+        ),
+        (
+            TrainConfig {
+                lr: f64::INFINITY,
+                ..config(100)
+            },
+            "`lr`",
+        ),
+        (
+            TrainConfig {
+                latents: 1 << 40,
+                ..config(100)
+            },
+            "`latents`",
+        ),
+        (
+            TrainConfig {
+                windows_per_step: usize::MAX,
+                ..config(100)
+            },
+            "`windows_per_step`",
+        ),
+    ] {
+        let out = tmp.path().join("v");
+        let e = train(&m, &corpus(), &cfg, &out, go).unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+        assert!(!out.exists(), "{field}: nothing is written");
+    }
+    let e = probes::sae::train::windows(&m, &corpus(), 0, 0).unwrap_err();
+    assert!(e.to_string().contains("`context`"), "{e}");
 }
 
 /// SmolLM2's layer-15 residual has attention sinks besides a sequence's first token: after

@@ -15,8 +15,16 @@ fn format_err(path: &Path, entry: &str, detail: impl Into<String>) -> SaeError {
     }
 }
 
-/// Parse one `.npy` blob: little-endian f4/f8/f2, C order.
-pub fn parse_npy(path: &Path, name: &str, bytes: &[u8]) -> Result<Tensor, SaeError> {
+/// What an `.npy` header says: where the data starts, its dtype and shape, and its bytes.
+struct NpyHeader {
+    data_start: usize,
+    dtype: candle_core::DType,
+    shape: Vec<usize>,
+    data_bytes: usize,
+}
+
+/// Parse the header at the start of `bytes` (which need hold no more than the header).
+fn parse_header(path: &Path, name: &str, bytes: &[u8]) -> Result<NpyHeader, SaeError> {
     let err = |d: &str| format_err(path, name, d.to_string());
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(err("not an .npy array"));
@@ -67,22 +75,41 @@ pub fn parse_npy(path: &Path, name: &str, bytes: &[u8]) -> Result<Tensor, SaeErr
                 .map_err(|_| err(&format!("bad shape ({shape_str})")))
         })
         .collect::<Result<_, _>>()?;
-    let n = shape
+    let data_bytes = shape
         .iter()
         .try_fold(elem, |a, &d| a.checked_mul(d))
         .ok_or_else(|| err("shape overflows"))?;
+    Ok(NpyHeader {
+        data_start: start + header_len,
+        dtype,
+        shape,
+        data_bytes,
+    })
+}
+
+/// Parse one `.npy` blob: little-endian f4/f8/f2, C order.
+pub fn parse_npy(path: &Path, name: &str, bytes: &[u8]) -> Result<Tensor, SaeError> {
+    let h = parse_header(path, name, bytes)?;
+    let n = h.data_bytes;
     let data = bytes
-        .get(start + header_len..)
+        .get(h.data_start..)
         .filter(|d| d.len() == n)
         .ok_or_else(|| {
-            err(&format!(
-                "data holds {} bytes, shape needs {n}",
-                bytes.len().saturating_sub(start + header_len)
-            ))
+            format_err(
+                path,
+                name,
+                format!(
+                    "data holds {} bytes, shape needs {n}",
+                    bytes.len().saturating_sub(h.data_start)
+                ),
+            )
         })?;
-    Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)
+    Tensor::from_raw_buffer(data, h.dtype, &h.shape, &Device::Cpu)
         .map_err(super::candle("reading .npy"))
 }
+
+/// The most of an entry read before its `.npy` header is parsed: the header must lie within.
+const HEADER_PREFIX: u64 = 1 << 20;
 
 /// The named arrays of an archive and the archive's bytes (for digesting).
 pub type NpzContents = (Vec<(String, Tensor)>, Vec<u8>);
@@ -116,10 +143,32 @@ pub fn parse_npz(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, Sae
             .by_index(i)
             .map_err(|e| format_err(path, "?", e.to_string()))?;
         let name = f.name().trim_end_matches(".npy").to_string();
+        // The header first, then no more data than its shape holds (plus one byte, to tell
+        // an entry that holds more): a member that inflates past its own shape stops there.
         let mut blob = Vec::new();
-        f.take(budget + 1)
+        let mut f = f.take(budget.saturating_add(1));
+        (&mut f)
+            .take(HEADER_PREFIX.min(budget.saturating_add(1)))
             .read_to_end(&mut blob)
             .map_err(|e| format_err(path, &name, e.to_string()))?;
+        let h = parse_header(path, &name, &blob)?;
+        let whole = h.data_start.saturating_add(h.data_bytes) as u64;
+        if (blob.len() as u64) <= whole {
+            (&mut f)
+                .take(whole + 1 - blob.len() as u64)
+                .read_to_end(&mut blob)
+                .map_err(|e| format_err(path, &name, e.to_string()))?;
+        }
+        if blob.len() as u64 > whole {
+            return Err(format_err(
+                path,
+                &name,
+                format!(
+                    "the entry holds more than the {} data bytes its shape {:?} needs",
+                    h.data_bytes, h.shape
+                ),
+            ));
+        }
         if blob.len() as u64 > budget {
             return Err(format_err(
                 path,

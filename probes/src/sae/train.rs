@@ -76,6 +76,10 @@ fn one() -> usize {
     1
 }
 
+/// The most windows one training step may batch: far above any useful batch, far below an
+/// allocation that overflows.
+pub const MAX_WINDOWS_PER_STEP: usize = 1 << 16;
+
 impl TrainConfig {
     pub fn validate(&self, d_in: usize) -> Result<(), SaeError> {
         let bad = |field: &str, detail: String| SaeError::Config {
@@ -102,6 +106,36 @@ impl TrainConfig {
             return Err(bad(
                 "tokens",
                 "context >= 2, windows per step >= 1 and tokens >= 1 are needed".into(),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(bad(
+                "lr",
+                format!("learning rate {} must be positive and finite", self.lr),
+            ));
+        }
+        // Weights, their gradients and two optimiser moments, each d_in x latents twice.
+        let need = (d_in as u128) * (self.latents as u128) * 4 * 8;
+        let have = u128::from(crate::files::physical_memory());
+        if need > have {
+            return Err(bad(
+                "latents",
+                format!(
+                    "{} latents of width {d_in} need about {} MB for weights, gradients and \
+                     optimiser state, more than this machine's {} MB",
+                    self.latents,
+                    need >> 20,
+                    have >> 20
+                ),
+            ));
+        }
+        if self.windows_per_step > MAX_WINDOWS_PER_STEP {
+            return Err(bad(
+                "windows_per_step",
+                format!(
+                    "{} windows per step: at most {MAX_WINDOWS_PER_STEP} are allowed",
+                    self.windows_per_step
+                ),
             ));
         }
         if self.window_shifts == 0 || self.window_shifts > self.context {
@@ -553,6 +587,13 @@ fn shifted_windows(
     shifts: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>, SaeError> {
+    if context < 2 {
+        return Err(SaeError::Config {
+            path: PathBuf::from("<windows>"),
+            field: "context".into(),
+            detail: format!("a window of {context} tokens predicts nothing: at least 2 are needed"),
+        });
+    }
     let sep = model.config().eos_token_ids.first().copied();
     let mut stream = Vec::new();
     for d in docs {
