@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_by_path ON jobs (path, state);
 ";
 
 impl Jobs {
@@ -69,10 +70,21 @@ impl Jobs {
         )?)
     }
 
-    /// Queue `path` unless it is already queued or running.
-    pub fn enqueue(&self, path: &str, watch: usize) -> anyhow::Result<bool> {
-        let open: Option<i64> = self
-            .conn
+    /// [`Jobs::enqueue`] for each of `paths` (with its watch), in one transaction: ten
+    /// thousand new checkpoints cost one commit, not ten thousand. Whether each was queued.
+    pub fn enqueue_all(&mut self, paths: &[(String, usize)]) -> anyhow::Result<Vec<bool>> {
+        let tx = self.conn.transaction()?;
+        let mut queued = Vec::with_capacity(paths.len());
+        for (path, watch) in paths {
+            queued.push(Self::enqueue_in(&tx, path, *watch)?);
+        }
+        tx.commit()?;
+        Ok(queued)
+    }
+
+    /// Queue `path` unless it is already queued or running; whether it was queued.
+    fn enqueue_in(conn: &Connection, path: &str, watch: usize) -> anyhow::Result<bool> {
+        let open: Option<i64> = conn
             .query_row(
                 "SELECT id FROM jobs WHERE path = ?1 AND state IN ('queued', 'running')",
                 params![path],
@@ -83,7 +95,7 @@ impl Jobs {
             return Ok(false);
         }
         let t = now();
-        self.conn.execute(
+        conn.execute(
             "INSERT INTO jobs (path, watch, state, created_at, updated_at) VALUES (?1, ?2, 'queued', ?3, ?3)",
             params![path, watch as i64, t],
         )?;
@@ -176,4 +188,26 @@ impl Jobs {
 
 fn now() -> String {
     audit_log::record::now_rfc3339()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Jobs;
+
+    /// Ten thousand new checkpoints used to cost ten thousand commits (and a scan of the
+    /// table each), holding the daemon's main loop for minutes.
+    #[test]
+    fn many_checkpoints_queue_in_one_transaction_each_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut jobs = Jobs::open(&tmp.path().join("state.db")).unwrap();
+        let paths: Vec<(String, usize)> =
+            (0..10_000).map(|i| (format!("/m/{i}.gguf"), 0)).collect();
+        let queued = jobs.enqueue_all(&paths).unwrap();
+        assert!(queued.iter().all(|q| *q));
+        assert_eq!(jobs.queued().unwrap(), 10_000);
+        // Already queued: not again.
+        let again = jobs.enqueue_all(&paths[..3]).unwrap();
+        assert_eq!(again, vec![false; 3]);
+        assert_eq!(jobs.queued().unwrap(), 10_000);
+    }
 }

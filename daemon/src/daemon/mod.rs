@@ -416,7 +416,9 @@ impl Daemon {
     }
 
     fn scan_all(&mut self) {
-        let mut present = Vec::new();
+        // A set: a folder of ten thousand files made `retain` below quadratic, holding the
+        // main loop (signals, records, watchdog pings) for minutes.
+        let mut present = HashSet::new();
         let mut skipped = HashSet::new();
         for w in &self.watches {
             let found = scan::checkpoints(&w.watch.path);
@@ -488,22 +490,32 @@ impl Daemon {
                 ready.push(p.clone());
             }
         }
-        for p in ready {
-            let watch = self
-                .watches
-                .iter()
-                .position(|w| p.starts_with(&w.watch.path))
-                .unwrap_or(0);
-            let path = p.display().to_string();
-            match self.jobs.enqueue(&path, watch) {
-                Ok(true) => info!(checkpoint = %path, "checkpoint complete; queued"),
-                Ok(false) => {}
-                Err(e) => {
-                    error!(error = %e, "cannot queue a job");
-                    continue;
-                }
+        if ready.is_empty() {
+            return;
+        }
+        let jobs: Vec<(String, usize)> = ready
+            .iter()
+            .map(|p| {
+                let watch = self
+                    .watches
+                    .iter()
+                    .position(|w| p.starts_with(&w.watch.path))
+                    .unwrap_or(0);
+                (p.display().to_string(), watch)
+            })
+            .collect();
+        let queued = match self.jobs.enqueue_all(&jobs) {
+            Ok(q) => q,
+            Err(e) => {
+                error!(error = %e, "cannot queue jobs");
+                return;
             }
-            if let Some(s) = self.seen.get_mut(&p) {
+        };
+        for ((p, (path, _)), new) in ready.iter().zip(&jobs).zip(queued) {
+            if new {
+                info!(checkpoint = %path, "checkpoint complete; queued");
+            }
+            if let Some(s) = self.seen.get_mut(p) {
                 s.queued = Some(s.snapshot.clone());
             }
         }
