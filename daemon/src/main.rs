@@ -19,6 +19,24 @@ macro_rules! print {
     };
 }
 
+/// `eprintln!` for every module: through [`stdout::eprint`], which never panics on a closed
+/// standard error.
+macro_rules! eprintln {
+    () => {
+        $crate::stdout::eprint(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::eprint(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprint!` for every module, as `eprintln!` above.
+macro_rules! eprint {
+    ($($arg:tt)*) => {
+        $crate::stdout::eprint(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod cmd;
 mod daemon;

@@ -3,6 +3,7 @@
 //! main.rs replaces `print!` and `println!` crate-wide with macros that write through
 //! [`print`], and `main` treats a broken pipe from a command's own `writeln!` the same way:
 //! the process ends quietly with [`EXIT_CLOSED`], as a tool killed by SIGPIPE does.
+//! `eprint!` and `eprintln!` are replaced the same way with [`eprint`], which never panics.
 
 use std::io::Write;
 
@@ -21,6 +22,13 @@ pub fn print(args: std::fmt::Arguments) {
         eprintln!("error: writing to standard output: {e}");
         std::process::exit(2);
     }
+}
+
+/// Write to standard error. A closed or failing standard error loses the message instead of
+/// panicking as `eprintln!` does (`policy check ... 2>&1 | head`): the exit status still says
+/// what happened.
+pub fn eprint(args: std::fmt::Arguments) {
+    let _ = std::io::stderr().lock().write_fmt(args);
 }
 
 /// Whether `e` is, or was caused by, writing to a pipe whose reader has gone.

@@ -1185,6 +1185,24 @@ fn regression_log_proof_panics_when_stdout_is_closed() {
     }
 }
 
+/// A closed standard error (`... 2>&1 | head` after `head` exits) made `eprintln!` panic
+/// (exit 101); the error's message is lost, its exit status is not.
+#[test]
+fn regression_a_closed_stderr_panics() {
+    let log = new_log(1);
+    let missing = log.dir.join("missing.db");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(mechwatch_bin())
+        .args(["log", "verify", "--db", missing.to_str().unwrap()])
+        .args(["--pubkey", log.pubkey.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
 /// Red team, item 7: `--key /dev/zero`, `--checkpoint /dev/zero` and `--export /dev/zero`
 /// grew memory without bound, and a FIFO as `--key` blocked forever.
 #[test]

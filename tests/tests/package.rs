@@ -195,6 +195,24 @@ fn the_man_pages_render_and_name_every_subcommand() {
     );
 }
 
+/// A red team's: a page that was a symbolic link was written through, onto its target.
+#[test]
+fn man_pages_are_not_written_through_a_symbolic_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man1");
+    std::fs::create_dir(&dir).unwrap();
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("mechwatch.1")).unwrap();
+    let o = Command::new(mechwatch_bin())
+        .args(["man", "--dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("symbolic link"));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+}
+
 fn dpkg_deb(args: &[&str], deb: &Path) -> String {
     run(Command::new("dpkg-deb").args(args).arg(deb))
 }

@@ -23,6 +23,21 @@ pub fn run(a: ManArgs, cli: clap::Command) -> anyhow::Result<ExitCode> {
     match a.dir {
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Pages are written by name: a page that is a symbolic link would be written
+            // through, onto whatever it points at.
+            for entry in std::fs::read_dir(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .flatten()
+            {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_page = name.starts_with("mechwatch") && name.ends_with(".1");
+                if is_page && entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                    anyhow::bail!(
+                        "{} is a symbolic link: remove it, or write the pages elsewhere",
+                        entry.path().display()
+                    );
+                }
+            }
             clap_mangen::generate_to(cli, &dir)
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
         }
