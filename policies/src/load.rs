@@ -194,7 +194,7 @@ impl Policy {
     /// and column), not only the first.
     pub fn load(path: &Path) -> Result<Self, Vec<PolicyError>> {
         let bytes =
-            probes::files::read_regular(path).map_err(|e| vec![PolicyError::io(path, e)])?;
+            probes::files::read_text_file(path).map_err(|e| vec![PolicyError::io(path, e)])?;
         let text = String::from_utf8(bytes.clone())
             .map_err(|_| vec![PolicyError::at(path, None, "not UTF-8 text")])?;
         Self::parse(path, &text, &sha256_hex(&bytes))
@@ -437,7 +437,8 @@ impl<'a> Validator<'a> {
             self.err(rel, why);
             return None;
         }
-        match probes::files::read_regular(&full) {
+        // Prompts, labels and direction vectors: text-sized files, never gigabytes.
+        match probes::files::read_text_file(&full) {
             Ok(bytes) => {
                 self.inputs.push(InputFile {
                     kind: kind.into(),

@@ -236,7 +236,7 @@ fn evaluate(k: &Drift, cx: &mut Cx<'_, '_>) -> Result<Finding, CheckError> {
     let base: Option<&RunResult> = match baseline {
         Baseline::LastPass => cx.last_pass,
         Baseline::File { path, rel } => {
-            let text = probes::files::read_regular(path)
+            let text = probes::files::read_text_file(path)
                 .map_err(|e| CheckError::Baseline(format!("baseline `{rel}`: {e}")))?;
             loaded = serde_json::from_slice::<RunResult>(&text).map_err(|e| {
                 CheckError::Baseline(format!(
