@@ -315,7 +315,7 @@ fn gemma_scope_npz_loads() {
             .compression_method(zip::CompressionMethod::Deflated);
         zip.start_file("W_enc.npy", opts).unwrap();
         let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }".to_string();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');
